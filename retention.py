@@ -1,0 +1,60 @@
+"""The ``retention`` command: a thin dispatcher that imports each verb's code only when it runs.
+
+So ``retention train`` never loads Litestar and ``retention serve`` never loads scikit-learn.
+Every verb module exposes ``main(argv: list[str]) -> int``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+VERBS: dict[str, tuple[str, str]] = {
+    "serve": ("serving.server", "run the endpoint (uvicorn)"),
+    "demo": ("serving.demo", "train a model, serve it, send signed requests, show the decisions"),
+    "sign": ("serving.sign_cli", "mint signed test requests with a local test CA"),
+    "catalog": ("serving.catalog_cli", "validate the catalog, check default coverage, sync from Apple"),
+    "decisions": ("serving.decisions_cli", "export the server's decision log to the training file format"),
+    "profiles": ("serving.profiles", "import the developer's subscriber profiles into the embedded store"),
+    "simulate": ("training.simulate", "write a synthetic world's decisions, outcomes and profiles"),
+    "train": ("training.train", "fit on decisions joined with outcomes, export ONNX, write a model version"),
+    "score": ("training.score", "batch-score logged requests with a model version"),
+    "evaluate": ("training.evaluate_cli", "compare model versions off-policy; HTML report and JSON summary"),
+    "models": ("training.models_cli", "list, show, promote, rollback model versions"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: retention VERB [options]   (retention VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {name:<10} {desc}" for name, (_, desc) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb and return its exit status; bad input is one line on stderr, never a traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if args else 2
+    verb, rest = args[0], args[1:]
+    if verb not in VERBS:
+        print(f"retention: unknown verb {verb!r}; one of: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # the user gets one line; RETENTION_DEBUG=1 shows the traceback
+        if os.environ.get("RETENTION_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"retention {verb}: error: {text}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The catalog of approved retention messages: loading, validation and eligibility.
+
+The JSON mirrors Apple's names (DESIGN.md, "Catalog"), so a sync from Apple's
+management API maps one to one.
+
+Locale fallback, in order:
+1. messages whose ``locales`` contain the request's ``userLocale`` exactly (``en-AU``);
+2. if there is none, messages for the same language (``en``, ``en-US``, ``en-GB``... for ``en-AU``);
+3. if there is still none, no candidate: the policy answers the product's default.
+Defaults follow the same order: the exact ``(productId, locale)`` default, else a
+default for the same language of that product (the lexically first locale, so the
+choice is deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+Kind = Literal["message", "alternateProduct", "promotionalOffer"]
+KINDS: tuple[str, ...] = ("message", "alternateProduct", "promotionalOffer")
+STATES: tuple[str, ...] = ("PENDING", "APPROVED", "REJECTED")
+
+
+class CatalogError(ValueError):
+    """The catalog file is unreadable or breaks a rule; the message says which entry and why."""
+
+
+class Product(msgspec.Struct, frozen=True):
+    """A subscription product and what a subscriber on it is worth per year."""
+
+    productId: str
+    subscriptionGroup: str
+    value: float
+
+
+class CatalogMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message as uploaded to Apple, with what it costs us when the subscriber stays."""
+
+    messageIdentifier: str
+    messageState: str
+    kind: str
+    locales: list[str]
+    productIds: list[str]
+    imageIdentifier: str | None = None
+    imageState: str | None = None
+    alternateProductId: str | None = None
+    billingPlanType: str | None = None
+    offerIdentifier: str | None = None
+    cost: float = 0.0
+
+
+class DefaultMessage(msgspec.Struct, frozen=True):
+    """The default message Apple shows for a product and locale when our answer fails."""
+
+    productId: str
+    locale: str
+    messageIdentifier: str
+
+
+class CatalogFile(msgspec.Struct, frozen=True):
+    """The catalog JSON file as written on disk."""
+
+    products: list[Product]
+    messages: list[CatalogMessage]
+    defaults: list[DefaultMessage] = []
+
+
+def language(locale: str) -> str:
+    """Return the language part of a locale code (``en`` for ``en-AU``, ``zh`` for ``zh-Hant-TW``)."""
+    return locale.split("-", 1)[0].split("_", 1)[0]
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return True
+
+
+class Catalog:
+    """A validated catalog with precomputed eligibility lookups.
+
+    Build one with :meth:`load` (a path) or :meth:`from_bytes`; both raise
+    :class:`CatalogError` with a sentence naming the bad entry.
+    """
+
+    def __init__(self, data: CatalogFile, sha256: str) -> None:
+        self.data = data
+        self.sha256 = sha256
+        self.products: dict[str, Product] = {}
+        for p in data.products:
+            if p.productId in self.products:
+                raise CatalogError(f"product {p.productId!r} is listed twice")
+            if not p.value >= 0:
+                raise CatalogError(f"product {p.productId!r} has a negative or missing value")
+            self.products[p.productId] = p
+        self.messages: dict[str, CatalogMessage] = {}
+        for m in data.messages:
+            self._validate_message(m)
+            self.messages[m.messageIdentifier] = m
+        self.defaults: dict[tuple[str, str], CatalogMessage] = {}
+        for d in data.defaults:
+            self._validate_default(d)
+            self.defaults[(d.productId, d.locale)] = self.messages[d.messageIdentifier]
+        # (productId, userLocale) -> candidates; filled lazily, bounded by the catalog's size
+        self._eligible_cache: dict[tuple[str, str], tuple[CatalogMessage, ...]] = {}
+        self._default_cache: dict[tuple[str, str], CatalogMessage | None] = {}
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str = "catalog") -> Catalog:
+        """Return the validated catalog parsed from JSON bytes."""
+        try:
+            data = msgspec.json.decode(raw, type=CatalogFile)
+        except msgspec.ValidationError as exc:
+            raise CatalogError(f"{source}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise CatalogError(f"{source} is not valid JSON: {exc}") from None
+        return cls(data, hashlib.sha256(raw).hexdigest())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Catalog:
+        """Return the validated catalog read from a JSON file."""
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise CatalogError(f"cannot read catalog {path}: {exc.strerror or exc}") from None
+        return cls.from_bytes(raw, source=str(path))
+
+    def to_json(self) -> bytes:
+        """Return the catalog as JSON bytes (the file format)."""
+        return msgspec.json.format(msgspec.json.encode(self.data), indent=2)
+
+    # ---- validation ---------------------------------------------------------------
+    def _validate_message(self, m: CatalogMessage) -> None:
+        mid = m.messageIdentifier
+        if not _is_uuid(mid):
+            raise CatalogError(f"message {mid!r}: messageIdentifier is not a UUID")
+        if mid != mid.lower():
+            raise CatalogError(f"message {mid!r}: Apple writes UUIDs lowercase")
+        if mid in self.messages:
+            raise CatalogError(f"message {mid!r} is listed twice")
+        if m.kind not in KINDS:
+            raise CatalogError(f"message {mid}: unknown kind {m.kind!r} (expected one of {', '.join(KINDS)})")
+        if m.messageState not in STATES:
+            raise CatalogError(f"message {mid}: unknown messageState {m.messageState!r}")
+        if m.imageState is not None and m.imageState not in STATES:
+            raise CatalogError(f"message {mid}: unknown imageState {m.imageState!r}")
+        if m.imageIdentifier is not None and not _is_uuid(m.imageIdentifier):
+            raise CatalogError(f"message {mid}: imageIdentifier is not a UUID")
+        if m.kind != "message" and m.imageIdentifier is not None:
+            raise CatalogError(f"message {mid}: a {m.kind} message must have no image (Apple refuses it)")
+        if not m.locales:
+            raise CatalogError(f"message {mid}: no locales")
+        if not m.productIds:
+            raise CatalogError(f"message {mid}: no productIds")
+        if not m.cost >= 0:
+            raise CatalogError(f"message {mid}: cost must be a number >= 0")
+        for pid in m.productIds:
+            if pid not in self.products:
+                raise CatalogError(f"message {mid}: product {pid!r} is not in the catalog's products")
+        if m.kind == "alternateProduct":
+            alt = m.alternateProductId
+            if alt is None:
+                raise CatalogError(f"message {mid}: an alternateProduct message needs alternateProductId")
+            if alt not in self.products:
+                raise CatalogError(f"message {mid}: alternate product {alt!r} is not in the catalog's products")
+            for pid in m.productIds:
+                if self.products[pid].subscriptionGroup != self.products[alt].subscriptionGroup:
+                    raise CatalogError(
+                        f"message {mid}: alternate product {alt!r} is outside the subscription group "
+                        f"of {pid!r} ({self.products[pid].subscriptionGroup!r})"
+                    )
+                if pid == alt:
+                    raise CatalogError(f"message {mid}: alternate product {alt!r} is the current product")
+            if m.billingPlanType is not None and m.billingPlanType not in ("BILLED_UPFRONT", "MONTHLY"):
+                raise CatalogError(f"message {mid}: unknown billingPlanType {m.billingPlanType!r}")
+        elif m.alternateProductId is not None or m.billingPlanType is not None:
+            raise CatalogError(f"message {mid}: only an alternateProduct message has alternateProductId")
+        if m.kind == "promotionalOffer":
+            if not m.offerIdentifier:
+                raise CatalogError(f"message {mid}: a promotionalOffer message needs offerIdentifier")
+        elif m.offerIdentifier is not None:
+            raise CatalogError(f"message {mid}: only a promotionalOffer message has offerIdentifier")
+
+    def _validate_default(self, d: DefaultMessage) -> None:
+        m = self.messages.get(d.messageIdentifier)
+        where = f"default for {d.productId} {d.locale}"
+        if d.productId not in self.products:
+            raise CatalogError(f"{where}: product is not in the catalog's products")
+        if m is None:
+            raise CatalogError(f"{where}: message {d.messageIdentifier} is not in the catalog")
+        if m.kind != "message":
+            raise CatalogError(f"{where}: message {m.messageIdentifier} is a {m.kind}, a default must be a plain message")
+        if not self.is_shown(m):
+            raise CatalogError(f"{where}: message {m.messageIdentifier} (or its image) is not APPROVED")
+        if (d.productId, d.locale) in self.defaults:
+            raise CatalogError(f"{where}: listed twice")
+
+    # ---- queries ------------------------------------------------------------------
+    @staticmethod
+    def is_shown(m: CatalogMessage) -> bool:
+        """Return True when Apple would show `m`: the message and any image are APPROVED."""
+        return m.messageState == "APPROVED" and (m.imageIdentifier is None or m.imageState == "APPROVED")
+
+    def eligible(self, product_id: str, user_locale: str) -> tuple[CatalogMessage, ...]:
+        """Return the approved candidates for a product and locale, in catalog order (see module doc)."""
+        key = (product_id, user_locale)
+        hit = self._eligible_cache.get(key)
+        if hit is not None:
+            return hit
+        usable = [m for m in self.data.messages if product_id in m.productIds and self.is_shown(m)]
+        exact = tuple(m for m in usable if user_locale in m.locales)
+        if exact:
+            result = exact
+        else:
+            lang = language(user_locale)
+            result = tuple(m for m in usable if any(language(loc) == lang for loc in m.locales))
+        if len(self._eligible_cache) < 100_000:
+            self._eligible_cache[key] = result
+        return result
+
+    def default_for(self, product_id: str, user_locale: str) -> CatalogMessage | None:
+        """Return the default message for a product and locale (same-language fallback), or None."""
+        key = (product_id, user_locale)
+        if key in self._default_cache:
+            return self._default_cache[key]
+        found = self.defaults.get(key)
+        if found is None:
+            lang = language(user_locale)
+            same = sorted(loc for (pid, loc) in self.defaults if pid == product_id and language(loc) == lang)
+            if same:
+                found = self.defaults[(product_id, same[0])]
+        if len(self._default_cache) < 100_000:
+            self._default_cache[key] = found
+        return found
+
+    def product_after(self, m: CatalogMessage, current_product: str) -> str:
+        """Return the product the subscriber is on if they stay after seeing `m`."""
+        return m.alternateProductId if m.kind == "alternateProduct" and m.alternateProductId else current_product
+
+    def value_after(self, m: CatalogMessage, current_product: str) -> float:
+        """Return V(product after m) - cost(m), the reward of a subscriber who stays (DESIGN.md)."""
+        return self.products[self.product_after(m, current_product)].value - m.cost
+
+    def missing_defaults(self, locales: Iterable[str]) -> list[tuple[str, str]]:
+        """Return the (product, locale) pairs among `locales` with no default, exact or same-language."""
+        return [(p, loc) for p in self.products for loc in locales if self.default_for(p, loc) is None]

@@ -1,0 +1,171 @@
+"""The server's settings: one typed object, each field a CLI flag and a ``RETENTION_<NAME>`` variable.
+
+A field's ``help`` metadata is its documentation; ``retention serve --help`` prints it.
+Precedence: command-line flag, then environment variable, then the default here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEMO_CATALOG = Path(__file__).parent / "data" / "demo_catalog.json"
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything `create_app` and `retention serve` need; build with :meth:`from_env` or :meth:`from_args`."""
+
+    # ---- trust and identity ----
+    root_certs: tuple[str, ...] = _f((), "Root certificates to trust (DER or PEM files, comma-separated). Trust comes only from these.")
+    app_apple_id: int | None = _f(None, "Your app's appAppleId; a request for another app is refused (wrong_app).")
+    environment: str = _f("Production", "Sandbox or Production; a request from the other environment is refused.")
+    relax_app_id_in_sandbox: bool = _f(
+        False,
+        "Accept a Sandbox request whose appAppleId differs (Apple's own library does this; "
+        "useful only when testing with an app id you cannot control).",
+    )
+    max_age_s: float = _f(300.0, "Refuse a request whose signedDate is older than this many seconds (stale_request).")
+    max_skew_s: float = _f(60.0, "Refuse a request whose signedDate is further than this in the future.")
+    max_body_bytes: int = _f(65536, "Refuse a body larger than this (payload_too_large, 413), before reading it whole.")
+    # ---- paths ----
+    catalog: str = _f(str(DEMO_CATALOG), "Catalog JSON file of approved messages.")
+    model: str = _f(str(DEFAULT_REGISTRY), "Model registry folder, optionally DIR@VERSION to pin a version.")
+    data_dir: str = _f("data", "Folder of the decision and outcome log (SQLite) and the profile store.")
+    # ---- HTTP ----
+    message_path: str = _f("/retention/message", "Path of the Get Retention Message endpoint.")
+    notifications_path: str = _f("/apple/notifications", "Path of the App Store Server Notifications V2 endpoint.")
+    host: str = _f("127.0.0.1", "Address to listen on.")
+    port: int = _f(8000, "Port to listen on.")
+    workers: int = _f(1, "Number of uvicorn worker processes.")
+    ssl_certfile: str | None = _f(None, "TLS certificate (PEM); with --ssl-keyfile the server terminates TLS 1.2+ itself.")
+    ssl_keyfile: str | None = _f(None, "TLS private key (PEM file).")
+    log_level: str = _f("info", "Log level of the server (debug, info, warning, error).")
+    # ---- policy ----
+    epsilon: float = _f(0.05, "Exploration: share of requests answered uniformly at random among eligible candidates.")
+    exploration: str = _f("epsilon", "Exploration scheme: epsilon (epsilon-greedy) or softmax.")
+    temperature: float = _f(1.0, "Softmax temperature, in value units, when exploration is softmax.")
+    holdout: float = _f(0.0, "Share of requests that always get the default message (a control group).")
+    kill_switch: bool = _f(False, "Send every request to the rule policy (no model).")
+    shadow_model: str | None = _f(None, "A second registry version scored beside the serving one, logged, never shown.")
+    budget_ms: float = _f(50.0, "Internal deadline for featurizing and scoring; past it the default message is answered.")
+    seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
+    reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
+    log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")
+    # ---- promotional offers (In-App Purchase key) ----
+    offer_key_file: str | None = _f(None, "In-App Purchase private key (.p8 file) that signs promotional offers.")
+    offer_key_id: str | None = _f(None, "Key id of the In-App Purchase key.")
+    offer_issuer_id: str | None = _f(None, "Issuer id of the In-App Purchase key.")
+    bundle_id: str | None = _f(None, "Your app's bundle id (the bid claim of offer signatures).")
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Return the setting names in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Return settings from ``RETENTION_*`` variables, then `overrides` (keyword per field)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("RETENTION_" + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per setting to `parser` (value None means: not given)."""
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            env = "RETENTION_" + f.name.upper()
+            help_ = f"{f.metadata['help']} [env {env}; default {f.default!r}]"
+            if _kind(f) is bool:
+                parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+        """Return settings from parsed flags over the environment over the defaults."""
+        overrides: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in fields.items():
+            raw = getattr(args, name, None)
+            if raw is None:
+                continue
+            overrides[name] = raw if isinstance(raw, bool) else _convert(f, str(raw))
+        return cls.from_env(environ, **overrides)
+
+    def __post_init__(self) -> None:
+        if self.environment not in ("Sandbox", "Production", "Xcode", "LocalTesting"):
+            raise ValueError(f"environment must be Sandbox or Production, not {self.environment!r}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be within [0, 1], not {self.epsilon}")
+        if not 0.0 <= self.holdout <= 1.0:
+            raise ValueError(f"holdout must be within [0, 1], not {self.holdout}")
+        if self.exploration not in ("epsilon", "softmax"):
+            raise ValueError(f"exploration must be epsilon or softmax, not {self.exploration!r}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.max_body_bytes < 256:
+            raise ValueError("max_body_bytes must be at least 256")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+
+
+class SettingsError(ValueError):
+    """A setting's value cannot be read; the message names the variable."""
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    t = str(f.type)
+    if t.startswith("bool"):
+        return bool
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    if t.startswith("tuple"):
+        return tuple
+    return str
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _kind(f)
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is tuple:
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"setting {f.name} (RETENTION_{f.name.upper()}): {raw!r} is not a valid {kind.__name__}") from None
+    return raw
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Return settings parsed from `argv` (for tests and scripts)."""
+    p = argparse.ArgumentParser()
+    Settings.add_arguments(p)
+    return Settings.from_args(p.parse_args(argv))
