@@ -1,0 +1,417 @@
+"""The Litestar application: ``create_app(settings)`` builds everything; nothing is global.
+
+Request path of ``POST /retention/message`` (all in memory, no network, no synchronous disk write):
+verify Apple's JWS → eligible candidates → featurize + score (off the event loop, under the
+deadline) → expected value → exact exploration probabilities → sample → answer → enqueue the
+decision for the background log writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.exceptions import HTTPException
+
+from serving.catalog import CatalogMessage
+from serving.decision_log import DecisionLog, DecisionRecord
+from serving.errors import ERROR_STATUS, ApiError, VerificationError
+from serving.metrics import Metrics
+from serving.offers import OfferSigner
+from serving.policy import (
+    Choice,
+    ExplorationParams,
+    candidates_for,
+    fallback_choice,
+    ml_choice,
+    rule_choice,
+    shadow_pick,
+)
+from serving.profiles import ProfileStore
+from serving.schemas import (
+    AlternateProduct,
+    DecodedRealtimeRequestBody,
+    Message,
+    PromotionalOffer,
+    RealtimeRequestBody,
+    RealtimeResponseBody,
+)
+from serving.settings import Settings
+from serving.state import Runtime, Snapshot
+from serving.verify import RequestVerifier
+
+log = logging.getLogger("retention.app")
+
+_decode_body = msgspec.json.Decoder(RealtimeRequestBody).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _error_response(code: str, detail: str) -> Response[bytes]:
+    return Response(
+        content=_encode({"error": code, "detail": detail}),
+        status_code=ERROR_STATUS[code],
+        media_type=MediaType.JSON,
+    )
+
+
+class CircuitBreaker:
+    """Opens after `threshold` consecutive model failures; while open, requests skip the model.
+
+    After `cooldown_s` one request is let through to probe; its success closes the circuit.
+    """
+
+    def __init__(self, threshold: int = 3, cooldown_s: float = 5.0) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allow(self, now: float) -> bool:
+        """Return True when the model may be called now."""
+        if self.failures < self.threshold:
+            return True
+        if now >= self.open_until:
+            self.open_until = now + self.cooldown_s  # let exactly one probe through per cool-down
+            return True
+        return False
+
+    def success(self) -> None:
+        """Record a model call that answered in time."""
+        self.failures = 0
+
+    def failure(self, now: float) -> None:
+        """Record a model call that failed or ran late."""
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = now + self.cooldown_s
+
+
+class RetentionService:
+    """The request-path logic, separate from HTTP so tests and benchmarks can drive it directly."""
+
+    def __init__(self, settings: Settings, *, verifier: RequestVerifier | None = None, clock: Any = time.time) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.verifier = verifier or RequestVerifier.from_settings(settings, clock=clock)
+        self.runtime = Runtime(
+            catalog_path=settings.catalog,
+            registry_spec=settings.model,
+            shadow_version=settings.shadow_model,
+            on_reload_failure=lambda what, why: self.metrics.reload_failure(what),
+            on_model_version=self.metrics.set_model_version,
+        )
+        self.runtime.load()
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.decision_log = DecisionLog(data_dir / f"decisions-{os.getpid()}.sqlite", batch_ms=settings.log_batch_ms)
+        self.profiles = ProfileStore(data_dir / "profiles.sqlite")
+        self.offer_signer = OfferSigner.from_settings(settings)
+        self.params = ExplorationParams(settings.epsilon, settings.exploration, settings.temperature, settings.holdout)
+        self.rng = np.random.default_rng(settings.seed)
+        self.budget_s = settings.budget_ms / 1000.0
+        self.breaker = CircuitBreaker()
+        # one scoring thread: ONNX Runtime runs single-threaded per process, and a model stuck past
+        # the deadline blocks only this thread, never the event loop
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-score")
+        self.kill_switch_file = data_dir / "kill-switch"
+        self.killed = settings.kill_switch
+
+    # ---- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background log writer and the reload thread."""
+        self.decision_log.start()
+        self.runtime.start(self.settings.reload_interval_s)
+
+    def stop(self) -> None:
+        """Flush the decision log and stop the background threads."""
+        self.runtime.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.decision_log.close()
+
+    def ready(self) -> tuple[bool, str]:
+        """Return (ready, reason): ready when the catalog and a model are loaded."""
+        snap = self.runtime.snapshot
+        if snap is None:
+            return False, "catalog not loaded"
+        if snap.model is None:
+            return False, f"no model: {snap.model_error}"
+        return True, "ok"
+
+    def kill_switch_on(self) -> bool:
+        """Return True when every request goes to the rule policy (setting, or the kill-switch file)."""
+        return self.killed or self.kill_switch_file.exists()
+
+    # ---- the request path ---------------------------------------------------------
+    async def answer(self, body: bytes) -> Response[bytes]:
+        """Return the HTTP response for one Get Retention Message body (never raises for bad input)."""
+        t0 = time.perf_counter()
+        try:
+            outer = _decode_body(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return self._refuse("malformed_body", "The body must be a JSON object with a string signedPayload.")
+        try:
+            request = self.verifier.verify(outer.signedPayload)
+        except VerificationError as exc:
+            return self._refuse(exc.code, exc.detail)
+        snap = self.runtime.snapshot
+        assert snap is not None
+        choice = await self._choose(snap, request)
+        response_body: RealtimeResponseBody | None = None
+        if choice.message is not None:
+            try:
+                response_body = self._response_for(choice.message, request)
+            except Exception as exc:  # an offer that cannot be signed must not cost the message
+                log.error("answer for %s failed (%s); answering the default", choice.message.messageIdentifier, exc)
+                choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
+                response_body = self._response_for(choice.message, request) if choice.message else None
+        if response_body is None:
+            resp = _error_response(
+                "no_eligible_message", "No approved message is eligible and the catalog has no default for this product and locale."
+            )
+            status = 404
+            kind = "none"
+        else:
+            resp = Response(content=_encode(response_body), status_code=200, media_type=MediaType.JSON)
+            status = 200
+            assert choice.message is not None
+            kind = choice.message.kind
+        latency = time.perf_counter() - t0
+        self._log(snap, request, choice, status, latency)
+        self.metrics.observe_request(latency, kind, choice.message.messageIdentifier if choice.message else None)
+        if choice.fallback_reason:
+            self.metrics.fallback(choice.fallback_reason)
+        return resp
+
+    def _refuse(self, code: str, detail: str) -> Response[bytes]:
+        self.metrics.verification_failure(code)
+        return _error_response(code, detail)
+
+    @staticmethod
+    def _default_index(snap: Snapshot, request: DecodedRealtimeRequestBody, choice: Choice) -> int | None:
+        d = snap.catalog.default_for(request.productId, request.userLocale)
+        for i, m in enumerate(choice.candidates):
+            if m is d:
+                return i
+        return None
+
+    async def _choose(self, snap: Snapshot, request: DecodedRealtimeRequestBody) -> Choice:
+        candidates, default_index = candidates_for(snap.catalog, request, offers_enabled=self.offer_signer is not None)
+        if not candidates:
+            return rule_choice(candidates, None, policy="rules")
+        if self.kill_switch_on():
+            return fallback_choice(candidates, default_index, "kill_switch")
+        model = snap.model
+        if model is None:
+            return fallback_choice(candidates, default_index, "no_model")
+        params = self.params
+        # holdout and exploration draws come from one seedable generator, drawn before scoring so a
+        # fallback does not shift the random stream of later requests
+        u = float(self.rng.random())
+        now = time.monotonic()
+        if not self.breaker.allow(now):
+            c = fallback_choice(candidates, default_index, "circuit_open")
+            c.model_version = model.version
+            return c
+        fut = self.executor.submit(self._score, snap, request, candidates)
+        try:
+            X, p, shadow_p = await asyncio.wait_for(asyncio.wrap_future(fut), self.budget_s)
+        except TimeoutError:
+            fut.cancel()
+            self.breaker.failure(time.monotonic())
+            c = fallback_choice(candidates, default_index, "deadline")
+            c.model_version = model.version
+            return c
+        except Exception as exc:
+            self.breaker.failure(time.monotonic())
+            log.warning("model %s failed: %s", model.version, exc)
+            c = fallback_choice(candidates, default_index, "model_error")
+            c.model_version = model.version
+            return c
+        self.breaker.success()
+        choice = ml_choice(snap.catalog, candidates, default_index, request.productId, p, params, u, model.version)
+        choice.features = X
+        if snap.shadow is not None:
+            choice.shadow_model_version = snap.shadow.version
+            if shadow_p is not None:
+                choice.shadow_message_id = shadow_pick(snap.catalog, candidates, request.productId, shadow_p)
+        return choice
+
+    def _score(
+        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Featurize and score on the scoring thread; returns (features, P(stay), shadow P(stay))."""
+        model = snap.model
+        assert model is not None
+        profile = self.profiles.get(request.originalTransactionId)
+        X = model.features(
+            product_id=request.productId,
+            user_locale=request.userLocale,
+            environment=request.rawEnvironment,
+            signed_date_ms=request.signedDate,
+            profile=profile,
+            candidates=candidates,
+        )
+        p = np.asarray(model.p_stay(X), dtype=np.float64)
+        shadow_p = None
+        if snap.shadow is not None:
+            try:
+                Xs = snap.shadow.features(
+                    product_id=request.productId,
+                    user_locale=request.userLocale,
+                    environment=request.rawEnvironment,
+                    signed_date_ms=request.signedDate,
+                    profile=profile,
+                    candidates=candidates,
+                )
+                shadow_p = np.asarray(snap.shadow.p_stay(Xs), dtype=np.float64)
+            except Exception as exc:  # the shadow never affects the answer
+                log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
+        return X, p, shadow_p
+
+    def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
+        mid = m.messageIdentifier
+        if m.kind == "message":
+            return RealtimeResponseBody(message=Message(mid))
+        if m.kind == "alternateProduct":
+            assert m.alternateProductId is not None
+            return RealtimeResponseBody(alternateProduct=AlternateProduct(mid, m.alternateProductId, m.billingPlanType))
+        if m.kind == "promotionalOffer":
+            if self.offer_signer is None or m.offerIdentifier is None:
+                raise ValueError("no In-App Purchase key configured for promotional offers")
+            sig = self.offer_signer.sign(
+                product_id=request.productId, offer_identifier=m.offerIdentifier, transaction_id=request.originalTransactionId
+            )
+            return RealtimeResponseBody(promotionalOffer=PromotionalOffer(mid, promotionalOfferSignatureV2=sig))
+        raise ValueError(f"message kind {m.kind!r} cannot be answered")
+
+    def _log(
+        self, snap: Snapshot, request: DecodedRealtimeRequestBody, choice: Choice, status: int, latency_s: float
+    ) -> None:
+        X = choice.features
+        self.decision_log.log(
+            DecisionRecord(
+                request_id=request.requestIdentifier,
+                original_transaction_id=request.originalTransactionId,
+                product_id=request.productId,
+                user_locale=request.userLocale,
+                environment=request.rawEnvironment,
+                signed_date=request.signedDate,
+                app_apple_id=request.appAppleId,
+                candidates=[m.messageIdentifier for m in choice.candidates],
+                scores=choice.scores,
+                values=choice.values,
+                probabilities=choice.probabilities,
+                message_id=choice.message.messageIdentifier if choice.message else None,
+                kind=choice.message.kind if choice.message else None,
+                propensity=choice.propensity,
+                policy=choice.policy,
+                policy_params=self.params.as_dict(),
+                model_version=choice.model_version,
+                shadow_model_version=choice.shadow_model_version,
+                shadow_message_id=choice.shadow_message_id,
+                catalog_sha256=snap.catalog.sha256,
+                fallback_reason=choice.fallback_reason,
+                features=X.tolist() if X is not None else None,
+                feature_names_sha=snap.model.schema_sha256 if (snap.model is not None and X is not None) else None,
+                latency_ms=latency_s * 1000.0,
+                answered_at=int(time.time() * 1000),
+                status=status,
+            )
+        )
+
+
+def create_app(settings: Settings, *, service: RetentionService | None = None) -> Litestar:
+    """Return the Litestar app for `settings` (tests pass their own settings or a prepared service)."""
+    svc = service or RetentionService(settings)
+
+    @post(settings.message_path, status_code=200, sync_to_thread=False)
+    async def retention_message(request: Request[Any, Any, Any]) -> Response[bytes]:
+        try:
+            body = await request.body()
+        except HTTPException as exc:
+            if exc.status_code == 413:
+                return svc._refuse("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
+            raise
+        return await svc.answer(body)
+
+    @post(settings.notifications_path, status_code=200, sync_to_thread=False)
+    async def notifications(request: Request[Any, Any, Any]) -> Response[bytes]:
+        from serving.notifications import handle_notification
+
+        try:
+            body = await request.body()
+        except HTTPException as exc:
+            if exc.status_code == 413:
+                return svc._refuse("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
+            raise
+        return handle_notification(svc, body)
+
+    @get("/health", sync_to_thread=False)
+    def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @get("/ready", sync_to_thread=False)
+    def ready() -> Response[bytes]:
+        ok, why = svc.ready()
+        snap = svc.runtime.snapshot
+        body = {
+            "ready": ok,
+            "detail": why,
+            "model_version": snap.model.version if snap and snap.model else None,
+            "catalog_sha256": snap.catalog.sha256 if snap else None,
+        }
+        return Response(content=_encode(body), status_code=200 if ok else 503, media_type=MediaType.JSON)
+
+    @get("/metrics", sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        content, ctype = svc.metrics.render()
+        return Response(content=content, status_code=200, media_type=ctype)
+
+    def on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
+        return _error_response(exc.code, exc.detail)
+
+    def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+        if exc.status_code == 413:
+            return _error_response("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
+        return Response(
+            content=_encode({"error": "http_error", "detail": str(exc.detail)}),
+            status_code=exc.status_code,
+            media_type=MediaType.JSON,
+        )
+
+    def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        log.exception("unexpected error", exc_info=exc)
+        return Response(
+            content=_encode({"error": "internal_error", "detail": "The server failed to handle this request."}),
+            status_code=500,
+            media_type=MediaType.JSON,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        svc.start()
+        try:
+            yield
+        finally:
+            svc.stop()
+
+    app = Litestar(
+        route_handlers=[retention_message, notifications, health, ready, metrics],
+        request_max_body_size=settings.max_body_bytes,
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
+        lifespan=[lifespan],
+        openapi_config=None,
+        debug=False,
+    )
+    app.state.service = svc
+    return app

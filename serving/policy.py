@@ -1,0 +1,148 @@
+"""Choosing the message: the ML policy (score, expected value, explore) and the rule policy behind it.
+
+    value(m) = P(stay | x, m) × (V(product after m) − cost(m))        (DESIGN.md)
+
+The ML policy scores every eligible candidate with the current model, turns values into
+exact probabilities (models.exploration), samples one, and returns a :class:`Choice`
+with everything the decision log needs. Anything that goes wrong with the model
+(no model, an exception, NaN, a deadline overrun, an open circuit) yields the rule
+policy's answer with ``policy = "fallback:<reason>"`` and probability 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from models.exploration import action_probabilities, greedy_index, sample
+from serving.catalog import Catalog, CatalogMessage
+from serving.schemas import DecodedRealtimeRequestBody
+
+
+@dataclasses.dataclass(slots=True)
+class Choice:
+    """One decision: the candidates, their scores/values/probabilities and the message shown."""
+
+    message: CatalogMessage | None
+    candidates: tuple[CatalogMessage, ...]
+    policy: str
+    propensity: float
+    probabilities: list[float]
+    scores: list[float] = dataclasses.field(default_factory=list)
+    values: list[float] = dataclasses.field(default_factory=list)
+    model_version: str | None = None
+    fallback_reason: str | None = None
+    features: np.ndarray | None = None
+    shadow_model_version: str | None = None
+    shadow_message_id: str | None = None
+
+
+def candidates_for(
+    catalog: Catalog, request: DecodedRealtimeRequestBody, *, offers_enabled: bool
+) -> tuple[tuple[CatalogMessage, ...], int | None]:
+    """Return the candidates for a request (the default included) and the default's index, or None.
+
+    Offers are dropped when no In-App Purchase key is configured: an offer answer without
+    a valid signature would make Apple fall back anyway.
+    """
+    eligible = catalog.eligible(request.productId, request.userLocale)
+    if not offers_enabled:
+        eligible = tuple(m for m in eligible if m.kind != "promotionalOffer")
+    default = catalog.default_for(request.productId, request.userLocale)
+    if default is None:
+        return eligible, None
+    for i, m in enumerate(eligible):
+        if m is default:
+            return eligible, i
+    return (*eligible, default), len(eligible)
+
+
+def rule_choice(
+    candidates: Sequence[CatalogMessage], default_index: int | None, *, policy: str, reason: str | None = None
+) -> Choice:
+    """Return the rule policy's choice: the default message, else the first plain or switch-plan message.
+
+    With no such message the choice has no message (the endpoint answers 404 no_eligible_message).
+    """
+    cands = tuple(candidates)
+    idx: int | None = default_index
+    if idx is None:
+        idx = next((i for i, m in enumerate(cands) if m.kind in ("message", "alternateProduct")), None)
+    probs = [0.0] * len(cands)
+    if idx is None:
+        return Choice(None, cands, policy, 1.0, probs, fallback_reason=reason)
+    probs[idx] = 1.0
+    return Choice(cands[idx], cands, policy, 1.0, probs, fallback_reason=reason)
+
+
+def fallback_choice(candidates: Sequence[CatalogMessage], default_index: int | None, reason: str) -> Choice:
+    """Return the rule policy's choice logged as ``fallback:<reason>``."""
+    return rule_choice(candidates, default_index, policy=f"fallback:{reason}", reason=reason)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExplorationParams:
+    """How the ML policy explores; logged with every decision."""
+
+    epsilon: float = 0.05
+    scheme: str = "epsilon"
+    temperature: float = 1.0
+    holdout: float = 0.0
+
+    def as_dict(self) -> dict[str, float | str]:
+        """Return the parameters for the decision log."""
+        return {"epsilon": self.epsilon, "scheme": self.scheme, "temperature": self.temperature, "holdout": self.holdout}
+
+
+def values_of(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str, p_stay: np.ndarray) -> np.ndarray:
+    """Return expected values P(stay) × (V(product after m) − cost(m)) for each candidate."""
+    after = np.fromiter((catalog.value_after(m, product_id) for m in candidates), dtype=np.float64, count=len(candidates))
+    return p_stay * after
+
+
+def ml_choice(
+    catalog: Catalog,
+    candidates: tuple[CatalogMessage, ...],
+    default_index: int | None,
+    product_id: str,
+    p_stay: np.ndarray,
+    params: ExplorationParams,
+    u: float,
+    model_version: str,
+) -> Choice:
+    """Return the sampled choice for model scores `p_stay`, or a NaN fallback when a score is not finite."""
+    if p_stay.shape != (len(candidates),) or not np.isfinite(p_stay).all():
+        c = fallback_choice(candidates, default_index, "model_nan")
+        c.model_version = model_version
+        return c
+    values = values_of(catalog, candidates, product_id, p_stay)
+    probs = action_probabilities(
+        values,
+        epsilon=params.epsilon,
+        scheme=params.scheme,
+        temperature=params.temperature,
+        holdout=params.holdout,
+        default_index=default_index,
+    )
+    idx = sample(probs, u)
+    policy = f"ml:{'epsilon-greedy' if params.scheme == 'epsilon' else 'softmax'}"
+    return Choice(
+        candidates[idx],
+        candidates,
+        policy,
+        float(probs[idx]),
+        probs.tolist(),
+        scores=p_stay.tolist(),
+        values=values.tolist(),
+        model_version=model_version,
+    )
+
+
+def shadow_pick(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str, p_stay: np.ndarray) -> str | None:
+    """Return the shadow model's greedy message id, or None when its scores are unusable."""
+    if p_stay.shape != (len(candidates),) or not np.isfinite(p_stay).all():
+        return None
+    return candidates[greedy_index(values_of(catalog, candidates, product_id, p_stay))].messageIdentifier
+

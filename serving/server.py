@@ -1,0 +1,131 @@
+"""``retention serve``: run the endpoint with uvicorn (httptools + uvloop), one or several workers.
+
+Settings are resolved once here (flags over ``RETENTION_*`` over defaults) and handed to the
+worker processes through the environment, so every worker builds the same app with
+:func:`app_factory`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import ssl
+import sys
+import tempfile
+from typing import Any
+
+from serving.settings import Settings, SettingsError
+
+log = logging.getLogger("retention.server")
+
+
+def app_factory() -> Any:
+    """Return the app for the settings in the environment (uvicorn calls this in each worker)."""
+    from serving.app import create_app
+
+    return create_app(Settings.from_env())
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """Return ``RETENTION_*`` variables that reproduce `settings` exactly."""
+    env: dict[str, str] = {}
+    for name in Settings.field_names():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env["RETENTION_" + name.upper()] = str(value)
+    return env
+
+
+def preflight(settings: Settings) -> None:
+    """Raise SettingsError with one clear sentence when the server cannot start with `settings`."""
+    from serving.catalog import Catalog
+    from serving.verify import has_apple_root_g3, load_roots
+
+    if not settings.root_certs:
+        raise SettingsError(
+            "no root certificate configured: set RETENTION_ROOT_CERTS (or --root-certs) to Apple Root CA - G3 "
+            "(or your test CA); trust comes only from configured roots"
+        )
+    if settings.app_apple_id is None:
+        raise SettingsError("no app id configured: set RETENTION_APP_APPLE_ID (or --app-apple-id) to your appAppleId")
+    try:
+        roots = load_roots(settings.root_certs)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    if settings.environment == "Production" and not has_apple_root_g3(roots):
+        log.warning("Production, but no configured root is Apple Root CA - G3 (SHA-256 63343abf...9179)")
+        print(
+            "warning: Production, but no configured root is Apple Root CA - G3; Apple's requests will be refused",
+            file=sys.stderr,
+        )
+    Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
+
+
+class _Config:
+    """Factory for a uvicorn Config that refuses anything older than TLS 1.2 when it terminates TLS."""
+
+    @staticmethod
+    def make(settings: Settings) -> Any:
+        import uvicorn
+
+        class Config(uvicorn.Config):
+            def load(self) -> None:
+                super().load()
+                if self.ssl is not None:
+                    self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+
+        return Config(
+            "serving.server:app_factory",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level=settings.log_level,
+            access_log=False,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+            timeout_graceful_shutdown=10,
+        )
+
+
+def serve(settings: Settings) -> None:
+    """Run the server until SIGINT/SIGTERM (which flush the decision log before exit)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ.update(settings_to_env(settings))
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # metrics aggregated across workers (prometheus_client's multiprocess mode)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retention-metrics-")
+    config = _Config.make(settings)
+    server = uvicorn.Server(config)
+    if settings.workers > 1:
+        sock = config.bind_socket()
+        Multiprocess(config, target=server.run, sockets=[sock]).run()
+    else:
+        server.run()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``retention serve``."""
+    parser = argparse.ArgumentParser(prog="retention serve", description="Run the Get Retention Message endpoint.")
+    Settings.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_args(args)
+        preflight(settings)
+    except ValueError as exc:  # SettingsError, CatalogError and bad values: one line, exit 2
+        print(f"retention serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(settings)
+    return 0

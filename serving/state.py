@@ -1,0 +1,240 @@
+"""What a serving process holds: the catalog and model snapshot, loaded at start and hot-reloaded.
+
+A :class:`Snapshot` is immutable; a request takes one reference at its start and uses it to
+the end, so swapping in a new catalog or model version never disturbs a request in flight.
+A catalog or model that fails to load is refused: the old snapshot keeps serving, with a log
+line and a metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.catalog import Catalog, CatalogError, CatalogMessage
+
+log = logging.getLogger("retention.state")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelBundle:
+    """A loaded model version with its featurizer compiled against the current catalog."""
+
+    version: str
+    featurizer: Any  # models.features.Featurizer
+    scorer: Any  # models.scoring.Scorer
+    schema_sha256: str
+
+    def features(
+        self,
+        *,
+        product_id: str,
+        user_locale: str,
+        environment: str,
+        signed_date_ms: int,
+        profile: Mapping[str, object] | None,
+        candidates: Sequence[CatalogMessage],
+    ) -> np.ndarray:
+        """Return the float32 K-row feature matrix for one request."""
+        return self.featurizer.matrix(  # type: ignore[no-any-return]
+            product_id=product_id,
+            user_locale=user_locale,
+            environment=environment,
+            signed_date_ms=signed_date_ms,
+            profile=profile,
+            candidates=candidates,
+        )
+
+    def p_stay(self, X: np.ndarray) -> np.ndarray:
+        """Return P(stay) for each feature row."""
+        return self.scorer.p_stay(X)  # type: ignore[no-any-return]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The catalog and models one request uses from start to end."""
+
+    catalog: Catalog
+    model: ModelBundle | None
+    model_error: str | None
+    shadow: ModelBundle | None
+
+
+def _file_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def load_bundle(registry_spec: str, catalog: Catalog, version: str | None = None) -> ModelBundle:
+    """Return the model version `version` (else the pinned or current one) compiled for `catalog`.
+
+    Raises models.registry.ModelLoadError with a sentence saying why it cannot serve.
+    """
+    from models.features import Featurizer
+    from models.registry import ModelLoadError, Registry
+    from models.scoring import Scorer
+
+    registry, pinned = Registry.parse(registry_spec)
+    v = version or pinned or registry.current()
+    if v is None:
+        raise ModelLoadError(f"the model registry {registry.root} has no current version")
+    loaded = registry.load(v)
+    featurizer = Featurizer(loaded.schema, catalog.products, catalog.messages)
+    scorer = Scorer(loaded)
+    return ModelBundle(loaded.version, featurizer, scorer, loaded.schema.sha256())
+
+
+def current_pointer(registry_spec: str) -> str | None:
+    """Return the version the registry's `current` pointer names (the pinned one for DIR@VERSION)."""
+    from models.registry import Registry
+
+    registry, pinned = Registry.parse(registry_spec)
+    return pinned or registry.current()
+
+
+class Runtime:
+    """Holds the live :class:`Snapshot` and reloads it when the catalog file or current model changes."""
+
+    def __init__(
+        self,
+        *,
+        catalog_path: str,
+        registry_spec: str,
+        shadow_version: str | None = None,
+        kill_switch_file: str | None = None,
+        on_reload_failure: Callable[[str, str], None] | None = None,
+        on_model_version: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.catalog_path = catalog_path
+        self.registry_spec = registry_spec
+        self.shadow_version = shadow_version
+        self._on_failure = on_reload_failure or (lambda what, why: None)
+        self._on_version = on_model_version or (lambda v: None)
+        self._lock = threading.Lock()
+        self._catalog_key: tuple[int, int, int] | None = None
+        self._model_pointer: str | None = None
+        self.snapshot: Snapshot | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- loading ------------------------------------------------------------------
+    def load(self) -> Snapshot:
+        """Load the catalog (required) and the model (optional: without one the rule policy serves)."""
+        catalog = Catalog.load(self.catalog_path)
+        self._catalog_key = _file_key(self.catalog_path)
+        model, error = self._try_model(catalog)
+        shadow = self._try_shadow(catalog)
+        snap = Snapshot(catalog, model, error, shadow)
+        self.snapshot = snap
+        self._on_version(model.version if model else None)
+        if error:
+            log.warning("serving without a model (rule policy, not ready): %s", error)
+        return snap
+
+    def _try_model(self, catalog: Catalog) -> tuple[ModelBundle | None, str | None]:
+        try:
+            self._model_pointer = current_pointer(self.registry_spec)
+            return load_bundle(self.registry_spec, catalog), None
+        except Exception as exc:  # a bad model must never stop the server: it serves the rules
+            return None, str(exc) or type(exc).__name__
+
+    def _try_shadow(self, catalog: Catalog) -> ModelBundle | None:
+        if not self.shadow_version:
+            return None
+        try:
+            return load_bundle(self.registry_spec.split("@", 1)[0], catalog, self.shadow_version)
+        except Exception as exc:
+            log.warning("shadow model %s not loaded: %s", self.shadow_version, exc)
+            self._on_failure("shadow", str(exc))
+            return None
+
+    # ---- reloading ----------------------------------------------------------------
+    def check_reload(self) -> bool:
+        """Reload what changed on disk; return True when a new snapshot was installed."""
+        with self._lock:
+            old = self.snapshot
+            assert old is not None
+            catalog = old.catalog
+            catalog_changed = False
+            key = _file_key(self.catalog_path)
+            if key != self._catalog_key:
+                self._catalog_key = key
+                try:
+                    new_cat = Catalog.load(self.catalog_path)
+                except CatalogError as exc:
+                    log.error("catalog reload refused, the old catalog keeps serving: %s", exc)
+                    self._on_failure("catalog", str(exc))
+                else:
+                    catalog_changed = new_cat.sha256 != catalog.sha256
+                    catalog = new_cat
+            try:
+                pointer = current_pointer(self.registry_spec)
+            except Exception as exc:
+                pointer = self._model_pointer
+                log.error("model registry unreadable: %s", exc)
+            model, error = old.model, old.model_error
+            model_changed = pointer != self._model_pointer or (old.model is None and pointer is not None)
+            if model_changed or catalog_changed:
+                try:
+                    if pointer is None:
+                        raise ValueError("the model registry has no current version")
+                    model = load_bundle(self.registry_spec, catalog, pointer)
+                    error = None
+                    self._model_pointer = pointer
+                except Exception as exc:
+                    if model_changed:
+                        self._model_pointer = pointer  # don't retry a broken version every tick
+                        log.error("model version %s refused, %s keeps serving: %s", pointer,
+                                  old.model.version if old.model else "the rule policy", exc)
+                        self._on_failure("model", str(exc))
+                    elif old.model is not None:
+                        # the new catalog broke the old model's featurizer: refuse the catalog instead
+                        log.error("catalog refused: the model cannot featurize it: %s", exc)
+                        self._on_failure("catalog", str(exc))
+                        return False
+            if not (model_changed or catalog_changed):
+                return False
+            shadow = old.shadow
+            if catalog_changed and self.shadow_version:
+                shadow = self._try_shadow(catalog)
+            self.snapshot = Snapshot(catalog, model, error, shadow)
+            self._on_version(model.version if model else None)
+            log.info("reloaded: catalog %s, model %s", catalog.sha256[:12], model.version if model else None)
+            return True
+
+    def start(self, interval_s: float) -> None:
+        """Start the background thread that checks for changes every `interval_s` seconds."""
+        if interval_s <= 0 or self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.check_reload()
+                except Exception:  # never let the reloader die
+                    log.exception("reload check failed")
+
+        self._thread = threading.Thread(target=loop, name="retention-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the reload thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def model_dir_exists(spec: str) -> bool:
+    """Return True when the registry folder of `spec` exists."""
+    return Path(spec.split("@", 1)[0]).is_dir()
