@@ -1,0 +1,732 @@
+"""The decision and outcome log: every answered request, written to SQLite by a background writer.
+
+The request path only appends a :class:`DecisionRecord` to an in-memory queue (``log`` never
+blocks, never touches disk, never raises). A writer thread wakes every ``batch_ms`` and writes
+everything queued in one transaction to a SQLite file in WAL mode with ``synchronous=NORMAL``:
+a committed batch survives a killed process, so a SIGKILL loses at most the decisions answered
+within the last batch window, and ``close()`` (graceful shutdown) writes them all.
+
+Each server process writes its own file, ``DATA_DIR/decisions-<host>-<pid>.sqlite`` (SQLite has
+one writer per file; one file per process needs no locking between workers or replicas). The
+export reads them all and writes the DESIGN.md decisions file that ``retention train`` reads.
+
+Arrays are stored compactly: candidates, scores, values, probabilities and policy parameters as
+JSON text; the feature matrix as float32 bytes with its shape (what the ONNX model was fed).
+Outcomes from App Store Server Notifications go to an ``outcomes`` table in the same file,
+keyed by ``notificationUUID`` so a notification Apple sends twice is recorded once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import hashlib
+import heapq
+import itertools
+import logging
+import os
+import re
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+log = logging.getLogger("retention.decision_log")
+
+SCHEMA_VERSION = 1
+EVENTS: tuple[str, ...] = ("cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded")
+#: The DESIGN.md decisions columns, in order; the export adds the server's extra columns after them.
+REQUIRED_DECISION_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "original_transaction_id",
+    "product_id",
+    "user_locale",
+    "environment",
+    "signed_date",
+    "candidates",
+    "message_id",
+    "propensity",
+    "model_version",
+    "policy",
+)
+EXTRA_DECISION_COLUMNS: tuple[str, ...] = (
+    "app_apple_id",
+    "kind",
+    "scores",
+    "values",
+    "probabilities",
+    "policy_params",
+    "shadow_model_version",
+    "shadow_message_id",
+    "catalog_sha256",
+    "fallback_reason",
+    "features",
+    "feature_names_sha",
+    "latency_ms",
+    "answered_at",
+    "status",
+)
+OUTCOME_COLUMNS: tuple[str, ...] = (
+    "original_transaction_id",
+    "event",
+    "at",
+    "notification_uuid",
+    "raw_type",
+    "raw_subtype",
+    "received_at",
+)
+
+FloatVector = list[float] | np.ndarray
+
+
+class DecisionRecord(msgspec.Struct, kw_only=True):
+    """One answered request, as the policy decided it (vectors may be lists or numpy arrays).
+
+    ``scores`` is P(stay) per candidate (empty for a fallback), ``values`` the expected values,
+    ``probabilities`` the exact probability of showing each candidate, ``propensity`` the shown
+    one's. ``features`` is the K x F matrix the model was fed (kept by reference: do not mutate
+    it after logging). ``answered_at`` 0 means "when logged".
+    """
+
+    request_id: str
+    original_transaction_id: str
+    product_id: str
+    user_locale: str
+    environment: str
+    signed_date: int
+    app_apple_id: int | None = None
+    candidates: list[str] = msgspec.field(default_factory=list)
+    scores: FloatVector = msgspec.field(default_factory=list)
+    values: FloatVector = msgspec.field(default_factory=list)
+    probabilities: FloatVector = msgspec.field(default_factory=list)
+    message_id: str | None = None
+    kind: str | None = None
+    propensity: float = 1.0
+    policy: str = "rules"
+    policy_params: dict[str, Any] = msgspec.field(default_factory=dict)
+    model_version: str | None = None
+    shadow_model_version: str | None = None
+    shadow_message_id: str | None = None
+    catalog_sha256: str | None = None
+    fallback_reason: str | None = None
+    features: list[list[float]] | np.ndarray | None = None
+    feature_names_sha: str | None = None
+    latency_ms: float = 0.0
+    answered_at: int = 0
+    status: int = 200
+
+
+class _Outcome(msgspec.Struct):
+    notification_uuid: str
+    original_transaction_id: str
+    event: str
+    at: int
+    raw_type: str | None
+    raw_subtype: str | None
+    received_at: int
+
+
+class _Schema(msgspec.Struct):
+    sha: str
+    names: list[str]
+
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS log_meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT, original_transaction_id TEXT, product_id TEXT, user_locale TEXT, environment TEXT,
+    signed_date INTEGER, app_apple_id INTEGER,
+    candidates TEXT, scores TEXT, "values" TEXT, probabilities TEXT,
+    message_id TEXT, kind TEXT, propensity REAL, policy TEXT, policy_params TEXT,
+    model_version TEXT, shadow_model_version TEXT, shadow_message_id TEXT, catalog_sha256 TEXT,
+    fallback_reason TEXT, features BLOB, features_rows INTEGER, features_cols INTEGER,
+    feature_names_sha TEXT, latency_ms REAL, answered_at INTEGER, status INTEGER
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    notification_uuid TEXT PRIMARY KEY, original_transaction_id TEXT NOT NULL, event TEXT NOT NULL,
+    at INTEGER NOT NULL, raw_type TEXT, raw_subtype TEXT, received_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS feature_schemas (sha TEXT PRIMARY KEY, names TEXT NOT NULL);
+"""
+_DECISION_COLUMNS_SQL = (
+    "request_id, original_transaction_id, product_id, user_locale, environment, signed_date, app_apple_id, "
+    'candidates, scores, "values", probabilities, message_id, kind, propensity, policy, policy_params, '
+    "model_version, shadow_model_version, shadow_message_id, catalog_sha256, fallback_reason, "
+    "features, features_rows, features_cols, feature_names_sha, latency_ms, answered_at, status"
+)
+_INSERT_DECISION = f"INSERT INTO decisions ({_DECISION_COLUMNS_SQL}) VALUES ({', '.join('?' * 28)})"
+_INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SCHEMA = "INSERT OR IGNORE INTO feature_schemas VALUES (?, ?)"
+
+_json = msgspec.json.Encoder().encode
+_unjson = msgspec.json.decode
+
+
+def feature_names_sha(names: Sequence[str]) -> str:
+    """Return the schema hash of an ordered list of feature names (what ``feature_names_sha`` holds)."""
+    return hashlib.sha256("\x1f".join(names).encode()).hexdigest()[:16]
+
+
+def log_file_name(worker_id: str | int | None = None) -> str:
+    """Return this process's log file name, ``decisions-<host>-<pid or worker id>.sqlite``."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
+    return f"decisions-{host}-{os.getpid() if worker_id is None else worker_id}.sqlite"
+
+
+def log_files(data_dir: str | Path) -> list[Path]:
+    """Return every process's decision log file in `data_dir`, sorted by name."""
+    return sorted(Path(data_dir).glob("decisions-*.sqlite"))
+
+
+def event_for_notification(notification_type: str, subtype: str | None) -> str | None:
+    """Return the outcome event of an App Store Server Notification V2, or None when it tells nothing.
+
+    https://developer.apple.com/documentation/appstoreservernotifications/notificationtype
+    """
+    if notification_type == "DID_CHANGE_RENEWAL_STATUS":
+        return {"AUTO_RENEW_DISABLED": "cancelled", "AUTO_RENEW_ENABLED": "reenabled"}.get(subtype or "")
+    return {
+        "DID_RENEW": "renewed",
+        "EXPIRED": "expired",
+        "DID_CHANGE_RENEWAL_PREF": "switched",
+        "OFFER_REDEEMED": "offer_redeemed",
+        "REFUND": "refunded",
+    }.get(notification_type)
+
+
+def _vector(x: Any) -> bytes:
+    if x is None:
+        return b"[]"
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    return _json(x)
+
+
+def _decision_row(r: DecisionRecord, now_ms: int) -> tuple[Any, ...]:
+    feats = r.features
+    blob, rows, cols = None, None, None
+    if feats is not None:
+        m = np.asarray(feats, dtype=np.float32)
+        if m.ndim == 1:
+            m = m.reshape(1, -1)
+        if m.ndim != 2:
+            raise ValueError("features must be a K x F matrix")
+        rows, cols = int(m.shape[0]), int(m.shape[1])
+        blob = np.ascontiguousarray(m).tobytes()
+    return (
+        r.request_id,
+        r.original_transaction_id,
+        r.product_id,
+        r.user_locale,
+        r.environment,
+        int(r.signed_date),
+        r.app_apple_id,
+        _json(list(r.candidates)).decode(),
+        _vector(r.scores).decode(),
+        _vector(r.values).decode(),
+        _vector(r.probabilities).decode(),
+        r.message_id,
+        r.kind,
+        float(r.propensity),
+        r.policy,
+        _json(r.policy_params).decode(),
+        r.model_version,
+        r.shadow_model_version,
+        r.shadow_message_id,
+        r.catalog_sha256,
+        r.fallback_reason,
+        blob,
+        rows,
+        cols,
+        r.feature_names_sha,
+        float(r.latency_ms),
+        int(r.answered_at) or now_ms,
+        int(r.status),
+    )
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_DDL)
+    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('created_at_ms', ?)", (str(int(time.time() * 1000)),))
+    return conn
+
+
+class DecisionLog:
+    """Queue of decisions and outcomes written to one SQLite file by a background thread, in batches."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_ms: float = 100.0,
+        max_queue: int = 100_000,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        if batch_ms <= 0:
+            raise ValueError("the decision log batch window must be > 0 ms")
+        if max_queue < 1:
+            raise ValueError("the decision log queue must hold at least one record")
+        self.path = Path(path)
+        self.batch_s = batch_ms / 1000.0
+        self.max_queue = max_queue
+        self._on_drop = on_drop
+        self._q: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._drop_lock = threading.Lock()
+        self._dropped = 0
+        self._dropped_reported = 0
+        self._last_drop_log = 0.0
+        self._written = 0
+        self._outcomes_written = 0
+        self._batches = 0
+        self._write_errors = 0
+
+    # -- request path ----------------------------------------------------------------------
+    def log(self, record: DecisionRecord) -> None:
+        """Queue one decision; returns at once, never raises, counts a drop when the queue is full."""
+        try:
+            if self._closed or len(self._q) >= self.max_queue:
+                self._drop(1)
+                return
+            self._q.append(record)
+        except Exception:  # never into the request path
+            self._drop(1)
+
+    def log_outcome(
+        self,
+        notification_uuid: str,
+        original_transaction_id: str,
+        event: str,
+        at_ms: int,
+        raw_type: str | None = None,
+        raw_subtype: str | None = None,
+    ) -> None:
+        """Queue one outcome (idempotent by `notification_uuid`); call :meth:`flush` to wait until it is on disk.
+
+        Raises ValueError for an event outside :data:`EVENTS` (a caller's mistake, not a data one).
+        """
+        if event not in EVENTS:
+            raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
+        outcome = _Outcome(notification_uuid, original_transaction_id, event, int(at_ms), raw_type, raw_subtype, int(time.time() * 1000))
+        if self._closed or len(self._q) >= self.max_queue:
+            self._drop(1)
+            return
+        self._q.append(outcome)
+
+    def register_feature_names(self, names: Sequence[str]) -> str:
+        """Return the schema hash of `names` and record the names once in the log (call at model load)."""
+        sha = feature_names_sha(names)
+        self._q.append(_Schema(sha, list(names)))
+        return sha
+
+    def _drop(self, n: int) -> None:
+        with self._drop_lock:
+            self._dropped += n
+        self._wake.set()  # the writer reports it (log line, metric) off the request path
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the file (WAL) and start the writer thread; raises if the file cannot be opened."""
+        if self._thread is not None:
+            return
+        conn = _connect_writer(self.path)  # fail here, at start-up, not silently in the thread
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="decision-log-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Return True once everything queued before this call is committed (False on timeout or no writer)."""
+        if self._thread is None or not self._thread.is_alive():
+            return not self._q
+        marker = threading.Event()
+        self._q.append(marker)
+        self._wake.set()
+        return marker.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write everything still queued and stop the writer (graceful shutdown); idempotent."""
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            log.error("decision log writer did not finish within %.1f s; %d records may be lost", timeout, len(self._q))
+        self._thread = None
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+    def stats(self) -> dict[str, int]:
+        """Return counts: queued (waiting), written (decisions), outcomes (new ones), batches, dropped, write_errors."""
+        return {
+            "queued": len(self._q),
+            "written": self._written,
+            "outcomes": self._outcomes_written,
+            "batches": self._batches,
+            "dropped": self._dropped,
+            "write_errors": self._write_errors,
+        }
+
+    # -- writer thread ---------------------------------------------------------------------
+    def _run(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                if not stopping:
+                    self._wake.wait(self.batch_s)
+                    self._wake.clear()
+                self._write_batch(conn)
+                self._report_drops()
+                if stopping and not self._q:
+                    break
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.close()
+
+    def _write_batch(self, conn: sqlite3.Connection) -> None:
+        q = self._q
+        n = len(q)
+        if n == 0:
+            return
+        items = [q.popleft() for _ in range(n)]
+        now_ms = int(time.time() * 1000)
+        decisions: list[tuple[Any, ...]] = []
+        outcomes: list[tuple[Any, ...]] = []
+        schemas: list[tuple[str, str]] = []
+        markers: list[threading.Event] = []
+        bad = 0
+        for it in items:
+            if isinstance(it, DecisionRecord):
+                try:
+                    decisions.append(_decision_row(it, now_ms))
+                except Exception:
+                    bad += 1
+            elif isinstance(it, _Outcome):
+                outcomes.append((it.notification_uuid, it.original_transaction_id, it.event, it.at, it.raw_type, it.raw_subtype, it.received_at))
+            elif isinstance(it, _Schema):
+                schemas.append((it.sha, _json(it.names).decode()))
+            elif isinstance(it, threading.Event):
+                markers.append(it)
+        if bad:
+            log.error("decision log: %d records could not be encoded and were dropped", bad)
+            self._drop(bad)
+        try:
+            if decisions or outcomes or schemas:
+                conn.execute("BEGIN")
+                if decisions:
+                    conn.executemany(_INSERT_DECISION, decisions)
+                new_outcomes = 0
+                if outcomes:
+                    new_outcomes = max(conn.executemany(_INSERT_OUTCOME, outcomes).rowcount, 0)  # repeats are ignored
+                if schemas:
+                    conn.executemany(_INSERT_SCHEMA, schemas)
+                conn.execute("COMMIT")
+                self._written += len(decisions)
+                self._outcomes_written += new_outcomes
+                self._batches += 1
+        except Exception as exc:
+            self._write_errors += 1
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.error("decision log: writing a batch of %d rows to %s failed (%s); the batch is dropped", len(decisions) + len(outcomes), self.path, exc)
+            self._drop(len(decisions) + len(outcomes))
+        for m in markers:
+            m.set()
+
+    def _report_drops(self) -> None:
+        dropped = self._dropped
+        delta = dropped - self._dropped_reported
+        if delta <= 0:
+            return
+        self._dropped_reported = dropped
+        if self._on_drop is not None:
+            try:
+                self._on_drop(delta)
+            except Exception:
+                log.exception("decision log: the drop callback failed")
+        now = time.monotonic()
+        if now - self._last_drop_log >= 10.0 or self._last_drop_log == 0.0:
+            self._last_drop_log = now
+            log.warning("decision log: %d records dropped so far (queue full at %d, or log closed)", dropped, self.max_queue)
+
+
+# -- reading and export --------------------------------------------------------------------------
+def _open_ro(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise ValueError(f"decision log {str(path)!r} does not exist")
+    try:
+        return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ValueError(f"cannot open the decision log {str(path)!r}: {exc}") from None
+
+
+def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(paths, str | Path):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _decode_decision(row: sqlite3.Row) -> dict[str, Any]:
+    d = {k: row[k] for k in REQUIRED_DECISION_COLUMNS + EXTRA_DECISION_COLUMNS if k != "features"}
+    for k in ("candidates", "scores", "values", "probabilities", "policy_params"):
+        d[k] = _unjson(d[k]) if d[k] is not None else None
+    blob = row["features"]
+    if blob is None:
+        d["features"] = None
+    else:
+        d["features"] = np.frombuffer(blob, dtype=np.float32).reshape(row["features_rows"], row["features_cols"])
+    return d
+
+
+def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 5000) -> Iterator[dict[str, Any]]:
+    """Yield every logged decision of the given log files as a dict, in answered_at order across files.
+
+    Vectors are lists, ``policy_params`` a dict, ``features`` a float32 K x F numpy array (or None).
+    """
+
+    def one(path: Path) -> Iterator[dict[str, Any]]:
+        conn = _open_ro(path)
+        conn.row_factory = sqlite3.Row
+        try:
+            cur = conn.execute(f'SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at, id')
+            while rows := cur.fetchmany(batch):
+                for row in rows:
+                    yield _decode_decision(row)
+        finally:
+            conn.close()
+
+    yield from heapq.merge(*(one(p) for p in _as_paths(paths)), key=lambda d: d["answered_at"])
+
+
+def read_outcomes(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
+    seen: dict[str, dict[str, Any]] = {}
+    for path in _as_paths(paths):
+        conn = _open_ro(path)
+        conn.row_factory = sqlite3.Row
+        try:
+            for row in conn.execute(f"SELECT {', '.join(OUTCOME_COLUMNS)} FROM outcomes"):
+                d = dict(row)
+                prev = seen.get(d["notification_uuid"])
+                if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
+                    seen[d["notification_uuid"]] = d
+        finally:
+            conn.close()
+    return sorted(seen.values(), key=lambda d: (d["at"], d["notification_uuid"]))
+
+
+def feature_schemas(paths: str | Path | Iterable[str | Path]) -> dict[str, list[str]]:
+    """Return {feature_names_sha: feature names} recorded in the given log files."""
+    out: dict[str, list[str]] = {}
+    for path in _as_paths(paths):
+        conn = _open_ro(path)
+        try:
+            for sha, names in conn.execute("SELECT sha, names FROM feature_schemas"):
+                out[sha] = _unjson(names)
+        finally:
+            conn.close()
+    return out
+
+
+def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
+    """Return the logged decisions of the given files as a pandas DataFrame (export columns, answered_at order)."""
+    import pandas as pd
+
+    rows = list(read_decisions(paths))
+    return pd.DataFrame(rows, columns=list(REQUIRED_DECISION_COLUMNS + EXTRA_DECISION_COLUMNS))
+
+
+def _count(paths: list[Path], table: str) -> int:
+    total = 0
+    for p in paths:
+        conn = _open_ro(p)
+        try:
+            total += int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        finally:
+            conn.close()
+    return total
+
+
+def _out_format(out: Path) -> str:
+    suffix = out.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".csv":
+        return "csv"
+    raise ValueError(f"output {str(out)!r} must end in .parquet or .csv")
+
+
+def _decisions_arrow_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("request_id", pa.string()),
+            ("original_transaction_id", pa.string()),
+            ("product_id", pa.string()),
+            ("user_locale", pa.string()),
+            ("environment", pa.string()),
+            ("signed_date", pa.int64()),
+            ("candidates", pa.list_(pa.string())),
+            ("message_id", pa.string()),
+            ("propensity", pa.float64()),
+            ("model_version", pa.string()),
+            ("policy", pa.string()),
+            ("app_apple_id", pa.int64()),
+            ("kind", pa.string()),
+            ("scores", pa.list_(pa.float64())),
+            ("values", pa.list_(pa.float64())),
+            ("probabilities", pa.list_(pa.float64())),
+            ("policy_params", pa.string()),
+            ("shadow_model_version", pa.string()),
+            ("shadow_message_id", pa.string()),
+            ("catalog_sha256", pa.string()),
+            ("fallback_reason", pa.string()),
+            ("features", pa.list_(pa.list_(pa.float32()))),
+            ("feature_names_sha", pa.string()),
+            ("latency_ms", pa.float64()),
+            ("answered_at", pa.int64()),
+            ("status", pa.int64()),
+        ]
+    )
+
+
+def export_decisions(
+    db_paths: Sequence[str | Path], out: str | Path, *, progress: bool = False, chunk: int = 20_000
+) -> int:
+    """Return the number of decisions written from the log files `db_paths` to `out` (Parquet or CSV by suffix).
+
+    Columns: the DESIGN.md decisions columns, then the server's own (scores, values, probabilities,
+    features, policy parameters, catalog hash...). In CSV, list and dict columns are JSON text. The
+    Parquet file's metadata holds the feature names of every ``feature_names_sha`` seen.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    fmt = _out_format(out)
+    paths = _as_paths(db_paths)
+    if not paths:
+        raise ValueError("no decision log files to export (looked for decisions-*.sqlite)")
+    total = _count(paths, "decisions")
+    schema = _decisions_arrow_schema()
+    names = [f.name for f in schema]
+    schemas = feature_schemas(paths)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="decision", desc="export", file=sys.stderr, disable=total < 50_000)
+    written = 0
+    writer: Any = None
+    try:
+        if fmt == "parquet":
+            meta = {b"retention.feature_schemas": _json(schemas), b"retention.schema_version": str(SCHEMA_VERSION).encode()}
+            writer = pq.ParquetWriter(tmp, schema.with_metadata(meta))
+        rows_iter = read_decisions(paths)
+        first = True
+        while True:
+            rows = list(itertools.islice(rows_iter, chunk))
+            if not rows and not first:
+                break
+            cols: dict[str, list[Any]] = {n: [] for n in names}
+            for d in rows:
+                for n in names:
+                    v = d[n]
+                    if n == "policy_params":
+                        v = _json(v).decode() if v is not None else None
+                    elif n == "features" and v is not None:
+                        v = v.tolist()
+                    cols[n].append(v)
+            if fmt == "parquet":
+                writer.write_table(pa.table(cols, schema=schema))
+            else:
+                frame = pd.DataFrame(cols, columns=names)
+                for n in ("candidates", "scores", "values", "probabilities", "features"):
+                    frame[n] = [None if v is None else _json(v).decode() for v in frame[n]]
+                frame.to_csv(tmp, mode="w" if first else "a", header=first, index=False)
+            first = False
+            written += len(rows)
+            if bar is not None:
+                bar.update(len(rows))
+            if not rows:
+                break
+        if writer is not None:
+            writer.close()
+            writer = None
+        os.replace(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return written
+
+
+def export_outcomes(db_paths: Sequence[str | Path], out: str | Path) -> int:
+    """Return the number of outcomes written from the log files `db_paths` to `out` (Parquet or CSV), one per notification."""
+    import pandas as pd
+
+    out = Path(out)
+    fmt = _out_format(out)
+    rows = read_outcomes(db_paths)
+    frame = pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
+    frame["at"] = frame["at"].astype("int64")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        if fmt == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(frame)
+
+
+def read_decisions_file(path: str | Path) -> Any:
+    """Return an exported decisions file (Parquet or CSV) as a DataFrame, list columns decoded from CSV's JSON."""
+    import pandas as pd
+
+    path = Path(path)
+    if _out_format(path) == "parquet":
+        return pd.read_parquet(path)
+    frame = pd.read_csv(
+        path,
+        dtype={"request_id": str, "original_transaction_id": str, "message_id": str, "model_version": str},
+        keep_default_na=False,
+        na_values=[""],
+    )
+    for n in ("candidates", "scores", "values", "probabilities", "features"):
+        if n in frame.columns:
+            frame[n] = [None if not isinstance(v, str) else _unjson(v) for v in frame[n]]
+    return frame

@@ -1,0 +1,72 @@
+"""``retention decisions``: export the server's decision and outcome logs, or show the latest decisions.
+
+``retention decisions export --data-dir DIR --out decisions.parquet [--outcomes-out outcomes.parquet]``
+reads every process's ``decisions-*.sqlite`` in DIR (several workers, or replicas' files copied
+together) and writes the DESIGN.md decisions file that ``retention train`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.decision_log import export_decisions, export_outcomes, log_files, read_decisions
+
+
+def _data_dirs(args: argparse.Namespace) -> list[Path]:
+    dirs = args.data_dir or [os.environ.get("RETENTION_DATA_DIR") or "data"]
+    return [Path(d) for d in dirs]
+
+
+def _files(args: argparse.Namespace) -> list[Path]:
+    dirs = _data_dirs(args)
+    files = [f for d in dirs for f in log_files(d)]
+    if not files:
+        raise ValueError(f"no decision log (decisions-*.sqlite) in {', '.join(map(str, dirs))}")
+    return files
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``retention decisions export|show``; return the exit status."""
+    parser = argparse.ArgumentParser(prog="retention decisions", description="Work with the server's decision log.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_help = "data folder of the server; repeat for several replicas [env RETENTION_DATA_DIR; default 'data']"
+    exp = sub.add_parser("export", help="write the decisions (and outcomes) files that retention train reads")
+    exp.add_argument("--data-dir", action="append", help=data_help)
+    exp.add_argument("--out", required=True, help="decisions file to write (.parquet or .csv)")
+    exp.add_argument("--outcomes-out", help="outcomes file to write too (.parquet or .csv)")
+    show = sub.add_parser("show", help="print the latest decisions: candidates, scores, probabilities, chosen message")
+    show.add_argument("--data-dir", action="append", help=data_help)
+    show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
+    args = parser.parse_args(list(argv))
+    files = _files(args)
+
+    if args.command == "export":
+        n = export_decisions(files, args.out, progress=True)
+        print(f"exported {n} decisions from {len(files)} log file(s) to {args.out}")
+        if args.outcomes_out:
+            m = export_outcomes(files, args.outcomes_out)
+            print(f"exported {m} outcomes to {args.outcomes_out}")
+        return 0
+
+    if args.last < 1:
+        print("retention decisions: --last must be at least 1", file=sys.stderr)
+        return 2
+    rows = list(read_decisions(files))[-args.last :]
+    for d in rows:
+        print(
+            f"{d['request_id']}  {d['product_id']} {d['user_locale']}  policy={d['policy']} "
+            f"model={d['model_version']}  shown={d['message_id']} (p={d['propensity']:.4f}, {d['kind']})  "
+            f"{d['latency_ms']:.2f} ms"
+        )
+        scores, values, probs = d["scores"] or [], d["values"] or [], d["probabilities"] or []
+        for j, m in enumerate(d["candidates"] or []):
+            score = f"{scores[j]:.3f}" if j < len(scores) and scores[j] is not None else "-"
+            value = f"{values[j]:8.2f}" if j < len(values) and values[j] is not None else "       -"
+            prob = f"{probs[j]:.4f}" if j < len(probs) else "-"
+            mark = "*" if m == d["message_id"] else " "
+            print(f"   {mark} {m}  P(stay)={score}  value={value}  prob={prob}")
+    return 0
