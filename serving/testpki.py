@@ -21,6 +21,7 @@ this one's names and key identifiers under a different, untrusted root).
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 import secrets
@@ -40,12 +41,33 @@ from cryptography.x509.oid import NameOID
 
 from serving.verify import INTERMEDIATE_OID, LEAF_OID
 
-__all__ = ["APPLE_NAMES", "TEST_NAMES", "ChainNames", "TestPKI", "b64url", "compact_jws", "es256_raw"]
+__all__ = [
+    "APPLE_NAMES",
+    "TEST_NAMES",
+    "ChainNames",
+    "CorpusCase",
+    "TestPKI",
+    "b64url",
+    "compact_jws",
+    "es256_raw",
+    "token_corpus",
+    "unknown_critical_extension",
+]
 
 # The DER of an ASN.1 NULL: the value Apple puts in its marker extensions.
 _NULL: Final = b"\x05\x00"
 #: An extension OID no verifier knows (a private-enterprise arc), for "unknown critical extension" tests.
 UNKNOWN_EXTENSION_OID: Final = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1.1")
+#: The seven fields of DecodedRealtimeRequestBody, all required.
+REQUIRED_FIELDS: Final = (
+    "originalTransactionId",
+    "appAppleId",
+    "productId",
+    "userLocale",
+    "requestIdentifier",
+    "environment",
+    "signedDate",
+)
 _FILES: Final = ("root.pem", "root.der", "intermediate.pem", "leaf.pem", "chain.pem", "root.key", "intermediate.key", "leaf.key")
 
 
@@ -468,3 +490,154 @@ class TestPKI:
 
 def _ski_of(cert: x509.Certificate) -> bytes:
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A corpus of valid and invalid tokens (unit tests, the differential test against Apple's library)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorpusCase:
+    """One token and the verdict our verifier gives it (`code` None: accepted)."""
+
+    name: str
+    token: str
+    code: str | None
+    environment: str = "Sandbox"  # the verifier's environment for this case
+    twice: bool = False  # verify the token twice; the verdict is the second one's (replay)
+
+
+def token_corpus(pki: TestPKI, *, app_apple_id: int = 1234567890) -> list[CorpusCase]:
+    """Return valid and invalid tokens on `pki` (the trusted chain), each with our verifier's expected code.
+
+    Tokens are signed now; verify them within a minute. Cases whose ``environment`` is "Production" are
+    meant for a verifier configured for Production, the rest for Sandbox, both with `app_apple_id`.
+    """
+    now_ms = int(time.time() * 1000)
+    day = timedelta(days=1)
+    now = datetime.now(UTC)
+
+    def payload(**kw: Any) -> dict[str, Any]:
+        return TestPKI.request_payload(**{"app_apple_id": app_apple_id, "signed_date_ms": now_ms, **kw})
+
+    def without(field_name: str) -> dict[str, Any]:
+        p = payload()
+        del p[field_name]
+        return p
+
+    def with_alg(alg: str | None, sign: Any) -> str:
+        hdr: dict[str, Any] = {"x5c": pki.x5c} if alg is None else {"alg": alg, "x5c": pki.x5c}
+        return compact_jws(hdr, payload(), sign)
+
+    good = pki.sign(payload())
+    h, p, s = good.split(".")
+    other = pki.sign(payload(appAppleId=app_apple_id + 1))
+    leaf_pub_pem = pki.leaf_cert.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    cases: list[CorpusCase] = [
+        CorpusCase("valid", good, None),
+        CorpusCase("valid_extra_fields", pki.sign(payload(futureField=1, nested={"a": [1, 2]})), None),
+        CorpusCase("valid_uppercase_uuid", pki.sign(payload(request_identifier=str(uuid.uuid4()).upper())), None),
+        CorpusCase("valid_p256_intermediate", _sign_on(pki.with_intermediate(curve=ec.SECP256R1()), payload()), None),
+        CorpusCase("valid_x5c2_ignored", pki.sign(payload(), x5c=[*pki.x5c[:2], pki.impostor().x5c[2]]), None),
+        CorpusCase(
+            "valid_production",
+            pki.sign(payload(environment="Production")),
+            None,
+            environment="Production",
+        ),
+        # ---- framing ----
+        CorpusCase("two_segments", f"{h}.{p}", "malformed_jws"),
+        CorpusCase("four_segments", f"{good}.{s}", "malformed_jws"),
+        CorpusCase("bad_base64_header", f"{h[:10]}*{h[11:]}.{p}.{s}", "malformed_jws"),
+        # ---- header ----
+        CorpusCase("alg_none", with_alg("none", b""), "unsupported_alg"),
+        CorpusCase("alg_missing", with_alg(None, lambda si: es256_raw(pki.leaf_key, si)), "unsupported_alg"),
+        CorpusCase("alg_es384", with_alg("ES384", lambda si: es256_raw(pki.leaf_key, si, hashes.SHA384())), "unsupported_alg"),
+        CorpusCase(
+            "alg_hs256_with_leaf_public_key",
+            with_alg("HS256", lambda si: hmac.new(leaf_pub_pem, si, "sha256").digest()),
+            "unsupported_alg",
+        ),
+        CorpusCase("crit_header", pki.sign(payload(), header={"crit": ["exp"], "exp": 1}), "unknown_critical_header"),
+        CorpusCase("x5c_missing", pki.sign(payload(), header={"x5c": None}), "bad_chain_length"),
+        CorpusCase("x5c_one_cert", pki.sign(payload(), x5c=pki.x5c[:1]), "bad_chain_length"),
+        CorpusCase("x5c_two_certs", pki.sign(payload(), x5c=pki.x5c[:2]), "bad_chain_length"),
+        CorpusCase("x5c_four_certs", pki.sign(payload(), x5c=[*pki.x5c, pki.x5c[2]]), "bad_chain_length"),
+        # ---- chain ----
+        CorpusCase("untrusted_root_apple_names", _sign_on(TestPKI.mint(names=APPLE_NAMES), payload()), "untrusted_chain"),
+        CorpusCase("impostor_same_names_and_key_ids", _sign_on(pki.impostor(), payload()), "untrusted_chain"),
+        CorpusCase(
+            "leaf_intermediate_swapped",
+            pki.sign(payload(), x5c=[pki.x5c[1], pki.x5c[0], pki.x5c[2]]),
+            "untrusted_chain",
+        ),
+        CorpusCase("leaf_missing_oid", _sign_on(pki.with_leaf(leaf_oid=False), payload()), "missing_apple_oid"),
+        CorpusCase(
+            "intermediate_missing_oid", _sign_on(pki.with_intermediate(intermediate_oid=False), payload()), "missing_apple_oid"
+        ),
+        CorpusCase(
+            "leaf_expired",
+            _sign_on(pki.with_leaf(not_before=now - 30 * day, not_after=now - day), payload()),
+            "certificate_expired",
+        ),
+        CorpusCase(
+            "leaf_not_yet_valid",
+            _sign_on(pki.with_leaf(not_before=now + day, not_after=now + 30 * day), payload()),
+            "certificate_expired",
+        ),
+        CorpusCase(
+            "leaf_unknown_critical_extension",
+            _sign_on(pki.with_leaf(extra_extensions=[unknown_critical_extension()]), payload()),
+            "untrusted_chain",
+        ),
+        CorpusCase(
+            "intermediate_unknown_critical_extension",
+            _sign_on(pki.with_intermediate(extra_extensions=[unknown_critical_extension()]), payload()),
+            "untrusted_chain",
+        ),
+        CorpusCase("intermediate_not_ca", _sign_on(pki.with_intermediate(is_ca=False), payload()), "untrusted_chain"),
+        CorpusCase("leaf_is_ca", _sign_on(pki.with_leaf(is_ca=True), payload()), "untrusted_chain"),
+        # ---- signature ----
+        CorpusCase("signed_by_other_key", pki.sign(payload(), key=ec.generate_private_key(ec.SECP256R1())), "bad_signature"),
+        CorpusCase("der_signature", pki.sign(payload(), der_signature=True), "bad_signature"),
+        CorpusCase("payload_changed_after_signing", f"{h}.{other.split('.')[1]}.{s}", "bad_signature"),
+        CorpusCase("signature_truncated", f"{h}.{p}.{b64url(b64url_decode_str(s)[:63])}", "bad_signature"),
+        CorpusCase("signature_zero", f"{h}.{p}.{b64url(bytes(64))}", "bad_signature"),
+        # ---- payload ----
+        *(CorpusCase(f"missing_{f}", pki.sign(without(f)), "invalid_payload") for f in REQUIRED_FIELDS),
+        CorpusCase("request_identifier_not_uuid", pki.sign(payload(request_identifier="not-a-uuid")), "invalid_payload"),
+        CorpusCase("payload_not_json", pki.sign(b"not json"), "invalid_payload"),
+        CorpusCase("wrong_environment", pki.sign(payload(environment="Production")), "wrong_environment"),
+        CorpusCase("unknown_environment", pki.sign(payload(environment="Staging")), "wrong_environment"),
+        CorpusCase(
+            "wrong_app_production",
+            pki.sign(payload(environment="Production", app_apple_id=app_apple_id + 1)),
+            "wrong_app",
+            environment="Production",
+        ),
+        # ---- deliberately stricter than Apple's library ----
+        CorpusCase("wrong_app_sandbox", pki.sign(payload(app_apple_id=app_apple_id + 1)), "wrong_app"),
+        CorpusCase(
+            "stale_signed_date",
+            pki.sign(TestPKI.request_payload(app_apple_id=app_apple_id, signed_date_ms=now_ms - 600_000)),
+            "stale_request",
+        ),
+        CorpusCase(
+            "future_signed_date",
+            pki.sign(TestPKI.request_payload(app_apple_id=app_apple_id, signed_date_ms=now_ms + 300_000)),
+            "stale_request",
+        ),
+        CorpusCase("replayed_request", pki.sign(payload()), "replayed_request", twice=True),
+        CorpusCase("app_apple_id_as_string", pki.sign(payload(appAppleId=str(app_apple_id))), "invalid_payload"),
+    ]
+    return cases
+
+
+def _sign_on(pki: TestPKI, payload: dict[str, Any]) -> str:
+    return pki.sign(payload)
+
+
+def b64url_decode_str(segment: str) -> bytes:
+    """Return the bytes of an unpadded base64url string (test helper; lenient)."""
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
