@@ -50,6 +50,8 @@ class OPEResult:
     # per-request terms: estimate == num.sum() / den.sum(); kept for paired and per-segment estimates
     num: np.ndarray = dataclasses.field(repr=False, compare=False)
     den: np.ndarray = dataclasses.field(repr=False, compare=False)
+    weights: np.ndarray = dataclasses.field(repr=False, compare=False)
+    unsupported: np.ndarray = dataclasses.field(repr=False, compare=False)  # per request
     details: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
@@ -61,6 +63,27 @@ class OPEResult:
     def ess_fraction(self) -> float:
         """Return the effective sample size as a share of n."""
         return self.ess / self.n if self.n else float("nan")
+
+    def restrict(self, mask: np.ndarray) -> OPEResult:
+        """Return the same estimator on the requests in `mask` (interval left NaN: bootstrap it anew)."""
+        m = np.asarray(mask)
+        num, den, w, u = self.num[m], self.den[m], self.weights[m], self.unsupported[m]
+        total = float(den.sum())
+        return dataclasses.replace(
+            self,
+            estimate=float(num.sum() / total) if total != 0 else float("nan"),
+            ci_low=float("nan"),
+            ci_high=float("nan"),
+            n_resamples=0,
+            ess=effective_sample_size(w),
+            n=len(num),
+            unsupported_mass=float(u.mean()) if len(u) and np.isfinite(u).all() else (0.0 if not len(u) else float("nan")),
+            max_weight=float(w.max()) if len(w) else float("nan"),
+            num=num,
+            den=den,
+            weights=w,
+            unsupported=u,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready summary (no per-request arrays)."""
@@ -140,14 +163,18 @@ def effective_sample_size(weights: np.ndarray) -> float:
     return float(w.sum() ** 2 / s2) if s2 > 0 else 0.0
 
 
+def unsupported_per_request(target_probs: np.ndarray, logging_probs: np.ndarray | None) -> np.ndarray:
+    """Return, per request, the target probability on actions the logging policy gave probability 0 (NaN if unknown)."""
+    pi = np.asarray(target_probs, dtype=np.float64)
+    if logging_probs is None:
+        return np.full(pi.shape[0], np.nan)
+    return np.where(np.asarray(logging_probs) <= 0, pi, 0.0).sum(axis=1)
+
+
 def unsupported_mass(target_probs: np.ndarray, logging_probs: np.ndarray | None) -> float:
     """Return the mean target probability on actions the logging policy gave probability 0 (NaN if unknown)."""
-    if logging_probs is None:
-        return float("nan")
-    pi = np.asarray(target_probs, dtype=np.float64)
-    if pi.shape[0] == 0:
-        return 0.0
-    return float(np.where(np.asarray(logging_probs) <= 0, pi, 0.0).sum(axis=1).mean())
+    u = unsupported_per_request(target_probs, logging_probs)
+    return float(u.mean()) if u.size else 0.0
 
 
 # ---- bootstrap ---------------------------------------------------------------------------------
@@ -210,6 +237,7 @@ def _result(
     details: dict[str, float] | None = None,
 ) -> OPEResult:
     n = len(num)
+    unsupported = unsupported_per_request(pi, mu_all)
     total_den = float(den.sum())
     estimate = float(num.sum() / total_den) if total_den != 0 else float("nan")
     lo, hi = ratio_ci(num, den, level=level, n_resamples=n_resamples, seed=seed)
@@ -222,10 +250,12 @@ def _result(
         n_resamples=n_resamples,
         ess=effective_sample_size(w),
         n=n,
-        unsupported_mass=unsupported_mass(pi, mu_all),
+        unsupported_mass=float(unsupported.mean()) if n else 0.0,
         max_weight=float(w.max()) if n else float("nan"),
         num=num,
         den=den,
+        weights=w,
+        unsupported=unsupported,
         details=details or {},
     )
 
