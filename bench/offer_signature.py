@@ -37,7 +37,11 @@ def main() -> None:
     apple = PromotionalOfferV2SignatureCreator(pem, "KEYID12345", "issuer-uuid", "com.example.app")
     ours = OfferSigner(key, key_id="KEYID12345", issuer_id="issuer-uuid", bundle_id="com.example.app")
     a = per_call_us(lambda: apple.create_signature("com.example.premium.monthly", "winback50", "2000000123456789"))
-    b = per_call_us(lambda: ours.sign(product_id="com.example.premium.monthly", offer_identifier="winback50", transaction_id="2000000123456789"))
+    b = per_call_us(
+        lambda: ours.sign(
+            product_id="com.example.premium.monthly", offer_identifier="winback50", transaction_id="2000000123456789"
+        )
+    )
     print(f"Apple PromotionalOfferV2SignatureCreator: median {a:7.1f} us/call")
     print(f"serving.offers.OfferSigner.sign:          median {b:7.1f} us/call")
     print(f"ratio (Apple / ours): {a / b:.2f}x")

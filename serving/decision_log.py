@@ -325,7 +325,15 @@ class DecisionLog:
         """
         if event not in EVENTS:
             raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
-        outcome = _Outcome(notification_uuid, original_transaction_id, event, int(at_ms), raw_type, raw_subtype, int(time.time() * 1000))
+        outcome = _Outcome(
+            notification_uuid,
+            original_transaction_id,
+            event,
+            int(at_ms),
+            raw_type,
+            raw_subtype,
+            int(time.time() * 1000),
+        )
         if self._closed or len(self._q) >= self.max_queue:
             self._drop(1)
             return
@@ -423,7 +431,17 @@ class DecisionLog:
                 except Exception:
                     bad += 1
             elif isinstance(it, _Outcome):
-                outcomes.append((it.notification_uuid, it.original_transaction_id, it.event, it.at, it.raw_type, it.raw_subtype, it.received_at))
+                outcomes.append(
+                    (
+                        it.notification_uuid,
+                        it.original_transaction_id,
+                        it.event,
+                        it.at,
+                        it.raw_type,
+                        it.raw_subtype,
+                        it.received_at,
+                    )
+                )
             elif isinstance(it, _Schema):
                 schemas.append((it.sha, _json(it.names).decode()))
             elif isinstance(it, threading.Event):
@@ -449,7 +467,12 @@ class DecisionLog:
             self._write_errors += 1
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            log.error("decision log: writing a batch of %d rows to %s failed (%s); the batch is dropped", len(decisions) + len(outcomes), self.path, exc)
+            log.error(
+                "decision log: writing a batch of %d rows to %s failed (%s); the batch is dropped",
+                len(decisions) + len(outcomes),
+                self.path,
+                exc,
+            )
             self._drop(len(decisions) + len(outcomes))
         for m in markers:
             m.set()
@@ -468,7 +491,9 @@ class DecisionLog:
         now = time.monotonic()
         if now - self._last_drop_log >= 10.0 or self._last_drop_log == 0.0:
             self._last_drop_log = now
-            log.warning("decision log: %d records dropped so far (queue full at %d, or log closed)", dropped, self.max_queue)
+            log.warning(
+                "decision log: %d records dropped so far (queue full at %d, or log closed)", dropped, self.max_queue
+            )
 
 
 # -- reading and export --------------------------------------------------------------------------
@@ -509,7 +534,7 @@ def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 500
         conn = _open_ro(path)
         conn.row_factory = sqlite3.Row
         try:
-            cur = conn.execute(f'SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at, id')
+            cur = conn.execute(f"SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at, id")
             while rows := cur.fetchmany(batch):
                 for row in rows:
                     yield _decode_decision(row)
@@ -645,7 +670,10 @@ def export_decisions(
     writer: Any = None
     try:
         if fmt == "parquet":
-            meta = {b"retention.feature_schemas": _json(schemas), b"retention.schema_version": str(SCHEMA_VERSION).encode()}
+            meta = {
+                b"retention.feature_schemas": _json(schemas),
+                b"retention.schema_version": str(SCHEMA_VERSION).encode(),
+            }
             writer = pq.ParquetWriter(tmp, schema.with_metadata(meta))
         rows_iter = read_decisions(paths)
         first = True

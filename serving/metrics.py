@@ -89,9 +89,14 @@ class Metrics:
             "retention_answers", "Answers by kind (message, alternateProduct, promotionalOffer, none) and message.",
             ["kind", "message_id"], registry=reg,
         )  # fmt: skip
-        self._fallbacks = Counter("retention_fallbacks", "Answers given by the fallback policy, by reason.", ["reason"], registry=reg)
+        self._fallbacks = Counter(
+            "retention_fallbacks", "Answers given by the fallback policy, by reason.", ["reason"], registry=reg
+        )
         self._verification = Counter(
-            "retention_verification_failures", "Requests refused by verification, by stable error code.", ["code"], registry=reg
+            "retention_verification_failures",
+            "Requests refused by verification, by stable error code.",
+            ["code"],
+            registry=reg,
         )
         self._model = Gauge(
             "retention_model_version_info",
@@ -101,9 +106,14 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._reload = Counter(
-            "retention_reload_failures", "Model or catalog reloads refused (the old one kept serving), by what.", ["what"], registry=reg
+            "retention_reload_failures",
+            "Model or catalog reloads refused (the old one kept serving), by what.",
+            ["what"],
+            registry=reg,
         )
-        self._dropped = Counter("retention_decision_log_dropped", "Decisions not written to the log (queue full).", registry=reg)
+        self._dropped = Counter(
+            "retention_decision_log_dropped", "Decisions not written to the log (queue full).", registry=reg
+        )
         self._lock = threading.Lock()
         self._answer_children: dict[tuple[str, str], Any] = {}
         self._fallback_children: dict[str, Any] = {}

@@ -48,12 +48,16 @@ def load_offer_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read the In-App Purchase key file {str(p)!r}: {exc.strerror or type(exc).__name__}") from None
+        raise ValueError(
+            f"cannot read the In-App Purchase key file {str(p)!r}: {exc.strerror or type(exc).__name__}"
+        ) from None
     try:
         key = serialization.load_pem_private_key(raw, password=None)
     except (ValueError, TypeError):
         # cryptography's own message is not shown: it may quote part of the file.
-        raise ValueError(f"the In-App Purchase key file {str(p)!r} is not an unencrypted PEM private key (.p8)") from None
+        raise ValueError(
+            f"the In-App Purchase key file {str(p)!r} is not an unencrypted PEM private key (.p8)"
+        ) from None
     except Exception:
         raise ValueError(f"the In-App Purchase key file {str(p)!r} cannot be loaded as a private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
@@ -101,7 +105,9 @@ class OfferSigner:
             if not value
         ]
         if missing:
-            raise ValueError(f"--offer-key-file is set but {', '.join(missing)} is missing; promotional offers need all four")
+            raise ValueError(
+                f"--offer-key-file is set but {', '.join(missing)} is missing; promotional offers need all four"
+            )
         key = load_offer_key(settings.offer_key_file)
         return cls(
             key,

@@ -172,7 +172,9 @@ def _read_table(src: Path) -> Any:
     except ValueError:
         raise
     except Exception as exc:
-        raise ValueError(f"cannot read the profile file {str(src)!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ValueError(
+            f"cannot read the profile file {str(src)!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     return df
 
 
@@ -196,7 +198,9 @@ def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = Fa
     src, db_path = Path(src), Path(db_path)
     df = _read_table(src)
     if KEY not in df.columns:
-        raise ValueError(f"profile file {str(src)!r} has no {KEY} column (columns: {', '.join(map(str, df.columns[:10]))})")
+        raise ValueError(
+            f"profile file {str(src)!r} has no {KEY} column (columns: {', '.join(map(str, df.columns[:10]))})"
+        )
     names = [str(c) for c in df.columns]
     if len(set(names)) != len(names):
         raise ValueError(f"profile file {str(src)!r} has duplicate column names")
@@ -208,11 +212,15 @@ def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = Fa
         raise ValueError(f"profile file {str(src)!r} has rows with an empty {KEY}")
     dup = keys.duplicated()
     if dup.any():
-        raise ValueError(f"profile file {str(src)!r} has {int(dup.sum())} duplicate {KEY} values (first: {keys[dup].iloc[0]!r})")
+        raise ValueError(
+            f"profile file {str(src)!r} has {int(dup.sum())} duplicate {KEY} values (first: {keys[dup].iloc[0]!r})"
+        )
 
     features = [c for c in df.columns if str(c) != KEY]
     kinds = {
-        str(c): "numeric" if (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])) else "categorical"
+        str(c): "numeric"
+        if (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]))
+        else "categorical"
         for c in features
     }
     db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,9 +233,16 @@ def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = Fa
             cols_sql = ", ".join(f"{_q(str(c))} {'REAL' if kinds[str(c)] == 'numeric' else 'TEXT'}" for c in features)
             conn.execute("PRAGMA journal_mode=OFF")  # a private temp file: a crash just leaves it to delete
             conn.execute("PRAGMA synchronous=OFF")
-            conn.execute(f"CREATE TABLE profiles ({_q(KEY)} TEXT PRIMARY KEY{', ' if features else ''}{cols_sql}) WITHOUT ROWID")
-            conn.execute("CREATE TABLE profile_columns (position INTEGER PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL)")
-            conn.executemany("INSERT INTO profile_columns VALUES (?, ?, ?)", [(i, str(c), kinds[str(c)]) for i, c in enumerate(features)])
+            conn.execute(
+                f"CREATE TABLE profiles ({_q(KEY)} TEXT PRIMARY KEY{', ' if features else ''}{cols_sql}) WITHOUT ROWID"
+            )
+            conn.execute(
+                "CREATE TABLE profile_columns (position INTEGER PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL)"
+            )
+            conn.executemany(
+                "INSERT INTO profile_columns VALUES (?, ?, ?)",
+                [(i, str(c), kinds[str(c)]) for i, c in enumerate(features)],
+            )
             conn.execute("CREATE TABLE profile_meta (key TEXT PRIMARY KEY, value TEXT)")
             conn.executemany(
                 "INSERT INTO profile_meta VALUES (?, ?)",
@@ -279,12 +294,18 @@ def main(argv: Sequence[str]) -> int:
         description="Import the developer's subscriber profiles into the embedded store the server reads.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="load a Parquet or CSV file keyed by original_transaction_id (replaces the store atomically)")
+    imp = sub.add_parser(
+        "import", help="load a Parquet or CSV file keyed by original_transaction_id (replaces the store atomically)"
+    )
     imp.add_argument("file", help="Parquet (.parquet) or CSV (.csv) file with an original_transaction_id column")
-    imp.add_argument("--data-dir", default=None, help="data folder of the server [env RETENTION_DATA_DIR; default 'data']")
+    imp.add_argument(
+        "--data-dir", default=None, help="data folder of the server [env RETENTION_DATA_DIR; default 'data']"
+    )
     show = sub.add_parser("show", help="print one subscriber's stored profile")
     show.add_argument("original_transaction_id")
-    show.add_argument("--data-dir", default=None, help="data folder of the server [env RETENTION_DATA_DIR; default 'data']")
+    show.add_argument(
+        "--data-dir", default=None, help="data folder of the server [env RETENTION_DATA_DIR; default 'data']"
+    )
     args = parser.parse_args(list(argv))
     db = profiles_path(args.data_dir or _default_data_dir())
     if args.command == "import":

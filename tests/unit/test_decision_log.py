@@ -135,7 +135,12 @@ def test_close_flushes_everything_and_the_rows_read_back(tmp_path: Path) -> None
     assert r["shadow_message_id"] == "m-c" and r["model_version"] == "v3"
     np.testing.assert_array_equal(r["features"], np.arange(12, dtype=np.float32).reshape(3, 4) + 1)
     fb = next(r for r in rows if r["request_id"] == "req-0")
-    assert fb["policy"] == "fallback:deadline" and fb["scores"] == [] and fb["features"] is None and fb["propensity"] == 1.0
+    assert (
+        fb["policy"] == "fallback:deadline"
+        and fb["scores"] == []
+        and fb["features"] is None
+        and fb["propensity"] == 1.0
+    )
     assert rows[0]["answered_at"] > 1_700_000_000_000  # 0 means "when logged"
 
 
@@ -224,8 +229,17 @@ def test_export_writes_design_columns_readable_by_pandas(tmp_path: Path) -> None
         dlog.start()
         for i in range(worker, 40, 2):
             dlog.log(_record(i, answered_at=1_800_000_000_000 + i, fallback=i == 5))
-        dlog.log_outcome(f"uuid-{worker}", "otid-1", "cancelled", 1_800_000_000_100, "DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED")
-        dlog.log_outcome("uuid-shared", "otid-2", "renewed", 1_800_000_000_200, "DID_RENEW", None)  # Apple's retry on another worker
+        dlog.log_outcome(
+            f"uuid-{worker}",
+            "otid-1",
+            "cancelled",
+            1_800_000_000_100,
+            "DID_CHANGE_RENEWAL_STATUS",
+            "AUTO_RENEW_DISABLED",
+        )
+        dlog.log_outcome(
+            "uuid-shared", "otid-2", "renewed", 1_800_000_000_200, "DID_RENEW", None
+        )  # Apple's retry on another worker
         dlog.log_outcome("uuid-shared", "otid-2", "renewed", 1_800_000_000_200, "DID_RENEW", None)
         dlog.close()
     files = log_files(data)
@@ -236,7 +250,15 @@ def test_export_writes_design_columns_readable_by_pandas(tmp_path: Path) -> None
         assert export_decisions(files, out) == 39
         df = pd.read_parquet(out) if suffix == "parquet" else pd.read_csv(out)
         assert list(df.columns[: len(REQUIRED_DECISION_COLUMNS)]) == list(REQUIRED_DECISION_COLUMNS)
-        assert {"scores", "values", "probabilities", "features", "catalog_sha256", "policy_params", "fallback_reason"} <= set(df.columns)
+        assert {
+            "scores",
+            "values",
+            "probabilities",
+            "features",
+            "catalog_sha256",
+            "policy_params",
+            "fallback_reason",
+        } <= set(df.columns)
         assert list(df["request_id"]) == [f"req-{i}" for i in range(1, 40)]  # merged in answered_at order
         assert ((df["propensity"] > 0) & (df["propensity"] <= 1)).all()
         assert df["signed_date"].dtype == np.int64

@@ -44,7 +44,10 @@ def test_render_includes_every_series(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s[("retention_request_latency_seconds_count", ())] == 3
     assert s[("retention_request_latency_seconds_bucket", (("le", "0.001"),))] == 1
     assert s[("retention_request_latency_seconds_bucket", (("le", "0.005"),))] == 3
-    assert s[("retention_answers_total", (("kind", "message"), ("message_id", "11111111-1111-4111-8111-111111111111")))] == 1
+    assert (
+        s[("retention_answers_total", (("kind", "message"), ("message_id", "11111111-1111-4111-8111-111111111111")))]
+        == 1
+    )
     assert s[("retention_answers_total", (("kind", "none"), ("message_id", "none")))] == 1
     assert s[("retention_fallbacks_total", (("reason", "deadline"),))] == 2
     assert s[("retention_verification_failures_total", (("code", "bad_signature"),))] == 1
@@ -112,7 +115,9 @@ def test_latency_buckets_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bucket("0.05") == 400
     assert bucket("0.7") == 500
     assert bucket("+Inf") == 600 == s[("retention_request_latency_seconds_count", ())]
-    assert s[("retention_request_latency_seconds_sum", ())] == pytest.approx(100 * (0.0001 + 0.001 + 0.0010001 + 0.049 + 0.7 + 1.5))
+    assert s[("retention_request_latency_seconds_sum", ())] == pytest.approx(
+        100 * (0.0001 + 0.001 + 0.0010001 + 0.049 + 0.7 + 1.5)
+    )
 
 
 _LIVE_WORKER = textwrap.dedent(

@@ -23,7 +23,9 @@ SPEC_CLAIMS = {"iss", "iat", "bid", "aud", "nonce", "productId", "offerIdentifie
 
 
 def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture
@@ -49,11 +51,15 @@ def _segments(token: str) -> tuple[dict[str, object], dict[str, object]]:
     return json.loads(base64.urlsafe_b64decode(pad(head))), json.loads(base64.urlsafe_b64decode(pad(body)))
 
 
-def test_signature_verifies_with_public_key_and_carries_every_claim(key: ec.EllipticCurvePrivateKey, key_file: Path) -> None:
+def test_signature_verifies_with_public_key_and_carries_every_claim(
+    key: ec.EllipticCurvePrivateKey, key_file: Path
+) -> None:
     signer = OfferSigner.from_settings(_settings(key_file))
     assert signer is not None
     before = int(time.time())
-    token = signer.sign(product_id="com.example.premium.monthly", offer_identifier="winback50", transaction_id="2000000123456789")
+    token = signer.sign(
+        product_id="com.example.premium.monthly", offer_identifier="winback50", transaction_id="2000000123456789"
+    )
 
     claims = jwt.decode(token, key.public_key(), algorithms=["ES256"], audience="promotional-offer", issuer=ISSUER_ID)
     header = jwt.get_unverified_header(token)
@@ -81,7 +87,9 @@ def test_signature_is_fresh_per_call(key_file: Path) -> None:
 def test_same_shape_as_apples_creator(key: ec.EllipticCurvePrivateKey, key_file: Path) -> None:
     from appstoreserverlibrary.jws_signature_creator import PromotionalOfferV2SignatureCreator
 
-    apple = PromotionalOfferV2SignatureCreator(_pem(key), KEY_ID, ISSUER_ID, BUNDLE_ID).create_signature("p1", "offer1", "42")
+    apple = PromotionalOfferV2SignatureCreator(_pem(key), KEY_ID, ISSUER_ID, BUNDLE_ID).create_signature(
+        "p1", "offer1", "42"
+    )
     ours = OfferSigner.from_key_file(key_file, key_id=KEY_ID, issuer_id=ISSUER_ID, bundle_id=BUNDLE_ID).sign(
         product_id="p1", offer_identifier="offer1", transaction_id="42"
     )

@@ -38,7 +38,13 @@ def test_keyed_read_miss_and_columns(tmp_path: Path) -> None:
 
     store = ProfileStore(db)
     assert store.columns() == (["tenure_days", "sessions_30d", "paid_before", "version"], ["country"])
-    assert store.get("0000000000001007") == {"tenure_days": 7.0, "sessions_30d": 7.0, "country": "US", "paid_before": 1.0, "version": 0.0}
+    assert store.get("0000000000001007") == {
+        "tenure_days": 7.0,
+        "sessions_30d": 7.0,
+        "country": "US",
+        "paid_before": 1.0,
+        "version": 0.0,
+    }
     assert store.get("0000000000001003")["country"] is None  # type: ignore[index]
     assert store.get("0000000000001004")["tenure_days"] is None  # type: ignore[index]
     assert store.get("no-such-subscriber") is None
@@ -53,7 +59,13 @@ def test_csv_keeps_leading_zeros_and_missing_file_is_empty(tmp_path: Path) -> No
     _frame(5, 0).to_csv(src, index=False)
     import_profiles(src, db)
     # the file appeared after the store was created: picked up at the next check
-    assert store.get("0000000000001001") == {"tenure_days": 1.0, "sessions_30d": 1.0, "country": "US", "paid_before": 1.0, "version": 0.0}
+    assert store.get("0000000000001001") == {
+        "tenure_days": 1.0,
+        "sessions_30d": 1.0,
+        "country": "US",
+        "paid_before": 1.0,
+        "version": 0.0,
+    }
 
 
 def test_reimport_is_atomic_while_a_reader_holds_the_old_file(tmp_path: Path) -> None:
@@ -117,7 +129,11 @@ def test_bad_files_are_refused_and_keep_the_old_store(tmp_path: Path) -> None:
     pd.DataFrame({"tenure_days": [1.0]}).to_csv(no_key, index=False)
     dup = tmp_path / "dup.csv"
     pd.DataFrame({"original_transaction_id": ["1", "1"], "x": [1, 2]}).to_csv(dup, index=False)
-    for path, pattern in ((no_key, "no original_transaction_id column"), (dup, "duplicate"), (tmp_path / "absent.csv", "does not exist")):
+    for path, pattern in (
+        (no_key, "no original_transaction_id column"),
+        (dup, "duplicate"),
+        (tmp_path / "absent.csv", "does not exist"),
+    ):
         with pytest.raises(ValueError, match=pattern):
             import_profiles(path, db)
     assert db.read_bytes() == before
