@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from serving.schemas import Environment
 
@@ -65,11 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = pki.write(args.ca)
         print(f"retention sign: minted a new test CA in {args.ca}; trust it with RETENTION_ROOT_CERTS={root}", file=sys.stderr)
 
-    rows = range(args.count)
+    rows: Iterable[int] = range(args.count)
     if args.count >= _PROGRESS_FROM:
         from tqdm import tqdm
 
-        rows = tqdm(rows, desc="signing", unit="req", file=sys.stderr)  # type: ignore[assignment]
+        rows = tqdm(rows, desc="signing", unit="req", file=sys.stderr)
     out = sys.stdout
     for _ in rows:
         body = pki.signed_request_body(

@@ -54,6 +54,7 @@ __all__ = [
     "unknown_critical_extension",
 ]
 
+_CertHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
 # The DER of an ASN.1 NULL: the value Apple puts in its marker extensions.
 _NULL: Final = b"\x05\x00"
 #: An extension OID no verifier knows (a private-enterprise arc), for "unknown critical extension" tests.
@@ -150,7 +151,7 @@ def _certificate(
     apple_oid: x509.ObjectIdentifier | None = None,
     key_usage: str | None = None,
     extra: Iterable[tuple[x509.ExtensionType, bool]] = (),
-    hash_alg: hashes.HashAlgorithm | None = None,
+    hash_alg: _CertHash | None = None,
 ) -> x509.Certificate:
     b = (
         x509.CertificateBuilder()
@@ -272,7 +273,7 @@ class TestPKI:
         key_usage: str | None = "leaf",
         extra_extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
         curve: ec.EllipticCurve | None = None,
-        hash_alg: hashes.HashAlgorithm | None = None,
+        hash_alg: _CertHash | None = None,
         key: ec.EllipticCurvePrivateKey | None = None,
     ) -> TestPKI:
         """Return this PKI with a new leaf under the same intermediate, shaped by the arguments.
