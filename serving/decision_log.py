@@ -167,7 +167,17 @@ _INSERT_DECISION = f"INSERT INTO decisions ({_DECISION_COLUMNS_SQL}) VALUES ({',
 _INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_SCHEMA = "INSERT OR IGNORE INTO feature_schemas VALUES (?, ?)"
 
-_json = msgspec.json.Encoder().encode
+
+def _enc_hook(obj: Any) -> Any:
+    # numpy scalars and arrays in policy parameters or vectors (np.float32 is not a float subclass)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise NotImplementedError(f"cannot log a {type(obj).__name__}")
+
+
+_json = msgspec.json.Encoder(enc_hook=_enc_hook).encode
 _unjson = msgspec.json.decode
 
 
@@ -291,6 +301,7 @@ class DecisionLog:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._drop_lock = threading.Lock()
+        self._report_lock = threading.Lock()
         self._dropped = 0
         self._dropped_reported = 0
         self._last_drop_log = 0.0
@@ -303,8 +314,10 @@ class DecisionLog:
     def log(self, record: DecisionRecord) -> None:
         """Queue one decision; returns at once, never raises, counts a drop when the queue is full."""
         try:
-            if self._closed or len(self._q) >= self.max_queue:
+            if len(self._q) >= self.max_queue or self._closed:
                 self._drop(1)
+                if self._closed:  # no writer left to report it: say so here (shutdown, not the hot path)
+                    self._report_drops()
                 return
             self._q.append(record)
         except Exception:  # never into the request path
@@ -381,11 +394,12 @@ class DecisionLog:
         if thread.is_alive():
             log.error("decision log writer did not finish within %.1f s; %d records may be lost", timeout, len(self._q))
         self._thread = None
+        self._report_drops()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
     def stats(self) -> dict[str, int]:
-        """Return counts: queued (waiting), written (decisions), outcomes (new ones), batches, dropped, write_errors."""
+        """Return counts: queued (waiting), written (decisions), outcomes (new ones), batches, dropped, write_errors, writer_alive."""
         return {
             "queued": len(self._q),
             "written": self._written,
@@ -393,6 +407,7 @@ class DecisionLog:
             "batches": self._batches,
             "dropped": self._dropped,
             "write_errors": self._write_errors,
+            "writer_alive": int(self._thread is not None and self._thread.is_alive()),
         }
 
     # -- writer thread ---------------------------------------------------------------------
@@ -478,6 +493,10 @@ class DecisionLog:
             m.set()
 
     def _report_drops(self) -> None:
+        with self._report_lock:
+            self._report_drops_locked()
+
+    def _report_drops_locked(self) -> None:
         dropped = self._dropped
         delta = dropped - self._dropped_reported
         if delta <= 0:

@@ -158,6 +158,25 @@ def test_full_queue_drops_are_counted_and_logged(tmp_path: Path, caplog: pytest.
     assert any("5 records dropped" in r.getMessage() for r in caplog.records)
     dlog.log(_record(99))  # after close: counted, never raised
     assert dlog.stats()["dropped"] == 6
+    assert sum(dropped) == 6
+
+
+def test_numpy_values_and_odd_records_never_break_the_writer(tmp_path: Path) -> None:
+    dlog = DecisionLog(tmp_path / "d.sqlite")
+    dlog.start()
+    r = _record(1)
+    r.policy_params = {"epsilon": np.float32(0.05), "k": np.int64(3), "weights": np.array([1.0, 2.0])}
+    r.scores = [float("nan"), 0.5, 0.25]
+    dlog.log(r)
+    bad = _record(2)
+    bad.features = np.zeros((2, 2, 2))  # not a matrix: dropped and counted, the writer goes on
+    dlog.log(bad)
+    dlog.log(_record(3))
+    dlog.close()
+    rows = {d["request_id"]: d for d in read_decisions(tmp_path / "d.sqlite")}
+    assert set(rows) == {"req-1", "req-3"} and dlog.stats()["dropped"] == 1
+    assert rows["req-1"]["policy_params"] == {"epsilon": pytest.approx(0.05), "k": 3, "weights": [1.0, 2.0]}
+    assert rows["req-1"]["scores"] == [None, 0.5, 0.25]  # NaN is logged as null
 
 
 _CHILD = textwrap.dedent(
