@@ -563,6 +563,21 @@ def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 500
     yield from heapq.merge(*(one(p) for p in _as_paths(paths)), key=lambda d: d["answered_at"])
 
 
+def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[dict[str, Any]]:
+    """Return the `n` most recently answered decisions of the given log files, oldest first."""
+    rows: list[dict[str, Any]] = []
+    for path in _as_paths(paths):
+        conn = _open_ro(path)
+        conn.row_factory = sqlite3.Row
+        try:
+            sql = f"SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at DESC, id DESC LIMIT ?"
+            rows += [_decode_decision(r) for r in conn.execute(sql, (n,))]
+        finally:
+            conn.close()
+    rows.sort(key=lambda d: d["answered_at"])
+    return rows[-n:] if n > 0 else []
+
+
 def read_outcomes(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
     """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
     seen: dict[str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.decision_log import export_decisions, export_outcomes, log_files, read_decisions
+from serving.decision_log import export_decisions, export_outcomes, latest_decisions, log_files
 
 
 def _data_dirs(args: argparse.Namespace) -> list[Path]:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str]) -> int:
     if args.last < 1:
         print("retention decisions: --last must be at least 1", file=sys.stderr)
         return 2
-    rows = list(read_decisions(files))[-args.last :]
+    rows = latest_decisions(files, args.last)
     for d in rows:
         print(
             f"{d['request_id']}  {d['product_id']} {d['user_locale']}  policy={d['policy']} "

@@ -322,6 +322,10 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert len(pd.read_parquet(out)) == 5 and len(pd.read_csv(outcomes)) == 1
     assert "exported 5 decisions" in capsys.readouterr().out
+    assert decisions_main(["show", "--data-dir", str(data), "--last", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "req-3" in shown and "req-4" in shown and "req-2" not in shown
+    assert "* m-b  P(stay)=0.600" in shown  # the chosen candidate, with its score
     # bad input: one line, non-zero, no traceback
     assert retention.main(["decisions", "export", "--data-dir", str(tmp_path / "empty"), "--out", str(out)]) == 1
     err = capsys.readouterr().err
