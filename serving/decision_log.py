@@ -571,7 +571,9 @@ def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[d
         conn.row_factory = sqlite3.Row
         try:
             sql = f"SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at DESC, id DESC LIMIT ?"
-            rows += [_decode_decision(r) for r in conn.execute(sql, (n,))]
+            rows += reversed(
+                [_decode_decision(r) for r in conn.execute(sql, (n,))]
+            )  # oldest first, so ties keep log order
         finally:
             conn.close()
     rows.sort(key=lambda d: d["answered_at"])

@@ -325,6 +325,7 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert decisions_main(["show", "--data-dir", str(data), "--last", "2"]) == 0
     shown = capsys.readouterr().out
     assert "req-3" in shown and "req-4" in shown and "req-2" not in shown
+    assert shown.index("req-3") < shown.index("req-4")  # oldest first
     assert "* m-b  P(stay)=0.600" in shown  # the chosen candidate, with its score
     # bad input: one line, non-zero, no traceback
     assert retention.main(["decisions", "export", "--data-dir", str(tmp_path / "empty"), "--out", str(out)]) == 1
