@@ -59,6 +59,9 @@ class EvaluationConfig:
     min_ess: float = 100.0
     min_ess_fraction: float = 0.01
     reward_model: str = "own"
+    # only decisions whose whole label window has passed: recent ones get a label early only when
+    # the subscriber churned or renewed, and keeping those would bias every estimate toward churn
+    mature_only: bool = True
     segment_resamples: int = 200
     calibration_bins: int = 10
     progress: bool = False
@@ -281,10 +284,19 @@ def evaluate(
     labels, stats = label_decisions(all_logged.frame, inputs.outcomes, horizon_ms=cfg.horizon_ms, as_of_ms=cfg.as_of_ms)
     y_all = labels.to_numpy(dtype=np.float64)
     labelled = np.isfinite(y_all)
+    t_dec = all_logged.frame["signed_date"].to_numpy(dtype=np.int64)
+    as_of = cfg.as_of_ms
+    if as_of is None:
+        as_of = int(inputs.outcomes["at"].max()) if len(inputs.outcomes) else int(t_dec.max())
+    recent = (t_dec + cfg.horizon_ms > as_of) & labelled
+    n_recent = int(recent.sum()) if cfg.mature_only else 0
+    if cfg.mature_only:
+        labelled &= ~recent
     if not labelled.any():
         raise ValueError(
-            f"every one of the {all_logged.n} decisions is censored (its {cfg.horizon_ms / DAY_MS:g}-day window has not "
-            "passed and no outcome decides it): nothing to evaluate yet"
+            f"none of the {all_logged.n} decisions has a label window of {cfg.horizon_ms / DAY_MS:g} days that has "
+            f"fully passed by {_iso(as_of)}: nothing to evaluate yet"
+            + (" (--all-labelled also uses early labels, biased toward churn)" if cfg.mature_only else "")
         )
     logged = all_logged.subset(labelled)
     y = y_all[labelled]
@@ -296,10 +308,22 @@ def evaluate(
             f"{dropped['candidate not in catalog']} decision(s) left out: a candidate is no longer in the catalog, "
             "so its value cannot be computed"
         )
-    if stats.censored:
+    if cfg.mature_only and n_recent:
+        young = int((t_dec + cfg.horizon_ms > as_of).sum())
+        warnings.append(
+            f"{young} of {stats.total} decisions are newer than {_iso(as_of - cfg.horizon_ms)} and left out: their "
+            f"label window has not passed ({young - n_recent} censored, {n_recent} labelled early only because the "
+            "subscriber churned or renewed, an outcome-dependent sample)"
+        )
+    elif stats.censored:
         warnings.append(
             f"{stats.censored} of {stats.total} decisions ({stats.censored / stats.total:.1%}) are censored (outcome "
             "not known yet) and left out of every estimate"
+        )
+    if not cfg.mature_only and recent.any():
+        warnings.append(
+            f"{int(recent.sum())} decisions are labelled before their window passed (churns and early renewals only): "
+            "the estimates lean toward churn"
         )
     inferred = int((logged.logging_source == "inferred").sum())
 
@@ -437,7 +461,7 @@ def evaluate(
     # ---- ground truth (simulated data only)
     truth: dict[str, Any] | None = None
     if ground_truth is not None:
-        truth = _truth(ground_truth, all_logged, full_policies, inputs.decisions)
+        truth = _truth(ground_truth, logged, policies, inputs.decisions)
         for row in policy_rows:
             row["true_value"] = truth["policies"].get(row["name"])
     steps.update()
@@ -452,6 +476,8 @@ def evaluate(
             "retained": stats.retained,
             "churned": stats.churned,
             "censored": stats.censored,
+            "recent_left_out": n_recent,
+            "as_of": _iso(as_of),
             "left_out": dropped,
             "fallback_decisions": int(logged.is_fallback.sum()),
             "logging_distribution": {
@@ -471,6 +497,7 @@ def evaluate(
             "exploration": cfg.exploration.as_dict(),
             "horizon_days": cfg.horizon_ms / DAY_MS,
             "reward_model": cfg.reward_model,
+            "mature_only": cfg.mature_only,
             "min_ess": ess_floor,
         },
         "current": current,
@@ -514,7 +541,7 @@ def _message_share(tp: TargetPolicy, logged: LoggedRequests) -> dict[str, float]
 def _truth(
     ground_truth: pd.DataFrame, logged: LoggedRequests, policies: dict[str, TargetPolicy], decisions: pd.DataFrame
 ) -> dict[str, Any]:
-    """Return the simulator's true values of every policy, the oracle and the best static message."""
+    """Return the simulator's true values on the evaluated requests: every policy, the oracle, the best static message."""
     from training.simulate import best_static_value, logging_value, oracle_value, policy_value
 
     ids = set(logged.frame["request_id"].astype(str))

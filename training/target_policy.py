@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.exploration import action_probabilities, greedy_index
+from models.exploration import action_probabilities
 from serving.catalog import Catalog
 
 FALLBACK_PREFIX = "fallback:"
@@ -271,12 +271,14 @@ def score_candidates(
     featurizer = Featurizer(schema, catalog.products, catalog.messages)
     r_idx, c_idx = np.nonzero(logged.valid)
     f = logged.frame
-    product = f["product_id"].astype(str).to_numpy()[r_idx]
-    locale = f["user_locale"].astype(str).to_numpy()[r_idx]
-    env = f["environment"].astype(str).to_numpy()[r_idx] if "environment" in f.columns else np.full(len(r_idx), "Production")
+    # pandas Series, not numpy arrays: the featurizer factorizes them with pandas' fast path
+    product = f["product_id"].astype(str).iloc[r_idx].reset_index(drop=True)
+    locale = f["user_locale"].astype(str).iloc[r_idx].reset_index(drop=True)
+    env = (f["environment"].astype(str) if "environment" in f.columns else pd.Series(["Production"] * len(f)))
+    env = env.iloc[r_idx].reset_index(drop=True)
     signed = f["signed_date"].to_numpy(dtype=np.int64)[r_idx]
-    mids = logged.candidate_ids[r_idx, c_idx]
-    prof_cols: dict[str, np.ndarray] | None = None
+    mids = pd.Series(logged.candidate_ids[r_idx, c_idx], dtype=object)
+    prof_cols: dict[str, pd.Series] | None = None
     has_profile: np.ndarray | None = None
     wanted = list(schema.profile_numeric) + list(schema.profile_categorical)
     if profiles is not None and wanted:
@@ -284,24 +286,25 @@ def score_candidates(
         pos = p.index.get_indexer(f["original_transaction_id"].astype(str).to_numpy())
         has_req = pos >= 0
         has_profile = has_req[r_idx]
+        cell_pos = pos[r_idx]
         prof_cols = {}
         for col in wanted:
             if col in p.columns:
-                per_request = np.full(len(pos), None, dtype=object)
-                per_request[has_req] = p[col].to_numpy(dtype=object)[pos[has_req]]
-                prof_cols[col] = per_request[r_idx]
+                # a missing profile takes row 0's values; has_profile masks them out
+                prof_cols[col] = p[col].iloc[np.where(cell_pos >= 0, cell_pos, 0)].reset_index(drop=True) \
+                    if len(p) else pd.Series([None] * len(cell_pos))
     out = np.full(logged.valid.shape, np.nan)
     cells = len(r_idx)
     with tqdm(total=cells, desc=desc, unit="row", file=sys.stderr, disable=not progress) as bar:
         for s in range(0, cells, _CHUNK_CELLS):
             e = min(cells, s + _CHUNK_CELLS)
             X = featurizer.matrix_batch(
-                product_id=product[s:e],
-                user_locale=locale[s:e],
-                environment=env[s:e],
+                product_id=product.iloc[s:e],
+                user_locale=locale.iloc[s:e],
+                environment=env.iloc[s:e],
                 signed_date_ms=signed[s:e],
-                message_id=mids[s:e],
-                profile=None if prof_cols is None else {k: v[s:e] for k, v in prof_cols.items()},
+                message_id=mids.iloc[s:e],
+                profile=None if prof_cols is None else {k: v.iloc[s:e] for k, v in prof_cols.items()},
                 has_profile=None if has_profile is None else has_profile[s:e],
             )
             out[r_idx[s:e], c_idx[s:e]] = scorer.p_stay(X)
@@ -317,7 +320,8 @@ def policy_from_scores(
     values = np.where(logged.valid, np.nan_to_num(p_stay, nan=0.0) * logged.value_after, 0.0)
     probs = np.zeros((n, width))
     rule_rows = np.zeros(n, dtype=bool)
-    greedy = np.zeros(n, dtype=np.int64)
+    # models.exploration.greedy_index row by row: the first highest value (padding never wins)
+    greedy = np.where(logged.valid, values, -np.inf).argmax(axis=1)
     finite = np.isfinite(p_stay) | ~logged.valid
     cand_lists = None
     for i in range(n):
@@ -325,7 +329,6 @@ def policy_from_scores(
         d = int(logged.default_index[i])
         if finite[i].all():
             probs[i, :ki] = exploration.probabilities(values[i, :ki], d if d >= 0 else None)
-            greedy[i] = greedy_index(values[i, :ki])
         else:  # serving answers a NaN score with its rule policy, logged as a fallback
             if cand_lists is None:
                 cand_lists = logged.frame["candidates"].tolist()
