@@ -62,6 +62,7 @@ class EvaluationConfig:
     # only decisions whose whole label window has passed: recent ones get a label early only when
     # the subscriber churned or renewed, and keeping those would bias every estimate toward churn
     mature_only: bool = True
+    segments: bool = True
     segment_resamples: int = 200
     calibration_bins: int = 10
     progress: bool = False
@@ -276,7 +277,10 @@ def evaluate(
     cfg = config or EvaluationConfig()
     catalog = inputs.catalog
     warnings: list[str] = []
-    steps = tqdm(total=4 + len(versions), desc="evaluate", unit="step", file=sys.stderr, disable=not cfg.progress)
+    needed = list(versions)
+    if cfg.reward_model not in ("own", *needed):
+        needed.append(cfg.reward_model)
+    steps = tqdm(total=5 + len(needed), desc="evaluate", unit="step", file=sys.stderr, disable=not cfg.progress)
 
     all_logged, dropped = prepare_logged(inputs.decisions, catalog)
     if all_logged.n == 0:
@@ -330,9 +334,6 @@ def evaluate(
     # ---- score every version on every logged request (the truth needs the censored ones too)
     current = registry.current()
     scorers = dict(scorers or {})
-    needed = list(versions)
-    if cfg.reward_model not in ("own", *needed):
-        needed.append(cfg.reward_model)
     p_all: dict[str, np.ndarray] = {}
     manifests: dict[str, dict[str, Any]] = {}
     for v in needed:
@@ -442,7 +443,7 @@ def evaluate(
     seg_keys = logged.frame[["product_id", "user_locale"]].astype(str)
     groups = seg_keys.groupby(["product_id", "user_locale"], sort=True).indices
     seg_rows: list[dict[str, Any]] = []
-    for (product, locale), idx in groups.items():
+    for (product, locale), idx in (groups.items() if cfg.segments else ()):
         mask = np.zeros(n, dtype=bool)
         mask[idx] = True
         sub = {f"{LOGGING}/observed": observed.restrict(mask)}
@@ -558,7 +559,8 @@ def _truth(
 def format_table(summary: dict[str, Any]) -> str:
     """Return the plain-text table of estimates that ``retention evaluate`` prints."""
     level = summary["settings"]["level"]
-    head = f"{'policy':<26} {'estimator':<10} {'estimate':>10} {f'{level:.0%} interval':>22} {'ESS':>9} {'unsupported':>11}"
+    w = max([len("policy")] + [len(p["name"]) + (10 if p.get("is_current") else 0) for p in summary["policies"]])
+    head = f"{'policy':<{w}} {'estimator':<10} {'estimate':>10} {f'{level:.0%} interval':>22} {'ESS':>9} {'unsupported':>11}"
     has_truth = summary.get("ground_truth") is not None
     if has_truth:
         head += f" {'true':>9}"
@@ -568,7 +570,7 @@ def format_table(summary: dict[str, Any]) -> str:
         first = True
         for est, e in p["estimates"].items():
             ci = _fmt_ci(e.get("ci_low"), e.get("ci_high"))
-            line = (f"{name if first else '':<26} {est:<10} {_fmt(e.get('estimate')):>10} {ci:>22} "
+            line = (f"{name if first else '':<{w}} {est:<10} {_fmt(e.get('estimate')):>10} {ci:>22} "
                     f"{_fmt(e.get('ess'), 0):>9} {_fmt_pct(e.get('unsupported_mass')):>11}")
             if has_truth:
                 line += f" {_fmt(p.get('true_value')) if first else '':>9}"

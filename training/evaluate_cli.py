@@ -1,0 +1,130 @@
+"""``retention evaluate``: compare model versions off-policy on logged decisions.
+
+Prints a table of estimates, writes ``summary.json`` and a self-contained ``report.html`` into
+``--out``. See training.evaluate for what is estimated and training.report for the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
+from training.target_policy import Exploration
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retention evaluate",
+        description="Compare model versions (and the logging policy, whose value is the observed mean) off-policy "
+        "on logged decisions and outcomes: IPS, SNIPS, direct method, doubly robust and switch-DR estimates with "
+        "bootstrap intervals. Prints a table; writes summary.json and report.html into --out.",
+    )
+    p.add_argument("--decisions", required=True, type=Path, help="decisions file (.parquet or .csv), or an export of "
+                   "the server's log")
+    p.add_argument("--outcomes", required=True, type=Path, help="outcome events file (.parquet or .csv)")
+    p.add_argument("--profiles", type=Path, help="subscriber profiles file (as used in training)")
+    p.add_argument("--catalog", required=True, type=Path, help="catalog JSON (values and costs of the messages)")
+    p.add_argument("--registry", required=True, type=Path, help="model registry folder")
+    p.add_argument("--versions", default=None, help="comma-separated version ids (also 'current', 'latest'), or "
+                   "'all'; default: the current and the latest version")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default ./evaluation)")
+    p.add_argument("--ground-truth", type=Path, help="simulator ground truth: adds every policy's true value")
+    g = p.add_argument_group("target policy (default: what serving uses, from RETENTION_* variables)")
+    g.add_argument("--epsilon", type=float, default=None, help="exploration ε of the target policies (serving's: 0.05)")
+    g.add_argument("--exploration", choices=("epsilon", "softmax"), default=None, help="exploration scheme")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature (value units)")
+    g.add_argument("--holdout", type=float, default=None, help="share of requests held out on the default message")
+    e = p.add_argument_group("estimation")
+    e.add_argument("--level", type=float, default=0.9, help="confidence level of the intervals (default 0.9)")
+    e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    e.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
+    e.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
+    e.add_argument("--all-labelled", action="store_true", help="also use decisions whose label window has not passed "
+                   "(labelled early only by a churn or a renewal: biased toward churn)")
+    e.add_argument("--reward-model", default="own", help="reward model of DM/DR: 'own' (each version its own "
+                   "predictions, default) or one version id for all")
+    e.add_argument("--holdout-fraction", type=float, default=0.2, help="latest share of decisions for the predictive "
+                   "metrics (default 0.2)")
+    e.add_argument("--min-ess", type=float, default=100.0, help="warn below this effective sample size (default 100, "
+                   "and never below 1%% of the requests)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run ``retention evaluate``; return the exit status (bad input raises one clear error)."""
+    args = _parser().parse_args(argv)
+    if args.horizon_days <= 0:
+        print("retention evaluate: error: --horizon-days must be positive", file=sys.stderr)
+        return 2
+    if not 0 < args.level < 1:
+        print("retention evaluate: error: --level must be within (0, 1), e.g. 0.9", file=sys.stderr)
+        return 2
+    if args.resamples < 0:
+        print("retention evaluate: error: --resamples must be >= 0", file=sys.stderr)
+        return 2
+    if args.epsilon is not None and not 0 <= args.epsilon <= 1:
+        print("retention evaluate: error: --epsilon must be within [0, 1]", file=sys.stderr)
+        return 2
+    if args.holdout is not None and not 0 <= args.holdout <= 1:
+        print("retention evaluate: error: --holdout must be within [0, 1]", file=sys.stderr)
+        return 2
+    if args.temperature is not None and args.temperature <= 0:
+        print("retention evaluate: error: --temperature must be > 0", file=sys.stderr)
+        return 2
+    if not args.registry.is_dir():
+        print(f"retention evaluate: error: registry {args.registry} is not a folder", file=sys.stderr)
+        return 2
+
+    from models.registry import Registry
+    from training.data_io import read_table
+
+    base = Exploration.from_serving_settings()
+    exploration = Exploration(
+        epsilon=base.epsilon if args.epsilon is None else args.epsilon,
+        scheme=base.scheme if args.exploration is None else args.exploration,
+        temperature=base.temperature if args.temperature is None else args.temperature,
+        holdout=base.holdout if args.holdout is None else args.holdout,
+    )
+    config = EvaluationConfig(
+        level=args.level,
+        n_resamples=args.resamples,
+        seed=args.seed,
+        exploration=exploration,
+        horizon_ms=int(args.horizon_days * DAY_MS),
+        as_of_ms=args.as_of,
+        holdout_fraction=args.holdout_fraction,
+        min_ess=args.min_ess,
+        reward_model=args.reward_model,
+        mature_only=not args.all_labelled,
+        progress=True,
+    )
+    registry = Registry(args.registry)
+    versions = resolve_versions(registry, args.versions)
+    if config.reward_model != "own" and config.reward_model not in registry.versions():
+        raise ValueError(f"--reward-model {config.reward_model!r} is neither 'own' nor a version in {args.registry}")
+    inputs = Inputs.load(args.decisions, args.outcomes, args.catalog, args.profiles)
+    ground_truth = read_table(args.ground_truth) if args.ground_truth else None
+    evaluated = evaluate(inputs, registry, versions, config, ground_truth=ground_truth)
+
+    from training.report import render
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary_path = args.out / "summary.json"
+    report_path = args.out / "report.html"
+    summary_path.write_text(json.dumps(evaluated.summary, indent=1, allow_nan=False) + "\n")
+    report_path.write_text(render(evaluated.summary), encoding="utf-8")
+    print(format_table(evaluated.summary))
+    print()
+    print(f"summary: {summary_path}")
+    print(f"report:  {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import retention
+
+    sys.exit(retention.main(["evaluate", *sys.argv[1:]]))
