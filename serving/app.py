@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
 from serving.catalog import CatalogMessage
-from serving.decision_log import DecisionLog, DecisionRecord
+from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
 from serving.metrics import Metrics
 from serving.offers import OfferSigner
@@ -113,7 +112,9 @@ class RetentionService:
         self.runtime.load()
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.decision_log = DecisionLog(data_dir / f"decisions-{os.getpid()}.sqlite", batch_ms=settings.log_batch_ms)
+        self.decision_log = DecisionLog(
+            data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped
+        )
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)
         self.params = ExplorationParams(settings.epsilon, settings.exploration, settings.temperature, settings.holdout)
@@ -125,6 +126,7 @@ class RetentionService:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-score")
         self.kill_switch_file = data_dir / "kill-switch"
         self.killed = settings.kill_switch
+        self._names_shas: dict[str, str] = {}
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +139,7 @@ class RetentionService:
         self.runtime.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.decision_log.close()
+        self.metrics.close()
 
     def ready(self) -> tuple[bool, str]:
         """Return (ready, reason): ready when the catalog and a model are loaded."""
@@ -294,6 +297,16 @@ class RetentionService:
             return RealtimeResponseBody(promotionalOffer=PromotionalOffer(mid, promotionalOfferSignatureV2=sig))
         raise ValueError(f"message kind {m.kind!r} cannot be answered")
 
+    def _names_sha(self, snap: Snapshot) -> str | None:
+        """Return the log's hash of the serving model's feature names (registered once per version)."""
+        model = snap.model
+        if model is None:
+            return None
+        sha = self._names_shas.get(model.version)
+        if sha is None:
+            sha = self._names_shas[model.version] = self.decision_log.register_feature_names(model.featurizer.schema.names)
+        return sha
+
     def _log(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, choice: Choice, status: int, latency_s: float
     ) -> None:
@@ -321,8 +334,8 @@ class RetentionService:
                 shadow_message_id=choice.shadow_message_id,
                 catalog_sha256=snap.catalog.sha256,
                 fallback_reason=choice.fallback_reason,
-                features=X.tolist() if X is not None else None,
-                feature_names_sha=snap.model.schema_sha256 if (snap.model is not None and X is not None) else None,
+                features=X,
+                feature_names_sha=self._names_sha(snap) if X is not None else None,
                 latency_ms=latency_s * 1000.0,
                 answered_at=int(time.time() * 1000),
                 status=status,
@@ -334,7 +347,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
     """Return the Litestar app for `settings` (tests pass their own settings or a prepared service)."""
     svc = service or RetentionService(settings)
 
-    @post(settings.message_path, status_code=200, sync_to_thread=False)
+    @post(settings.message_path, status_code=200)
     async def retention_message(request: Request[Any, Any, Any]) -> Response[bytes]:
         try:
             body = await request.body()
@@ -344,7 +357,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
             raise
         return await svc.answer(body)
 
-    @post(settings.notifications_path, status_code=200, sync_to_thread=False)
+    @post(settings.notifications_path, status_code=200)
     async def notifications(request: Request[Any, Any, Any]) -> Response[bytes]:
         from serving.notifications import handle_notification
 

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -188,21 +187,16 @@ def _show_decisions(data_dir: Path) -> None:
 
     catalog = Catalog.load(DEMO_CATALOG)
     print("\ndecisions logged (P(stay), expected value, probability; * = shown):")
-    for db in sorted(data_dir.glob("decisions-*.sqlite")):
-        con = sqlite3.connect(db)
-        con.row_factory = sqlite3.Row
-        for r in con.execute("SELECT * FROM decisions ORDER BY answered_at"):
-            print(f"- {r['request_id'][:8]} {r['product_id']} {r['user_locale']} policy={r['policy']} "
-                  f"model={r['model_version']} latency={r['latency_ms']:.2f} ms")
-            cands = json.loads(r["candidates"])
-            scores = json.loads(r["scores"] or "[]")
-            values = json.loads(r["values"] or "[]")
-            probs = json.loads(r["probabilities"])
-            for i, mid in enumerate(cands):
-                m = catalog.messages.get(mid)
-                name = f"{m.kind}:{m.offerIdentifier or m.alternateProductId or mid[:8]}" if m else mid
-                s = f"{scores[i]:.3f}" if i < len(scores) else "  -  "
-                v = f"{values[i]:7.2f}" if i < len(values) else "    -  "
-                mark = "*" if mid == r["message_id"] else " "
-                print(f"    {mark} {name:<44} P(stay)={s} value={v} p={probs[i]:.3f}")
-        con.close()
+    from serving.decision_log import log_files, read_decisions
+
+    for r in read_decisions(log_files(data_dir)):
+        print(f"- {r['request_id'][:8]} {r['product_id']} {r['user_locale']} policy={r['policy']} "
+              f"model={r['model_version']} latency={r['latency_ms']:.2f} ms")
+        scores, values, probs = r["scores"] or [], r["values"] or [], r["probabilities"] or []
+        for i, mid in enumerate(r["candidates"]):
+            m = catalog.messages.get(mid)
+            name = f"{m.kind}:{m.offerIdentifier or m.alternateProductId or mid[:8]}" if m else mid
+            s = f"{scores[i]:.3f}" if i < len(scores) else "  -  "
+            v = f"{values[i]:7.2f}" if i < len(values) else "    -  "
+            mark = "*" if mid == r["message_id"] else " "
+            print(f"    {mark} {name:<44} P(stay)={s} value={v} p={probs[i]:.3f}")

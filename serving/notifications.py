@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from litestar import MediaType, Response
 
+from serving.decision_log import event_for_notification
 from serving.errors import VerificationError
 from serving.schemas import RealtimeRequestBody
 
@@ -20,23 +21,6 @@ if TYPE_CHECKING:
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(RealtimeRequestBody).decode
-
-# (notificationType, subtype or None) -> outcome event of DESIGN.md
-EVENTS: dict[tuple[str, str | None], str] = {
-    ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED"): "cancelled",
-    ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_ENABLED"): "reenabled",
-    ("DID_RENEW", None): "renewed",
-    ("EXPIRED", None): "expired",
-    ("DID_CHANGE_RENEWAL_PREF", None): "switched",
-    ("OFFER_REDEEMED", None): "offer_redeemed",
-    ("REFUND", None): "refunded",
-}
-
-
-def event_for(notification_type: str, subtype: str | None) -> str | None:
-    """Return the outcome event for a notification type and subtype, or None if it says nothing of retention."""
-    return EVENTS.get((notification_type, subtype)) or EVENTS.get((notification_type, None))
-
 
 def _error(code: str, detail: str, status: int) -> Response[bytes]:
     return Response(content=_encode({"error": code, "detail": detail}), status_code=status, media_type=MediaType.JSON)
@@ -73,7 +57,7 @@ def handle_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
         svc.metrics.verification_failure(exc.code)
         return _error(exc.code, exc.detail, exc.status)
     subtype = payload.get("subtype")
-    event = event_for(ntype, subtype if isinstance(subtype, str) else None)
+    event = event_for_notification(ntype, subtype if isinstance(subtype, str) else None)
     if event is None or not otid:
         return Response(content=b'{"status":"ignored"}', status_code=200, media_type=MediaType.JSON)
     svc.decision_log.log_outcome(

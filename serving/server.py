@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import ssl
 import sys
 import tempfile
 from typing import Any
@@ -67,34 +66,25 @@ def preflight(settings: Settings) -> None:
     Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
 
 
-class _Config:
-    """Factory for a uvicorn Config that refuses anything older than TLS 1.2 when it terminates TLS."""
+def _uvicorn_config(settings: Settings) -> Any:
+    """Return a uvicorn Config that refuses anything older than TLS 1.2 when it terminates TLS."""
+    from serving.tls_config import Tls12Config
 
-    @staticmethod
-    def make(settings: Settings) -> Any:
-        import uvicorn
-
-        class Config(uvicorn.Config):
-            def load(self) -> None:
-                super().load()
-                if self.ssl is not None:
-                    self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-
-        return Config(
-            "serving.server:app_factory",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_level=settings.log_level,
-            access_log=False,
-            ssl_certfile=settings.ssl_certfile,
-            ssl_keyfile=settings.ssl_keyfile,
-            timeout_graceful_shutdown=10,
-        )
+    return Tls12Config(
+        "serving.server:app_factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=False,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        timeout_graceful_shutdown=10,
+    )
 
 
 def serve(settings: Settings) -> None:
@@ -106,11 +96,11 @@ def serve(settings: Settings) -> None:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # metrics aggregated across workers (prometheus_client's multiprocess mode)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retention-metrics-")
-    config = _Config.make(settings)
+    config = _uvicorn_config(settings)
     server = uvicorn.Server(config)
     if settings.workers > 1:
         sock = config.bind_socket()
-        Multiprocess(config, target=server.run, sockets=[sock]).run()
+        Multiprocess(config, sockets=[sock]).run()
     else:
         server.run()
 
