@@ -1,0 +1,173 @@
+"""The off-policy estimators against values worked out by hand on tiny arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import ope
+
+# Four logged requests, two candidate actions each.
+#   target π          logged a  μ(a)   r    weight w = π(a)/μ   r̂(x, ·)
+#   [1.0, 0.0]        0         0.50   10   2                   [8, 2]
+#   [0.0, 1.0]        1         0.25    4   4                   [5, 3]
+#   [0.5, 0.5]        0         0.50    6   1                   [6, 6]
+#   [1.0, 0.0]        1         0.75    8   0                   [7, 1]
+PI = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+A = np.array([0, 1, 0, 1])
+MU = np.array([0.5, 0.25, 0.5, 0.75])
+R = np.array([10.0, 4.0, 6.0, 8.0])
+Q = np.array([[8.0, 2.0], [5.0, 3.0], [6.0, 6.0], [7.0, 1.0]])
+# the logging policy's whole distribution, consistent with MU for the logged actions
+MU_ALL = np.array([[0.5, 0.5], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75]])
+
+
+def test_importance_weights_and_ess_by_hand() -> None:
+    w = ope.importance_weights(A, MU, PI)
+    assert w.tolist() == [2.0, 4.0, 1.0, 0.0]
+    # (2 + 4 + 1 + 0)² / (4 + 16 + 1 + 0) = 49 / 21
+    assert ope.effective_sample_size(w) == pytest.approx(49 / 21)
+    assert ope.effective_sample_size(np.ones(5)) == pytest.approx(5.0)
+    assert ope.effective_sample_size(np.zeros(3)) == 0.0
+
+
+def test_ips_by_hand() -> None:
+    res = ope.ips(R, A, MU, PI, n_resamples=0)
+    assert res.estimate == pytest.approx((2 * 10 + 4 * 4 + 1 * 6 + 0 * 8) / 4)  # 10.5
+    assert res.ess == pytest.approx(49 / 21)
+    assert res.max_weight == pytest.approx(4.0)
+    assert res.n == 4
+
+
+def test_snips_by_hand() -> None:
+    assert ope.snips(R, A, MU, PI, n_resamples=0).estimate == pytest.approx(42 / 7)  # 6.0
+
+
+def test_dm_by_hand() -> None:
+    # Σ_a π(a|x) r̂(x, a) per request: 8, 3, 6, 7
+    assert ope.dm(None, A, MU, PI, Q, n_resamples=0).estimate == pytest.approx((8 + 3 + 6 + 7) / 4)
+
+
+def test_dr_by_hand() -> None:
+    # DM term + w (r − r̂(x, a)): 8 + 2·2, 3 + 4·1, 6 + 1·0, 7 + 0 → 12, 7, 6, 7
+    assert ope.dr(R, A, MU, PI, Q, n_resamples=0).estimate == pytest.approx(32 / 4)
+
+
+def test_switch_dr_by_hand() -> None:
+    # τ = 3 switches request 1 (w = 4) to the reward model alone: 12, 3, 6, 7
+    assert ope.switch_dr(R, A, MU, PI, Q, tau=3.0, n_resamples=0).estimate == pytest.approx(28 / 4)
+    # τ = ∞ is plain DR
+    assert ope.switch_dr(R, A, MU, PI, Q, tau=float("inf"), n_resamples=0).estimate == pytest.approx(8.0)
+    # the automatic τ is reported and gives a finite estimate between the two
+    auto = ope.switch_dr(R, A, MU, PI, Q, logging_probs=MU_ALL, n_resamples=0)
+    assert auto.details["tau"] > 0
+    assert np.isfinite(auto.estimate)
+
+
+def test_target_equal_to_logging_gives_the_observed_mean() -> None:
+    res = ope.estimate_all(R, A, MU, MU_ALL, Q, logging_probs=MU_ALL, n_resamples=200, seed=1)
+    observed = R.mean()  # 7.0
+    assert res["ips"].estimate == pytest.approx(observed)
+    assert res["snips"].estimate == pytest.approx(observed)
+    assert res["ips"].ess == pytest.approx(4.0)
+    assert res["ips"].unsupported_mass == 0.0
+    # DR with every weight 1 is the observed mean too, whatever the reward model: Σπ r̂ − r̂(a) + r averages to it
+    assert res["dr"].estimate == pytest.approx(observed + ((MU_ALL * Q).sum(axis=1) - Q[np.arange(4), A]).mean())
+    assert ope.observed(R, n_resamples=0).estimate == pytest.approx(observed)
+
+
+def test_mass_where_the_logging_policy_has_none_is_reported() -> None:
+    # request 0 was a fallback: the logging policy showed action 0 with probability 1, action 1 was impossible
+    mu_all = np.array([[1.0, 0.0], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75]])
+    mu = np.array([1.0, 0.25, 0.5, 0.75])
+    pi = np.array([[0.2, 0.8], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    for name, res in ope.estimate_all(R, A, mu, pi, Q, logging_probs=mu_all, n_resamples=0).items():
+        # 0.8 of request 0's target mass is unsupported: 0.8 / 4 requests
+        assert res.unsupported_mass == pytest.approx(0.2), name
+        assert res.to_dict()["unsupported_mass"] == pytest.approx(0.2)
+    # without the logging distribution the estimators cannot tell, and say so (NaN, None in JSON)
+    blind = ope.ips(R, A, mu, pi, n_resamples=0)
+    assert np.isnan(blind.unsupported_mass)
+    assert blind.to_dict()["unsupported_mass"] is None
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 2000, 3
+    mu_all = np.full((n, k), 1 / 3)
+    a = rng.integers(0, k, n)
+    r = rng.normal(1.0, 1.0, n)
+    pi = np.tile([0.6, 0.3, 0.1], (n, 1))
+    one = ope.snips(r, a, mu_all[:, 0], pi, level=0.9, n_resamples=400, seed=7)
+    two = ope.snips(r, a, mu_all[:, 0], pi, level=0.9, n_resamples=400, seed=7)
+    other = ope.snips(r, a, mu_all[:, 0], pi, level=0.9, n_resamples=400, seed=8)
+    assert one.ci_low < one.estimate < one.ci_high
+    assert one.ci == two.ci
+    assert one.ci != other.ci
+    wide = ope.snips(r, a, mu_all[:, 0], pi, level=0.99, n_resamples=400, seed=7)
+    assert wide.ci_low < one.ci_low and wide.ci_high > one.ci_high
+    assert (one.level, one.n_resamples) == (0.9, 400)
+
+
+def test_bootstrap_of_a_mean_matches_the_normal_approximation() -> None:
+    r = np.random.default_rng(3).normal(0.0, 1.0, 20_000)
+    res = ope.observed(r, level=0.9, n_resamples=1000, seed=0)
+    half = 1.645 * r.std() / np.sqrt(len(r))
+    assert (res.ci_high - res.ci_low) / 2 == pytest.approx(half, rel=0.1)
+
+
+def test_paired_difference_cancels_shared_noise() -> None:
+    rng = np.random.default_rng(5)
+    r = rng.normal(10.0, 5.0, 5000)
+    a = ope.observed(r, n_resamples=0)
+    b = ope.observed(r - 1.0, n_resamples=0)
+    d = ope.paired_difference(a, b, n_resamples=300, seed=0)
+    # every resample sees the same requests on both sides: the difference is exactly 1
+    assert d.estimate == pytest.approx(1.0)
+    assert d.ci_low == pytest.approx(1.0) and d.ci_high == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same requests"):
+        ope.paired_difference(a, ope.observed(r[:10], n_resamples=0))
+
+
+def test_joint_bootstrap_gives_every_result_an_interval() -> None:
+    res = ope.estimate_all(R, A, MU, PI, Q, logging_probs=MU_ALL, n_resamples=300, seed=2)
+    assert set(res) == set(ope.ESTIMATORS)
+    for name, r in res.items():
+        assert r.n_resamples == 300, name
+        assert r.ci_low <= r.estimate <= r.ci_high, name
+    boot = ope.Bootstrap(res, n_resamples=300, seed=2)
+    d = boot.difference("dr", "dm")
+    assert d.estimate == pytest.approx(8.0 - 6.0)
+
+
+def test_restrict_recomputes_on_a_segment() -> None:
+    res = ope.dr(R, A, MU, PI, Q, n_resamples=0)
+    seg = res.restrict(np.array([True, True, False, False]))
+    assert seg.estimate == pytest.approx((12 + 7) / 2)
+    assert seg.n == 2
+    assert seg.ess == pytest.approx(36 / 20)  # weights 2 and 4
+    est, lo, hi, n = ope.segment_estimate(res, np.array([False, False, True, True]), n_resamples=100)
+    assert (est, n) == (pytest.approx(6.5), 2)
+    assert lo <= est <= hi
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"propensities": np.array([0.5, 0.0, 0.5, 0.75])}, "propensity"),
+        ({"propensities": np.array([0.5, 1.5, 0.5, 0.75])}, "propensity"),
+        ({"target_probs": np.array([[1.0, 0.0], [0.5, 0.0], [0.5, 0.5], [1.0, 0.0]])}, "summing to 1"),
+        ({"actions": np.array([0, 2, 0, 1])}, "index"),
+        ({"actions": np.array([0.0, 1.0, 0.0, 1.0])}, "integer"),
+        ({"rewards": np.array([1.0, np.nan, 0.0, 1.0])}, "finite"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_sentence(kwargs: dict[str, np.ndarray], message: str) -> None:
+    args = {"rewards": R, "actions": A, "propensities": MU, "target_probs": PI, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ope.ips(args["rewards"], args["actions"], args["propensities"], args["target_probs"], n_resamples=0)
+
+
+def test_level_must_be_a_probability() -> None:
+    with pytest.raises(ValueError, match="level"):
+        ope.ips(R, A, MU, PI, level=1.5, n_resamples=10)
