@@ -9,7 +9,7 @@ from __future__ import annotations
 from litestar import Litestar, MediaType, Request, Response, post
 
 
-@post("/echo", sync_to_thread=False)
+@post("/echo")
 async def echo(request: Request) -> Response[bytes]:  # type: ignore[type-arg]
     return Response(content=await request.body(), media_type=MediaType.JSON)
 

@@ -1,6 +1,6 @@
 -- Posts pre-signed request bodies, one per line of BODIES_FILE, each at most once (replay protection).
 local bodies = {}
-local i = 0
+local i = tonumber(os.getenv("START_AT") or "0")
 local path = os.getenv("BODIES_FILE")
 local url_path = os.getenv("URL_PATH") or "/retention/message"
 for line in io.lines(path) do bodies[#bodies + 1] = line end

@@ -88,9 +88,9 @@ class CircuitBreaker:
         """Record a model call that answered in time."""
         self.failures = 0
 
-    def failure(self, now: float) -> None:
-        """Record a model call that failed or ran late."""
-        self.failures += 1
+    def failure(self, now: float, *, trip: bool = False) -> None:
+        """Record a model call that failed or ran late; `trip` opens the circuit at once."""
+        self.failures = max(self.failures + 1, self.threshold if trip else 0)
         if self.failures >= self.threshold:
             self.open_until = now + self.cooldown_s
 
@@ -124,8 +124,11 @@ class RetentionService:
         # one scoring thread: ONNX Runtime runs single-threaded per process, and a model stuck past
         # the deadline blocks only this thread, never the event loop
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-score")
+        self.score_in_thread = settings.score_in_thread
         self.kill_switch_file = data_dir / "kill-switch"
         self.killed = settings.kill_switch
+        self._kill_checked_at = 0.0
+        self._kill_file_present = False
         self._names_shas: dict[str, str] = {}
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -151,8 +154,17 @@ class RetentionService:
         return True, "ok"
 
     def kill_switch_on(self) -> bool:
-        """Return True when every request goes to the rule policy (setting, or the kill-switch file)."""
-        return self.killed or self.kill_switch_file.exists()
+        """Return True when every request goes to the rule policy (setting, or the kill-switch file).
+
+        The file is looked at no more than once a second, so the request path makes no syscall for it.
+        """
+        if self.killed:
+            return True
+        now = time.monotonic()
+        if now >= self._kill_checked_at:
+            self._kill_checked_at = now + 1.0
+            self._kill_file_present = self.kill_switch_file.exists()
+        return self._kill_file_present
 
     # ---- the request path ---------------------------------------------------------
     async def answer(self, body: bytes) -> Response[bytes]:
@@ -225,21 +237,15 @@ class RetentionService:
             c = fallback_choice(candidates, default_index, "circuit_open")
             c.model_version = model.version
             return c
-        fut = self.executor.submit(self._score, snap, request, candidates)
-        try:
-            X, p, shadow_p = await asyncio.wait_for(asyncio.wrap_future(fut), self.budget_s)
-        except TimeoutError:
-            fut.cancel()
-            self.breaker.failure(time.monotonic())
-            c = fallback_choice(candidates, default_index, "deadline")
+        if self.score_in_thread:
+            outcome = await self._score_in_thread(snap, request, candidates)
+        else:
+            outcome = self._score_inline(snap, request, candidates)
+        if isinstance(outcome, str):
+            c = fallback_choice(candidates, default_index, outcome)
             c.model_version = model.version
             return c
-        except Exception as exc:
-            self.breaker.failure(time.monotonic())
-            log.warning("model %s failed: %s", model.version, exc)
-            c = fallback_choice(candidates, default_index, "model_error")
-            c.model_version = model.version
-            return c
+        X, p, shadow_p = outcome
         self.breaker.success()
         choice = ml_choice(snap.catalog, candidates, default_index, request.productId, p, params, u, model.version)
         choice.features = X
@@ -248,6 +254,44 @@ class RetentionService:
             if shadow_p is not None:
                 choice.shadow_message_id = shadow_pick(snap.catalog, candidates, request.productId, shadow_p)
         return choice
+
+    def _score_inline(
+        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
+        """Score on the event loop; an overrun answers the fallback and opens the circuit at once.
+
+        Featurize + ONNX for 8 candidates costs ~0.1 ms; a hop to a thread costs more than that under
+        load (measured: BENCHMARKS.md), so inline is the default. The price: one call of a model that
+        suddenly became slow holds its own answer (and the loop) for that call's duration; the circuit
+        then sends later requests straight to the fallback until a probe after the cool-down succeeds.
+        """
+        t0 = time.perf_counter()
+        try:
+            result = self._score(snap, request, candidates)
+        except Exception as exc:
+            self.breaker.failure(time.monotonic())
+            log.warning("model %s failed: %s", snap.model.version if snap.model else None, exc)
+            return "model_error"
+        if time.perf_counter() - t0 > self.budget_s:
+            self.breaker.failure(time.monotonic(), trip=True)
+            return "deadline"
+        return result
+
+    async def _score_in_thread(
+        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
+        """Score on the scoring thread with a timeout: the answer never waits past the budget."""
+        fut = self.executor.submit(self._score, snap, request, candidates)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.budget_s)
+        except TimeoutError:
+            fut.cancel()
+            self.breaker.failure(time.monotonic())
+            return "deadline"
+        except Exception as exc:
+            self.breaker.failure(time.monotonic())
+            log.warning("model %s failed: %s", snap.model.version if snap.model else None, exc)
+            return "model_error"
 
     def _score(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]

@@ -112,6 +112,8 @@ class Catalog:
         # (productId, userLocale) -> candidates; filled lazily, bounded by the catalog's size
         self._eligible_cache: dict[tuple[str, str], tuple[CatalogMessage, ...]] = {}
         self._default_cache: dict[tuple[str, str], CatalogMessage | None] = {}
+        # per-catalog memo for derived lookups of the request path (bounded by the catalog's combinations)
+        self.memo: dict[object, object] = {}
 
     # ---- construction -------------------------------------------------------------
     @classmethod

@@ -45,12 +45,24 @@ def candidates_for(
     """Return the candidates for a request (the default included) and the default's index, or None.
 
     Offers are dropped when no In-App Purchase key is configured: an offer answer without
-    a valid signature would make Apple fall back anyway.
+    a valid signature would make Apple fall back anyway. Memoized per catalog.
     """
-    eligible = catalog.eligible(request.productId, request.userLocale)
+    key = ("candidates", request.productId, request.userLocale, offers_enabled)
+    hit = catalog.memo.get(key)
+    if hit is None:
+        hit = _candidates(catalog, request.productId, request.userLocale, offers_enabled)
+        if len(catalog.memo) < 100_000:
+            catalog.memo[key] = hit
+    return hit  # type: ignore[return-value]
+
+
+def _candidates(
+    catalog: Catalog, product_id: str, user_locale: str, offers_enabled: bool
+) -> tuple[tuple[CatalogMessage, ...], int | None]:
+    eligible = catalog.eligible(product_id, user_locale)
     if not offers_enabled:
         eligible = tuple(m for m in eligible if m.kind != "promotionalOffer")
-    default = catalog.default_for(request.productId, request.userLocale)
+    default = catalog.default_for(product_id, user_locale)
     if default is None:
         return eligible, None
     for i, m in enumerate(eligible):
@@ -98,8 +110,14 @@ class ExplorationParams:
 
 def values_of(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str, p_stay: np.ndarray) -> np.ndarray:
     """Return expected values P(stay) × (V(product after m) − cost(m)) for each candidate."""
-    after = np.fromiter((catalog.value_after(m, product_id) for m in candidates), dtype=np.float64, count=len(candidates))
-    return p_stay * after
+    key = ("after", product_id, tuple(m.messageIdentifier for m in candidates))
+    after = catalog.memo.get(key)
+    if after is None:
+        after = np.fromiter((catalog.value_after(m, product_id) for m in candidates), dtype=np.float64,
+                            count=len(candidates))
+        if len(catalog.memo) < 100_000:
+            catalog.memo[key] = after
+    return p_stay * after  # type: ignore[operator]
 
 
 def ml_choice(

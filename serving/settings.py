@@ -58,6 +58,11 @@ class Settings:
     kill_switch: bool = _f(False, "Send every request to the rule policy (no model).")
     shadow_model: str | None = _f(None, "A second registry version scored beside the serving one, logged, never shown.")
     budget_ms: float = _f(50.0, "Internal deadline for featurizing and scoring; past it the default message is answered.")
+    score_in_thread: bool = _f(
+        False,
+        "Score on a separate thread under a timeout instead of inline behind a circuit breaker "
+        "(a hung model can then never hold an answer, at the cost of a thread hop per request).",
+    )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
     log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")

@@ -167,9 +167,12 @@ def _break_model(client: TestClient[Any], behaviour: str) -> None:
     svc.runtime.snapshot = dataclasses.replace(snap, model=bad)
 
 
+@pytest.mark.parametrize("in_thread", [False, True], ids=["inline", "thread"])
 @pytest.mark.parametrize(("behaviour", "reason"), [("raise", "model_error"), ("nan", "model_nan"), ("sleep", "deadline")])
-def test_a_broken_model_never_costs_the_message(client_for: Any, pki: Any, behaviour: str, reason: str) -> None:
-    c = client_for()
+def test_a_broken_model_never_costs_the_message(
+    client_for: Any, pki: Any, behaviour: str, reason: str, in_thread: bool
+) -> None:
+    c = client_for(score_in_thread=in_thread)
     _break_model(c, behaviour)
     default = Catalog.load(DEMO_CATALOG).default_for(PM, "en-US")
     worst = 0.0
