@@ -14,7 +14,8 @@ switch-plan message, with probability 1.
 
 The logging policy's distribution over candidates comes, per request, from the first of:
 
-1. a ``probabilities`` column (the server's own log records each candidate's probability);
+1. a ``probabilities`` column (the server's own log records each candidate's probability), when
+   it sums to 1 and agrees with the logged propensity;
 2. the rule for fallbacks: a policy starting with ``fallback:`` showed its message with
    probability 1 and could show nothing else;
 3. a propensity of 1: the logging policy was deterministic on that request;
@@ -161,7 +162,12 @@ def prepare_logged(decisions: pd.DataFrame, catalog: Catalog) -> tuple[LoggedReq
         dmid = def_cache[dkey]
         if dmid is not None and dmid in c:
             default_index[i] = c.index(dmid)
-        actions[i] = c.index(shown[i])
+        try:
+            actions[i] = c.index(shown[i])
+        except ValueError:
+            raise ValueError(
+                f"decision {frame['request_id'].iloc[i]}: message_id {shown[i]} is not in its own candidates"
+            ) from None
     propensities = frame["propensity"].to_numpy(dtype=np.float64)
     policy = frame["policy"].astype(str).to_numpy() if "policy" in frame.columns else np.full(n, "", dtype=object)
     is_fallback = np.fromiter((str(p).startswith(FALLBACK_PREFIX) for p in policy), dtype=bool, count=n)
@@ -176,7 +182,12 @@ def prepare_logged(decisions: pd.DataFrame, catalog: Catalog) -> tuple[LoggedReq
         if is_fallback[i]:
             logging_probs[i, actions[i]] = 1.0
             source[i] = "fallback"
-        elif probs is not None and len(probs) == ki and abs(sum(probs) - 1.0) < 1e-6 and probs[actions[i]] > 0:
+        elif (
+            probs is not None
+            and len(probs) == ki
+            and abs(sum(probs) - 1.0) < 1e-6
+            and abs(probs[actions[i]] - propensities[i]) < 1e-6  # a vector that disagrees is not trusted
+        ):
             logging_probs[i, :ki] = probs
             source[i] = "logged"
         elif propensities[i] >= 1.0 - 1e-12:
@@ -279,7 +290,7 @@ def score_candidates(
     signed = f["signed_date"].to_numpy(dtype=np.int64)[r_idx]
     mids = pd.Series(logged.candidate_ids[r_idx, c_idx], dtype=object)
     prof_cols: dict[str, pd.Series] | None = None
-    has_profile: np.ndarray | None = None
+    has_profile: Any = None  # a boolean array (the featurizer takes any sequence)
     wanted = list(schema.profile_numeric) + list(schema.profile_categorical)
     if profiles is not None and wanted:
         p = profiles.drop_duplicates("original_transaction_id").set_index("original_transaction_id")

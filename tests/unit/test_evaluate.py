@@ -1,0 +1,298 @@
+"""Off-policy evaluation of model versions on the simulator: target policies, the CLI, the gate, accuracy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.exploration import action_probabilities
+from models.registry import Registry
+from serving.catalog import Catalog
+from training.evaluate import (
+    EvaluationConfig,
+    Inputs,
+    auc,
+    brier,
+    calibration_bins,
+    evaluate,
+    expected_calibration_error,
+    format_table,
+    log_loss,
+    resolve_versions,
+)
+from training.simulate import World, simulate, write_world
+from training.target_policy import Exploration, logging_policy, prepare_logged, target_policy
+
+FAST = EvaluationConfig(n_resamples=300, segment_resamples=50)
+
+
+@dataclass
+class Lab:
+    registry: Path
+    weak: str  # logistic regression that ignores the subscriber: the current version
+    strong: str  # gradient boosting on every feature: a candidate that should win
+    world: World  # evaluation data, another seed than the training data
+    files: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    import sklearn.ensemble  # noqa: F401  (load OpenMP first, so the thread limit below applies to it)
+    from threadpoolctl import threadpool_limits
+
+    from training.train import train_frames, write_result
+
+    root = tmp_path_factory.mktemp("ope")
+    registry = Registry(root / "registry")
+    train = simulate(20_000, seed=100)
+    # one thread: on a shared 2-core machine OpenMP spinning costs more than it gains
+    with threadpool_limits(1):
+        weak = train_frames(train.decisions, train.outcomes, train.profiles, train.catalog, model="logreg", context=False)
+        weak_id, _ = write_result(weak, registry, promote=True)
+        strong = train_frames(train.decisions, train.outcomes, train.profiles, train.catalog)
+        strong_id, _ = write_result(strong, registry)
+    world = simulate(20_000, seed=1)
+    files = write_world(world, root / "world")
+    return Lab(registry.root, weak_id, strong_id, world, files)
+
+
+def _inputs(world: World, decisions: pd.DataFrame | None = None) -> Inputs:
+    return Inputs(world.decisions if decisions is None else decisions, world.outcomes, world.catalog, world.profiles)
+
+
+# ---- target policies ---------------------------------------------------------------------------
+def test_target_policy_is_servings_exact_math(lab: Lab) -> None:
+    from models.scoring import Scorer
+
+    catalog = lab.world.catalog
+    decisions = lab.world.decisions.iloc[:400]
+    logged, dropped = prepare_logged(decisions, catalog)
+    assert dropped == {"candidate not in catalog": 0}
+    exploration = Exploration(epsilon=0.05)
+    scorer = Scorer(Registry(lab.registry).load(lab.strong))
+    tp = target_policy(scorer, logged, catalog, exploration, lab.world.profiles)
+    assert np.allclose(tp.probs.sum(axis=1), 1.0)
+    for i in range(0, 400, 37):
+        row = decisions.iloc[i]
+        cands = [catalog.messages[m] for m in row["candidates"]]
+        values = tp.p_stay[i, : len(cands)] * np.array([catalog.value_after(m, row["product_id"]) for m in cands])
+        default = catalog.default_for(row["product_id"], row["user_locale"])
+        d = [m.messageIdentifier for m in cands].index(default.messageIdentifier) if default else None
+        want = action_probabilities(values, epsilon=0.05, default_index=d)
+        assert np.array_equal(tp.probs[i, : len(cands)], want)
+        assert tp.probs[i, : len(cands)].min() == pytest.approx(0.05 / len(cands))
+        assert tp.greedy[i] == int(np.argmax(values))
+
+
+def test_exploration_defaults_come_from_serving_settings() -> None:
+    assert Exploration.from_serving_settings({}) == Exploration(epsilon=0.05, scheme="epsilon", temperature=1.0, holdout=0.0)
+    env = {"RETENTION_EPSILON": "0.2", "RETENTION_EXPLORATION": "softmax", "RETENTION_TEMPERATURE": "3"}
+    assert Exploration.from_serving_settings(env) == Exploration(epsilon=0.2, scheme="softmax", temperature=3.0)
+
+
+def test_logging_distribution_sources(lab: Lab) -> None:
+    catalog = lab.world.catalog
+    d = lab.world.decisions.iloc[:6].copy()
+    # request 0: a fallback; request 1: the server logged every candidate's probability
+    d.loc[0, "policy"] = "fallback:model_error"
+    d.loc[0, "propensity"] = 1.0
+    k1 = len(d.loc[1, "candidates"])
+    probs = [0.0] * k1
+    probs[d.loc[1, "candidates"].index(d.loc[1, "message_id"])] = 1.0
+    d.loc[1, "propensity"] = 1.0
+    d["probabilities"] = [None, probs, None, None, None, None]
+    logged, _ = prepare_logged(d, catalog)
+    assert list(logged.logging_source[:3]) == ["fallback", "logged", "inferred"]
+    assert logged.logging_probs[0].sum() == pytest.approx(1.0)
+    assert logged.logging_probs[0, logged.actions[0]] == 1.0
+    assert logged.propensities[0] == 1.0
+    assert (logged.logging_probs[1] > 0).sum() == 1  # the logged distribution says nothing else could be shown
+    assert (logged.logging_probs[2, : logged.k[2]] > 0).all()  # an exploring policy could show any candidate
+    # the logging policy as a target reproduces its own distribution
+    assert np.allclose(logging_policy(logged).probs, logged.logging_probs)
+
+
+def test_requests_naming_a_retired_message_are_left_out_and_counted(lab: Lab) -> None:
+    d = lab.world.decisions.iloc[:50].copy()
+    gone = d.loc[3, "candidates"][0]
+    raw = json.loads(lab.world.catalog.to_json())
+    raw["messages"] = [m for m in raw["messages"] if m["messageIdentifier"] != gone]
+    raw["defaults"] = [x for x in raw["defaults"] if x["messageIdentifier"] != gone]
+    smaller = Catalog.from_bytes(json.dumps(raw).encode())
+    logged, dropped = prepare_logged(d, smaller)
+    uses = sum(gone in c for c in d["candidates"])
+    assert dropped["candidate not in catalog"] == uses > 0
+    assert logged.n == 50 - uses
+
+
+# ---- the evaluation ----------------------------------------------------------------------------
+def test_evaluation_summary(lab: Lab) -> None:
+    reg = Registry(lab.registry)
+    versions = resolve_versions(reg, None)
+    assert versions == [lab.weak, lab.strong]  # current, then the latest
+    ev = evaluate(_inputs(lab.world), reg, versions, FAST, ground_truth=lab.world.ground_truth)
+    s = ev.summary
+    json.dumps(s, allow_nan=False)
+    logging_row, weak, strong = s["policies"]
+    assert logging_row["name"] == "logging"
+    assert logging_row["estimates"]["observed"]["estimate"] == pytest.approx(ev.rewards.mean())
+    assert weak["is_current"] and not strong["is_current"]
+    for p in (weak, strong):
+        assert set(p["estimates"]) == {"ips", "snips", "dm", "dr", "switch-dr"}
+        for name, e in p["estimates"].items():
+            assert e["ci_low"] <= e["estimate"] <= e["ci_high"], name
+        assert sum(p["message_share"].values()) == pytest.approx(1.0)
+        assert 0.5 < p["predictive"]["auc"] <= 1.0
+        assert p["predictive"]["n"] == s["data"]["holdout"]["rows"] > 0
+        assert p["unsupported_mass"] == 0.0  # ε-greedy logging could show every candidate
+    assert "vs_current" in strong and "vs_current" not in weak
+    assert sum(seg["n"] for seg in s["segments"]) == s["data"]["evaluated"]
+    # only decisions whose 30-day window has passed are evaluated, and the rest is said
+    assert s["data"]["evaluated"] < s["data"]["decisions"]
+    assert any("label window has not passed" in w for w in s["warnings"])
+    # the strong model's policy really is better, and the paired DR difference finds it
+    truth = s["ground_truth"]["policies"]
+    assert truth[lab.strong] > truth[lab.weak]
+    assert strong["vs_current"]["dr"]["ci_low"] > 0
+    table = format_table(s)
+    assert lab.strong in table and "switch-dr" in table and "paired differences" in table
+
+
+def test_the_logging_policy_as_target_gives_its_observed_mean(lab: Lab) -> None:
+    from training import ope
+
+    ev = evaluate(_inputs(lab.world), Registry(lab.registry), [lab.weak], FAST)
+    lg = ev.logged
+    res = ope.ips(ev.rewards, lg.actions, lg.propensities, logging_policy(lg).probs, n_resamples=0)
+    assert res.estimate == pytest.approx(ev.rewards.mean())
+    assert res.ess == pytest.approx(lg.n)
+
+
+def test_fallback_decisions_put_target_mass_where_logging_had_none(lab: Lab) -> None:
+    d = lab.world.decisions.iloc[:10_000].copy()
+    rows = np.arange(0, len(d), 4)  # a quarter of the requests fell back to the default message
+    for i in rows:
+        default = lab.world.catalog.default_for(d.at[i, "product_id"], d.at[i, "user_locale"])
+        d.at[i, "message_id"] = default.messageIdentifier
+        d.at[i, "propensity"] = 1.0
+        d.at[i, "policy"] = "fallback:no_model"
+    ev = evaluate(_inputs(lab.world, d), Registry(lab.registry), [lab.strong], FAST)
+    row = ev.summary["policies"][1]
+    assert ev.summary["data"]["fallback_decisions"] > 0
+    # the target spreads ~3/4 of its mass away from the default on those requests: reported, not hidden
+    assert 0.05 < row["unsupported_mass"] < 0.25
+    assert row["estimates"]["ips"]["unsupported_mass"] == pytest.approx(row["unsupported_mass"])
+    assert any("could not show" in w and lab.strong in w for w in ev.summary["warnings"])
+
+
+def test_predictive_metrics_by_hand() -> None:
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8])
+    assert auc(y, p) == pytest.approx(0.75)  # 3 of the 4 (positive, negative) pairs are ordered right
+    assert log_loss(y, p) == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))
+    assert brier(y, p) == pytest.approx(np.mean([0.01, 0.16, 0.4225, 0.04]))
+    bins = calibration_bins(y, p, bins=2)  # [0, 0.5): 0.1, 0.4, 0.35 ; [0.5, 1]: 0.8
+    assert [b["count"] for b in bins] == [3, 1]
+    ece = 3 / 4 * abs(np.mean([0.1, 0.4, 0.35]) - 1 / 3) + 1 / 4 * abs(0.8 - 1.0)
+    assert expected_calibration_error(y, p, bins=2) == pytest.approx(ece)
+    assert np.isnan(auc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def _cli_args(lab: Lab, out: Path) -> list[str]:
+    f = lab.files
+    return ["evaluate", "--decisions", str(f["decisions"]), "--outcomes", str(f["outcomes"]), "--profiles",
+            str(f["profiles"]), "--catalog", str(f["catalog"]), "--registry", str(lab.registry), "--versions", "all",
+            "--resamples", "200", "--out", str(out), "--ground-truth", str(f["ground_truth"])]
+
+
+def test_cli_prints_the_table_and_writes_json_and_html(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    assert retention.main(_cli_args(lab, tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "estimator" in out and lab.strong in out and "true" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [p["name"] for p in summary["policies"]] == ["logging", lab.weak, lab.strong]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="estimates"' in page and page.count("data:image/png;base64,") >= 4
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "needle"),
+    [
+        (lambda a: a.__setitem__(a.index("--decisions") + 1, "/nonexistent/d.parquet"), 1, "no such file"),
+        (lambda a: a.__setitem__(a.index("--versions") + 1, "nope"), 1, "not in registry"),
+        (lambda a: a.extend(["--level", "1.5"]), 2, "--level"),
+        (lambda a: a.__setitem__(a.index("--registry") + 1, "/nonexistent/reg"), 2, "not a folder"),
+    ],
+)
+def test_cli_bad_input_is_one_line(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str], change, code, needle) -> None:  # type: ignore[no-untyped-def]
+    import retention
+
+    args = _cli_args(lab, tmp_path / "out")
+    change(args)
+    assert retention.main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+# ---- the promotion gate --------------------------------------------------------------------------
+def test_gate_promotes_only_a_proven_winner(lab: Lab, tmp_path: Path) -> None:
+    from training.gate import promotion_gate
+
+    root = tmp_path / "registry"
+    shutil.copytree(lab.registry, root)
+    f = lab.files
+    args = (f["decisions"], f["outcomes"], f["profiles"], f["catalog"])
+    ok, why = promotion_gate(root, lab.strong, *args, n_resamples=300)
+    assert ok, why
+    assert "lower bound is above zero" in why and lab.weak in why
+    Registry(root).promote(lab.strong)
+    ok, why = promotion_gate(root, lab.weak, *args, n_resamples=300)
+    assert not ok
+    assert "not promoted" in why and "not above zero" in why
+    ok, why = promotion_gate(root, lab.strong, *args, n_resamples=300)
+    assert not ok and "already the current version" in why
+    with pytest.raises(ValueError, match="not in registry"):
+        promotion_gate(root, "20990101T000000Z-abcdef", *args)
+
+
+# ---- a smaller version of the simulator accuracy and coverage study (bench/bench_ope.py) -----------
+def test_snips_and_dr_are_accurate_and_cover_the_truth_on_the_simulator(lab: Lab) -> None:
+    from models.scoring import Scorer
+
+    reg = Registry(lab.registry)
+    scorer = {lab.strong: Scorer(reg.load(lab.strong))}
+    n, seeds = 20_000, (11, 12, 13, 14, 15)
+    cfg = EvaluationConfig(n_resamples=400, segments=False, exploration=Exploration(epsilon=0.05))
+    errors: dict[str, list[float]] = {"snips": [], "dr": []}
+    covered: dict[str, int] = {"snips": 0, "dr": 0}
+    for seed in seeds:
+        world = simulate(n, seed=seed, epsilon=0.1)
+        ev = evaluate(_inputs(world), reg, [lab.strong], cfg, ground_truth=world.ground_truth, scorers=scorer)
+        truth = ev.summary["ground_truth"]["policies"]
+        gap = truth[lab.strong] - truth["logging"]
+        # the trained policy's greedy choice differs from the logging policy's on >= 30% of requests
+        gt = world.ground_truth
+        logging_greedy = gt.loc[gt.groupby("request_id", sort=False)["logging_prob"].idxmax(), ["request_id", "message_id"]]
+        greedy = pd.Series(ev.logged.candidate_ids[np.arange(ev.logged.n), ev.policies[lab.strong].greedy],
+                           index=ev.logged.frame["request_id"].to_numpy())
+        lg = logging_greedy.set_index("request_id")["message_id"].reindex(greedy.index)
+        assert (greedy != lg).mean() >= 0.3
+        for name in errors:
+            e = ev.results[lab.strong][name]
+            errors[name].append(abs(e.estimate - truth[lab.strong]) / gap)
+            covered[name] += e.ci_low <= truth[lab.strong] <= e.ci_high
+    # at 100k decisions the bar is a quarter of the true gap; the noise shrinks with √n
+    bar = 0.25 * np.sqrt(100_000 / n)
+    for name in errors:
+        assert np.median(errors[name]) <= bar, (name, errors[name])
+        assert covered[name] >= 4, (name, covered[name])
