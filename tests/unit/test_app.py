@@ -256,3 +256,32 @@ def test_reload_while_requests_are_in_flight_fails_none(
     assert snap.model.version == v2 and d["messages"][2]["messageIdentifier"] not in {
         m.messageIdentifier for m in snap.catalog.eligible(PM, "en-US")}
     assert "catalog" in c.get("/metrics").text
+
+
+def test_shadow_model_is_scored_and_logged_never_shown(client_for: Any, pki: Any, trained_registry: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from models.registry import Registry
+
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(trained_registry, reg_dir)
+    reg = Registry(reg_dir)
+    v1 = reg.current()
+    v2 = reg.write_version((reg_dir / v1 / "model.onnx").read_bytes(), reg.manifest(v1), "shadow copy")
+    c = client_for(model=str(reg_dir), shadow_model=v2, epsilon=0.0)
+    for _ in range(5):
+        assert post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox")).status_code == 200
+    rows = decisions(c)
+    assert all(r["model_version"] == v1 and r["shadow_model_version"] == v2 for r in rows)
+    # the shadow is the same model, so with no exploration its choice equals the one shown
+    assert all(r["shadow_message_id"] == r["message_id"] for r in rows)
+
+
+def test_holdout_share_gets_the_default_with_its_probability_logged(client_for: Any, pki: Any) -> None:
+    c = client_for(holdout=1.0, epsilon=0.0)
+    default = Catalog.load(DEMO_CATALOG).default_for(PM, "en-US")
+    for _ in range(3):
+        r = post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))
+        assert r.json() == {"message": {"messageIdentifier": default.messageIdentifier}}
+    rows = decisions(c)
+    assert all(r["propensity"] == 1.0 and r["policy_params"]["holdout"] == 1.0 for r in rows)
