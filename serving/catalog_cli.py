@@ -1,4 +1,4 @@
-"""``retention catalog``: validate the catalog and check that every product and locale has a default."""
+"""``retention catalog``: validate the catalog, check that every product and locale has a default, sync from Apple."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def main(argv: list[str]) -> int:
         if name == "coverage":
             sp.add_argument("--locales", default=None,
                             help="comma-separated locales served in real time (default: every locale the catalog names)")
+    _add_sync_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "sync":
+        return _sync(args)
     try:
         catalog = Catalog.load(args.catalog)
     except CatalogError as exc:
@@ -51,3 +54,85 @@ def main(argv: list[str]) -> int:
     print(f"{len(missing)} product/locale pair(s) without a default: Apple shows nothing there when our answer fails",
           file=sys.stderr)
     return 1
+
+
+def _add_sync_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = os.environ.get
+    sp = sub.add_parser(
+        "sync",
+        help="update message and image states (and check default messages) from Apple's Retention Messaging API",
+        description=(
+            "Fetch Apple's message and image lists and write their states (PENDING, APPROVED, REJECTED) into the "
+            "catalog. Catalog entries Apple does not know are kept and marked PENDING; entries only Apple knows "
+            "are reported. The result is validated before it is written, atomically. Calls are spaced by "
+            "--min-interval per endpoint (Apple: 1 request/s, sandbox a tenth of that)."
+        ),
+    )
+    sp.add_argument("--catalog", default=env("RETENTION_CATALOG"), help="catalog JSON to sync [env RETENTION_CATALOG]")
+    sp.add_argument("--key-file", default=env("RETENTION_OFFER_KEY_FILE"),
+                    help="In-App Purchase private key, SubscriptionKey_*.p8 [env RETENTION_OFFER_KEY_FILE]")
+    sp.add_argument("--key-id", default=env("RETENTION_OFFER_KEY_ID"), help="key id of that key [env RETENTION_OFFER_KEY_ID]")
+    sp.add_argument("--issuer-id", default=env("RETENTION_OFFER_ISSUER_ID"),
+                    help="issuer id from App Store Connect [env RETENTION_OFFER_ISSUER_ID]")
+    sp.add_argument("--bundle-id", default=env("RETENTION_BUNDLE_ID"), help="your app's bundle id [env RETENTION_BUNDLE_ID]")
+    sp.add_argument("--environment", default=env("RETENTION_ENVIRONMENT"), choices=("Sandbox", "Production"),
+                    help="which of Apple's environments to read [env RETENTION_ENVIRONMENT]")
+    sp.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+    sp.add_argument("--out", default=None, help="write the synced catalog here instead of over --catalog")
+    sp.add_argument("--check-defaults", action="store_true",
+                    help="also fetch the default message of every product x locale and report mismatches")
+    sp.add_argument("--adopt-defaults", action="store_true",
+                    help="set the catalog's defaults to Apple's where they differ (implies --check-defaults; "
+                         "never removes a default)")
+    sp.add_argument("--locales", default=None,
+                    help="comma-separated locales for the default check (default: every locale the catalog names)")
+    sp.add_argument("--min-interval", type=float, default=None,
+                    help="seconds between two calls to one endpoint (default: 1 in Production, 10 in Sandbox)")
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from serving.catalog_sync import SyncError, format_report, make_client, min_interval_for, sync_catalog
+
+    missing = [flag for flag, value in (("--catalog", args.catalog), ("--key-file", args.key_file),
+                                        ("--key-id", args.key_id), ("--issuer-id", args.issuer_id),
+                                        ("--bundle-id", args.bundle_id), ("--environment", args.environment))
+               if not value]
+    if missing:
+        print(f"retention catalog sync: missing {', '.join(missing)} (flag or RETENTION_* variable)", file=sys.stderr)
+        return 2
+    if args.environment not in ("Sandbox", "Production"):
+        print(f"retention catalog sync: --environment must be Sandbox or Production, not {args.environment!r}",
+              file=sys.stderr)
+        return 2
+    if args.min_interval is not None and args.min_interval < 0:
+        print("retention catalog sync: --min-interval must be >= 0", file=sys.stderr)
+        return 2
+    locales = [x.strip() for x in args.locales.split(",") if x.strip()] if args.locales else None
+    try:
+        client = make_client(args.key_file, args.key_id, args.issuer_id, args.bundle_id, args.environment)
+        plan, written = sync_catalog(
+            args.catalog,
+            client,
+            out_path=args.out,
+            dry_run=args.dry_run,
+            check_defaults=args.check_defaults or args.adopt_defaults,
+            locales=locales,
+            adopt_defaults=args.adopt_defaults,
+            min_interval=min_interval_for(args.environment) if args.min_interval is None else args.min_interval,
+            progress=True,
+        )
+    except SyncError as exc:
+        print(f"retention catalog sync: {exc}; the catalog was not changed", file=sys.stderr)
+        return 1
+    print(format_report(plan))
+    if plan.problem is not None:
+        print(f"retention catalog sync: refused, the synced catalog would be invalid: {plan.problem}; "
+              "the catalog was not changed", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"dry run: nothing written ({plan.calls} call(s) to Apple {args.environment})")
+    elif written is None:
+        print(f"{args.catalog} already up to date, not rewritten ({plan.calls} call(s) to Apple {args.environment})")
+    else:
+        print(f"wrote {written} ({len(plan.changes)} change(s); {plan.calls} call(s) to Apple {args.environment})")
+    return 0
