@@ -379,9 +379,10 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 
     The temporary file lives in the target's folder (``os.replace`` is atomic only within
     one file system), is flushed to disk before the rename, and keeps the old file's
-    permissions; on any failure it is removed and the target is untouched.
+    permissions; on any failure it is removed and the target is untouched. A symlinked
+    target is followed, so the link stays a link and its file is what gets replaced.
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path))
     folder = target.parent if str(target.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:

@@ -351,3 +351,13 @@ def test_an_unwritable_target_is_one_line(monkeypatch, catalog_file, capsys):
     assert run_sync(monkeypatch, all_approved(), catalog_file, "--out", str(out)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write" in err[0]
+
+
+def test_a_symlinked_catalog_stays_a_symlink(tmp_path):
+    real = tmp_path / "releases" / "catalog.json"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "catalog.json"
+    link.symlink_to(real)
+    write_atomic(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
