@@ -3,10 +3,16 @@
 Verified with the same trust roots and chain rules as realtime requests (validity at the
 notification's signedDate, no freshness window: Apple retries notifications for days).
 Idempotent by ``notificationUUID``: a retry is acknowledged and stored once.
+
+A 200 tells Apple to stop retrying, so an outcome is committed to the log before the answer
+leaves; when it cannot be (the log is closing, full, or failed to write), the answer is
+``503 {"error": "outcome_not_stored"}`` and Apple's retry brings it again.
+https://developer.apple.com/documentation/appstoreservernotifications/responding-to-app-store-server-notifications
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -19,53 +25,155 @@ from serving.schemas import RealtimeRequestBody
 if TYPE_CHECKING:
     from serving.app import RetentionService
 
+__all__ = ["Outcome", "handle_notification", "parse_notification", "receive_notification"]
+
 _encode = msgspec.json.Encoder().encode
+# The outer body has the same shape as a realtime request's: {"signedPayload": "<JWS>"}.
 _decode = msgspec.json.Decoder(RealtimeRequestBody).decode
+
+#: How long the handler waits for the log writer to commit an outcome before answering 503.
+STORE_TIMEOUT_S = 2.0
+
+_RECORDED = b'{"status":"recorded"}'
+_IGNORED = b'{"status":"ignored"}'
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One verified notification that tells whether a subscriber stayed."""
+
+    notification_uuid: str
+    original_transaction_id: str
+    event: str
+    at_ms: int
+    raw_type: str
+    raw_subtype: str | None
+
 
 def _error(code: str, detail: str, status: int) -> Response[bytes]:
     return Response(content=_encode({"error": code, "detail": detail}), status_code=status, media_type=MediaType.JSON)
 
 
-def handle_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
-    """Return the HTTP answer for one notification body, recording its outcome when it has one."""
+def _ok(content: bytes) -> Response[bytes]:
+    return Response(content=content, status_code=200, media_type=MediaType.JSON)
+
+
+def _invalid(detail: str) -> VerificationError:
+    return VerificationError("invalid_payload", detail)
+
+
+def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | None:
+    """Return the outcome a signed notification carries, None when it carries none; raise VerificationError.
+
+    Checks the outer JWS and each nested one (chain valid at its signedDate), the environment and
+    the app (only when the payload names them: Apple leaves ``appAppleId`` out in Sandbox).
+    """
+    payload: dict[str, Any] = svc.verifier.verify_signed_data(signed_payload)
+    ntype = payload.get("notificationType")
+    uuid_ = payload.get("notificationUUID")
+    signed_date = payload.get("signedDate")
+    if not isinstance(ntype, str) or not isinstance(uuid_, str) or not uuid_:
+        raise _invalid("the notification has no string notificationType and notificationUUID.")
+    if isinstance(signed_date, bool) or not isinstance(signed_date, int):
+        raise _invalid("the notification has no integer signedDate.")
+    subtype = payload.get("subtype")
+    if subtype is not None and not isinstance(subtype, str):
+        raise _invalid("the notification's subtype is not a string.")
+    data = payload.get("data")
+    if data is None:  # summary notifications carry "summary" instead; none of them is an outcome
+        data = {}
+    if not isinstance(data, dict):
+        raise _invalid("the notification's data is not a JSON object.")
+    settings = svc.settings
+    env = data.get("environment")
+    if env is not None and env != settings.environment:
+        raise VerificationError("wrong_environment", f"The notification is for {str(env)[:40]!r}, not {settings.environment}.")
+    app_id = data.get("appAppleId")
+    relaxed = settings.relax_app_id_in_sandbox and settings.environment == "Sandbox"
+    if app_id is not None and settings.app_apple_id is not None and app_id != settings.app_apple_id and not relaxed:
+        raise VerificationError("wrong_app", "The notification is for another app.")
+    event = event_for_notification(ntype, subtype)
+    if event is None:
+        return None  # nested tokens of a notification we do not record are not worth verifying
+    otid: str | None = None
+    for key in ("signedTransactionInfo", "signedRenewalInfo"):
+        nested = data.get(key)
+        if nested is None:
+            continue
+        if not isinstance(nested, str):
+            raise _invalid(f"the notification's {key} is not a string.")
+        value = svc.verifier.verify_signed_data(nested).get("originalTransactionId")
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise _invalid(f"the originalTransactionId in {key} is not a non-empty string.")
+        otid = otid or value
+    if otid is None:
+        return None
+    return Outcome(uuid_, otid, event, signed_date, ntype, subtype)
+
+
+def _verify(svc: RetentionService, body: bytes) -> Response[bytes] | Outcome:
+    """Return the answer for a body that is refused or records nothing, else the outcome to store."""
     try:
         outer = _decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return _error("malformed_body", "The body must be a JSON object with a string signedPayload.", 400)
     try:
-        payload: dict[str, Any] = svc.verifier.verify_signed_data(outer.signedPayload)
-        data = payload.get("data") or {}
-        ntype = payload.get("notificationType")
-        uuid_ = payload.get("notificationUUID")
-        signed_date = payload.get("signedDate")
-        if not isinstance(ntype, str) or not isinstance(uuid_, str) or not isinstance(signed_date, int):
-            raise VerificationError("invalid_payload", "notificationType, notificationUUID and signedDate are required.")
-        env = data.get("environment")
-        if env is not None and env != svc.settings.environment:
-            raise VerificationError("wrong_environment", f"The notification is for {env}, not {svc.settings.environment}.")
-        app_id = data.get("appAppleId")
-        if app_id is not None and svc.settings.app_apple_id is not None and app_id != svc.settings.app_apple_id:
-            raise VerificationError("wrong_app", "The notification is for another app.")
-        otid = None
-        for key in ("signedTransactionInfo", "signedRenewalInfo"):
-            nested = data.get(key)
-            if isinstance(nested, str):
-                otid = svc.verifier.verify_signed_data(nested).get("originalTransactionId")
-                if otid:
-                    break
+        outcome = parse_notification(svc, outer.signedPayload)
     except VerificationError as exc:
         svc.metrics.verification_failure(exc.code)
         return _error(exc.code, exc.detail, exc.status)
-    subtype = payload.get("subtype")
-    event = event_for_notification(ntype, subtype if isinstance(subtype, str) else None)
-    if event is None or not otid:
-        return Response(content=b'{"status":"ignored"}', status_code=200, media_type=MediaType.JSON)
+    except Exception as exc:  # an input we did not foresee is still the sender's fault, never a 500
+        svc.metrics.verification_failure("invalid_payload")
+        return _error("invalid_payload", f"The notification could not be read ({type(exc).__name__}).", 400)
+    return _ok(_IGNORED) if outcome is None else outcome
+
+
+def _queue(svc: RetentionService, o: Outcome) -> tuple[int, int]:
+    """Queue `o` in the log; return the log's (dropped, write_errors) counts from just before."""
+    stats = svc.decision_log.stats()
     svc.decision_log.log_outcome(
-        notification_uuid=uuid_,
-        original_transaction_id=str(otid),
-        event=event,
-        at_ms=signed_date,
-        raw_type=ntype,
-        raw_subtype=subtype if isinstance(subtype, str) else None,
+        notification_uuid=o.notification_uuid,
+        original_transaction_id=o.original_transaction_id,
+        event=o.event,
+        at_ms=o.at_ms,
+        raw_type=o.raw_type,
+        raw_subtype=o.raw_subtype,
     )
-    return Response(content=b'{"status":"recorded"}', status_code=200, media_type=MediaType.JSON)
+    return stats["dropped"], stats["write_errors"]
+
+
+def _stored(svc: RetentionService, before: tuple[int, int], flushed: bool) -> Response[bytes]:
+    """Return 200 when the outcome is committed, else 503 so that Apple sends it again."""
+    stats = svc.decision_log.stats()
+    # A drop or write error anywhere since queueing may have been ours: answering 503 costs only a
+    # retry, which the notificationUUID key makes harmless, while a wrong 200 loses the outcome.
+    if flushed and stats["writer_alive"] and (stats["dropped"], stats["write_errors"]) == before:
+        return _ok(_RECORDED)
+    return _error("outcome_not_stored", "The outcome could not be stored now; send the notification again.", 503)
+
+
+def handle_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
+    """Return the HTTP answer for one notification body, after committing its outcome when it has one.
+
+    Waits for the log writer on the calling thread (about a millisecond, longer while the writer
+    is busy); an async caller should prefer :func:`receive_notification`, which waits off the loop.
+    """
+    checked = _verify(svc, body)
+    if isinstance(checked, Response):
+        return checked
+    before = _queue(svc, checked)
+    return _stored(svc, before, svc.decision_log.flush(STORE_TIMEOUT_S))
+
+
+async def receive_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
+    """Return the HTTP answer for one notification body; like :func:`handle_notification` but never blocks the loop."""
+    import anyio.to_thread
+
+    checked = _verify(svc, body)
+    if isinstance(checked, Response):
+        return checked
+    before = _queue(svc, checked)
+    flushed = await anyio.to_thread.run_sync(svc.decision_log.flush, STORE_TIMEOUT_S)
+    return _stored(svc, before, flushed)
