@@ -289,10 +289,11 @@ def test_snips_and_dr_are_accurate_and_cover_the_truth_on_the_simulator(lab: Lab
         assert (greedy != lg).mean() >= 0.3
         for name in errors:
             e = ev.results[lab.strong][name]
-            errors[name].append(abs(e.estimate - truth[lab.strong]) / gap)
+            errors[name].append((e.estimate - truth[lab.strong]) / gap)
             covered[name] += e.ci_low <= truth[lab.strong] <= e.ci_high
-    # at 100k decisions the bar is a quarter of the true gap; the noise shrinks with √n
+    # at 100k decisions the bar is a quarter of the true gap (model − logging); the noise shrinks with √n
     bar = 0.25 * np.sqrt(100_000 / n)
-    for name in errors:
-        assert np.median(errors[name]) <= bar, (name, errors[name])
-        assert covered[name] >= 4, (name, covered[name])
+    for name, rel in errors.items():
+        assert np.median(np.abs(rel)) <= bar, (name, rel)
+        assert abs(np.mean(rel)) <= bar / np.sqrt(len(seeds)), (name, rel)  # no systematic bias either
+        assert covered[name] >= 0.8 * len(seeds), (name, covered[name])
