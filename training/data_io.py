@@ -1,0 +1,228 @@
+"""Reading and writing the training data files (DESIGN.md, "Data files"), with validation.
+
+Parquet or CSV, chosen by the file's suffix (``.parquet``/``.pq``, ``.csv``, optionally
+``.csv.gz``). In CSV the ``candidates`` column holds a JSON list of message ids, so a
+file round-trips between the two formats. Identifiers (transaction ids, request ids,
+message ids, locales) are always read as strings: Apple's transaction ids look numeric,
+and a CSV reader that turned them into integers would break the joins.
+
+Every problem is a :class:`DataError` whose message is one sentence naming the file and,
+for a bad value, the first offending row, so the CLI can print it as its one error line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DECISION_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "original_transaction_id",
+    "product_id",
+    "user_locale",
+    "environment",
+    "signed_date",
+    "candidates",
+    "message_id",
+    "propensity",
+    "model_version",
+    "policy",
+)
+OUTCOME_COLUMNS: tuple[str, ...] = ("original_transaction_id", "event", "at")
+EVENTS: tuple[str, ...] = ("cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded")
+
+# Columns that are identifiers or labels and must stay strings whatever they look like.
+_STRING_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "original_transaction_id",
+    "product_id",
+    "user_locale",
+    "environment",
+    "message_id",
+    "model_version",
+    "policy",
+    "event",
+)
+# Columns holding a list per row; JSON text in CSV.
+_LIST_COLUMNS: tuple[str, ...] = ("candidates",)
+
+
+class DataError(ValueError):
+    """A data file is unreadable or breaks the format; the message names the file and the problem."""
+
+
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise DataError(f"{path}: unknown file format (expected a .parquet or .csv file)")
+
+
+def _parse_list(value: object, path: Path, column: str, row: int) -> object:
+    """Return a list cell as a Python list: JSON text (CSV) is parsed, arrays (Parquet) converted."""
+    if isinstance(value, np.ndarray | tuple):
+        return list(value)
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: row {row + 1}: column {column!r} is not a JSON list: {value[:60]!r}") from None
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Return the table in a Parquet or CSV file, identifiers as strings and list columns as lists."""
+    p = Path(path)
+    fmt = _format_of(p)
+    if not p.exists():
+        raise DataError(f"{p}: no such file")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a data file")
+    try:
+        if fmt == "parquet":
+            df = pd.read_parquet(p)
+        else:
+            df = pd.read_csv(p, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=True)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{p}: cannot read it as {fmt}: {first}") from None
+    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{p}: cannot read it as {fmt}: {first}") from None
+    for column in _LIST_COLUMNS:
+        if column in df.columns:
+            df[column] = [_parse_list(v, p, column, i) for i, v in enumerate(df[column].tolist())]
+    for column in _STRING_COLUMNS:
+        # Parquet written by other tools may carry integer ids; normalise them like CSV.
+        if column in df.columns and not (pd.api.types.is_string_dtype(df[column]) or df[column].dtype == object):
+            df[column] = df[column].astype("str")
+    return df
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a table as Parquet or CSV (by suffix); list columns become JSON text in CSV."""
+    p = Path(path)
+    fmt = _format_of(p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        out = df
+        for column in _LIST_COLUMNS:
+            if column in out.columns:
+                out = out.copy() if out is df else out
+                out[column] = [list(v) if isinstance(v, np.ndarray | tuple) else v for v in out[column].tolist()]
+        out.to_parquet(p, index=False)
+    else:
+        out = df.copy()
+        for column in _LIST_COLUMNS:
+            if column in out.columns:
+                out[column] = [json.dumps(list(v)) if _is_listlike(v) else v for v in out[column].tolist()]
+        out.to_csv(p, index=False)
+
+
+def _is_listlike(value: object) -> bool:
+    return isinstance(value, list | tuple | np.ndarray)
+
+
+def _require_columns(df: pd.DataFrame, required: tuple[str, ...], path: Path, what: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: the {what} file lacks column(s) {', '.join(missing)}")
+
+
+def _first_bad(mask: np.ndarray) -> int | None:
+    """Return the position of the first True in a boolean mask, or None."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else None
+
+
+def _row_name(df: pd.DataFrame, pos: int, key: str) -> str:
+    """Return 'row N (key=value)' for error messages; N counts data rows from 1."""
+    if key in df.columns:
+        return f"row {pos + 1} ({key} {df[key].iloc[pos]!r})"
+    return f"row {pos + 1}"
+
+
+def _require_strings(df: pd.DataFrame, columns: tuple[str, ...], path: Path, key: str) -> None:
+    for column in columns:
+        bad = _first_bad(df[column].isna().to_numpy())
+        if bad is not None:
+            raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} is missing")
+
+
+def _require_ms(df: pd.DataFrame, column: str, path: Path, key: str) -> None:
+    """Convert a millisecond timestamp column to int64 in place, or raise naming the first bad row."""
+    values = pd.to_numeric(df[column], errors="coerce")
+    arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = _first_bad(~np.isfinite(arr) | (arr != np.round(arr)))
+    if bad is not None:
+        raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} {df[column].iloc[bad]!r} is not a time in ms")
+    df[column] = values.astype(np.int64)
+
+
+def read_decisions(path: str | Path) -> pd.DataFrame:
+    """Return a validated decisions table (extra columns are kept), or raise DataError naming the first bad row."""
+    p = Path(path)
+    df = read_table(p)
+    _require_columns(df, DECISION_COLUMNS, p, "decisions")
+    df = df.reset_index(drop=True)
+    _require_strings(df, ("request_id", "original_transaction_id", "product_id", "user_locale", "message_id"), p,
+                     "request_id")
+    _require_ms(df, "signed_date", p, "request_id")
+    prop = pd.to_numeric(df["propensity"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = _first_bad(~((prop > 0.0) & (prop <= 1.0)))
+    if bad is not None:
+        raise DataError(
+            f"{p}: {_row_name(df, bad, 'request_id')}: propensity {df['propensity'].iloc[bad]!r} is outside (0, 1]"
+        )
+    df["propensity"] = prop
+    candidates = df["candidates"].tolist()
+    ok_list = np.fromiter((isinstance(c, list) and len(c) > 0 for c in candidates), dtype=bool, count=len(df))
+    bad = _first_bad(~ok_list)
+    if bad is not None:
+        raise DataError(f"{p}: {_row_name(df, bad, 'request_id')}: candidates must be a non-empty list of message ids")
+    shown = df["message_id"].tolist()
+    in_list = np.fromiter((m in c for m, c in zip(shown, candidates, strict=True)), dtype=bool, count=len(df))
+    bad = _first_bad(~in_list)
+    if bad is not None:
+        raise DataError(
+            f"{p}: {_row_name(df, bad, 'request_id')}: message_id {shown[bad]!r} is not in its own candidates"
+        )
+    return df
+
+
+def read_outcomes(path: str | Path) -> pd.DataFrame:
+    """Return a validated outcome-events table (``at`` as int64 ms), or raise DataError naming the first bad row."""
+    p = Path(path)
+    df = read_table(p)
+    _require_columns(df, OUTCOME_COLUMNS, p, "outcomes")
+    df = df.reset_index(drop=True)
+    _require_strings(df, ("original_transaction_id",), p, "original_transaction_id")
+    known = df["event"].isin(EVENTS).to_numpy()
+    bad = _first_bad(~known)
+    if bad is not None:
+        raise DataError(
+            f"{p}: {_row_name(df, bad, 'original_transaction_id')}: unknown event {df['event'].iloc[bad]!r} "
+            f"(expected one of {', '.join(EVENTS)})"
+        )
+    _require_ms(df, "at", p, "original_transaction_id")
+    return df
+
+
+def read_profiles(path: str | Path) -> pd.DataFrame:
+    """Return a subscriber-profiles table keyed by a unique ``original_transaction_id``, or raise DataError."""
+    p = Path(path)
+    df = read_table(p)
+    _require_columns(df, ("original_transaction_id",), p, "profiles")
+    df = df.reset_index(drop=True)
+    _require_strings(df, ("original_transaction_id",), p, "original_transaction_id")
+    dup = _first_bad(df["original_transaction_id"].duplicated().to_numpy())
+    if dup is not None:
+        raise DataError(
+            f"{p}: {_row_name(df, dup, 'original_transaction_id')}: original_transaction_id appears more than once"
+        )
+    return df
