@@ -1,0 +1,260 @@
+"""The model registry: versions on disk, a `current` pointer, promote and rollback.
+
+Layout of a registry folder::
+
+    REGISTRY/
+      current                 the serving version's id (one line, replaced atomically)
+      history.json            promotions, oldest first: [{"version", "at"}]; rollback pops the last
+      20261128T211500Z-a1b2c3/
+        model.onnx
+        manifest.json         version, created, featurizer version, feature schema and its sha256,
+                              training data summary, metrics, parity, onnx_sha256, library versions,
+                              hyperparameters
+        model_card.md
+
+A version folder is written under a temporary name and renamed into place, so a reader
+never sees half a version; version ids sort by creation time. Loading checks that every
+file is there, that model.onnx has the manifest's sha256 and that the featurizer version
+is this code's, and refuses with a sentence that names the check that failed.
+
+This module imports nothing heavier than numpy (through models.features): serving uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from models.features import FEATURIZER_VERSION, FeatureSchema
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+CARD_FILE = "model_card.md"
+CURRENT_FILE = "current"
+HISTORY_FILE = "history.json"
+_VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+class RegistryError(Exception):
+    """A registry operation failed (no such version, nothing to roll back to); the message says which."""
+
+
+class ModelLoadError(RegistryError):
+    """A model version cannot be loaded; the message names the failed check."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified model version: its id, manifest, feature schema and ONNX file."""
+
+    version: str
+    manifest: dict[str, Any]
+    schema: FeatureSchema
+    onnx_path: Path
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def new_version_id(now: float | None = None) -> str:
+    """Return a fresh, sortable version id such as ``20261128T211500Z-a1b2c3``."""
+    t = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
+    return f"{t.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Registry:
+    """A folder of model versions with a `current` pointer (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def parse(spec: str | Path) -> tuple[Registry, str | None]:
+        """Return (registry, pinned version or None) for ``DIR`` or ``DIR@VERSION``."""
+        text = str(spec)
+        head, sep, tail = text.rpartition("@")
+        if sep and tail and "/" not in tail and os.sep not in tail:
+            return Registry(head), tail
+        return Registry(text), None
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    # ---- reading ------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Return the version ids in the registry, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
+        )
+
+    def current(self) -> str | None:
+        """Return the current version id, or None when nothing was promoted."""
+        try:
+            text = (self.root / CURRENT_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def history(self) -> list[dict[str, Any]]:
+        """Return the promotion history, oldest first (each entry: version, at)."""
+        try:
+            data = json.loads((self.root / HISTORY_FILE).read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"registry history {self.root / HISTORY_FILE} is unreadable: {exc}") from None
+        return list(data) if isinstance(data, list) else []
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        """Return a version's manifest; raises ModelLoadError when missing or malformed."""
+        folder = self._folder(version)
+        path = folder / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelLoadError(f"model {version}: missing file {MANIFEST_FILE}") from None
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {version}: bad manifest ({exc})") from None
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"model {version}: bad manifest (not a JSON object)")
+        return data
+
+    def _folder(self, version: str) -> Path:
+        if not version or "/" in version or version.startswith("."):
+            raise ModelLoadError(f"{version!r} is not a model version id")
+        folder = self.root / version
+        if not folder.is_dir():
+            raise ModelLoadError(f"model {version}: no such version in registry {self.root}")
+        return folder
+
+    def load(self, version: str | None = None) -> LoadedModel:
+        """Return the verified model `version` (default: current); raises ModelLoadError naming the failed check."""
+        if version is None:
+            version = self.current()
+            if version is None:
+                raise ModelLoadError(f"registry {self.root} has no current model version")
+        folder = self._folder(version)
+        manifest = self.manifest(version)
+        onnx_path = folder / MODEL_FILE
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"model {version}: missing file {MODEL_FILE}")
+        for key in ("featurizer_version", "feature_schema", "onnx_sha256"):
+            if key not in manifest:
+                raise ModelLoadError(f"model {version}: bad manifest (no {key!r})")
+        theirs = str(manifest["featurizer_version"])
+        if theirs != FEATURIZER_VERSION:
+            raise ModelLoadError(
+                f"model {version}: featurizer version differs (ours {FEATURIZER_VERSION}, model's {theirs}); "
+                "retrain it with this code"
+            )
+        actual = sha256_file(onnx_path)
+        if actual != manifest["onnx_sha256"]:
+            raise ModelLoadError(
+                f"model {version}: sha256 mismatch for {MODEL_FILE} (manifest {str(manifest['onnx_sha256'])[:12]}…, "
+                f"file {actual[:12]}…): the file was changed or corrupted"
+            )
+        try:
+            schema = FeatureSchema.from_dict(manifest["feature_schema"])
+        except ValueError as exc:
+            raise ModelLoadError(f"model {version}: bad manifest (feature schema: {exc})") from None
+        want = manifest.get("feature_schema_sha256")
+        if want is not None and want != schema.sha256():
+            raise ModelLoadError(f"model {version}: bad manifest (feature schema does not match its sha256)")
+        return LoadedModel(version=version, manifest=manifest, schema=schema, onnx_path=onnx_path)
+
+    # ---- writing ------------------------------------------------------------------------
+    def write_version(self, onnx_bytes: bytes, manifest: dict[str, Any], card_md: str) -> str:
+        """Return the id of a new version holding these files, written atomically (not promoted)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        version = new_version_id()
+        while (self.root / version).exists():
+            version = new_version_id()
+        data = dict(manifest)
+        data["version"] = version
+        data.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
+        data["onnx_sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+        data.setdefault("featurizer_version", FEATURIZER_VERSION)
+        tmp = self.root / f".tmp-{version}"
+        tmp.mkdir()
+        try:
+            (tmp / MODEL_FILE).write_bytes(onnx_bytes)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+            (tmp / CARD_FILE).write_text(card_md.replace("{version}", version))
+            for name in (MODEL_FILE, MANIFEST_FILE, CARD_FILE):
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, self.root / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return version
+
+    def promote(self, version: str) -> None:
+        """Make `version` current (after verifying it loads) and record it in the history."""
+        self.load(version)
+        hist = self.history()
+        if not hist or hist[-1].get("version") != version:
+            hist.append({"version": version, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+        _write_atomic(self.root / HISTORY_FILE, (json.dumps(hist, indent=1) + "\n").encode())
+        _write_atomic(self.root / CURRENT_FILE, (version + "\n").encode())
+
+    def rollback(self) -> str:
+        """Return the version made current again: the one promoted before the current one."""
+        hist = self.history()
+        cur = self.current()
+        # drop entries at the end that are the current version, then the previous one is the target
+        while hist and hist[-1].get("version") == cur:
+            hist.pop()
+        while hist and not (self.root / str(hist[-1].get("version"))).is_dir():
+            hist.pop()
+        if not hist:
+            raise RegistryError(f"nothing to roll back to: {cur or 'no version'} is the only one ever promoted")
+        target = str(hist[-1]["version"])
+        self.load(target)
+        _write_atomic(self.root / HISTORY_FILE, (json.dumps(hist, indent=1) + "\n").encode())
+        _write_atomic(self.root / CURRENT_FILE, (target + "\n").encode())
+        return target
+
+
+def is_version_id(text: str) -> bool:
+    """Return True when `text` has the shape of a version id made by :func:`new_version_id`."""
+    return bool(_VERSION_RE.match(text))
+
+
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "Registry",
+    "RegistryError",
+    "is_version_id",
+    "new_version_id",
+    "sha256_file",
+]

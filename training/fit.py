@@ -1,0 +1,254 @@
+"""Fitting P(stay | context, message), exporting it to ONNX, and checking the two agree.
+
+Models:
+- ``hgb`` (default): HistGradientBoostingClassifier on the featurizer's one-hot/numeric
+  columns (never its native categorical support: skl2onnx scores that wrongly);
+- ``logreg``: StandardScaler + LogisticRegression, for a linear baseline.
+
+Both are calibrated with a sigmoid (Platt) fitted on a calibration share of the training
+rows that the base model did not see (``FrozenEstimator``): one base fit instead of the
+k+1 fits of cross-validated calibration, which is what keeps 1M decisions under minutes.
+The sigmoid converts to ONNX exactly; isotonic calibration does not. Two conversion traps
+found here and avoided: a Pipeline *inside* CalibratedClassifierCV converts to a wrong
+graph (probabilities off by up to 0.5), so the scaler sits outside the calibrator; and the
+calibrator must hold the bare fitted estimator, not its FrozenEstimator wrapper, for
+skl2onnx to recognise it.
+
+The ONNX graph takes float32 rows (the featurizer's dtype on both sides) and has
+outputs ``label`` and ``probabilities`` (zipmap off).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MODELS: tuple[str, ...] = ("hgb", "logreg")
+TARGET_OPSET = 17  # ai.onnx opset 17 runs on onnxruntime 1.31 and on older runtimes a deployment may have
+PARITY_TOLERANCE = 1e-5
+TIE_MARGIN = 1e-6
+
+HGB_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 0.08,
+    "max_iter": 400,
+    "max_leaf_nodes": 31,
+    "min_samples_leaf": 40,
+    "l2_regularization": 1.0,
+    "early_stopping": True,
+    "validation_fraction": 0.1,
+    "n_iter_no_change": 20,
+}
+LOGREG_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 2000}
+
+
+@dataclass
+class FitInfo:
+    """What a fit did: model kind, parameters, rows used, seconds spent."""
+
+    model: str
+    params: dict[str, Any]
+    calibration: str
+    calibration_fraction: float
+    rows_fit: int
+    rows_calibration: int
+    n_iter: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the info as JSON-able data (the manifest's hyperparameters)."""
+        return asdict(self)
+
+
+@dataclass
+class ParityResult:
+    """How far ONNX Runtime's probabilities are from sklearn's, and whether the greedy choices agree."""
+
+    rows: int
+    requests: int
+    requests_compared: int
+    max_abs_diff: float
+    choice_mismatches: int
+    tolerance: float = PARITY_TOLERANCE
+    tie_margin: float = TIE_MARGIN
+    mismatched_requests: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Return True when both checks hold."""
+        return self.max_abs_diff <= self.tolerance and self.choice_mismatches == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as JSON-able data (the manifest's parity entry)."""
+        d = asdict(self)
+        d["passed"] = self.passed
+        d["mismatched_requests"] = d["mismatched_requests"][:10]
+        return d
+
+
+def fit_model(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    model: str = "hgb",
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+    calibration_fraction: float = 0.15,
+    sample_weight: np.ndarray | None = None,
+) -> tuple[Any, FitInfo]:
+    """Return (calibrated estimator with predict_proba, FitInfo) fitted on float32 rows `X` and 0/1 labels `y`."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+    y = np.asarray(y, dtype=np.int64)
+    X = np.asarray(X, dtype=np.float32)
+    if len(np.unique(y)) < 2:
+        raise ValueError("every training label is the same (all retained or all churned): nothing to learn")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_cal = round(len(y) * calibration_fraction)
+    cal_idx, fit_idx = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+    if n_cal < 50 or len(np.unique(y[cal_idx])) < 2:
+        raise ValueError(f"too few labelled rows to calibrate ({len(y)} rows): need a few hundred at least")
+    sw_fit = None if sample_weight is None else np.asarray(sample_weight)[fit_idx]
+    sw_cal = None if sample_weight is None else np.asarray(sample_weight)[cal_idx]
+
+    if model == "hgb":
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        p = {**HGB_DEFAULTS, **(params or {})}
+        base = HistGradientBoostingClassifier(random_state=seed, **p)
+        base.fit(X[fit_idx], y[fit_idx], sample_weight=sw_fit)
+        cal = CalibratedClassifierCV(FrozenEstimator(base), method="sigmoid")
+        cal.fit(X[cal_idx], y[cal_idx], sample_weight=sw_cal)
+        cal.calibrated_classifiers_[0].estimator = base  # see the module docstring
+        estimator: Any = cal
+        n_iter = int(base.n_iter_)
+    else:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        p = {**LOGREG_DEFAULTS, **(params or {})}
+        scaler = StandardScaler().fit(X[fit_idx])
+        base = LogisticRegression(random_state=seed, **p)
+        base.fit(scaler.transform(X[fit_idx]), y[fit_idx], sample_weight=sw_fit)
+        cal = CalibratedClassifierCV(FrozenEstimator(base), method="sigmoid")
+        cal.fit(scaler.transform(X[cal_idx]), y[cal_idx], sample_weight=sw_cal)
+        cal.calibrated_classifiers_[0].estimator = base
+        estimator = Pipeline([("scale", scaler), ("calibrated", cal)])
+        n_iter = int(np.max(base.n_iter_))
+    info = FitInfo(
+        model=model,
+        params=p,
+        calibration="sigmoid",
+        calibration_fraction=calibration_fraction,
+        rows_fit=len(fit_idx),
+        rows_calibration=n_cal,
+        n_iter=n_iter,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return estimator, info
+
+
+def export_onnx(estimator: Any, n_features: int) -> bytes:
+    """Return the serialized ONNX model of a fitted estimator (float32 input ``X``, zipmap off)."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    options = {id(_classifier_of(estimator)): {"zipmap": False}}
+    onx = to_onnx(
+        estimator,
+        initial_types=[("X", FloatTensorType([None, n_features]))],
+        options=options,
+        target_opset={"": TARGET_OPSET, "ai.onnx.ml": 3},
+    )
+    return onx.SerializeToString()
+
+
+def _classifier_of(estimator: Any) -> Any:
+    steps = getattr(estimator, "steps", None)
+    return steps[-1][1] if steps else estimator
+
+
+def onnx_session(onnx_bytes: bytes, threads: int = 0) -> Any:
+    """Return an onnxruntime InferenceSession for batch scoring (all cores by default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_p_stay(session: Any, X: np.ndarray, batch: int = 200_000) -> np.ndarray:
+    """Return float64 P(stay) for the rows of `X` scored by an ONNX session, in batches."""
+    name = session.get_inputs()[0].name
+    out = np.empty(len(X), dtype=np.float64)
+    for s in range(0, len(X), batch):
+        out[s : s + batch] = session.run(["probabilities"], {name: np.ascontiguousarray(X[s : s + batch])})[0][:, 1]
+    return out
+
+
+def greedy_choices(groups: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return, per group (codes 0..G-1), (index of the best row, its value, best minus second-best value).
+
+    Non-finite values never win; the first row wins ties (the policy's rule). A group with
+    one finite row has an infinite margin.
+    """
+    df = pd.DataFrame({"g": groups, "v": np.where(np.isfinite(values), values, -np.inf), "i": np.arange(len(values))})
+    df = df.sort_values(["g", "v", "i"], ascending=[True, False, True], kind="stable")
+    first = ~df["g"].duplicated().to_numpy()
+    second = np.zeros(len(df), dtype=bool)
+    pos_first = np.flatnonzero(first)
+    nxt = pos_first + 1
+    ok = (nxt < len(df)) & np.isin(nxt, pos_first, invert=True)
+    second[nxt[ok]] = True
+    g_sorted = df["g"].to_numpy()
+    v_sorted = df["v"].to_numpy()
+    n_groups = int(g_sorted.max()) + 1 if len(g_sorted) else 0
+    best_idx = np.full(n_groups, -1, dtype=np.int64)
+    best_val = np.full(n_groups, -np.inf)
+    second_val = np.full(n_groups, -np.inf)
+    best_idx[g_sorted[first]] = df["i"].to_numpy()[first]
+    best_val[g_sorted[first]] = v_sorted[first]
+    second_val[g_sorted[second]] = v_sorted[second]
+    with np.errstate(invalid="ignore"):
+        margin = np.where(np.isfinite(second_val), best_val - second_val, np.inf)
+    return best_idx, best_val, margin
+
+
+def check_parity(
+    p_sklearn: np.ndarray,
+    p_onnx: np.ndarray,
+    request_ids: np.ndarray,
+    values_after: np.ndarray,
+) -> ParityResult:
+    """Return the parity of two P(stay) vectors over (request, candidate) rows.
+
+    The max abs difference of P must be at most 1e-5, and the greedy choice (argmax of
+    P × value_after) must be identical for every request whose two best sklearn values
+    differ by more than 1e-6 (closer ones are ties that float32 may break either way).
+    """
+    codes, uniques = pd.factorize(pd.Series(request_ids))
+    v_sk = np.asarray(p_sklearn) * np.asarray(values_after)
+    v_ox = np.asarray(p_onnx) * np.asarray(values_after)
+    best_sk, _, margin = greedy_choices(codes, v_sk)
+    best_ox, _, _ = greedy_choices(codes, v_ox)
+    compared = margin > TIE_MARGIN
+    bad = compared & (best_sk != best_ox)
+    diff = np.abs(np.asarray(p_sklearn, dtype=np.float64) - np.asarray(p_onnx, dtype=np.float64))
+    return ParityResult(
+        rows=len(diff),
+        requests=len(uniques),
+        requests_compared=int(compared.sum()),
+        max_abs_diff=float(diff.max()) if len(diff) else 0.0,
+        choice_mismatches=int(bad.sum()),
+        mismatched_requests=[str(u) for u in uniques[np.flatnonzero(bad)][:10]],
+    )

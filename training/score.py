@@ -1,0 +1,106 @@
+"""``retention score``: batch-score a file of logged requests with a model version.
+
+For each request (a row of a DESIGN.md decisions file; only the context columns and
+``candidates`` are needed), every candidate is featurized with the model's own schema and
+scored with ONNX Runtime; the output has one row per request: ``request_id``,
+``message_id`` (the greedy choice among that request's own candidates, by
+P(stay) × (V(product after m) − cost(m)), first on ties) and ``expected_value``.
+A candidate that the catalog lacks is never chosen; a request none of whose candidates the
+catalog knows gets an empty message_id and NaN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCORE_COLUMNS = (
+    "request_id",
+    "original_transaction_id",
+    "product_id",
+    "user_locale",
+    "environment",
+    "signed_date",
+    "candidates",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retention score",
+        description="Batch-score logged requests with a model version: one row per request with the greedy "
+        "message among its own candidates and its expected value.",
+    )
+    p.add_argument("--registry", required=True, help="model registry folder (or DIR@VERSION)")
+    p.add_argument("--version", help="model version (default: the registry's current one)")
+    p.add_argument("--catalog", required=True, type=Path, help="catalog JSON")
+    p.add_argument("--input", required=True, type=Path, help="decisions file (.parquet or .csv)")
+    p.add_argument("--profiles", type=Path, help="subscriber profiles file, keyed by original_transaction_id")
+    p.add_argument("--output", required=True, type=Path, help="output file (.parquet or .csv)")
+    return p
+
+
+def score_frame(
+    decisions: pd.DataFrame, profiles: pd.DataFrame | None, catalog: object, model: object
+) -> pd.DataFrame:
+    """Return one row per request (request_id, message_id, expected_value) scored by a LoadedModel."""
+    from models.features import Featurizer
+    from models.registry import LoadedModel
+    from training.fit import onnx_session
+    from training.train import greedy_table
+
+    assert isinstance(model, LoadedModel)
+    missing = [c for c in SCORE_COLUMNS if c not in decisions.columns]
+    if missing:
+        raise ValueError(f"the input lacks column(s) {', '.join(missing)}")
+    fz = Featurizer(model.schema, catalog.products, catalog.messages)  # type: ignore[attr-defined]
+    prof = profiles.set_index(profiles["original_transaction_id"].astype(str)) if profiles is not None else None
+    session = onnx_session(model.onnx_path.read_bytes())
+    table = greedy_table(session, fz, decisions.reset_index(drop=True), prof, catalog)
+    best = table.loc[table["greedy"], ["request_id", "message_id", "expected_value"]]
+    out = decisions[["request_id"]].drop_duplicates().merge(best, on="request_id", how="left")
+    out["message_id"] = out["message_id"].fillna("")
+    out["expected_value"] = out["expected_value"].astype(np.float64)
+    return out.reset_index(drop=True)
+
+
+def main(argv: list[str]) -> int:
+    """Run ``retention score``; return the exit status."""
+    args = _parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from models.registry import Registry
+    from serving.catalog import Catalog
+    from training.data_io import read_profiles, read_table, write_table
+
+    registry, pinned = Registry.parse(args.registry)
+    bar = tqdm(total=4, desc="score", unit="step", file=sys.stderr)
+    model = registry.load(args.version or pinned)
+    catalog = Catalog.load(args.catalog)
+    decisions = read_table(args.input)
+    missing = [c for c in SCORE_COLUMNS if c not in decisions.columns]
+    if missing:
+        raise ValueError(f"{args.input}: the input lacks column(s) {', '.join(missing)}")
+    bad = [i for i, c in enumerate(decisions["candidates"].tolist()) if not isinstance(c, list)]
+    if bad:
+        raise ValueError(f"{args.input}: row {bad[0] + 1}: candidates must be a list of message ids")
+    profiles = read_profiles(args.profiles) if args.profiles else None
+    bar.update()
+    out = score_frame(decisions, profiles, catalog, model)
+    bar.update(2)
+    write_table(out, args.output)
+    bar.update()
+    bar.close()
+    chosen = int((out["message_id"] != "").sum())
+    print(f"scored {len(out):,} requests with model {model.version} ({chosen:,} with a choice) -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    import retention
+
+    sys.exit(retention.main(["score", *sys.argv[1:]]))

@@ -1,0 +1,663 @@
+"""``retention train``: fit P(stay) on logged decisions joined with outcomes, export ONNX, write a version.
+
+Steps (DESIGN.md, "The loop"): read and validate the files; label each decision with the
+one rule in :mod:`training.labels` (censored decisions are counted and left out); featurize
+the shown message of each labelled decision with :mod:`models.features` (the same code
+serving runs); fit and calibrate (:mod:`training.fit`); export to ONNX; check parity between
+sklearn and ONNX Runtime on held-out requests, with every candidate of each; with
+``--ground-truth``, compute the true value of the learned greedy policy and the share of
+the static-to-oracle gap it captures; write a new registry version. The new version's id is
+the last line of stdout, so scripts can ``version=$(retention train ... | tail -n1)``.
+
+Expected value (DESIGN.md): value(m) = P(stay | x, m) × (V(product after m) − cost(m)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build_schema, category_key
+from models.registry import Registry
+from training.fit import (
+    MODELS,
+    FitInfo,
+    ParityResult,
+    check_parity,
+    export_onnx,
+    fit_model,
+    greedy_choices,
+    onnx_p_stay,
+    onnx_session,
+)
+
+DAY_MS = 86_400_000
+MAX_CATEGORIES = 50  # per categorical profile column; rarer values share the <other> slot
+MIN_CATEGORY_COUNT = 5
+PARITY_MAX_REQUESTS = 20_000
+DECISION_COLUMNS = (
+    "request_id",
+    "original_transaction_id",
+    "product_id",
+    "user_locale",
+    "environment",
+    "signed_date",
+    "candidates",
+    "message_id",
+    "propensity",
+)
+
+
+class TrainError(ValueError):
+    """Training cannot go on; the message is one sentence saying why."""
+
+
+@dataclass
+class TrainResult:
+    """Everything a training run produced, before it is written to the registry."""
+
+    estimator: Any
+    onnx_bytes: bytes
+    schema: FeatureSchema
+    fit_info: FitInfo
+    parity: ParityResult
+    metrics: dict[str, Any]
+    data_summary: dict[str, Any]
+    gap: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    card: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# data preparation
+# ---------------------------------------------------------------------------------------------
+def profile_spec(profiles: pd.DataFrame | None) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Return (numeric columns, categorical columns, vocabularies) of a profiles table.
+
+    Numeric and boolean columns are numeric; everything else is categorical, with the
+    values seen at least 5 times (at most the 50 most frequent) as its vocabulary.
+    """
+    if profiles is None:
+        return [], [], {}
+    numeric: list[str] = []
+    categorical: list[str] = []
+    vocab: dict[str, list[str]] = {}
+    for col in profiles.columns:
+        if col == "original_transaction_id":
+            continue
+        s = profiles[col]
+        if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
+            numeric.append(str(col))
+        else:
+            categorical.append(str(col))
+            counts = s.dropna().map(category_key).value_counts()
+            counts = counts[counts >= MIN_CATEGORY_COUNT].head(MAX_CATEGORIES)
+            vocab[str(col)] = sorted(str(v) for v in counts.index)
+    return numeric, categorical, vocab
+
+
+def featurize(
+    fz: Featurizer,
+    rows: pd.DataFrame,
+    profiles: pd.DataFrame | None,
+    message_col: str = "message_id",
+) -> np.ndarray:
+    """Return the float32 feature matrix of (request, candidate) rows joined to their profiles.
+
+    `rows` has product_id, user_locale, environment, signed_date, original_transaction_id
+    and `message_col`; `profiles` is indexed by original_transaction_id (or None).
+    """
+    prof_cols: dict[str, Any] | None = None
+    has_profile = None
+    if profiles is not None:
+        otid = rows["original_transaction_id"].astype(str)
+        pos = profiles.index.get_indexer(otid)
+        has_profile = pos >= 0
+        take = np.where(has_profile, pos, 0)
+        prof_cols = {}
+        for c in fz.schema.profile_numeric + fz.schema.profile_categorical:
+            if c in profiles.columns:
+                col = profiles[c]
+                if len(profiles) == 0:
+                    prof_cols[c] = pd.Series([None] * len(rows), dtype=object)
+                else:
+                    prof_cols[c] = col.iloc[take].reset_index(drop=True)
+    return fz.matrix_batch(
+        product_id=rows["product_id"].reset_index(drop=True),
+        user_locale=rows["user_locale"].reset_index(drop=True),
+        environment=rows["environment"].reset_index(drop=True),
+        signed_date_ms=rows["signed_date"].to_numpy(dtype=np.int64),
+        message_id=rows[message_col].reset_index(drop=True),
+        profile=prof_cols,
+        has_profile=has_profile,
+    )
+
+
+def values_after(catalog: Any, product_id: pd.Series, message_id: pd.Series) -> np.ndarray:
+    """Return V(product after m) − cost(m) per row (NaN for a message or product the catalog lacks)."""
+    key = product_id.astype(str) + "\x00" + message_id.astype(str)
+    codes, uniques = pd.factorize(key)
+    vals = np.empty(len(uniques))
+    for i, u in enumerate(uniques):
+        pid, mid = str(u).split("\x00", 1)
+        m = catalog.messages.get(mid)
+        try:
+            vals[i] = catalog.value_after(m, pid) if m is not None else np.nan
+        except KeyError:
+            vals[i] = np.nan
+    return vals[codes]
+
+
+def in_catalog(message_id: pd.Series, catalog: Any) -> np.ndarray:
+    """Return a bool per row: is the message in the catalog (factorized: fast on millions of rows)."""
+    codes, uniques = pd.factorize(message_id)
+    known = np.array([str(u) in catalog.messages for u in uniques] + [False], dtype=bool)
+    return known[np.where(codes < 0, len(uniques), codes)]
+
+
+def explode_candidates(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Return one row per (decision, candidate) with the decision's context and ``candidate``."""
+    cols = ["request_id", "original_transaction_id", "product_id", "user_locale", "environment", "signed_date"]
+    lens = decisions["candidates"].map(len).to_numpy()
+    out = decisions[cols].loc[decisions.index.repeat(lens)].reset_index(drop=True)
+    out["candidate"] = pd.array(
+        [m for c in decisions["candidates"].tolist() for m in c], dtype="str"
+    ) if lens.sum() else pd.array([], dtype="str")
+    return out
+
+
+def _check_frames(decisions: pd.DataFrame, outcomes: pd.DataFrame, profiles: pd.DataFrame | None) -> None:
+    missing = [c for c in DECISION_COLUMNS if c not in decisions.columns]
+    if missing:
+        raise TrainError(f"the decisions lack column(s) {', '.join(missing)}")
+    missing = [c for c in ("original_transaction_id", "event", "at") if c not in outcomes.columns]
+    if missing:
+        raise TrainError(f"the outcomes lack column(s) {', '.join(missing)}")
+    if profiles is not None and "original_transaction_id" not in profiles.columns:
+        raise TrainError("the profiles lack column original_transaction_id")
+    prop = pd.to_numeric(decisions["propensity"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.flatnonzero(~((prop > 0.0) & (prop <= 1.0)))
+    if bad.size:
+        rid = decisions["request_id"].iloc[bad[0]]
+        raise TrainError(f"decision {rid}: propensity {decisions['propensity'].iloc[bad[0]]!r} is outside (0, 1]")
+    for rid, m, c in zip(decisions["request_id"], decisions["message_id"], decisions["candidates"], strict=True):
+        if m not in c:
+            raise TrainError(f"decision {rid}: message_id {m} is not in its own candidates")
+
+
+def _date(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def train_frames(
+    decisions: pd.DataFrame,
+    outcomes: pd.DataFrame,
+    profiles: pd.DataFrame | None,
+    catalog: Any,
+    *,
+    ground_truth: pd.DataFrame | None = None,
+    model: str = "hgb",
+    horizon_days: float = 30.0,
+    as_of_ms: int | None = None,
+    seed: int = 0,
+    holdout_fraction: float = 0.1,
+    context: bool = True,
+    params: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Return a trained, exported and parity-checked model from in-memory tables (see the module docstring).
+
+    `context=False` trains a model that sees only the message columns (a baseline that
+    ignores who the subscriber is). Raises TrainError with one sentence on bad input.
+    """
+    from tqdm import tqdm
+
+    from training.labels import label_decisions
+
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    steps = ["label", "featurize", "fit", "export", "parity"] + (["ground truth"] if ground_truth is not None else [])
+    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=not progress)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    _check_frames(decisions, outcomes, profiles)
+    if len(decisions) == 0:
+        raise TrainError("no rows after the join: the decisions file is empty")
+    decisions = decisions.reset_index(drop=True)
+
+    # ---- labels ----
+    step("label")
+    t = time.perf_counter()
+    labels, stats = label_decisions(
+        decisions, outcomes, horizon_ms=int(horizon_days * DAY_MS), as_of_ms=as_of_ms
+    )
+    known = in_catalog(decisions["message_id"], catalog)
+    labelled = labels.notna().to_numpy()
+    use = labelled & known
+    n_unknown = int((labelled & ~known).sum())
+    if not use.any():
+        why = (
+            "every decision is censored (no outcome window has passed; try --as-of or newer outcomes)"
+            if not labelled.any()
+            else "no labelled decision shows a message of this catalog"
+        )
+        raise TrainError(f"no rows after the join: {why}")
+    y_all = labels.to_numpy()[use].astype(np.int64)
+    if len(np.unique(y_all)) < 2:
+        raise TrainError("every labelled decision has the same outcome (all retained or all churned): nothing to learn")
+    timings["label"] = time.perf_counter() - t
+    bar.update()
+
+    # ---- features ----
+    step("featurize")
+    t = time.perf_counter()
+    num, cat, vocab = profile_spec(profiles)
+    prof = profiles.set_index(profiles["original_transaction_id"].astype(str)) if profiles is not None else None
+    schema = build_schema(
+        catalog.products,
+        catalog.messages,
+        profile_numeric=num,
+        profile_categorical=cat,
+        profile_vocab=vocab,
+        locales=decisions["user_locale"].astype(str).unique().tolist(),
+        environments=["Production", "Sandbox", *decisions["environment"].astype(str).unique().tolist()],
+    )
+    fz = Featurizer(schema, catalog.products, catalog.messages)
+    rows = decisions.loc[use]
+    X_all = featurize(fz, rows, prof)
+    timings["featurize"] = time.perf_counter() - t
+    bar.update()
+
+    # ---- split by request: a held-out share for metrics and parity ----
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    is_hold = np.zeros(n, dtype=bool)
+    n_hold = round(n * holdout_fraction) if n >= 1000 else 0
+    is_hold[rng.choice(n, size=n_hold, replace=False)] = True
+    X_fit = X_all[~is_hold]
+    if not context:
+        X_fit = X_fit.copy()
+        X_fit[:, : schema.n_context] = 0.0  # constant columns: the model cannot split on them
+
+    step("fit")
+    t = time.perf_counter()
+    try:
+        estimator, info = fit_model(X_fit, y_all[~is_hold], model=model, seed=seed, params=params)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    timings["fit"] = time.perf_counter() - t
+    bar.update()
+
+    step("export")
+    t = time.perf_counter()
+    onnx_bytes = export_onnx(estimator, schema.n_features)
+    session = onnx_session(onnx_bytes)
+    timings["export"] = time.perf_counter() - t
+    bar.update()
+
+    # ---- metrics on held-out shown rows ----
+    metrics: dict[str, Any] = {"holdout_rows": int(n_hold), "train_rows": int(n - n_hold)}
+    if n_hold:
+        from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+        p_h = onnx_p_stay(session, X_all[is_hold])
+        y_h = y_all[is_hold]
+        metrics["holdout_base_rate"] = float(y_h.mean())
+        metrics["holdout_log_loss"] = float(log_loss(y_h, p_h, labels=[0, 1]))
+        metrics["holdout_brier"] = float(brier_score_loss(y_h, p_h))
+        metrics["holdout_auc"] = float(roc_auc_score(y_h, p_h)) if len(np.unique(y_h)) == 2 else None
+        metrics["holdout_mean_p"] = float(p_h.mean())
+
+    # ---- parity: every candidate of held-out requests (or of a sample when nothing is held out) ----
+    step("parity")
+    t = time.perf_counter()
+    pool = rows.loc[is_hold] if n_hold else rows
+    if len(pool) > PARITY_MAX_REQUESTS:
+        pool = pool.sample(PARITY_MAX_REQUESTS, random_state=seed)
+    cand = explode_candidates(pool)
+    cand = cand[in_catalog(cand["candidate"], catalog)].reset_index(drop=True)
+    Xc = featurize(fz, cand, prof, message_col="candidate")
+    p_sk = estimator.predict_proba(Xc)[:, 1]
+    p_ox = onnx_p_stay(session, Xc)
+    parity = check_parity(p_sk, p_ox, cand["request_id"].to_numpy(), values_after(catalog, cand["product_id"], cand["candidate"]))
+    timings["parity"] = time.perf_counter() - t
+    bar.update()
+    if not parity.passed:
+        raise TrainError(
+            f"parity check failed: sklearn and ONNX Runtime differ by up to {parity.max_abs_diff:.2e} "
+            f"and choose differently for {parity.choice_mismatches} request(s); no version written"
+        )
+
+    # ---- the true value of the greedy policy, when the data come with ground truth ----
+    gap = None
+    if ground_truth is not None:
+        step("ground truth")
+        t = time.perf_counter()
+        gap = evaluate_gap(session, fz, decisions, prof, ground_truth, catalog)
+        timings["ground_truth"] = time.perf_counter() - t
+        bar.update()
+        metrics.update({k: v for k, v in gap.items() if k != "static_message"})
+    bar.close()
+    timings["total"] = time.perf_counter() - t_all
+
+    signed = decisions["signed_date"].to_numpy(dtype=np.int64)
+    summary = {
+        "decisions": len(decisions),
+        "retained": int(stats.retained),
+        "churned": int(stats.churned),
+        "censored": int(stats.censored),
+        "unknown_message": n_unknown,
+        "rows_used": int(n),
+        "train_rows": int(n - n_hold),
+        "holdout_rows": int(n_hold),
+        "profiles": len(profiles) if profiles is not None else 0,
+        "decisions_with_profile": int(rows["original_transaction_id"].astype(str).isin(prof.index).sum())
+        if prof is not None
+        else 0,
+        "date_range": [_date(int(signed.min())), _date(int(signed.max()))],
+        "horizon_days": horizon_days,
+        "as_of_ms": as_of_ms,
+        "label_stats": asdict(stats) if is_dataclass(stats) else dict(vars(stats)),  # type: ignore[arg-type]
+    }
+    result = TrainResult(
+        estimator=estimator,
+        onnx_bytes=onnx_bytes,
+        schema=schema,
+        fit_info=info,
+        parity=parity,
+        metrics=metrics,
+        data_summary=summary,
+        gap=gap,
+        timings={k: round(v, 3) for k, v in timings.items()},
+    )
+    result.manifest = build_manifest(result, context=context, catalog_sha256=getattr(catalog, "sha256", None))
+    result.card = model_card(result)
+    return result
+
+
+def greedy_table(
+    session: Any, fz: Featurizer, decisions: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any,
+    pairs: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Return per (request, candidate) row: request_id, message_id, p_stay, value_after, expected_value, greedy (bool).
+
+    Candidates are each decision's own list, or the (request_id, message_id) rows of
+    `pairs` (e.g. a ground-truth table); ones the catalog lacks get NaN and are never greedy.
+    """
+    ctx_cols = ["request_id", "original_transaction_id", "product_id", "user_locale", "environment", "signed_date"]
+    if pairs is None:
+        cand = explode_candidates(decisions)
+    else:
+        ctx = decisions[ctx_cols].drop_duplicates("request_id")
+        cand = pairs[["request_id", "message_id"]].rename(columns={"message_id": "candidate"}).merge(
+            ctx, on="request_id", how="inner"
+        )
+    ok = in_catalog(cand["candidate"], catalog)
+    p = np.full(len(cand), np.nan)
+    chunk = 500_000
+    known = cand.loc[ok]
+    out_pos = np.flatnonzero(ok)
+    for s in range(0, len(known), chunk):
+        part = known.iloc[s : s + chunk]
+        p[out_pos[s : s + chunk]] = onnx_p_stay(session, featurize(fz, part, prof, message_col="candidate"))
+    va = values_after(catalog, cand["product_id"], cand["candidate"])
+    ev = p * va
+    codes, _ = pd.factorize(cand["request_id"])
+    best, _, _ = greedy_choices(codes, ev)
+    greedy = np.zeros(len(cand), dtype=bool)
+    greedy[best[best >= 0]] = True
+    greedy &= np.isfinite(ev)
+    return pd.DataFrame(
+        {
+            "request_id": cand["request_id"].to_numpy(),
+            "message_id": cand["candidate"].to_numpy(),
+            "p_stay": p,
+            "value_after": va,
+            "expected_value": ev,
+            "greedy": greedy,
+        }
+    )
+
+
+def evaluate_gap(
+    session: Any, fz: Featurizer, decisions: pd.DataFrame, prof: pd.DataFrame | None,
+    ground_truth: pd.DataFrame, catalog: Any,
+) -> dict[str, Any]:
+    """Return the true values of the learned greedy policy, the best static message and the oracle, and the gap captured."""
+    from training.simulate import best_static_value, gap_captured, oracle_value, policy_value
+
+    missing = [c for c in ("request_id", "message_id", "p_stay", "value_after") if c not in ground_truth.columns]
+    if missing:
+        raise TrainError(f"the ground truth lacks column(s) {', '.join(missing)}")
+    table = greedy_table(session, fz, decisions, prof, catalog, pairs=ground_truth)
+    if table["greedy"].groupby(table["request_id"]).sum().min() < 1 or len(table) == 0:
+        raise TrainError("the ground truth has requests the decisions do not (or candidates the catalog lacks)")
+    probs = table.loc[:, ["request_id", "message_id"]].assign(prob=table["greedy"].astype(np.float64))
+    gt = ground_truth[ground_truth["request_id"].isin(table["request_id"].unique())]
+    v_model = policy_value(gt, probs)
+    v_oracle = oracle_value(gt)
+    v_static, static_id = best_static_value(gt)
+    return {
+        "v_model": float(v_model),
+        "v_static": float(v_static),
+        "v_oracle": float(v_oracle),
+        "gap_captured": float(gap_captured(v_model, v_static, v_oracle)),
+        "static_message": static_id,
+        "ground_truth_requests": int(gt["request_id"].nunique()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest, model card, summary
+# ---------------------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import skl2onnx
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+        "skl2onnx": skl2onnx.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def build_manifest(result: TrainResult, *, context: bool = True, catalog_sha256: str | None = None) -> dict[str, Any]:
+    """Return the manifest of a training result (the registry adds version, created and onnx_sha256)."""
+    return {
+        "featurizer_version": FEATURIZER_VERSION,
+        "feature_schema": result.schema.to_dict(),
+        "feature_schema_sha256": result.schema.sha256(),
+        "model": result.fit_info.model,
+        "context_features": context,
+        "hyperparameters": result.fit_info.to_dict(),
+        "training_data": result.data_summary,
+        "metrics": result.metrics,
+        "parity": result.parity.to_dict(),
+        "catalog_sha256": catalog_sha256,
+        "timings_s": result.timings,
+        "library_versions": _versions(),
+    }
+
+
+def model_card(result: TrainResult) -> str:
+    """Return a short Markdown model card (``{version}`` is filled in by the registry)."""
+    d, m, p = result.data_summary, result.metrics, result.parity
+    lines = [
+        "# Model {version}",
+        "",
+        "Scores P(subscriber keeps the subscription | context, message) for each eligible retention "
+        "message; serving picks the highest P × (V(product after m) − cost(m)).",
+        "",
+        "## Training data",
+        f"- {d['decisions']:,} logged decisions from {d['date_range'][0]} to {d['date_range'][1]}; "
+        f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out), "
+        f"{d['unknown_message']:,} with a message not in the catalog (left out).",
+        f"- label horizon {d['horizon_days']:g} days; {d['train_rows']:,} rows fitted, {d['holdout_rows']:,} held out.",
+        f"- profiles: {d['profiles']:,} subscribers; columns "
+        f"{', '.join(result.schema.profile_numeric + result.schema.profile_categorical) or 'none'}.",
+        "",
+        "## Model",
+        f"- {result.fit_info.model} ({result.fit_info.n_iter} iterations), sigmoid-calibrated on "
+        f"{result.fit_info.rows_calibration:,} rows it did not fit; {result.schema.n_features} float32 features, "
+        f"featurizer version {FEATURIZER_VERSION}.",
+        "",
+        "## Metrics (held-out decisions)",
+    ]
+    for key in ("holdout_log_loss", "holdout_brier", "holdout_auc", "holdout_base_rate", "holdout_mean_p"):
+        if m.get(key) is not None:
+            lines.append(f"- {key.removeprefix('holdout_')}: {m[key]:.4f}")
+    if result.gap is not None:
+        g = result.gap
+        lines.append(
+            f"- true value per request (ground truth): model {g['v_model']:.3f}, best static {g['v_static']:.3f}, "
+            f"oracle {g['v_oracle']:.3f}; gap captured {g['gap_captured']:.3f}"
+        )
+    lines += [
+        "",
+        "## Parity (sklearn vs ONNX Runtime)",
+        f"- {p.rows:,} candidate rows of {p.requests:,} held-out requests: max |ΔP| {p.max_abs_diff:.2e} "
+        f"(limit {p.tolerance:g}); greedy choice differs in {p.choice_mismatches} of {p.requests_compared:,} "
+        f"requests whose two best values differ by more than {p.tie_margin:g}.",
+        "",
+        "## Caveats",
+        "- Profiles joined by original_transaction_id are a snapshot; if it was taken after the decisions, "
+        "features leak the future. Training from the server's own log (features logged at decision time) does not.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_table(result: TrainResult) -> str:
+    """Return the human summary printed by ``retention train`` (before the version id)."""
+    d, m, p, f = result.data_summary, result.metrics, result.parity, result.fit_info
+    rows: list[tuple[str, str]] = [
+        ("decisions", f"{d['decisions']:,}  ({d['date_range'][0]} .. {d['date_range'][1]})"),
+        ("labels", f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out)"),
+        ("rows", f"{d['train_rows']:,} fit (of which {f.rows_calibration:,} calibrate), {d['holdout_rows']:,} held out"),
+        ("features", f"{result.schema.n_features} ({result.schema.n_context} context), featurizer {FEATURIZER_VERSION}"),
+        ("model", f"{f.model}, {f.n_iter} iterations, sigmoid calibration"),
+    ]
+    if m.get("holdout_log_loss") is not None:
+        auc = m.get("holdout_auc")
+        rows.append(
+            ("held-out", f"log loss {m['holdout_log_loss']:.4f}, brier {m['holdout_brier']:.4f}"
+             + (f", AUC {auc:.4f}" if auc is not None else ""))
+        )
+    rows.append(
+        ("parity", f"max |dP| {p.max_abs_diff:.1e}, choice mismatches {p.choice_mismatches}/{p.requests_compared:,}"
+         f" -> {'ok' if p.passed else 'FAILED'}")
+    )
+    if result.gap is not None:
+        g = result.gap
+        rows.append(("true value", f"model {g['v_model']:.3f}, best static {g['v_static']:.3f}, oracle {g['v_oracle']:.3f}"))
+        rows.append(("gap captured", f"{g['gap_captured']:.3f}  (V_model - V_static) / (V_oracle - V_static)"))
+    t = result.timings
+    rows.append(("time", f"{t.get('total', 0):.1f} s (fit {t.get('fit', 0):.1f} s, export {t.get('export', 0):.1f} s)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing, CLI, demo
+# ---------------------------------------------------------------------------------------------
+def write_result(result: TrainResult, registry: Registry, *, promote: bool = False) -> tuple[str, bool]:
+    """Return (new version id, whether it became current): promoted when asked or when the registry had none."""
+    version = registry.write_version(result.onnx_bytes, result.manifest, result.card)
+    promoted = promote or registry.current() is None
+    if promoted:
+        registry.promote(version)
+    return version, promoted
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retention train",
+        description="Fit P(stay) on logged decisions joined with outcomes, export ONNX, check parity and write a "
+        "new model version into the registry. The version id is the last line of stdout.",
+    )
+    p.add_argument("--decisions", required=True, type=Path, help="decisions file (.parquet or .csv)")
+    p.add_argument("--outcomes", required=True, type=Path, help="outcome events file (.parquet or .csv)")
+    p.add_argument("--profiles", type=Path, help="subscriber profiles file, keyed by original_transaction_id")
+    p.add_argument("--catalog", required=True, type=Path, help="catalog JSON")
+    p.add_argument("--registry", required=True, type=Path, help="model registry folder (created if absent)")
+    p.add_argument("--ground-truth", type=Path, help="simulator ground truth: also print the share of the gap captured")
+    p.add_argument("--model", choices=MODELS, default="hgb", help="hgb (default) or logreg")
+    p.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
+    p.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the split and the fit (default 0)")
+    p.add_argument("--promote", action="store_true", help="make the new version current (the first one always is)")
+    p.add_argument("--no-context", action="store_true", help=argparse.SUPPRESS)  # baseline: message columns only
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run ``retention train``; return the exit status (bad input raises one clear error)."""
+    args = _parser().parse_args(argv)
+    if args.horizon_days <= 0:
+        print("retention train: error: --horizon-days must be positive", file=sys.stderr)
+        return 2
+    from serving.catalog import Catalog
+    from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
+
+    catalog = Catalog.load(args.catalog)
+    decisions = read_decisions(args.decisions)
+    outcomes = read_outcomes(args.outcomes)
+    profiles = read_profiles(args.profiles) if args.profiles else None
+    gt = read_table(args.ground_truth) if args.ground_truth else None
+    result = train_frames(
+        decisions,
+        outcomes,
+        profiles,
+        catalog,
+        ground_truth=gt,
+        model=args.model,
+        horizon_days=args.horizon_days,
+        as_of_ms=args.as_of,
+        seed=args.seed,
+        context=not args.no_context,
+        progress=True,
+    )
+    version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
+    print(summary_table(result))
+    print(f"{'registry':<12}  {args.registry} ({'now current' if promoted else 'not promoted'})")
+    print(version)
+    return 0
+
+
+def train_demo_model(registry: Path, n_decisions: int = 20000, seed: int = 0) -> str:
+    """Return the id of a model trained on a simulated world and promoted in `registry` (the demo's default model)."""
+    from training.simulate import simulate
+
+    world = simulate(n_decisions, seed=seed)
+    result = train_frames(
+        world.decisions, world.outcomes, world.profiles, world.catalog, ground_truth=world.ground_truth, seed=seed
+    )
+    version, _ = write_result(result, Registry(registry), promote=True)
+    return version
+
+
+if __name__ == "__main__":
+    import retention
+
+    sys.exit(retention.main(["train", *sys.argv[1:]]))
