@@ -86,7 +86,8 @@ def _plot_estimates(summary: dict[str, Any]) -> str:
             if v is None:
                 continue
             if lo is not None and hi is not None:
-                ax.errorbar([v], [y], xerr=[[v - lo], [hi - v]], fmt="o", color=color, capsize=3)
+                # a bootstrap interval may exclude its estimate (by rounding, or a skewed percentile one)
+                ax.errorbar([v], [y], xerr=[[max(v - lo, 0.0)], [max(hi - v, 0.0)]], fmt="o", color=color, capsize=3)
             else:
                 ax.plot([v], [y], "o", color=color)
             if truth is not None:
@@ -188,7 +189,7 @@ def _plot_segments(summary: dict[str, Any]) -> str | None:
             est = np.array([v.get("estimate") if v.get("estimate") is not None else np.nan for v in vals], dtype=float)
             lo = np.array([v.get("ci_low") if v.get("ci_low") is not None else np.nan for v in vals], dtype=float)
             hi = np.array([v.get("ci_high") if v.get("ci_high") is not None else np.nan for v in vals], dtype=float)
-            err = np.vstack([np.nan_to_num(est - lo), np.nan_to_num(hi - est)])
+            err = np.clip(np.vstack([np.nan_to_num(est - lo), np.nan_to_num(hi - est)]), 0.0, None)
             ax.barh(y + i * height, np.nan_to_num(est), height=height, xerr=err, capsize=2,
                     color=_COLORS[i % len(_COLORS)], label=_short(name) + (" (observed)" if i == 0 else " (DR)"),
                     error_kw={"elinewidth": 0.8})
