@@ -65,7 +65,9 @@ def _format_of(path: Path) -> str:
 
 def _parse_list(value: object, path: Path, column: str, row: int) -> object:
     """Return a list cell as a Python list: JSON text (CSV) is parsed, arrays (Parquet) converted."""
-    if isinstance(value, np.ndarray | tuple):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
         return list(value)
     if not isinstance(value, str):
         return value

@@ -81,10 +81,7 @@ def label_decisions(
     u_end[:-1] = np.where(same_next[:-1], np.minimum(u_end[:-1], u_t[1:]), u_end[:-1])
 
     if as_of_ms is None:
-        if len(outcomes):
-            as_of_ms = int(np.max(outcomes["at"].to_numpy(dtype=np.int64)))
-        else:
-            as_of_ms = int(d_t.max())
+        as_of_ms = int(np.max(outcomes["at"].to_numpy(dtype=np.int64))) if len(outcomes) else int(d_t.max())
 
     churn = np.zeros(m, dtype=bool)
     renewed = np.zeros(m, dtype=bool)

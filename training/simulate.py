@@ -65,7 +65,9 @@ DEFAULT_HORIZON_MS = 30 * DAY_MS
 SPAN_DAYS = 60
 SECOND_DECISION_SHARE = 0.12
 POLICY_NAME = "simulated:epsilon-greedy"
-EVENT_CODES: tuple[str, ...] = ("cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded")
+EVENT_CODES: tuple[str, ...] = (
+    "cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded"
+)
 MODEL_VERSION = "rules-v0"
 
 # (locale, weight, country); en-AU, en-CA, fr-CA and de-AT have no exact match in the demo catalog.
@@ -293,7 +295,6 @@ def _true_p_stay(
     foreign = foreign[:, None]
     eng = s.engagement[idx][:, None]
     tenure = s.tenure[idx][:, None].astype(np.float64)
-    sessions = s.sessions[idx][:, None].astype(np.float64)
     country = s.country[idx]
     c_base = np.array([COUNTRY_BASE[c] for c in COUNTRIES])[country][:, None]
     annual_friendly = np.isin(country, [COUNTRIES.index(c) for c in ANNUAL_FRIENDLY])[:, None]
@@ -544,7 +545,7 @@ def simulate(
     joint /= joint.sum()
 
     # subscribers: some get a second decision later; their first one comes early enough to leave room
-    n2 = min(int(round(SECOND_DECISION_SHARE * n_decisions)), n_decisions // 2)
+    n2 = min(round(SECOND_DECISION_SHARE * n_decisions), n_decisions // 2)
     n_subs = n_decisions - n2
     cell = rng.choice(joint.size, size=n_subs, p=joint.ravel())
     product0, locale_i = np.divmod(cell, len(locales))
@@ -699,12 +700,9 @@ def _value_matrix(ground_truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, n
     return vals, default, r_codes, pd.Index(m_ids)
 
 
-def policy_value(ground_truth: pd.DataFrame, probabilities: pd.DataFrame) -> float:
-    """Return the true expected value per request of a policy given as rows (request_id, message_id, prob)."""
-    gt = ground_truth[["request_id", "message_id", "p_stay", "value_after"]]
-    merged = gt.merge(probabilities[["request_id", "message_id", "prob"]], on=["request_id", "message_id"], how="left")
-    prob = merged["prob"].fillna(0.0).to_numpy(np.float64)
-    r_codes, r_ids = pd.factorize(merged["request_id"])
+def _mean_over_requests(ground_truth: pd.DataFrame, prob: np.ndarray) -> float:
+    """Return mean over requests of Σ prob · p_stay · value_after, checking each request's probabilities sum to 1."""
+    r_codes, r_ids = pd.factorize(ground_truth["request_id"])
     total = np.bincount(r_codes, weights=prob, minlength=len(r_ids))
     bad = np.flatnonzero(np.abs(total - 1.0) > 1e-6)
     if bad.size:
@@ -712,8 +710,26 @@ def policy_value(ground_truth: pd.DataFrame, probabilities: pd.DataFrame) -> flo
             f"the policy's probabilities over eligible candidates do not sum to 1 for {bad.size} request(s), "
             f"e.g. request {r_ids[bad[0]]} (sum {total[bad[0]]:.6g})"
         )
-    v = prob * merged["p_stay"].to_numpy(np.float64) * merged["value_after"].to_numpy(np.float64)
+    v = prob * ground_truth["p_stay"].to_numpy(np.float64) * ground_truth["value_after"].to_numpy(np.float64)
     return float(np.bincount(r_codes, weights=v, minlength=len(r_ids)).mean())
+
+
+def policy_value(ground_truth: pd.DataFrame, probabilities: pd.DataFrame) -> float:
+    """Return the true expected value per request of a policy given as rows (request_id, message_id, prob).
+
+    Candidates the policy gives no row have probability 0; each request's probabilities over
+    its eligible candidates must sum to 1 (else ValueError naming a request).
+    """
+    keys = ["request_id", "message_id"]
+    aligned = len(probabilities) == len(ground_truth) and all(
+        probabilities[k].reset_index(drop=True).equals(ground_truth[k].reset_index(drop=True)) for k in keys
+    )
+    if aligned:  # rows already in ground-truth order (the common case): skip the join
+        prob = probabilities["prob"].to_numpy(np.float64)
+    else:
+        merged = ground_truth[keys].merge(probabilities[[*keys, "prob"]], on=keys, how="left")
+        prob = merged["prob"].fillna(0.0).to_numpy(np.float64)
+    return _mean_over_requests(ground_truth, prob)
 
 
 def choice_value(ground_truth: pd.DataFrame, choices: pd.DataFrame) -> float:
@@ -748,8 +764,7 @@ def logging_value(ground_truth: pd.DataFrame, decisions: pd.DataFrame) -> float:
     the true value of the messages actually shown in `decisions`.
     """
     if "logging_prob" in ground_truth.columns:
-        probs = ground_truth[["request_id", "message_id"]].assign(prob=ground_truth["logging_prob"].to_numpy())
-        return policy_value(ground_truth, probs)
+        return _mean_over_requests(ground_truth, ground_truth["logging_prob"].to_numpy(np.float64))
     return choice_value(ground_truth, decisions[["request_id", "message_id"]])
 
 
