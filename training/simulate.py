@@ -108,6 +108,9 @@ class World:
     profiles: pd.DataFrame
     ground_truth: pd.DataFrame
     catalog: Catalog
+    # the sampled outcome of each decision (row-aligned with `decisions`: request_id, stayed); kept in
+    # memory for checks, not written: the label rule must recover it from the outcome events
+    sampled: pd.DataFrame | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,12 +658,15 @@ def simulate(
     )
     bar.update()
     bar.close()
+    sampled = pd.DataFrame({"request_id": decisions["request_id"], "stayed": stayed})
     return World(decisions=decisions, outcomes=outcomes, profiles=profiles, ground_truth=ground_truth,
-                 catalog=catalog)
+                 catalog=catalog, sampled=sampled)
 
 
-def write_world(world: World, out_dir: Path, fmt: str = "parquet") -> dict[str, Path]:
+def write_world(world: World, out_dir: Path, fmt: str = "parquet", *, progress: bool = False) -> dict[str, Path]:
     """Write the world's files into `out_dir` and return their paths by table name."""
+    from tqdm import tqdm
+
     from training.data_io import write_table
 
     if fmt not in ("parquet", "csv"):
@@ -668,7 +674,8 @@ def write_world(world: World, out_dir: Path, fmt: str = "parquet") -> dict[str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for name in ("decisions", "outcomes", "profiles", "ground_truth"):
+    names = ("decisions", "outcomes", "profiles", "ground_truth")
+    for name in tqdm(names, desc="write", unit="file", file=sys.stderr, disable=not progress):
         p = out / f"{name}.{fmt}"
         write_table(getattr(world, name), p)
         paths[name] = p
@@ -809,7 +816,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     world = simulate(args.n, seed=args.seed, epsilon=args.epsilon, catalog=catalog, start_ms=args.start_ms,
                      horizon_ms=horizon_ms, progress=True)
-    paths = write_world(world, args.out, args.format)
+    paths = write_world(world, args.out, args.format, progress=True)
     elapsed = time.perf_counter() - started
 
     from training.labels import label_decisions
@@ -829,7 +836,7 @@ def main(argv: list[str]) -> int:
         f"oracle value     {v_oracle:>12.3f}  per request",
         f"best static      {v_static:>12.3f}  ({static_id}; {100 * (1 - v_static / v_oracle):.1f}% below oracle)",
         f"logging policy   {v_log:>12.3f}  (gap captured {gap_captured(v_log, v_static, v_oracle):+.3f})",
-        f"written to       {args.out}  ({args.format}, {elapsed:.1f} s)",
+        f"written to       {args.out!s:>12}  ({args.format}, {elapsed:.1f} s)",
     ]
     for name, p in paths.items():
         lines.append(f"  {name:<14} {p}")
