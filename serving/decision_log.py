@@ -629,6 +629,18 @@ def _count(paths: list[Path], table: str) -> int:
     return total
 
 
+def count_unanswered(paths: str | Path | Iterable[str | Path]) -> int:
+    """Return how many logged requests of the given log files were answered with no message (404)."""
+    total = 0
+    for p in _as_paths(paths):
+        conn = _open_ro(p)
+        try:
+            total += int(conn.execute("SELECT count(*) FROM decisions WHERE message_id IS NULL").fetchone()[0])
+        finally:
+            conn.close()
+    return total
+
+
 def _out_format(out: Path) -> str:
     suffix = out.suffix.lower()
     if suffix in (".parquet", ".pq"):
@@ -674,13 +686,20 @@ def _decisions_arrow_schema() -> Any:
 
 
 def export_decisions(
-    db_paths: Sequence[str | Path], out: str | Path, *, progress: bool = False, chunk: int = 20_000
+    db_paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    progress: bool = False,
+    chunk: int = 20_000,
+    shown_only: bool = False,
 ) -> int:
     """Return the number of decisions written from the log files `db_paths` to `out` (Parquet or CSV by suffix).
 
     Columns: the DESIGN.md decisions columns, then the server's own (scores, values, probabilities,
     features, policy parameters, catalog hash...). In CSV, list and dict columns are JSON text. The
     Parquet file's metadata holds the feature names of every ``feature_names_sha`` seen.
+    `shown_only` leaves out the requests answered with no message (404 no_eligible_message): they
+    have no candidate and no shown message, and the training files require one.
     """
     import pandas as pd
     import pyarrow as pa
@@ -714,9 +733,10 @@ def export_decisions(
         rows_iter = read_decisions(paths)
         first = True
         while True:
-            rows = list(itertools.islice(rows_iter, chunk))
-            if not rows and not first:
+            raw = list(itertools.islice(rows_iter, chunk))
+            if not raw and not first:
                 break
+            rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
             cols: dict[str, list[Any]] = {n: [] for n in names}
             for d in rows:
                 for n in names:
@@ -736,8 +756,8 @@ def export_decisions(
             first = False
             written += len(rows)
             if bar is not None:
-                bar.update(len(rows))
-            if not rows:
+                bar.update(len(raw))
+            if not raw:
                 break
         if writer is not None:
             writer.close()

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.decision_log import export_decisions, export_outcomes, latest_decisions, log_files
+from serving.decision_log import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
 
 
 def _data_dirs(args: argparse.Namespace) -> list[Path]:
@@ -38,6 +38,9 @@ def main(argv: Sequence[str]) -> int:
     exp.add_argument("--data-dir", action="append", help=data_help)
     exp.add_argument("--out", required=True, help="decisions file to write (.parquet or .csv)")
     exp.add_argument("--outcomes-out", help="outcomes file to write too (.parquet or .csv)")
+    exp.add_argument("--include-unanswered", action="store_true",
+                     help="keep the requests answered with no message (404): no candidates, so retention train "
+                     "and retention evaluate refuse such a file; for counting them only")
     show = sub.add_parser("show", help="print the latest decisions: candidates, scores, probabilities, chosen message")
     show.add_argument("--data-dir", action="append", help=data_help)
     show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
@@ -45,8 +48,12 @@ def main(argv: Sequence[str]) -> int:
     files = _files(args)
 
     if args.command == "export":
-        n = export_decisions(files, args.out, progress=True)
+        n = export_decisions(files, args.out, progress=True, shown_only=not args.include_unanswered)
         print(f"exported {n} decisions from {len(files)} log file(s) to {args.out}")
+        if not args.include_unanswered:
+            left_out = count_unanswered(files)
+            if left_out:
+                print(f"left out {left_out} request(s) answered with no message (404); --include-unanswered keeps them")
         if args.outcomes_out:
             m = export_outcomes(files, args.outcomes_out)
             print(f"exported {m} outcomes to {args.outcomes_out}")
