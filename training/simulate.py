@@ -267,12 +267,12 @@ def _draw_subscribers(rng: np.random.Generator, locale_country: np.ndarray) -> _
     plan_age = np.maximum(1, np.rint(tenure * rng.uniform(0.2, 1.0, n))).astype(np.int64)
     engagement = np.round(rng.beta(2.0, 2.0, n), 3)
     sessions = rng.poisson(0.5 + 35.0 * engagement**1.5).astype(np.int64)
-    channel = rng.choice(len(CHANNELS), size=n, p=np.array(CHANNEL_WEIGHTS))
-    offers_redeemed = rng.poisson(0.3 + 1.0 * (channel == CHANNELS.index("promo"))).astype(np.int64)
+    channel = np.asarray(rng.choice(len(CHANNELS), size=n, p=np.array(CHANNEL_WEIGHTS)), dtype=np.int64)
+    offers_redeemed = np.asarray(rng.poisson(0.3 + 1.0 * (channel == CHANNELS.index("promo"))), dtype=np.int64)
     # most subscribers live where their device locale says; a few do not
     moved = rng.random(n) < 0.05
     country = np.where(moved, rng.integers(0, len(COUNTRIES), n), locale_country)
-    latent = rng.normal(0.0, 0.3, n)
+    latent = np.asarray(rng.normal(0.0, 0.3, n), dtype=np.float64)
     return _Subscribers(tenure, plan_age, engagement, sessions, offers_redeemed, channel, country, latent)
 
 
@@ -390,8 +390,8 @@ def _decide(
     probs = table[inverse]
 
     cum = np.cumsum(probs, axis=1)
-    u = rng.random(n)
-    chosen = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), combos.k[combo] - 1)
+    draw = rng.random(n)
+    chosen = np.minimum((cum <= (draw * cum[:, -1])[:, None]).sum(axis=1), combos.k[combo] - 1)
     p_stay = _true_p_stay(subs, idx, combos.role[combo], combos.discount[combo], combos.foreign[combo])
     p_stay = np.where(combos.msg[combo] >= 0, p_stay, 0.0)
     stayed = rng.random(n) < p_stay[np.arange(n), chosen]
@@ -482,8 +482,8 @@ def _events(
     emit(stayed & (accepted == 0), "switched", quick)
     emit(stayed & (accepted == 1), "offer_redeemed", quick)
     # turned auto-renew off, then back on; only when both are observed, else a stayer would read as a churn
-    a = rng.uniform(0.02, 0.3, n)
-    b = a + rng.uniform(0.01, 0.3, n)
+    a = np.asarray(rng.uniform(0.02, 0.3, n), dtype=np.float64)
+    b = a + np.asarray(rng.uniform(0.01, 0.3, n), dtype=np.float64)
     wobble = stayed & (rng.random(n) < 0.1) & (t + b * span < observed_until)
     emit(wobble, "cancelled", a)
     emit(wobble, "reenabled", b)
