@@ -9,6 +9,7 @@ serving version off-policy and writes its summary.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from models.registry import Registry
 from serving.settings import DEMO_CATALOG
 from tests.conftest import APP_ID
 from tests.integration.test_server import Server, free_port
@@ -42,11 +44,11 @@ def retention(*args: str, env: dict[str, str] | None = None, timeout: float = 12
 def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_registry: Path, tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     shutil.copytree(trained_registry, registry)  # the session's registry stays as other tests expect it
-    serving_version = (registry / "current").read_text().strip() if (registry / "current").is_file() else None
+    serving_version = Registry(registry).current()
     data = tmp_path / "data"
     root = next(p for p in pki_dir.iterdir() if p.name.startswith("root") and p.suffix == ".pem")
     env = {
-        **__import__("os").environ,
+        **os.environ,
         "RETENTION_ROOT_CERTS": str(root),
         "RETENTION_APP_APPLE_ID": str(APP_ID),
         "RETENTION_ENVIRONMENT": "Sandbox",
@@ -126,5 +128,8 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
                   "--min-ess", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert new_version in json.dumps(summary)
+    # the labels came from the notifications: each cancellation a churn, every other window passed as retained
+    assert summary["data"]["churned"] == len(cancelled)
+    assert summary["data"]["retained"] == N_REQUESTS - len(cancelled) and summary["data"]["censored"] == 0
+    assert [p["name"] for p in summary["policies"]] == ["logging", serving_version, new_version]
     assert (out / "report.html").stat().st_size > 1000
