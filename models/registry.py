@@ -194,8 +194,12 @@ class Registry:
     def write_version(self, onnx_bytes: bytes, manifest: dict[str, Any], card_md: str) -> str:
         """Return the id of a new version holding these files, written atomically (not promoted)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        # ids must sort by creation: within one second, draw again until this one sorts after the newest
+        newest = max(self.versions() + [p.name[5:] for p in self.root.glob(".tmp-*")], default="")
         version = new_version_id()
-        while (self.root / version).exists():
+        while version <= newest or (self.root / version).exists():
+            if version[:16] < newest[:16] and not (self.root / version).exists():
+                break  # the clock went back: keep the id rather than wait for it
             version = new_version_id()
         data = dict(manifest)
         data["version"] = version

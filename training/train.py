@@ -518,8 +518,8 @@ def model_card(result: TrainResult) -> str:
         f"{', '.join(result.schema.profile_numeric + result.schema.profile_categorical) or 'none'}.",
         "",
         "## Model",
-        f"- {result.fit_info.model} ({result.fit_info.n_iter} iterations), sigmoid-calibrated on "
-        f"{result.fit_info.rows_calibration:,} rows it did not fit; {result.schema.n_features} float32 features, "
+        f"- {result.fit_info.model} ({result.fit_info.n_iter} iterations), calibrated with a "
+        f"{result.fit_info.calibration} on {result.fit_info.rows_calibration:,} rows; {result.schema.n_features} float32 features, "
         f"featurizer version {FEATURIZER_VERSION}.",
         "",
         "## Metrics (held-out decisions)",
@@ -554,9 +554,9 @@ def summary_table(result: TrainResult) -> str:
     rows: list[tuple[str, str]] = [
         ("decisions", f"{d['decisions']:,}  ({d['date_range'][0]} .. {d['date_range'][1]})"),
         ("labels", f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out)"),
-        ("rows", f"{d['train_rows']:,} fit (of which {f.rows_calibration:,} calibrate), {d['holdout_rows']:,} held out"),
+        ("rows", f"{d['train_rows']:,} to fit and calibrate, {d['holdout_rows']:,} held out for metrics and parity"),
         ("features", f"{result.schema.n_features} ({result.schema.n_context} context), featurizer {FEATURIZER_VERSION}"),
-        ("model", f"{f.model}, {f.n_iter} iterations, sigmoid calibration"),
+        ("model", f"{f.model}, {f.n_iter} iterations, calibration {f.calibration}"),
     ]
     if m.get("holdout_log_loss") is not None:
         auc = m.get("holdout_auc")

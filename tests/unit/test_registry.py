@@ -1,0 +1,177 @@
+"""The registry: atomic versions, verified loading with a sentence per failed check, promote and rollback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retention
+from models.features import FEATURIZER_VERSION, FeatureSchema, build_schema
+from models.registry import ModelLoadError, Registry, RegistryError, is_version_id
+from models.scoring import Scorer
+from serving.catalog import Catalog
+from serving.settings import DEMO_CATALOG
+
+
+@pytest.fixture(scope="module")
+def schema() -> FeatureSchema:
+    cat = Catalog.load(DEMO_CATALOG)
+    return build_schema(cat.products, cat.messages, profile_numeric=["tenure_days"])
+
+
+@pytest.fixture(scope="module")
+def onnx_bytes(schema: FeatureSchema) -> bytes:
+    from training.fit import export_onnx, fit_model
+
+    rng = np.random.default_rng(0)
+    X = rng.random((600, schema.n_features)).astype(np.float32)
+    y = (rng.random(600) < 0.3 + 0.4 * X[:, 0]).astype(int)
+    est, _ = fit_model(X, y, model="logreg")
+    return export_onnx(est, schema.n_features)
+
+
+def manifest(schema: FeatureSchema) -> dict:
+    return {
+        "featurizer_version": FEATURIZER_VERSION,
+        "feature_schema": schema.to_dict(),
+        "feature_schema_sha256": schema.sha256(),
+        "model": "logreg",
+        "metrics": {"holdout_log_loss": 0.5},
+        "training_data": {"rows_used": 600},
+    }
+
+
+def write(reg: Registry, onnx_bytes: bytes, schema: FeatureSchema) -> str:
+    return reg.write_version(onnx_bytes, manifest(schema), "# Model {version}\n")
+
+
+def test_write_and_load_a_version(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema) -> None:
+    reg = Registry(tmp_path / "reg")
+    assert reg.versions() == [] and reg.current() is None
+    v = write(reg, onnx_bytes, schema)
+    assert is_version_id(v) and reg.versions() == [v]
+    assert sorted(p.name for p in (tmp_path / "reg" / v).iterdir()) == ["manifest.json", "model.onnx", "model_card.md"]
+    assert (tmp_path / "reg" / v / "model_card.md").read_text() == f"# Model {v}\n"
+    assert not [p for p in (tmp_path / "reg").iterdir() if p.name.startswith(".")]  # no temp folder left
+    m = reg.manifest(v)
+    assert m["version"] == v and m["created"].endswith("Z") and len(m["onnx_sha256"]) == 64
+    loaded = reg.load(v)
+    assert loaded.schema == schema and loaded.onnx_path.name == "model.onnx"
+    with pytest.raises(ModelLoadError, match="no current model version"):
+        reg.load()
+
+
+def test_scorer_returns_p_stay_per_row(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema) -> None:
+    reg = Registry(tmp_path)
+    loaded = reg.load(write(reg, onnx_bytes, schema))
+    scorer = Scorer(loaded)
+    opts = scorer.session.get_session_options()
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
+    X = np.random.default_rng(1).random((8, schema.n_features)).astype(np.float32)
+    p = scorer.p_stay(X)
+    assert p.shape == (8,) and p.dtype == np.float64 and ((p > 0) & (p < 1)).all()
+    assert scorer.p_stay(X.astype(np.float64)).tolist() == p.tolist()  # cast, same answer
+
+
+def test_changed_onnx_file_is_refused(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema) -> None:
+    reg = Registry(tmp_path)
+    v = write(reg, onnx_bytes, schema)
+    path = tmp_path / v / "model.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ModelLoadError, match=f"model {v}: sha256 mismatch for model.onnx"):
+        reg.load(v)
+
+
+def test_other_featurizer_version_is_refused(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema) -> None:
+    reg = Registry(tmp_path)
+    v = write(reg, onnx_bytes, schema)
+    mpath = tmp_path / v / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["featurizer_version"] = "0"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ModelLoadError, match=rf"featurizer version differs \(ours {FEATURIZER_VERSION}, model's 0\)"):
+        reg.load(v)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "model.onnx").unlink(), "missing file model.onnx"),
+        (lambda d: (d / "manifest.json").unlink(), "missing file manifest.json"),
+        (lambda d: (d / "manifest.json").write_text("{not json"), "bad manifest"),
+        (lambda d: (d / "manifest.json").write_text("{}"), "bad manifest"),
+    ],
+)
+def test_damaged_version_is_refused(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, damage, message) -> None:
+    reg = Registry(tmp_path)
+    v = write(reg, onnx_bytes, schema)
+    damage(tmp_path / v)
+    with pytest.raises(ModelLoadError, match=message):
+        reg.load(v)
+    with pytest.raises(ModelLoadError, match="no such version"):
+        reg.load("20990101T000000Z-abcdef")
+
+
+def test_scorer_refuses_a_graph_of_another_width(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema) -> None:
+    reg = Registry(tmp_path)
+    other = build_schema(Catalog.load(DEMO_CATALOG).products, Catalog.load(DEMO_CATALOG).messages)
+    v = reg.write_version(onnx_bytes, manifest(other), "")
+    with pytest.raises(ModelLoadError, match="takes .* features, its schema has"):
+        Scorer(reg.load(v))
+
+
+def test_promote_and_rollback(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema) -> None:
+    reg = Registry(tmp_path)
+    a, b, c = (write(reg, onnx_bytes, schema) for _ in range(3))
+    assert reg.versions() == sorted([a, b, c])
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        reg.rollback()
+    reg.promote(a)
+    reg.promote(b)
+    reg.promote(c)
+    assert reg.current() == c and reg.load().version == c
+    assert reg.rollback() == b and reg.current() == b
+    assert reg.rollback() == a and reg.current() == a
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        reg.rollback()
+    reg.promote(c)
+    assert reg.rollback() == a
+    # a damaged version cannot be promoted
+    (tmp_path / b / "model.onnx").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        reg.promote(b)
+    assert reg.current() == a
+
+
+def test_parse_pinned_spec(tmp_path: Path) -> None:
+    reg, pinned = Registry.parse(f"{tmp_path}@20261128T211500Z-a1b2c3")
+    assert reg.root == tmp_path and pinned == "20261128T211500Z-a1b2c3"
+    reg, pinned = Registry.parse(str(tmp_path))
+    assert reg.root == tmp_path and pinned is None
+
+
+def test_models_cli(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, capsys: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = Registry(tmp_path)
+    a, b = write(reg, onnx_bytes, schema), write(reg, onnx_bytes, schema)
+    monkeypatch.setenv("RETENTION_MODEL", str(tmp_path))  # the default registry
+    assert retention.main(["models", "promote", a]) == 0
+    assert retention.main(["models", "promote", b, "--registry", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert retention.main(["models", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["version", "created"]
+    assert lines[2].startswith("*") and b in lines[2] and a in lines[1] and not lines[1].startswith("*")
+    assert retention.main(["models", "show", "current", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == b
+    assert retention.main(["models", "rollback"]) == 0
+    assert f"rolled back to {a}" in capsys.readouterr().out and reg.current() == a
+    # bad input: one line, non-zero
+    assert retention.main(["models", "promote", "nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such version" in err[0]
+    assert retention.main(["models", "promote", a, "--if-better"]) == 2
+    assert "--if-better needs --decisions" in capsys.readouterr().err
