@@ -98,13 +98,13 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
 
     # ---- 2. export the log to the training files ----
     decisions, outcomes = tmp_path / "decisions.parquet", tmp_path / "outcomes.parquet"
-    r = retention("decisions", "export", "--data-dir", str(data), "--out", str(decisions),
+    proc = retention("decisions", "export", "--data-dir", str(data), "--out", str(decisions),
                   "--outcomes-out", str(outcomes))
-    assert r.returncode == 0, r.stderr
+    assert proc.returncode == 0, proc.stderr
     d = pd.read_parquet(decisions)
     o = pd.read_parquet(outcomes)
     # the 404s have no candidate and no shown message: left out (and counted), so train can read the file
-    assert len(d) == N_REQUESTS and f"left out {N_UNANSWERED} request(s)" in r.stdout
+    assert len(d) == N_REQUESTS and f"left out {N_UNANSWERED} request(s)" in proc.stdout
     assert dict(zip(d["original_transaction_id"], d["message_id"], strict=True)) == shown
     assert ((d["propensity"] > 0) & (d["propensity"] <= 1)).all()
     assert len(o) == len(cancelled) + len(renewed)  # each retry stored once, the TEST and the forgery nowhere
@@ -114,19 +114,19 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
 
     # ---- 3. train a new version on them ----
     as_of = str(int(time.time() * 1000) + 60 * DAY_MS)  # every 30-day window has passed
-    r = retention("train", "--decisions", str(decisions), "--outcomes", str(outcomes), "--catalog", str(DEMO_CATALOG),
+    proc = retention("train", "--decisions", str(decisions), "--outcomes", str(outcomes), "--catalog", str(DEMO_CATALOG),
                   "--registry", str(registry), "--as-of", as_of, "--model", "logreg")
-    assert r.returncode == 0, r.stderr[-2000:]
-    new_version = r.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    new_version = proc.stdout.strip().splitlines()[-1]
     assert (registry / new_version / "model.onnx").is_file()
     assert new_version != serving_version
 
     # ---- 4. evaluate it against the serving version, off-policy ----
     out = tmp_path / "evaluation"
-    r = retention("evaluate", "--decisions", str(decisions), "--outcomes", str(outcomes), "--catalog",
+    proc = retention("evaluate", "--decisions", str(decisions), "--outcomes", str(outcomes), "--catalog",
                   str(DEMO_CATALOG), "--registry", str(registry), "--as-of", as_of, "--resamples", "100",
                   "--min-ess", "1", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     # the labels came from the notifications: each cancellation a churn, every other window passed as retained
     assert summary["data"]["churned"] == len(cancelled)
