@@ -15,20 +15,38 @@ The world, deterministic by seed (one ``numpy.random.Generator``):
 - Candidates are ``catalog.eligible(product, locale)``, plus the catalog default for
   that product and locale when it is not already among them.
 - A true P(stay | subscriber, message) = sigmoid(base + effect). The base depends on
-  engagement, tenure, country and a small unobserved term; the effect depends on the
-  message's *role*, derived from the catalog so any catalog works: the default
-  message is neutral; other plain messages take themes in catalog order (a message
-  with an image: "feature highlights", then "what's new", then "loyalty"); a switch to
-  an upfront-billed or annual plan, to a cheaper plan, or to a dearer plan; a
-  promotional offer, whose pull grows with its discount. Each role pays off for a
-  different, observable segment (engaged users for the feature message, heavy users
-  for what's new, long-tenure users for loyalty, long-tenure annual-friendly users for
-  the annual switch, disengaged users for the cheaper plan, price-sensitive new or
-  promo-acquired users for offers), so the best message differs between subscribers.
-- The logging policy is ε-greedy (``models.exploration.action_probabilities``) around
-  a plausible hand-written rule (an offer for new subscribers, the cheaper plan for
-  inactive ones, else the default): context-dependent but far from optimal. The
-  exact propensity of the shown message is logged.
+  engagement, tenure, country, deal hunting and a small unobserved term (sd 0.2); the
+  effect depends on the message's *role*, derived from the catalog so any catalog works
+  (the first three plain messages after the default take the themes below, a message
+  with an image being the "feature" one), and on observed features only:
+
+  ====================  ===============================================================
+  role                  effect on the logit (who it works for)
+  ====================  ===============================================================
+  default message       0 (the reference)
+  feature highlights    about +1.4 when engagement > 0.7, -0.8 below (a sharp ramp)
+  what's new            +2.0 for a non-English device language, else -0.6
+  loyalty               +2.0 after 540 days of tenure, else -0.6
+  annual switch         +3.5 for deal hunters (2+ past offers, 180+ days), else -1.0;
+                        +0.5 in DE/AT/JP (loses a third of the value: only they gain)
+  cheaper plan          about +2.6 when engagement < 0.25, -1.0 above
+  dearer plan           about +0.3 when engagement > 0.75, -2.2 below
+  promotional offer     (1.8·new − 0.4 + 0.8·promo) × simplicity, new = 1 under 90
+                        days, 0.5 under 180; a cheap simple offer (a free month) pulls
+                        more than a deep discount, which also costs more
+  ====================  ===============================================================
+
+  The best message therefore differs between subscribers (eight different messages are
+  somebody's best in the demo catalog); the best single static message is about 20%
+  below the oracle, and the effects are strong, sharp and observable so that a model
+  trained on 100k logged decisions can find them.
+- The logging policy is ε-greedy (``models.exploration.action_probabilities``, the
+  shared code) around a plausible hand-written rule: the cheapest offer for new
+  subscribers (the deepest one when they came from a promo campaign), the annual plan
+  for deal hunters, the cheaper plan for inactive ones, the loyalty message after a
+  year, the "what's new" message for non-English speakers, else the default. It is
+  context-dependent but far from optimal. The exact propensity of the shown message is
+  logged, and every candidate's probability is in the ground truth (``logging_prob``).
 - Decisions span about 60 days; some subscriptions get a second decision later (some
   inside the first one's horizon, which cuts its label window short; a subscriber who
   accepted a switch is on the new product by then).
@@ -272,12 +290,12 @@ def _draw_subscribers(rng: np.random.Generator, locale_country: np.ndarray) -> _
     # most subscribers live where their device locale says; a few do not
     moved = rng.random(n) < 0.05
     country = np.where(moved, rng.integers(0, len(COUNTRIES), n), locale_country)
-    latent = np.asarray(rng.normal(0.0, 0.3, n), dtype=np.float64)
+    latent = np.asarray(rng.normal(0.0, 0.2, n), dtype=np.float64)
     return _Subscribers(tenure, plan_age, engagement, sessions, offers_redeemed, channel, country, latent)
 
 
 def _price_sensitivity(s: _Subscribers, idx: np.ndarray) -> np.ndarray:
-    """Return 0..1: how strongly a subscriber responds to any discount (new subscribers do)."""
+    """Return how strongly a subscriber responds to an offer: 1 under 90 days of tenure, 0.5 under 180, else 0."""
     t = s.tenure[idx]
     return 1.0 * (t < 90) + 0.5 * ((t >= 90) & (t < 180))
 
@@ -285,6 +303,11 @@ def _price_sensitivity(s: _Subscribers, idx: np.ndarray) -> np.ndarray:
 def _saver_score(s: _Subscribers, idx: np.ndarray) -> np.ndarray:
     """Return 0 or 1: settled subscribers who hunt deals (two or more past offers), drawn to annual savings."""
     return ((s.offers_redeemed[idx] >= 2) & (s.tenure[idx] >= 180)).astype(np.float64)
+
+
+def _ramp(x: np.ndarray, at: float, width: float) -> np.ndarray:
+    """Return a smooth step from 0 to 1 around `at` (logistic, `width` wide)."""
+    return 1.0 / (1.0 + np.exp(-(x - at) / width))
 
 
 def _true_p_stay(
@@ -315,18 +338,20 @@ def _true_p_stay(
         + s.latent[idx][:, None]
     )
     eff = np.zeros(role.shape)
-    eff = np.where(role == FEATURE, np.clip(5.0 * (eng - 0.6), -1.5, 2.0), eff)
+    # sharp ramps rather than gentle slopes: each message has a clear audience, so the best message
+    # is rarely a near tie that no amount of data would settle
+    eff = np.where(role == FEATURE, 2.2 * _ramp(eng, 0.7, 0.04) - 0.8, eff)
     eff = np.where(role == WHATS_NEW, np.where(foreign, 2.0, -0.6), eff)
     eff = np.where(role == LOYALTY, np.where(tenure > 540, 2.0, -0.6), eff)
     eff = np.where(role == PLAIN_OTHER, -0.1, eff)
     eff = np.where(role == ANNUAL, -1.0 + 4.5 * saver + 0.5 * annual_friendly, eff)
-    eff = np.where(role == CHEAPER, 3.2 * np.clip((0.45 - eng) / 0.35, -0.3, 1.0), eff)
-    eff = np.where(role == DEARER, -2.5 + 3.0 * eng, eff)
-    # new subscribers take a small, simple offer best (a free month); promo-acquired deal hunters
-    # respond to the size of the discount, so the deeper offer is theirs
+    eff = np.where(role == CHEAPER, 3.6 * _ramp(-eng, -0.25, 0.04) - 1.0, eff)
+    eff = np.where(role == DEARER, 2.5 * _ramp(eng, 0.75, 0.04) - 2.2, eff)
+    # offers pull new and promo-acquired subscribers; a small, simple offer (a free month) pulls
+    # better than a deep, long discount, which also costs more
     pull = np.clip(discount / 0.1, 0.0, 2.5)
     simple = np.clip(1.6 - 0.6 * pull, 0.4, 1.2)
-    eff = np.where(role == OFFER, (1.8 * ps - 0.4) * simple + 3.0 * promo * (pull - 0.8), eff)
+    eff = np.where(role == OFFER, (1.8 * ps - 0.4 + 0.8 * promo) * simple, eff)
     return 1.0 / (1.0 + np.exp(-(base + eff)))
 
 
