@@ -188,7 +188,7 @@ def test_any_catalog_works(tmp_path: Path) -> None:
     w = simulate(500, seed=0, catalog=Catalog.load(path))
     assert set(w.decisions["user_locale"]) == {"de-DE", "de-AT"}
     assert all(len(c) == 2 for c in w.decisions["candidates"])
-    assert oracle_value(w.ground_truth) >= best_static_value(w.ground_truth)[0]
+    assert oracle_value(w.ground_truth) >= best_static_value(w.ground_truth)[0] - 1e-9
 
 
 def test_bad_arguments() -> None:
