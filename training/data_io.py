@@ -46,8 +46,11 @@ _STRING_COLUMNS: tuple[str, ...] = (
     "policy",
     "event",
 )
-# Columns holding a list per row; JSON text in CSV.
+# Columns holding a list per row; JSON text in CSV. ``candidates`` becomes a Python list of ids;
+# the server log's numeric lists (one entry per candidate, or the logged feature row) become
+# float arrays, as Parquet gives them, whichever the format.
 _LIST_COLUMNS: tuple[str, ...] = ("candidates",)
+_NUMERIC_LIST_COLUMNS: tuple[str, ...] = ("scores", "values", "probabilities", "features")
 
 
 class DataError(ValueError):
@@ -77,6 +80,13 @@ def _parse_list(value: object, path: Path, column: str, row: int) -> object:
         raise DataError(f"{path}: row {row + 1}: column {column!r} is not a JSON list: {value[:60]!r}") from None
 
 
+def _numeric_list(value: object) -> object:
+    """Return a parsed JSON list of numbers as a float array (None stays None)."""
+    if isinstance(value, list):
+        return np.array([np.nan if v is None else v for v in value], dtype=np.float64)
+    return value
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Return the table in a Parquet or CSV file, identifiers as strings and list columns as lists."""
     p = Path(path)
@@ -99,6 +109,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
     for column in _LIST_COLUMNS:
         if column in df.columns:
             df[column] = [_parse_list(v, p, column, i) for i, v in enumerate(df[column].tolist())]
+    if fmt == "csv":
+        for column in _NUMERIC_LIST_COLUMNS:
+            if column in df.columns:
+                df[column] = [_numeric_list(_parse_list(v, p, column, i)) for i, v in enumerate(df[column].tolist())]
     for column in _STRING_COLUMNS:
         # Parquet written by other tools may carry integer ids; normalise them like CSV.
         if column in df.columns and not (pd.api.types.is_string_dtype(df[column]) or df[column].dtype == object):
@@ -120,10 +134,16 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
         out.to_parquet(p, index=False)
     else:
         out = df.copy()
-        for column in _LIST_COLUMNS:
+        for column in (*_LIST_COLUMNS, *_NUMERIC_LIST_COLUMNS):
             if column in out.columns:
-                out[column] = [json.dumps(list(v)) if _is_listlike(v) else v for v in out[column].tolist()]
+                out[column] = [json.dumps(_plain(v)) if _is_listlike(v) else v for v in out[column].tolist()]
         out.to_csv(p, index=False)
+
+
+def _plain(value: list | tuple | np.ndarray) -> list:
+    """Return a list of plain Python values (numpy scalars and NaN made JSON-safe)."""
+    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
+    return [None if isinstance(v, float) and v != v else v for v in items]
 
 
 def _is_listlike(value: object) -> bool:

@@ -195,3 +195,19 @@ def test_integer_ids_from_other_tools_become_strings(tmp_path: Path) -> None:
     prof.to_parquet(tmp_path / "p.parquet")
     back = read_profiles(tmp_path / "p.parquet")
     assert back["original_transaction_id"].tolist() == ["2000000000000013", "2000000000000020"]
+
+
+def test_server_log_list_columns_read_alike_in_both_formats(tmp_path: Path) -> None:
+    df = _decisions(2)
+    df["probabilities"] = [np.array([0.05, 0.9, 0.05]), np.array([0.05, 0.9, 0.05])]
+    df["scores"] = [[0.5, float("nan"), 0.7], None]
+    for fmt in ("parquet", "csv"):
+        path = tmp_path / f"log.{fmt}"
+        write_table(df, path)
+        back = read_decisions(path)
+        np.testing.assert_allclose(back["probabilities"].iloc[0], [0.05, 0.9, 0.05])
+        s = np.asarray(back["scores"].iloc[0], dtype=float)
+        assert s[0] == 0.5 and np.isnan(s[1]) and s[2] == 0.7
+        assert back["scores"].iloc[1] is None or (
+            np.isscalar(back["scores"].iloc[1]) and np.isnan(back["scores"].iloc[1])
+        )
