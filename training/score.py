@@ -78,7 +78,6 @@ def main(argv: list[str]) -> int:
     from training.data_io import read_profiles, read_table, write_table
 
     registry, pinned = Registry.parse(args.registry)
-    bar = tqdm(total=4, desc="score", unit="step", file=sys.stderr)
     model = registry.load(args.version or pinned)
     catalog = Catalog.load(args.catalog)
     decisions = read_table(args.input)
@@ -89,12 +88,11 @@ def main(argv: list[str]) -> int:
     if bad:
         raise ValueError(f"{args.input}: row {bad[0] + 1}: candidates must be a list of message ids")
     profiles = read_profiles(args.profiles) if args.profiles else None
-    bar.update()
-    out = score_frame(decisions, profiles, catalog, model)
-    bar.update(2)
-    write_table(out, args.output)
-    bar.update()
-    bar.close()
+    with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False) as bar:
+        out = score_frame(decisions, profiles, catalog, model)
+        bar.update()
+        write_table(out, args.output)
+        bar.update()
     chosen = int((out["message_id"] != "").sum())
     print(f"scored {len(out):,} requests with model {model.version} ({chosen:,} with a choice) -> {args.output}")
     return 0

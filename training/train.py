@@ -38,6 +38,7 @@ from training.fit import (
     greedy_choices,
     onnx_p_stay,
     onnx_session,
+    split_heldout,
 )
 
 DAY_MS = 86_400_000
@@ -213,7 +214,6 @@ def train_frames(
     horizon_days: float = 30.0,
     as_of_ms: int | None = None,
     seed: int = 0,
-    holdout_fraction: float = 0.1,
     context: bool = True,
     params: dict[str, Any] | None = None,
     progress: bool = False,
@@ -229,19 +229,12 @@ def train_frames(
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    steps = ["label", "featurize", "fit", "export", "parity"] + (["ground truth"] if ground_truth is not None else [])
-    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=not progress)
-
-    def step(name: str) -> None:
-        bar.set_postfix_str(name)
-
     _check_frames(decisions, outcomes, profiles)
     if len(decisions) == 0:
         raise TrainError("no rows after the join: the decisions file is empty")
     decisions = decisions.reset_index(drop=True)
 
-    # ---- labels ----
-    step("label")
+    # ---- labels (before any progress output, so that bad input is one line) ----
     t = time.perf_counter()
     labels, stats = label_decisions(
         decisions, outcomes, horizon_ms=int(horizon_days * DAY_MS), as_of_ms=as_of_ms
@@ -261,7 +254,29 @@ def train_frames(
     if len(np.unique(y_all)) < 2:
         raise TrainError("every labelled decision has the same outcome (all retained or all churned): nothing to learn")
     timings["label"] = time.perf_counter() - t
-    bar.update()
+    steps = ["featurize", "fit", "export", "parity"] + (["ground truth"] if ground_truth is not None else [])
+    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=not progress, leave=False)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    try:
+        return _fit_and_check(
+            bar, step, timings, t_all, decisions, profiles, catalog, rows_mask=use, y_all=y_all, stats=stats,
+            n_unknown=n_unknown, ground_truth=ground_truth, model=model, horizon_days=horizon_days,
+            as_of_ms=as_of_ms, seed=seed, context=context, params=params,
+        )
+    finally:
+        bar.close()
+
+
+def _fit_and_check(
+    bar: Any, step: Any, timings: dict[str, float], t_all: float, decisions: pd.DataFrame,
+    profiles: pd.DataFrame | None, catalog: Any, *, rows_mask: np.ndarray, y_all: np.ndarray, stats: Any,
+    n_unknown: int, ground_truth: pd.DataFrame | None, model: str, horizon_days: float, as_of_ms: int | None,
+    seed: int, context: bool, params: dict[str, Any] | None,
+) -> TrainResult:
+    use = rows_mask
 
     # ---- features ----
     step("featurize")
@@ -283,21 +298,22 @@ def train_frames(
     timings["featurize"] = time.perf_counter() - t
     bar.update()
 
-    # ---- split by request: a held-out share for metrics and parity ----
-    rng = np.random.default_rng(seed)
+    # ---- the held-out share (by request: one labelled row per decision): never fitted by the trees;
+    # it stops the boosting, fits the sigmoid, and gives the metrics and the parity rows ----
     n = len(rows)
+    held = split_heldout(n, seed)
+    n_hold = len(held)
     is_hold = np.zeros(n, dtype=bool)
-    n_hold = round(n * holdout_fraction) if n >= 1000 else 0
-    is_hold[rng.choice(n, size=n_hold, replace=False)] = True
-    X_fit = X_all[~is_hold]
+    is_hold[held] = True
+    X_fit = X_all
     if not context:
-        X_fit = X_fit.copy()
+        X_fit = X_all.copy()
         X_fit[:, : schema.n_context] = 0.0  # constant columns: the model cannot split on them
 
     step("fit")
     t = time.perf_counter()
     try:
-        estimator, info = fit_model(X_fit, y_all[~is_hold], model=model, seed=seed, params=params)
+        estimator, info = fit_model(X_fit, y_all, model=model, seed=seed, params=params, heldout_index=held)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     timings["fit"] = time.perf_counter() - t
@@ -352,7 +368,6 @@ def train_frames(
         timings["ground_truth"] = time.perf_counter() - t
         bar.update()
         metrics.update({k: v for k, v in gap.items() if k != "static_message"})
-    bar.close()
     timings["total"] = time.perf_counter() - t_all
 
     signed = decisions["signed_date"].to_numpy(dtype=np.int64)
@@ -513,7 +528,8 @@ def model_card(result: TrainResult) -> str:
         f"- {d['decisions']:,} logged decisions from {d['date_range'][0]} to {d['date_range'][1]}; "
         f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out), "
         f"{d['unknown_message']:,} with a message not in the catalog (left out).",
-        f"- label horizon {d['horizon_days']:g} days; {d['train_rows']:,} rows fitted, {d['holdout_rows']:,} held out.",
+        f"- label horizon {d['horizon_days']:g} days; {d['train_rows']:,} rows fit the trees, {d['holdout_rows']:,} "
+        "held out from them (early stopping, the sigmoid calibration, the metrics below, parity).",
         f"- profiles: {d['profiles']:,} subscribers; columns "
         f"{', '.join(result.schema.profile_numeric + result.schema.profile_categorical) or 'none'}.",
         "",
@@ -522,7 +538,7 @@ def model_card(result: TrainResult) -> str:
         f"{result.fit_info.calibration} on {result.fit_info.rows_calibration:,} rows; {result.schema.n_features} float32 features, "
         f"featurizer version {FEATURIZER_VERSION}.",
         "",
-        "## Metrics (held-out decisions)",
+        "## Metrics (held-out decisions; the 2-parameter sigmoid was fitted on them)",
     ]
     for key in ("holdout_log_loss", "holdout_brier", "holdout_auc", "holdout_base_rate", "holdout_mean_p"):
         if m.get(key) is not None:
@@ -554,7 +570,7 @@ def summary_table(result: TrainResult) -> str:
     rows: list[tuple[str, str]] = [
         ("decisions", f"{d['decisions']:,}  ({d['date_range'][0]} .. {d['date_range'][1]})"),
         ("labels", f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out)"),
-        ("rows", f"{d['train_rows']:,} to fit and calibrate, {d['holdout_rows']:,} held out for metrics and parity"),
+        ("rows", f"{d['train_rows']:,} fit the trees, {d['holdout_rows']:,} held out (early stopping, sigmoid, metrics, parity)"),
         ("features", f"{result.schema.n_features} ({result.schema.n_context} context), featurizer {FEATURIZER_VERSION}"),
         ("model", f"{f.model}, {f.n_iter} iterations, calibration {f.calibration}"),
     ]

@@ -1,0 +1,266 @@
+"""Training: the gap figure on the simulator, sklearn/ONNX parity, the train and score CLIs, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import retention
+from models.features import Featurizer
+from models.registry import Registry, is_version_id
+from models.scoring import Scorer
+from training.data_io import read_table, write_table
+from training.fit import check_parity
+from training.simulate import simulate, write_world
+from training.train import TrainResult, train_demo_model, train_frames, values_after, write_result
+
+# The issue's bar is 0.9 of the static-to-oracle gap at 100,000 decisions (measured by hand: see
+# README-model). This test runs at 30,000 to stay fast: the messages the logging policy shows only
+# when exploring then have under a third of the rows, so the bar is lower. Over simulator seeds
+# 0-2 the context model captured 0.88-0.93 and the message-only model -0.12 (worse than the best
+# static message), so 0.8 and 0.5 leave room for numeric noise without letting a broken model pass.
+N_GAP = 30_000
+GAP_BAR_SMALL = 0.8
+CONTEXT_FREE_BAR = 0.5
+
+
+@pytest.fixture(scope="module")
+def world30() -> Any:
+    return simulate(N_GAP, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained30(world30: Any) -> TrainResult:
+    w = world30
+    return train_frames(w.decisions, w.outcomes, w.profiles, w.catalog, ground_truth=w.ground_truth)
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3,000-decision world written as Parquet, plus a CSV copy of the decisions."""
+    folder = tmp_path_factory.mktemp("world")
+    paths = write_world(simulate(3000, seed=1), folder)
+    paths["decisions_csv"] = folder / "decisions.csv"
+    write_table(read_table(paths["decisions"]), paths["decisions_csv"])
+    return paths
+
+
+# ---- the gap figure ---------------------------------------------------------------------------
+def test_learned_policy_captures_most_of_the_gap(trained30: TrainResult) -> None:
+    g = trained30.gap
+    assert g is not None and g["ground_truth_requests"] == N_GAP
+    assert g["v_oracle"] > g["v_static"]
+    assert g["gap_captured"] >= GAP_BAR_SMALL, g
+    assert trained30.manifest["metrics"]["gap_captured"] == g["gap_captured"]
+
+
+def test_model_that_ignores_the_context_falls_short(world30: Any) -> None:
+    w = world30
+    r = train_frames(w.decisions, w.outcomes, w.profiles, w.catalog, ground_truth=w.ground_truth, context=False)
+    assert r.gap is not None and r.gap["gap_captured"] < CONTEXT_FREE_BAR, r.gap
+    assert r.manifest["context_features"] is False
+
+
+# ---- parity -----------------------------------------------------------------------------------
+def test_parity_sklearn_onnx_with_unseen_categories_and_missing_profiles(
+    trained30: TrainResult, world30: Any, tmp_path: Path
+) -> None:
+    assert trained30.parity.passed and trained30.parity.requests_compared > 1000
+    reg = Registry(tmp_path)
+    version, _ = write_result(trained30, reg)
+    scorer = Scorer(reg.load(version))  # what serving runs: one thread, from the registry
+    cat = world30.catalog
+    fz = Featurizer(trained30.schema, cat.products, cat.messages)
+    profiles = world30.profiles.set_index("original_transaction_id")
+    decisions = world30.decisions.iloc[:400]
+    blocks, rids, values = [], [], []
+    for i, d in enumerate(decisions.itertuples()):
+        prof: dict[str, Any] | None = profiles.loc[d.original_transaction_id].to_dict()
+        locale, env, product = d.user_locale, d.environment, d.product_id
+        match i % 5:
+            case 1:
+                prof = None  # no profile at all
+            case 2:
+                assert prof is not None
+                prof.update(country="ZZ", acquisition_channel="tv", tenure_days=float("nan"), engagement=None)
+            case 3:
+                locale, env = "pt-BR", "Xcode"  # a language, region and environment the model never saw
+            case 4:
+                product = "com.example.unseen"
+        cands = cat.eligible(d.product_id, d.user_locale) or cat.eligible("com.example.premium.monthly", "en-US")
+        X = fz.matrix(product_id=product, user_locale=locale, environment=env, signed_date_ms=d.signed_date,
+                      profile=prof, candidates=cands)
+        blocks.append(X)
+        rids += [d.request_id] * len(cands)
+        values += [cat.value_after(m, d.product_id) for m in cands]
+    X = np.concatenate(blocks)
+    p_sk = trained30.estimator.predict_proba(X)[:, 1]
+    p_ox = np.concatenate([scorer.p_stay(b) for b in blocks])
+    result = check_parity(p_sk, p_ox, np.array(rids), np.array(values))
+    assert result.max_abs_diff <= 1e-5
+    assert result.choice_mismatches == 0 and result.requests_compared > 350
+
+
+# ---- the CLIs ---------------------------------------------------------------------------------
+def train_args(paths: dict[str, Path], registry: Path, *extra: str) -> list[str]:
+    return ["train", "--decisions", str(paths["decisions"]), "--outcomes", str(paths["outcomes"]),
+            "--profiles", str(paths["profiles"]), "--catalog", str(paths["catalog"]), "--registry", str(registry),
+            *extra]
+
+
+def test_train_cli_writes_a_version_and_prints_its_id_last(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tmp_path / "registry"
+    assert retention.main(train_args(small_files, registry, "--ground-truth", str(small_files["ground_truth"]))) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    first = out[-1]
+    assert is_version_id(first)
+    reg = Registry(registry)
+    assert reg.versions() == [first] and reg.current() == first  # the first version becomes current
+    assert any(re.match(r"gap captured\s+-?\d+\.\d{3}", line) for line in out)
+    m = reg.manifest(first)
+    for key in ("version", "created", "featurizer_version", "feature_schema", "feature_schema_sha256",
+                "training_data", "metrics", "parity", "onnx_sha256", "library_versions", "hyperparameters"):
+        assert key in m, key
+    td = m["training_data"]
+    assert td["decisions"] == 3000 and td["censored"] > 0
+    assert td["retained"] + td["churned"] + td["censored"] == 3000
+    assert len(td["date_range"]) == 2 and td["date_range"][0] < td["date_range"][1]
+    assert m["parity"]["passed"] and m["parity"]["max_abs_diff"] <= 1e-5
+    assert set(m["library_versions"]) >= {"scikit-learn", "skl2onnx", "onnxruntime"}
+    assert m["feature_schema"]["profile_categorical"] == ["acquisition_channel", "country"]
+    assert (registry / first / "model_card.md").read_text().startswith(f"# Model {first}")
+    reg.load(first)  # verifies
+
+    # a second version is not promoted unless asked; CSV input and logreg work too
+    assert retention.main(train_args({**small_files, "decisions": small_files["decisions_csv"]}, registry,
+                                     "--model", "logreg")) == 0
+    second = capsys.readouterr().out.strip().splitlines()[-1]
+    assert reg.current() == first and reg.versions() == [first, second]
+    assert reg.manifest(second)["model"] == "logreg"
+    assert retention.main(train_args(small_files, registry, "--promote")) == 0
+    third = capsys.readouterr().out.strip().splitlines()[-1]
+    assert reg.current() == third
+
+
+def test_score_cli_writes_the_greedy_choice_per_request(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tmp_path / "registry"
+    assert retention.main(train_args(small_files, registry)) == 0
+    version = capsys.readouterr().out.strip().splitlines()[-1]
+    out = tmp_path / "scored.csv"
+    assert retention.main(["score", "--registry", str(registry), "--catalog", str(small_files["catalog"]),
+                           "--input", str(small_files["decisions"]), "--profiles", str(small_files["profiles"]),
+                           "--output", str(out)]) == 0
+    scored = pd.read_csv(out, dtype={"request_id": str, "message_id": str})
+    decisions = read_table(small_files["decisions"])
+    assert list(scored.columns) == ["request_id", "message_id", "expected_value"]
+    assert len(scored) == len(decisions) and set(scored["request_id"]) == set(decisions["request_id"])
+    merged = scored.merge(decisions[["request_id", "candidates", "product_id"]], on="request_id")
+    assert all(m in c for m, c in zip(merged["message_id"], merged["candidates"], strict=True))
+    assert np.isfinite(scored["expected_value"]).all() and (scored["expected_value"] > 0).all()
+    # the choice is the argmax of P x value_after among the request's own candidates
+    from serving.catalog import Catalog
+
+    cat = Catalog.load(small_files["catalog"])
+    loaded = Registry(registry).load(version)
+    fz, scorer = Featurizer(loaded.schema, cat.products, cat.messages), Scorer(loaded)
+    profiles = read_table(small_files["profiles"]).set_index("original_transaction_id")
+    for d in merged.merge(decisions[["request_id", "original_transaction_id", "user_locale", "environment",
+                                     "signed_date"]], on="request_id").head(50).itertuples():
+        cands = [cat.messages[m] for m in d.candidates]
+        prof = profiles.loc[d.original_transaction_id].to_dict() if d.original_transaction_id in profiles.index else None
+        X = fz.matrix(product_id=d.product_id, user_locale=d.user_locale, environment=d.environment,
+                      signed_date_ms=d.signed_date, profile=prof, candidates=cands)
+        ev = scorer.p_stay(X) * np.array([cat.value_after(m, d.product_id) for m in cands])
+        assert d.message_id == d.candidates[int(np.argmax(ev))]
+        assert abs(d.expected_value - ev.max()) < 1e-4 * max(1.0, ev.max())
+    assert retention.main(["models", "list", "--registry", str(registry)]) == 0
+
+
+def test_train_demo_model_promotes_a_version(tmp_path: Path) -> None:
+    version = train_demo_model(tmp_path / "reg", n_decisions=3000, seed=2)
+    assert Registry(tmp_path / "reg").current() == version
+
+
+# ---- bad input: one clear line, non-zero exit ------------------------------------------------
+def _broken(paths: dict[str, Path], tmp: Path, what: str) -> dict[str, Path]:
+    d = read_table(paths["decisions"])
+    o = read_table(paths["outcomes"])
+    out = dict(paths)
+    if what == "missing column":
+        d = d.drop(columns=["propensity"])
+    elif what == "propensity zero":
+        d.loc[5, "propensity"] = 0.0
+    elif what == "propensity above one":
+        d.loc[7, "propensity"] = 1.5
+    elif what == "message not in candidates":
+        d.loc[3, "message_id"] = "00000000-0000-4000-8000-000000000000"
+    elif what == "no rows after the join":
+        o = o.iloc[:0]  # no events and an as-of at the first decision: every window is still open
+    elif what == "unreadable file":
+        (tmp / "decisions.parquet").write_bytes(b"PAR1 this is not parquet")
+        out["decisions"] = tmp / "decisions.parquet"
+        return out
+    elif what == "no such file":
+        out["decisions"] = tmp / "absent.parquet"
+        return out
+    write_table(d, tmp / "decisions.parquet")
+    write_table(o, tmp / "outcomes.parquet")
+    out["decisions"], out["outcomes"] = tmp / "decisions.parquet", tmp / "outcomes.parquet"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("what", "expected"),
+    [
+        ("missing column", "lacks column(s) propensity"),
+        ("propensity zero", "outside (0, 1]"),
+        ("propensity above one", "outside (0, 1]"),
+        ("message not in candidates", "not in its own candidates"),
+        ("no rows after the join", "no rows after the join"),
+        ("unreadable file", "cannot read"),
+        ("no such file", "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str, expected: str
+) -> None:
+    paths = _broken(small_files, tmp_path, what)
+    extra = ["--as-of", str(int(read_table(small_files["decisions"])["signed_date"].min()))] if "join" in what else []
+    code = retention.main(train_args(paths, tmp_path / "registry", *extra))
+    captured = capsys.readouterr()
+    assert code != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("retention train: error:") and expected in lines[0], lines
+    assert "Traceback" not in captured.err and not (tmp_path / "registry").exists()
+
+
+def test_score_refuses_a_damaged_model(small_files: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    registry = tmp_path / "registry"
+    assert retention.main(train_args(small_files, registry)) == 0
+    version = capsys.readouterr().out.strip().splitlines()[-1]
+    manifest_path = registry / version / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["featurizer_version"] = "0"
+    manifest_path.write_text(json.dumps(m))
+    code = retention.main(["score", "--registry", f"{registry}@{version}", "--catalog", str(small_files["catalog"]),
+                           "--input", str(small_files["decisions"]), "--output", str(tmp_path / "o.parquet")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "featurizer version differs" in err[0]
+
+
+def test_values_after_matches_the_catalog(world30: Any) -> None:
+    d = world30.decisions.head(100)
+    v = values_after(world30.catalog, d["product_id"], d["message_id"])
+    expected = [world30.catalog.value_after(world30.catalog.messages[m], p) for m, p in zip(d["message_id"], d["product_id"], strict=True)]
+    np.testing.assert_allclose(v, expected)
