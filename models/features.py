@@ -280,8 +280,9 @@ class Featurizer:
         self._missing = col["profile_missing"]
         self._num_cols = [(c, col[f"profile.{c}"]) for c in schema.profile_numeric]
         self._cat_cols = [(c, index(f"profile.{c}", v.get(f"profile:{c}", []))) for c in schema.profile_categorical]
-        # profile block: contiguous columns [profile_start, n_context)
-        self._profile_start = self._missing + 1
+        # a model trained without profile columns ignores profiles: its profile_missing column is
+        # constant 1 in training, and serving with a profile store must not change that
+        self._uses_profile = bool(self._num_cols or self._cat_cols)
         self._msg_numeric = [col[n] - self.n_context for n in MESSAGE_NUMERIC]
         self._context_cache: dict[tuple[str, str, str], np.ndarray] = {}
         self._message_tables: dict[str, tuple[dict[str, int], np.ndarray]] = {}
@@ -380,7 +381,7 @@ class Featurizer:
         ms = int(signed_date_ms)
         ctx[self._hour] = (ms // _HOUR_MS) % 24
         ctx[self._weekday] = (ms // _DAY_MS + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
-        if profile is not None:
+        if profile is not None and self._uses_profile:
             self._fill_profile(ctx, profile)
         k = len(candidates)
         out = np.empty((k, self.n_features), dtype=np.float32)
@@ -433,7 +434,7 @@ class Featurizer:
         ms = np.asarray(signed_date_ms, dtype=np.int64)
         ctx[:, self._hour] = (ms // _HOUR_MS) % 24
         ctx[:, self._weekday] = (ms // _DAY_MS + 3) % 7
-        if profile is not None and has_profile is not None:
+        if profile is not None and has_profile is not None and self._uses_profile:
             hp = np.asarray(has_profile, dtype=bool)
             ctx[hp, self._missing] = 0.0
             for name, j in self._num_cols:

@@ -171,3 +171,12 @@ def test_featurizer_refuses_a_schema_from_other_code(schema: FeatureSchema, cata
     old = FeatureSchema.from_dict(data)
     with pytest.raises(ValueError, match="featurizer version 0"):
         Featurizer(old, catalog.products, catalog.messages)
+
+
+def test_a_schema_without_profile_columns_ignores_profiles(catalog: Catalog) -> None:
+    bare = Featurizer(build_schema(catalog.products, catalog.messages), catalog.products, catalog.messages)
+    cands = catalog.eligible(MONTHLY, "en-US")
+    kw = dict(product_id=MONTHLY, user_locale="en-US", environment="Production", signed_date_ms=0, candidates=cands)
+    with_profile = bare.matrix(profile={"tenure_days": 3}, **kw)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(with_profile, bare.matrix(profile=None, **kw))  # type: ignore[arg-type]
+    assert row(bare, with_profile)["profile_missing"] == 1  # as in training, where it is constant
