@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def bench_training(n: int, work: Path) -> dict[str, float | int | str]:
     }
 
 
-def median_us(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def median_us(fn: Callable[[], object], repeat: int) -> float:
     """Return the median wall time of `fn()` in microseconds over `repeat` calls (after a warm-up)."""
     for _ in range(min(50, repeat)):
         fn()
@@ -107,11 +108,11 @@ def bench_scoring(n_train: int, repeat: int) -> dict[str, float]:
         profile = w.profiles.iloc[0].to_dict()
         kw = dict(product_id="com.example.premium.monthly", user_locale="en-US", environment="Production",
                   signed_date_ms=1_795_900_500_000, profile=profile, candidates=cands)
-        X = fz.matrix(**kw)  # type: ignore[arg-type]
+        X = fz.matrix(**kw)
         assert X.shape[0] == 8
         est = result.estimator
         np.testing.assert_allclose(scorer.p_stay(X), est.predict_proba(X)[:, 1], atol=1e-5)
-        featurize_us = median_us(lambda: fz.matrix(**kw), repeat)  # type: ignore[arg-type]
+        featurize_us = median_us(lambda: fz.matrix(**kw), repeat)
         onnx_us = median_us(lambda: scorer.p_stay(X), repeat)
         sklearn_us = median_us(lambda: est.predict_proba(X), max(200, repeat // 10))
     return {"featurize_us": featurize_us, "onnx_us": onnx_us, "sklearn_us": sklearn_us,

@@ -115,7 +115,8 @@ def main(argv: list[str]) -> int:
             )
             print(reason)
             if not ok:
-                print(f"not promoted: {args.version} (current stays {registry.current() or 'none'})", file=sys.stderr)
+                print(f"retention models: {args.version} left unpromoted; current stays {registry.current() or 'none'}",
+                      file=sys.stderr)
                 return 1
         before = registry.current()
         registry.promote(args.version)
