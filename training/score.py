@@ -51,14 +51,14 @@ def score_frame(
     from models.features import Featurizer
     from models.registry import LoadedModel
     from training.fit import onnx_session
-    from training.train import greedy_table
+    from training.train import greedy_table, profile_index
 
     assert isinstance(model, LoadedModel)
     missing = [c for c in SCORE_COLUMNS if c not in decisions.columns]
     if missing:
         raise ValueError(f"the input lacks column(s) {', '.join(missing)}")
     fz = Featurizer(model.schema, catalog.products, catalog.messages)  # type: ignore[attr-defined]
-    prof = profiles.set_index(profiles["original_transaction_id"].astype(str)) if profiles is not None else None
+    prof = profile_index(profiles)
     session = onnx_session(model.onnx_path.read_bytes())
     table = greedy_table(session, fz, decisions.reset_index(drop=True), prof, catalog)
     best = table.loc[table["greedy"], ["request_id", "message_id", "expected_value"]]

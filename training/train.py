@@ -107,6 +107,14 @@ def profile_spec(profiles: pd.DataFrame | None) -> tuple[list[str], list[str], d
     return numeric, categorical, vocab
 
 
+def profile_index(profiles: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Return the profiles indexed by original_transaction_id (as text), the last row winning on duplicates."""
+    if profiles is None:
+        return None
+    key = profiles["original_transaction_id"].astype(str)
+    return profiles.loc[~key.duplicated(keep="last").to_numpy()].set_index(key[~key.duplicated(keep="last")])
+
+
 def featurize(
     fz: Featurizer,
     rows: pd.DataFrame,
@@ -282,7 +290,7 @@ def _fit_and_check(
     step("featurize")
     t = time.perf_counter()
     num, cat, vocab = profile_spec(profiles)
-    prof = profiles.set_index(profiles["original_transaction_id"].astype(str)) if profiles is not None else None
+    prof = profile_index(profiles)
     schema = build_schema(
         catalog.products,
         catalog.messages,
