@@ -403,7 +403,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
 
     @post(settings.notifications_path, status_code=200)
     async def notifications(request: Request[Any, Any, Any]) -> Response[bytes]:
-        from serving.notifications import handle_notification
+        from serving.notifications import receive_notification
 
         try:
             body = await request.body()
@@ -411,7 +411,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
             if exc.status_code == 413:
                 return svc._refuse("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
             raise
-        return handle_notification(svc, body)
+        return await receive_notification(svc, body)
 
     @get("/health", sync_to_thread=False)
     def health() -> dict[str, str]:
