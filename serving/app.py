@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import Litestar, MediaType, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 
 from serving.catalog import CatalogMessage
@@ -56,11 +57,42 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _error_response(code: str, detail: str) -> Response[bytes]:
-    return Response(
-        content=_encode({"error": code, "detail": detail}),
-        status_code=ERROR_STATUS[code],
-        media_type=MediaType.JSON,
-    )
+    status, body = _error(code, detail)
+    return Response(content=body, status_code=status, media_type=MediaType.JSON)
+
+
+def _error(code: str, detail: str) -> tuple[int, bytes]:
+    return ERROR_STATUS[code], _encode({"error": code, "detail": detail})
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
+    """Return the request body, or None when it is over `limit` (refused from Content-Length first)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    return None
+            except ValueError:
+                pass
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise ConnectionAbortedError("client disconnected")
+        chunk = event.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        if not event.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class CircuitBreaker:
@@ -167,8 +199,8 @@ class RetentionService:
         return self._kill_file_present
 
     # ---- the request path ---------------------------------------------------------
-    async def answer(self, body: bytes) -> Response[bytes]:
-        """Return the HTTP response for one Get Retention Message body (never raises for bad input)."""
+    async def answer(self, body: bytes) -> tuple[int, bytes]:
+        """Return (HTTP status, JSON body) for one Get Retention Message body (never raises for bad input)."""
         t0 = time.perf_counter()
         try:
             outer = _decode_body(body)
@@ -190,13 +222,13 @@ class RetentionService:
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
                 response_body = self._response_for(choice.message, request) if choice.message else None
         if response_body is None:
-            resp = _error_response(
+            resp = _error(
                 "no_eligible_message", "No approved message is eligible and the catalog has no default for this product and locale."
             )
             status = 404
             kind = "none"
         else:
-            resp = Response(content=_encode(response_body), status_code=200, media_type=MediaType.JSON)
+            resp = (200, _encode(response_body))
             status = 200
             assert choice.message is not None
             kind = choice.message.kind
@@ -207,9 +239,9 @@ class RetentionService:
             self.metrics.fallback(choice.fallback_reason)
         return resp
 
-    def _refuse(self, code: str, detail: str) -> Response[bytes]:
+    def _refuse(self, code: str, detail: str) -> tuple[int, bytes]:
         self.metrics.verification_failure(code)
-        return _error_response(code, detail)
+        return _error(code, detail)
 
     @staticmethod
     def _default_index(snap: Snapshot, request: DecodedRealtimeRequestBody, choice: Choice) -> int | None:
@@ -391,15 +423,26 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
     """Return the Litestar app for `settings` (tests pass their own settings or a prepared service)."""
     svc = service or RetentionService(settings)
 
-    @post(settings.message_path, status_code=200)
-    async def retention_message(request: Request[Any, Any, Any]) -> Response[bytes]:
-        try:
-            body = await request.body()
-        except HTTPException as exc:
-            if exc.status_code == 413:
-                return svc._refuse("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
-            raise
-        return await svc.answer(body)
+    too_large = f"The body is larger than {settings.max_body_bytes} bytes."
+
+    # A raw ASGI route: the hot path skips Litestar's per-request signature parsing and response
+    # building (measured: BENCHMARKS.md, "Endpoint"); errors and limits are handled here in full.
+    @asgi(settings.message_path, copy_scope=False)
+    async def retention_message(scope: Any, receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            status, payload = 405, _encode({"error": "method_not_allowed", "detail": "Use POST."})
+        else:
+            try:
+                body = await _read_body(scope, receive, settings.max_body_bytes)
+            except ConnectionAbortedError:
+                return  # nobody is left to answer
+            if body is None:
+                status, payload = svc._refuse("payload_too_large", too_large)
+            else:
+                status, payload = await svc.answer(body)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
 
     @post(settings.notifications_path, status_code=200)
     async def notifications(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -409,7 +452,8 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
             body = await request.body()
         except HTTPException as exc:
             if exc.status_code == 413:
-                return svc._refuse("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
+                status, payload = svc._refuse("payload_too_large", too_large)
+                return Response(content=payload, status_code=status, media_type=MediaType.JSON)
             raise
         return await receive_notification(svc, body)
 
@@ -457,6 +501,9 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         svc.start()
+        # everything loaded so far lives as long as the process: keep it out of the cyclic GC's scans
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
