@@ -75,7 +75,7 @@ def run_wrk(url: str, bodies: Path, url_path: str, duration: int, conns: int) ->
     p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    if url_path != "/echo":
+    if not url_path.startswith("/echo"):
         _next_body += total + 10 * conns
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
             "requests": float(total)}
@@ -127,18 +127,20 @@ def main() -> None:
                             cwd=ROOT)
     try:
         wait(f"http://127.0.0.1:{port_app}/health", app)
-        wait(f"http://127.0.0.1:{port_echo}/echo", echo)
+        wait(f"http://127.0.0.1:{port_echo}/health", echo)
         # warm-up (caches the verified chain, JIT-free but warms ORT and the page cache)
         run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", 2, args.connections)
         run_wrk(f"http://127.0.0.1:{port_app}", bodies, "/retention/message", 2, args.connections)
-        res: dict[str, list[dict[str, float]]] = {"echo": [], "endpoint": []}
+        res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], "endpoint": []}
         for r in range(args.rounds):
             res["echo"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", args.duration, args.connections))
+            res["echo-json"].append(
+                run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo-json", args.duration, args.connections))
             # the endpoint reads a fresh slice of bodies each round
             res["endpoint"].append(run_wrk(f"http://127.0.0.1:{port_app}", bodies, "/retention/message",
                                            args.duration, args.connections))
-            print(f"round {r + 1}: echo {res['echo'][-1]['rps']:.0f} rps, endpoint {res['endpoint'][-1]['rps']:.0f} rps",
-                  flush=True)
+            print(f"round {r + 1}: echo {res['echo'][-1]['rps']:.0f} rps, echo-json {res['echo-json'][-1]['rps']:.0f} rps, "
+                  f"endpoint {res['endpoint'][-1]['rps']:.0f} rps", flush=True)
     finally:
         app.send_signal(signal.SIGTERM)
         echo.send_signal(signal.SIGTERM)
@@ -159,10 +161,11 @@ def main() -> None:
     print()
     print(f"| server | req/s (median of {args.rounds}) | p50 ms | p99 ms | non-2xx |")
     print("|---|---|---|---|---|")
-    for name in ("echo", "endpoint"):
+    for name in ("echo", "echo-json", "endpoint"):
         print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p50_ms'):.2f} | {med(name, 'p99_ms'):.2f} | "
               f"{sum(x['non2xx'] for x in res[name]):.0f} |")
     print(f"\nendpoint / echo requests per second: {ratio:.2f} (floor 0.40, goal 0.50)")
+    print(f"endpoint / echo-json requests per second: {med('endpoint', 'rps') / med('echo-json', 'rps'):.2f}")
     print(f"decisions logged: {logged:,}; fallbacks: {fallbacks}")
 
 

@@ -117,7 +117,7 @@ def values_of(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id
                             count=len(candidates))
         if len(catalog.memo) < 100_000:
             catalog.memo[key] = after
-    return p_stay * after  # type: ignore[operator]
+    return p_stay * after
 
 
 def ml_choice(

@@ -43,7 +43,7 @@ class ModelBundle:
         candidates: Sequence[CatalogMessage],
     ) -> np.ndarray:
         """Return the float32 K-row feature matrix for one request."""
-        return self.featurizer.matrix(  # type: ignore[no-any-return]
+        return self.featurizer.matrix(
             product_id=product_id,
             user_locale=user_locale,
             environment=environment,
@@ -54,7 +54,7 @@ class ModelBundle:
 
     def p_stay(self, X: np.ndarray) -> np.ndarray:
         """Return P(stay) for each feature row."""
-        return self.scorer.p_stay(X)  # type: ignore[no-any-return]
+        return self.scorer.p_stay(X)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
