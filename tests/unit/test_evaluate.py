@@ -297,3 +297,22 @@ def test_snips_and_dr_are_accurate_and_cover_the_truth_on_the_simulator(lab: Lab
         assert np.median(np.abs(rel)) <= bar, (name, rel)
         assert abs(np.mean(rel)) <= bar / np.sqrt(len(seeds)), (name, rel)  # no systematic bias either
         assert covered[name] >= 0.8 * len(seeds), (name, covered[name])
+
+
+def test_models_promote_if_better_cli_promotes_a_winner_and_refuses_a_loser(
+    lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import retention
+
+    root = tmp_path / "registry"
+    shutil.copytree(lab.registry, root)
+    f = lab.files
+    data = ["--decisions", str(f["decisions"]), "--outcomes", str(f["outcomes"]), "--profiles", str(f["profiles"]),
+            "--catalog", str(f["catalog"]), "--registry", str(root)]
+    Registry(root).promote(lab.weak)
+    assert retention.main(["models", "promote", lab.strong, "--if-better", *data]) == 0
+    assert Registry(root).current() == lab.strong
+    assert retention.main(["models", "promote", lab.weak, "--if-better", *data]) != 0
+    said = capsys.readouterr()
+    assert "not promoted" in said.out + said.err
+    assert Registry(root).current() == lab.strong
