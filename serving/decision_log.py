@@ -40,24 +40,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from models.data_files import DECISION_COLUMNS, EVENTS
+
 log = logging.getLogger("retention.decision_log")
 
 SCHEMA_VERSION = 1
-EVENTS: tuple[str, ...] = ("cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded")
 #: The DESIGN.md decisions columns, in order; the export adds the server's extra columns after them.
-REQUIRED_DECISION_COLUMNS: tuple[str, ...] = (
-    "request_id",
-    "original_transaction_id",
-    "product_id",
-    "user_locale",
-    "environment",
-    "signed_date",
-    "candidates",
-    "message_id",
-    "propensity",
-    "model_version",
-    "policy",
-)
+REQUIRED_DECISION_COLUMNS: tuple[str, ...] = DECISION_COLUMNS
 EXTRA_DECISION_COLUMNS: tuple[str, ...] = (
     "app_apple_id",
     "kind",

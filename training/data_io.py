@@ -18,21 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DECISION_COLUMNS: tuple[str, ...] = (
-    "request_id",
-    "original_transaction_id",
-    "product_id",
-    "user_locale",
-    "environment",
-    "signed_date",
-    "candidates",
-    "message_id",
-    "propensity",
-    "model_version",
-    "policy",
-)
-OUTCOME_COLUMNS: tuple[str, ...] = ("original_transaction_id", "event", "at")
-EVENTS: tuple[str, ...] = ("cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded")
+from models.data_files import DECISION_COLUMNS, EVENTS, OUTCOME_COLUMNS
 
 # Columns that are identifiers or labels and must stay strings whatever they look like.
 _STRING_COLUMNS: tuple[str, ...] = (

@@ -72,6 +72,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models.data_files import EVENTS
 from models.exploration import action_probabilities
 from serving.catalog import Catalog, CatalogMessage, language
 from serving.settings import DEMO_CATALOG
@@ -83,9 +84,7 @@ DEFAULT_HORIZON_MS = 30 * DAY_MS
 SPAN_DAYS = 60
 SECOND_DECISION_SHARE = 0.12
 POLICY_NAME = "simulated:epsilon-greedy"
-EVENT_CODES: tuple[str, ...] = (
-    "cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded"
-)
+EVENT_CODES: tuple[str, ...] = EVENTS
 MODEL_VERSION = "rules-v0"
 
 # (locale, weight, country); en-AU, en-CA, fr-CA and de-AT have no exact match in the demo catalog.
