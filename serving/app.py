@@ -66,6 +66,9 @@ def _error(code: str, detail: str) -> tuple[int, bytes]:
 
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_NO_ELIGIBLE = _error(
+    "no_eligible_message", "No approved message is eligible and the catalog has no default for this product and locale."
+)
 
 
 async def _read_body(scope: Any, receive: Any, limit: int) -> bytes | None:
@@ -150,6 +153,7 @@ class RetentionService:
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)
         self.params = ExplorationParams(settings.epsilon, settings.exploration, settings.temperature, settings.holdout)
+        self._params_logged = self.params.as_dict()  # one dict shared by every record (never mutated)
         self.rng = np.random.default_rng(settings.seed)
         self.budget_s = settings.budget_ms / 1000.0
         self.breaker = CircuitBreaker()
@@ -222,9 +226,7 @@ class RetentionService:
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
                 response_body = self._response_for(choice.message, request) if choice.message else None
         if response_body is None:
-            resp = _error(
-                "no_eligible_message", "No approved message is eligible and the catalog has no default for this product and locale."
-            )
+            resp = _NO_ELIGIBLE
             status = 404
             kind = "none"
         else:
@@ -404,7 +406,7 @@ class RetentionService:
                 kind=choice.message.kind if choice.message else None,
                 propensity=choice.propensity,
                 policy=choice.policy,
-                policy_params=self.params.as_dict(),
+                policy_params=self._params_logged,
                 model_version=choice.model_version,
                 shadow_model_version=choice.shadow_model_version,
                 shadow_message_id=choice.shadow_message_id,
