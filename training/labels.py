@@ -52,9 +52,15 @@ def label_decisions(
     *,
     horizon_ms: int = DEFAULT_HORIZON_MS,
     as_of_ms: int | None = None,
+    mature_only: bool = False,
 ) -> tuple[pd.Series, LabelStats]:
     """Return one label per decision row (1.0 retained, 0.0 churned, NaN censored, aligned with
-    ``decisions.index``) and the counts; see the module docstring for the rule."""
+    ``decisions.index``) and the counts; see the module docstring for the rule.
+
+    With `mature_only`, a decision whose window has not fully passed is censored even when a churn
+    or a renewal already labels it: those early labels exist only for subscribers who acted early,
+    so keeping them makes the recent sample lean toward churn.
+    """
     if horizon_ms <= 0:
         raise ValueError(f"the label horizon must be positive, got {horizon_ms} ms")
     n = len(decisions)
@@ -119,7 +125,10 @@ def label_decisions(
             churn = last_cancelled | expired
 
     passed = u_end <= np.int64(as_of_ms)
-    point_label = np.where(churn, 0.0, np.where(renewed | passed, 1.0, np.nan))
+    if mature_only:
+        point_label = np.where(passed, np.where(churn, 0.0, 1.0), np.nan)
+    else:
+        point_label = np.where(churn, 0.0, np.where(renewed | passed, 1.0, np.nan))
     labels = point_label[point_of_row]
     retained = int(np.sum(labels == 1.0))
     churned = int(np.sum(labels == 0.0))

@@ -225,6 +225,7 @@ def train_frames(
     context: bool = True,
     params: dict[str, Any] | None = None,
     progress: bool = False,
+    mature_only: bool = False,
 ) -> TrainResult:
     """Return a trained, exported and parity-checked model from in-memory tables (see the module docstring).
 
@@ -245,7 +246,7 @@ def train_frames(
     # ---- labels (before any progress output, so that bad input is one line) ----
     t = time.perf_counter()
     labels, stats = label_decisions(
-        decisions, outcomes, horizon_ms=int(horizon_days * DAY_MS), as_of_ms=as_of_ms
+        decisions, outcomes, horizon_ms=int(horizon_days * DAY_MS), as_of_ms=as_of_ms, mature_only=mature_only
     )
     known = in_catalog(decisions["message_id"], catalog)
     labelled = labels.notna().to_numpy()
@@ -629,6 +630,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default="hgb", help="hgb (default) or logreg")
     p.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
     p.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
+    p.add_argument("--matured-only", action="store_true",
+                   help="train only on decisions whose label window has fully passed (early churn/renewal labels of "
+                        "recent decisions lean toward churn)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split and the fit (default 0)")
     p.add_argument("--promote", action="store_true", help="make the new version current (the first one always is)")
     p.add_argument("--no-context", action="store_true", help=argparse.SUPPRESS)  # baseline: message columns only
@@ -661,6 +665,7 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         context=not args.no_context,
         progress=True,
+        mature_only=args.matured_only,
     )
     version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
     print(summary_table(result))

@@ -199,3 +199,17 @@ def test_many_decisions_label_quickly() -> None:
     assert time.perf_counter() - started < 20.0
     assert stats.total == n == stats.retained + stats.churned + stats.censored
     assert len(labels) == n
+
+
+def test_mature_only_censors_early_labels_until_the_window_passes() -> None:
+    def label(outcomes: pd.DataFrame) -> float:
+        labels, _ = label_decisions(_decisions(("s", T0)), outcomes, horizon_ms=H, mature_only=True)
+        return float(labels.iloc[0])
+
+    # churned or renewed early, window not passed yet: censored, not a churn-leaning early label
+    assert math.isnan(label(_outcomes(("s", "cancelled", T0 + DAY))))
+    assert math.isnan(label(_outcomes(("s", "renewed", T0 + DAY))))
+    # once the window has passed, the same events decide as usual
+    assert label(_outcomes(("s", "cancelled", T0 + DAY), _far_event())) == 0.0
+    assert label(_outcomes(("s", "renewed", T0 + DAY), _far_event())) == 1.0
+    assert label(_outcomes(_far_event())) == 1.0

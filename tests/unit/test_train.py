@@ -137,6 +137,7 @@ def test_train_cli_writes_a_version_and_prints_its_id_last(
     assert set(m["library_versions"]) >= {"scikit-learn", "skl2onnx", "onnxruntime"}
     assert m["feature_schema"]["profile_categorical"] == ["acquisition_channel", "country"]
     assert (registry / first / "model_card.md").read_text().startswith(f"# Model {first}")
+
     reg.load(first)  # verifies
 
     # a second version is not promoted unless asked; CSV input and logreg work too
@@ -264,3 +265,15 @@ def test_values_after_matches_the_catalog(world30: Any) -> None:
     v = values_after(world30.catalog, d["product_id"], d["message_id"])
     expected = [world30.catalog.value_after(world30.catalog.messages[m], p) for m, p in zip(d["message_id"], d["product_id"], strict=True)]
     np.testing.assert_allclose(v, expected)
+
+
+def test_train_matured_only_leaves_early_labels_out(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    censored = []
+    for extra in ((), ("--matured-only",)):
+        registry = tmp_path / f"registry{len(extra)}"
+        assert retention.main(train_args(small_files, registry, *extra)) == 0
+        version = capsys.readouterr().out.strip().splitlines()[-1]
+        censored.append(Registry(registry).manifest(version)["training_data"]["censored"])
+    assert censored[1] > censored[0]
