@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,7 +110,6 @@ class Runtime:
         catalog_path: str,
         registry_spec: str,
         shadow_version: str | None = None,
-        kill_switch_file: str | None = None,
         on_reload_failure: Callable[[str, str], None] | None = None,
         on_model_version: Callable[[str | None], None] | None = None,
     ) -> None:
@@ -234,7 +232,3 @@ class Runtime:
             self._thread.join(timeout=5)
             self._thread = None
 
-
-def model_dir_exists(spec: str) -> bool:
-    """Return True when the registry folder of `spec` exists."""
-    return Path(spec.split("@", 1)[0]).is_dir()
