@@ -240,7 +240,9 @@ class Registry:
         while hist and not (self.root / str(hist[-1].get("version"))).is_dir():
             hist.pop()
         if not hist:
-            raise RegistryError(f"nothing to roll back to: {cur or 'no version'} is the only one ever promoted")
+            if cur is None:
+                raise RegistryError(f"nothing to roll back to: registry {self.root} has no promoted version")
+            raise RegistryError(f"nothing to roll back to: {cur} is the only version ever promoted")
         target = str(hist[-1]["version"])
         self.load(target)
         _write_atomic(self.root / HISTORY_FILE, (json.dumps(hist, indent=1) + "\n").encode())
