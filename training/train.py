@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models import data_files
 from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry
 from training.fit import (
@@ -45,17 +46,8 @@ DAY_MS = 86_400_000
 MAX_CATEGORIES = 50  # per categorical profile column; rarer values share the <other> slot
 MIN_CATEGORY_COUNT = 5
 PARITY_MAX_REQUESTS = 20_000
-DECISION_COLUMNS = (
-    "request_id",
-    "original_transaction_id",
-    "product_id",
-    "user_locale",
-    "environment",
-    "signed_date",
-    "candidates",
-    "message_id",
-    "propensity",
-)
+# the DESIGN.md decision columns training needs (model_version and policy are not used to fit)
+DECISION_COLUMNS = tuple(c for c in data_files.DECISION_COLUMNS if c not in ("model_version", "policy"))
 
 
 class TrainError(ValueError):
