@@ -334,27 +334,11 @@ class RetentionService:
         model = snap.model
         assert model is not None
         profile = self.profiles.get(request.originalTransactionId)
-        X = model.features(
-            product_id=request.productId,
-            user_locale=request.userLocale,
-            environment=request.rawEnvironment,
-            signed_date_ms=request.signedDate,
-            profile=profile,
-            candidates=candidates,
-        )
-        p = np.asarray(model.p_stay(X), dtype=np.float64)
+        X, p = model.score(request, profile, candidates)
         shadow_p = None
         if snap.shadow is not None:
             try:
-                Xs = snap.shadow.features(
-                    product_id=request.productId,
-                    user_locale=request.userLocale,
-                    environment=request.rawEnvironment,
-                    signed_date_ms=request.signedDate,
-                    profile=profile,
-                    candidates=candidates,
-                )
-                shadow_p = np.asarray(snap.shadow.p_stay(Xs), dtype=np.float64)
+                shadow_p = snap.shadow.score(request, profile, candidates)[1]
             except Exception as exc:  # the shadow never affects the answer
                 log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
         return X, p, shadow_p

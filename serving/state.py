@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from serving.catalog import Catalog, CatalogError, CatalogMessage
+from serving.schemas import DecodedRealtimeRequestBody
 
 log = logging.getLogger("retention.state")
 
@@ -31,29 +32,20 @@ class ModelBundle:
     scorer: Any  # models.scoring.Scorer
     schema_sha256: str
 
-    def features(
-        self,
-        *,
-        product_id: str,
-        user_locale: str,
-        environment: str,
-        signed_date_ms: int,
-        profile: Mapping[str, object] | None,
+    def score(
+        self, request: DecodedRealtimeRequestBody, profile: Mapping[str, object] | None,
         candidates: Sequence[CatalogMessage],
-    ) -> np.ndarray:
-        """Return the float32 K-row feature matrix for one request."""
-        return self.featurizer.matrix(
-            product_id=product_id,
-            user_locale=user_locale,
-            environment=environment,
-            signed_date_ms=signed_date_ms,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the float32 K-row feature matrix of one request and the float64 P(stay) of each row."""
+        X = self.featurizer.matrix(
+            product_id=request.productId,
+            user_locale=request.userLocale,
+            environment=request.rawEnvironment,
+            signed_date_ms=request.signedDate,
             profile=profile,
             candidates=candidates,
         )
-
-    def p_stay(self, X: np.ndarray) -> np.ndarray:
-        """Return P(stay) for each feature row."""
-        return self.scorer.p_stay(X)
+        return X, np.asarray(self.scorer.p_stay(X), dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SCORE_COLUMNS = (
-    "request_id",
-    "original_transaction_id",
-    "product_id",
-    "user_locale",
-    "environment",
-    "signed_date",
-    "candidates",
+from models import data_files
+
+# the DESIGN.md decision columns that describe a request (what was shown and why is not needed to score it)
+SCORE_COLUMNS = tuple(
+    c for c in data_files.DECISION_COLUMNS if c not in ("message_id", "propensity", "model_version", "policy")
 )
 
 
