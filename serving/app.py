@@ -28,6 +28,7 @@ from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
 from serving.metrics import Metrics
 from serving.offers import OfferSigner
+from serving.offload import Offloader
 from serving.policy import (
     Choice,
     ExplorationParams,
@@ -148,7 +149,8 @@ class RetentionService:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.decision_log = DecisionLog(
-            data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped
+            data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
+            writer=settings.log_writer,
         )
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)
@@ -161,6 +163,7 @@ class RetentionService:
         # the deadline blocks only this thread, never the event loop
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-score")
         self.score_in_thread = settings.score_in_thread
+        self.offload = Offloader(settings.verify_threads, name="retention-verify")
         self.kill_switch_file = data_dir / "kill-switch"
         self.killed = settings.kill_switch
         self._kill_checked_at = 0.0
@@ -172,10 +175,12 @@ class RetentionService:
         """Start the background log writer and the reload thread."""
         self.decision_log.start()
         self.runtime.start(self.settings.reload_interval_s)
+        self.offload.start()
 
     def stop(self) -> None:
         """Flush the decision log and stop the background threads."""
         self.runtime.stop()
+        self.offload.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.decision_log.close()
         self.metrics.close()
@@ -211,7 +216,7 @@ class RetentionService:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return self._refuse("malformed_body", "The body must be a JSON object with a string signedPayload.")
         try:
-            request = self.verifier.verify(outer.signedPayload)
+            request = await self.verifier.verify_async(outer.signedPayload, self.offload)
         except VerificationError as exc:
             return self._refuse(exc.code, exc.detail)
         snap = self.runtime.snapshot
@@ -220,7 +225,7 @@ class RetentionService:
         response_body: RealtimeResponseBody | None = None
         if choice.message is not None:
             try:
-                response_body = self._response_for(choice.message, request)
+                response_body = await self._response_for_async(choice.message, request)
             except Exception as exc:  # an offer that cannot be signed must not cost the message
                 log.error("answer for %s failed (%s); answering the default", choice.message.messageIdentifier, exc)
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
@@ -273,6 +278,8 @@ class RetentionService:
             return c
         if self.score_in_thread:
             outcome = await self._score_in_thread(snap, request, candidates)
+        elif self.offload.running:
+            outcome = await self._score_offloaded(snap, request, candidates)
         else:
             outcome = self._score_inline(snap, request, candidates)
         if isinstance(outcome, str):
@@ -311,6 +318,33 @@ class RetentionService:
             return "deadline"
         return result
 
+    async def _score_offloaded(
+        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
+        """Featurize here, run ONNX Runtime on the offload thread under the budget (lean timer, no task)."""
+        model = snap.model
+        assert model is not None
+        t0 = time.perf_counter()
+        try:
+            profile = self.profiles.get(request.originalTransactionId)
+            X = model.featurize(request, profile, candidates)
+            left = self.budget_s - (time.perf_counter() - t0)
+            p = np.asarray(await self.offload.within(left, model.scorer.p_stay, X), dtype=np.float64)
+            shadow_p = None
+            if snap.shadow is not None:
+                try:
+                    shadow_p = snap.shadow.score(request, profile, candidates)[1]
+                except Exception as exc:  # the shadow never affects the answer
+                    log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
+        except TimeoutError:
+            self.breaker.failure(time.monotonic(), trip=True)
+            return "deadline"
+        except Exception as exc:
+            self.breaker.failure(time.monotonic())
+            log.warning("model %s failed: %s", model.version, exc)
+            return "model_error"
+        return X, p, shadow_p
+
     async def _score_in_thread(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
@@ -342,6 +376,16 @@ class RetentionService:
             except Exception as exc:  # the shadow never affects the answer
                 log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
         return X, p, shadow_p
+
+    async def _response_for_async(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
+        """:meth:`_response_for`, with an offer's ECDSA signature computed on the offload thread."""
+        if m.kind == "promotionalOffer" and self.offer_signer is not None and m.offerIdentifier is not None:
+            sig = await self.offer_signer.sign_async(
+                self.offload, product_id=request.productId, offer_identifier=m.offerIdentifier,
+                transaction_id=request.originalTransactionId,
+            )
+            return RealtimeResponseBody(promotionalOffer=PromotionalOffer(m.messageIdentifier, promotionalOfferSignatureV2=sig))
+        return self._response_for(m, request)
 
     def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         mid = m.messageIdentifier

@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -45,6 +46,8 @@ from models.data_files import DECISION_COLUMNS, EVENTS
 log = logging.getLogger("retention.decision_log")
 
 SCHEMA_VERSION = 1
+#: Where rows are written: a thread of this process, or a child process (``serving/log_writer.py``).
+WRITERS: tuple[str, ...] = ("thread", "process")
 #: The DESIGN.md decisions columns, in order; the export adds the server's extra columns after them.
 REQUIRED_DECISION_COLUMNS: tuple[str, ...] = DECISION_COLUMNS
 EXTRA_DECISION_COLUMNS: tuple[str, ...] = (
@@ -299,7 +302,10 @@ class DecisionLog:
         batch_ms: float = 100.0,
         max_queue: int = 100_000,
         on_drop: Callable[[int], None] | None = None,
+        writer: str = "thread",
     ) -> None:
+        if writer not in WRITERS:
+            raise ValueError(f"the decision log writer must be one of {', '.join(WRITERS)}, not {writer!r}")
         if batch_ms <= 0:
             raise ValueError("the decision log batch window must be > 0 ms")
         if max_queue < 1:
@@ -322,6 +328,14 @@ class DecisionLog:
         self._outcomes_written = 0
         self._batches = 0
         self._write_errors = 0
+        self.writer = writer
+        # process writer: the child, its acks, and the running totals of children that came before it
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ack_thread: threading.Thread | None = None
+        self._markers: dict[int, threading.Event] = {}
+        self._marker_ids = itertools.count(1)
+        self._child_totals = (0, 0, 0, 0, 0)
+        self._base_totals = (0, 0, 0, 0, 0)
 
     # -- request path ----------------------------------------------------------------------
     def log(self, record: DecisionRecord) -> None:
@@ -381,7 +395,11 @@ class DecisionLog:
         """Open the file (WAL) and start the writer thread; raises if the file cannot be opened."""
         if self._thread is not None:
             return
-        conn = _connect_writer(self.path)  # fail here, at start-up, not silently in the thread
+        conn: sqlite3.Connection | None = None
+        if self.writer == "process":
+            self._spawn()  # fails here, at start-up, when the file cannot be opened
+        else:
+            conn = _connect_writer(self.path)  # fail here, at start-up, not silently in the thread
         self._thread = threading.Thread(target=self._run, args=(conn,), name="decision-log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -413,6 +431,9 @@ class DecisionLog:
 
     def stats(self) -> dict[str, int]:
         """Return counts: queued (waiting), written (decisions), outcomes (new ones), batches, dropped, write_errors, writer_alive."""
+        alive = self._thread is not None and self._thread.is_alive()
+        if self.writer == "process":
+            alive = alive and self._proc is not None and self._proc.poll() is None
         return {
             "queued": len(self._q),
             "written": self._written,
@@ -420,25 +441,168 @@ class DecisionLog:
             "batches": self._batches,
             "dropped": self._dropped,
             "write_errors": self._write_errors,
-            "writer_alive": int(self._thread is not None and self._thread.is_alive()),
+            "writer_alive": int(alive),
         }
 
     # -- writer thread ---------------------------------------------------------------------
-    def _run(self, conn: sqlite3.Connection) -> None:
+    def _run(self, conn: sqlite3.Connection | None) -> None:
         try:
             while True:
                 stopping = self._stop.is_set()
                 if not stopping:
                     self._wake.wait(self.batch_s)
                     self._wake.clear()
-                self._write_batch(conn)
+                if conn is None:
+                    self._ship_batch()
+                else:
+                    self._write_batch(conn)
                 self._report_drops()
                 if stopping and not self._q:
                     break
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            conn.close()
+            if conn is None:
+                self._end_child()
+            else:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                conn.close()
+
+    # -- process writer (serving/log_writer.py) ---------------------------------------------
+    def _spawn(self) -> None:
+        """Start the writer process and wait for it to open the file; raises OSError when it cannot."""
+        from serving import log_writer
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.log_writer", str(self.path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        buf = bytearray()
+        msgs: list[Any] = []
+        deadline = time.monotonic() + 60.0
+        while not msgs:
+            chunk = proc.stdout.read1(65536) if time.monotonic() < deadline else b""
+            if not chunk:
+                proc.kill()
+                proc.wait()
+                raise OSError(f"the decision log writer process did not start for {self.path}")
+            buf += chunk
+            msgs = log_writer.read_frames(buf)
+        if msgs[0][0] != "ready":
+            proc.wait(timeout=10)
+            raise OSError(str(msgs[0][1]))
+        with contextlib.suppress(OSError):  # a bigger pipe: one batch rarely waits for the writer
+            import fcntl
+
+            fcntl.fcntl(proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        self._base_totals = tuple(a + b for a, b in zip(self._base_totals, self._child_totals, strict=True))  # type: ignore[assignment]
+        self._child_totals = (0, 0, 0, 0, 0)
+        self._proc = proc
+        self._ack_thread = threading.Thread(
+            target=self._read_acks, args=(proc, buf), name="decision-log-acks", daemon=True
+        )
+        self._ack_thread.start()
+
+    def _read_acks(self, proc: subprocess.Popen[bytes], buf: bytearray) -> None:
+        from serving import log_writer
+
+        assert proc.stdout is not None
+        while True:
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                return
+            buf += chunk
+            for msg in log_writer.read_frames(buf):
+                if msg[0] != "ack":
+                    continue
+                markers, *totals = msg[1]
+                bad_before = self._child_totals[4]
+                self._child_totals = tuple(totals)  # type: ignore[assignment]
+                base = self._base_totals
+                self._written = base[0] + totals[0]
+                self._outcomes_written = base[1] + totals[1]
+                self._batches = base[2] + totals[2]
+                self._write_errors = base[3] + totals[3]
+                if totals[4] > bad_before:
+                    log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
+                    self._drop(totals[4] - bad_before)
+                for mid in markers:
+                    ev = self._markers.pop(mid, None)
+                    if ev is not None:
+                        ev.set()
+
+    def _ship_batch(self) -> None:
+        """Send everything queued to the writer process in one write (its pipe holds 1 MiB)."""
+        from serving import log_writer
+
+        q = self._q
+        n = len(q)
+        if n == 0:
+            return
+        items = [q.popleft() for _ in range(n)]
+        frames: list[bytes] = []
+        records = bad = 0
+        for it in items:
+            try:
+                if isinstance(it, DecisionRecord):
+                    frames.append(log_writer.frame("d", msgspec.structs.astuple(it)))
+                    records += 1
+                elif isinstance(it, _Outcome):
+                    frames.append(log_writer.frame("o", msgspec.structs.astuple(it)))
+                    records += 1
+                elif isinstance(it, _Schema):
+                    frames.append(log_writer.frame("s", [it.sha, it.names]))
+                elif isinstance(it, threading.Event):
+                    mid = next(self._marker_ids)
+                    self._markers[mid] = it
+                    frames.append(log_writer.frame("m", mid))
+            except Exception:
+                bad += 1
+        if bad:
+            log.error("decision log: %d records could not be encoded and were dropped", bad)
+            self._drop(bad)
+        data = b"".join(frames)
+        for attempt in (1, 2):
+            proc = self._proc
+            try:
+                if proc is None or proc.stdin is None or proc.poll() is not None:
+                    raise BrokenPipeError("the writer process is not running")
+                proc.stdin.write(data)
+                proc.stdin.flush()
+                return
+            except (OSError, ValueError) as exc:
+                log.error("decision log: the writer process failed (%s); starting a new one", exc)
+                self._write_errors += 1
+                try:
+                    self._end_child(timeout=5.0)
+                    self._spawn()
+                except Exception as exc2:
+                    log.error("decision log: cannot start a new writer process: %s", exc2)
+                    break
+                if attempt == 2:
+                    break
+        self._drop(records)  # a batch that reached no writer is lost: counted, never silent
+
+    def _end_child(self, timeout: float = 30.0) -> None:
+        """Close the writer's stdin (it writes what it has, then exits) and wait for it and its acks."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("decision log: the writer process did not finish within %.0f s; stopping it", timeout)
+            proc.kill()
+            proc.wait()
+        if self._ack_thread is not None:
+            self._ack_thread.join(5.0)
+            self._ack_thread = None
 
     def _write_batch(self, conn: sqlite3.Connection) -> None:
         q = self._q

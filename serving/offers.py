@@ -16,10 +16,11 @@ both against each other and against the public key.
 from __future__ import annotations
 
 import base64
+import os
 import time
-import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,6 +34,15 @@ AUDIENCE = "promotional-offer"
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _encode_json = msgspec.json.Encoder().encode
+
+
+def _uuid4() -> str:
+    """Return a random lowercase UUID version 4 string (what ``str(uuid.uuid4())`` gives, at a fifth of the cost)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _b64url(raw: bytes) -> bytes:
@@ -123,6 +133,17 @@ class OfferSigner:
 
     def sign(self, *, product_id: str, offer_identifier: str, transaction_id: str) -> str:
         """Return a fresh ES256 JWS for this offer; `transaction_id` is the request's originalTransactionId."""
+        signing_input = self._signing_input(product_id, offer_identifier, transaction_id)
+        return self._jws(signing_input, self._key.sign(signing_input, _ECDSA_SHA256))
+
+    async def sign_async(
+        self, offload: Callable[..., Awaitable[Any]], *, product_id: str, offer_identifier: str, transaction_id: str
+    ) -> str:
+        """:meth:`sign`, with the ECDSA signature itself computed by `offload` (``serving.offload.Offloader``)."""
+        signing_input = self._signing_input(product_id, offer_identifier, transaction_id)
+        return self._jws(signing_input, await offload(self._key.sign, signing_input, _ECDSA_SHA256))
+
+    def _signing_input(self, product_id: str, offer_identifier: str, transaction_id: str) -> bytes:
         # Same claim order as Apple's creator: feature claims first, then bid, iss, aud, iat, nonce.
         claims = {
             "productId": product_id,
@@ -132,9 +153,12 @@ class OfferSigner:
             "iss": self._issuer_id,
             "aud": AUDIENCE,
             "iat": int(time.time()),
-            "nonce": str(uuid.uuid4()),
+            "nonce": _uuid4(),
         }
-        signing_input = self._header_b64 + _b64url(_encode_json(claims))
-        r, s = decode_dss_signature(self._key.sign(signing_input, _ECDSA_SHA256))
+        return self._header_b64 + _b64url(_encode_json(claims))
+
+    @staticmethod
+    def _jws(signing_input: bytes, der_signature: bytes) -> str:
+        r, s = decode_dss_signature(der_signature)
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")  # JWS wants raw r||s, not DER
         return (signing_input + b"." + _b64url(signature)).decode("ascii")

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.exploration import action_probabilities, greedy_index, sample
+import math
+
+from models.exploration import action_probabilities, epsilon_probabilities_list, greedy_index, sample, sample_list
 from serving.catalog import Catalog, CatalogMessage
 from serving.schemas import DecodedRealtimeRequestBody
 
@@ -131,31 +133,50 @@ def ml_choice(
     model_version: str,
 ) -> Choice:
     """Return the sampled choice for model scores `p_stay`, or a NaN fallback when a score is not finite."""
-    if p_stay.shape != (len(candidates),) or not np.isfinite(p_stay).all():
+    if p_stay.shape != (len(candidates),) or not all(map(math.isfinite, scores := p_stay.tolist())):
         c = fallback_choice(candidates, default_index, "model_nan")
         c.model_version = model_version
         return c
-    values = values_of(catalog, candidates, product_id, p_stay)
-    probs = action_probabilities(
-        values,
+    policy = f"ml:{'epsilon-greedy' if params.scheme == 'epsilon' else 'softmax'}"
+    if params.scheme == "epsilon":
+        # K is small: plain floats, the same bits as the NumPy path (models/exploration.py)
+        after = _after_values(catalog, candidates, product_id)
+        values = [p * a for p, a in zip(scores, after, strict=True)]
+        probs = epsilon_probabilities_list(values, params.epsilon, params.holdout, default_index)
+        idx = sample_list(probs, u)
+        return Choice(candidates[idx], candidates, policy, probs[idx], probs, scores=scores, values=values,
+                      model_version=model_version)
+    v = values_of(catalog, candidates, product_id, p_stay)
+    pr = action_probabilities(
+        v,
         epsilon=params.epsilon,
         scheme=params.scheme,
         temperature=params.temperature,
         holdout=params.holdout,
         default_index=default_index,
     )
-    idx = sample(probs, u)
-    policy = f"ml:{'epsilon-greedy' if params.scheme == 'epsilon' else 'softmax'}"
+    idx = sample(pr, u)
     return Choice(
         candidates[idx],
         candidates,
         policy,
-        float(probs[idx]),
-        probs.tolist(),
-        scores=p_stay.tolist(),
-        values=values.tolist(),
+        float(pr[idx]),
+        pr.tolist(),
+        scores=scores,
+        values=v.tolist(),
         model_version=model_version,
     )
+
+
+def _after_values(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str) -> list[float]:
+    """Return V(product after m) − cost(m) per candidate as floats (memoized per catalog)."""
+    key = ("after-list", product_id, tuple(m.messageIdentifier for m in candidates))
+    after = catalog.memo.get(key)
+    if after is None:
+        after = [float(catalog.value_after(m, product_id)) for m in candidates]
+        if len(catalog.memo) < 100_000:
+            catalog.memo[key] = after
+    return after  # type: ignore[return-value]
 
 
 def shadow_pick(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str, p_stay: np.ndarray) -> str | None:

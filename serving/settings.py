@@ -63,9 +63,18 @@ class Settings:
         "Score on a separate thread under a timeout instead of inline behind a circuit breaker "
         "(a hung model can then never hold an answer, at the cost of a thread hop per request).",
     )
+    verify_threads: int = _f(
+        1,
+        "Threads that check request signatures beside the event loop (OpenSSL releases the GIL, so the "
+        "check runs on another core); 0 checks them on the event loop.",
+    )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
     log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")
+    log_writer: str = _f(
+        "process",
+        "Who writes the decision log: process (a child process per server process, off this one's GIL) or thread.",
+    )
     # ---- promotional offers (In-App Purchase key) ----
     offer_key_file: str | None = _f(None, "In-App Purchase private key (.p8 file) that signs promotional offers.")
     offer_key_id: str | None = _f(None, "Key id of the In-App Purchase key.")
@@ -123,6 +132,10 @@ class Settings:
             raise ValueError(f"holdout must be within [0, 1], not {self.holdout}")
         if self.exploration not in ("epsilon", "softmax"):
             raise ValueError(f"exploration must be epsilon or softmax, not {self.exploration!r}")
+        if self.log_writer not in ("process", "thread"):
+            raise ValueError(f"log_writer must be process or thread, not {self.log_writer!r}")
+        if self.verify_threads < 0:
+            raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         if self.max_body_bytes < 256:

@@ -37,7 +37,15 @@ class ModelBundle:
         candidates: Sequence[CatalogMessage],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return the float32 K-row feature matrix of one request and the float64 P(stay) of each row."""
-        X = self.featurizer.matrix(
+        X = self.featurize(request, profile, candidates)
+        return X, np.asarray(self.scorer.p_stay(X), dtype=np.float64)
+
+    def featurize(
+        self, request: DecodedRealtimeRequestBody, profile: Mapping[str, object] | None,
+        candidates: Sequence[CatalogMessage],
+    ) -> np.ndarray:
+        """Return the float32 K-row feature matrix of one request (what :meth:`score` feeds the model)."""
+        return self.featurizer.matrix(
             product_id=request.productId,
             user_locale=request.userLocale,
             environment=request.rawEnvironment,
@@ -45,7 +53,6 @@ class ModelBundle:
             profile=profile,
             candidates=candidates,
         )
-        return X, np.asarray(self.scorer.p_stay(X), dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +94,10 @@ _CACHE_SIZE: Final = 256
 
 _decode_request = msgspec.json.Decoder(DecodedRealtimeRequestBody).decode
 _decode_any = msgspec.json.Decoder().decode
+
+
+#: Runs ``fn(*args)`` somewhere and returns its result (``serving.offload.Offloader``).
+Offload = Callable[..., Awaitable[Any]]
 
 
 def _fail(code: str, detail: str) -> VerificationError:
@@ -434,6 +438,27 @@ class RequestVerifier:
         except Exception as exc:  # a parser we rely on failed in a way we did not foresee: still a 4xx
             raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
 
+    async def verify_async(self, signed_payload: str | bytes, offload: Offload) -> DecodedRealtimeRequestBody:
+        """:meth:`verify`, with the one costly step, the P-256 signature check, run by `offload`.
+
+        Everything else (parsing, the cached chain, the payload's checks, replay) runs on the caller's
+        thread, so the replay memory sees requests in the order they are verified.
+        """
+        try:
+            payload_seg, chain, signing_input, signature = self._parse(signed_payload)
+        except VerificationError:
+            raise
+        except Exception as exc:
+            raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
+        if not await offload(verify_es256, chain.leaf_key, signing_input, signature):
+            raise _fail("bad_signature", "the JWS signature does not verify with the leaf certificate's key.")
+        try:
+            return self._check_request(payload_seg, chain)
+        except VerificationError:
+            raise
+        except Exception as exc:
+            raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
+
     def verify_signed_data(self, token: str | bytes) -> dict[str, Any]:
         """Return the verified payload of any App Store JWS (notifications, transactions) as a dict.
 
@@ -461,6 +486,13 @@ class RequestVerifier:
     # ---- steps ----------------------------------------------------------------------------------------
     def _authenticate(self, token: str | bytes) -> tuple[bytes, VerifiedChain]:
         """Return (payload segment, chain) of a token whose header, chain and signature hold."""
+        payload_seg, chain, signing_input, signature = self._parse(token)
+        if not verify_es256(chain.leaf_key, signing_input, signature):
+            raise _fail("bad_signature", "the JWS signature does not verify with the leaf certificate's key.")
+        return payload_seg, chain
+
+    def _parse(self, token: str | bytes) -> tuple[bytes, VerifiedChain, bytes, bytes]:
+        """Return (payload segment, chain, signing input, raw signature): every check but the signature's."""
         if isinstance(token, str):
             try:
                 token = token.encode("ascii")
@@ -481,10 +513,7 @@ class RequestVerifier:
             raise _fail("malformed_jws", "the JWS signature is not base64url.") from None
         if len(signature) != 64:
             raise _fail("bad_signature", f"the JWS signature is {len(signature)} bytes, not the 64-byte r||s form ES256 uses.")
-        signing_input = token[: len(header_seg) + 1 + len(payload_seg)]
-        if not verify_es256(chain.leaf_key, signing_input, signature):
-            raise _fail("bad_signature", "the JWS signature does not verify with the leaf certificate's key.")
-        return payload_seg, chain
+        return payload_seg, chain, token[: len(header_seg) + 1 + len(payload_seg)], signature
 
     def _chain_for_header(self, header_seg: bytes) -> VerifiedChain:
         with self._lock:
@@ -544,6 +573,10 @@ class RequestVerifier:
 
     def _verify_request(self, signed_payload: str | bytes) -> DecodedRealtimeRequestBody:
         payload_seg, chain = self._authenticate(signed_payload)
+        return self._check_request(payload_seg, chain)
+
+    def _check_request(self, payload_seg: bytes, chain: VerifiedChain) -> DecodedRealtimeRequestBody:
+        """Decode and check an authenticated payload: fields, chain validity, app, environment, freshness, replay."""
         try:
             raw = b64url_decode(payload_seg)
         except (ValueError, binascii.Error):

@@ -106,3 +106,28 @@ def test_exploration_edge_cases() -> None:
     assert np.allclose(action_probabilities(np.array([np.nan, np.nan]), epsilon=0.0, default_index=1), [0, 1])
     with pytest.raises(ValueError):
         action_probabilities(np.array([]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_list_fast_path_gives_the_same_bits_as_numpy(seed: int) -> None:
+    """The request path's plain-float epsilon-greedy equals the shared NumPy implementation exactly."""
+    from models.exploration import epsilon_probabilities_list, sample, sample_list
+
+    rng = np.random.default_rng(seed)
+    for _ in range(2000):
+        k = int(rng.integers(1, 12))
+        v = rng.normal(size=k) * 10 ** float(rng.uniform(-3, 3))
+        if rng.random() < 0.2:
+            v[rng.integers(0, k)] = rng.choice([np.nan, np.inf, -np.inf])
+        if rng.random() < 0.05:
+            v[:] = np.nan
+        if rng.random() < 0.1 and k > 1:
+            v[1] = v[0]  # ties go to the first index in both
+        eps = float(rng.choice([0.0, 0.05, 0.3, 1.0]))
+        hold = float(rng.choice([0.0, 0.0, 0.1]))
+        d = None if rng.random() < 0.3 else int(rng.integers(0, k))
+        ref = action_probabilities(v, epsilon=eps, holdout=hold, default_index=d)
+        fast = epsilon_probabilities_list(v.tolist(), eps, hold, d)
+        assert fast == ref.tolist()
+        u = float(rng.random())
+        assert sample_list(fast, u) == sample(ref, u)

@@ -1,0 +1,128 @@
+"""Run a C call that releases the GIL (a P-256 signature check) on a thread beside the event loop.
+
+The event loop stays free for the Python work of other requests while OpenSSL checks a signature
+on the machine's other core. The hand-off is kept lean on purpose: the loop puts one tuple on a
+``queue.SimpleQueue`` (C, no lock in Python) and awaits a plain future; the thread answers with
+one ``call_soon_threadsafe``. ``loop.run_in_executor`` + ``asyncio.wait_for`` cost the loop
+80–120 µs a hop here, more than the signature check they would move (BENCHMARKS.md).
+
+Only work that holds the GIL for a few µs belongs here: Python code run on this thread competes
+with the event loop for the GIL and would slow every request down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+def _deliver(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():  # timed out or cancelled: the caller has moved on
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def _expire(fut: asyncio.Future[Any], timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError(f"the call took longer than {timeout_s:g} s"))
+
+
+class Offloader:
+    """`threads` daemon threads that run submitted calls; ``await offloader(fn, *args)`` returns fn's result.
+
+    With ``threads=0`` the call runs inline on the caller's thread (the same result, no hand-off).
+    A call submitted after :meth:`stop` (or before :meth:`start`) also runs inline, so nothing waits on a
+    thread that is not there.
+    """
+
+    def __init__(self, threads: int = 1, name: str = "retention-offload") -> None:
+        if threads < 0:
+            raise ValueError("threads must be >= 0")
+        self.n_threads = threads
+        self.name = name
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        """Return True while calls go to the threads (False: they run inline)."""
+        return self._running
+
+    def start(self) -> None:
+        """Start the threads (idempotent)."""
+        if self._running or self.n_threads == 0:
+            return
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True) for i in range(self.n_threads)
+        ]
+        for t in self._threads:
+            t.start()
+        self._running = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let the threads finish what is queued, then stop them; later calls run inline."""
+        if not self._running:
+            return
+        self._running = False
+        for _ in self._threads:
+            self._q.put(_STOP)
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._running:
+            return fn(*args)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._q.put((fn, args, fut, loop))
+        return await fut
+
+    async def within(self, timeout_s: float, fn: Callable[..., T], *args: Any) -> T:
+        """Like calling the offloader, but raise TimeoutError once `timeout_s` has passed (the call runs on).
+
+        A timer handle costs the loop a few µs; ``asyncio.wait_for`` costs it tens (a task per call).
+        Inline (no threads), the call runs to its end and TimeoutError is raised after it when it ran late.
+        """
+        if not self._running:
+            t0 = time.perf_counter()
+            value = fn(*args)
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"the call took longer than {timeout_s:g} s")
+            return value
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        timer = loop.call_later(timeout_s, _expire, fut, timeout_s)
+        self._q.put((fn, args, fut, loop))
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _work(self) -> None:
+        get = self._q.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            fn, args, fut, loop = item
+            try:
+                value, ok = fn(*args), True
+            except BaseException as exc:  # delivered to the awaiting request, never lost
+                value, ok = exc, False
+            try:
+                loop.call_soon_threadsafe(_deliver, fut, ok, value)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
