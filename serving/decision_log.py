@@ -484,7 +484,7 @@ class DecisionLog:
         msgs: list[Any] = []
         deadline = time.monotonic() + 60.0
         while not msgs:
-            chunk = proc.stdout.read1(65536) if time.monotonic() < deadline else b""
+            chunk = os.read(proc.stdout.fileno(), 65536) if time.monotonic() < deadline else b""
             if not chunk:
                 proc.kill()
                 proc.wait()
@@ -511,7 +511,7 @@ class DecisionLog:
 
         assert proc.stdout is not None
         while True:
-            chunk = proc.stdout.read1(65536)
+            chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 return
             buf += chunk
@@ -520,7 +520,7 @@ class DecisionLog:
                     continue
                 markers, *totals = msg[1]
                 bad_before = self._child_totals[4]
-                self._child_totals = tuple(totals)  # type: ignore[assignment]
+                self._child_totals = tuple(totals)
                 base = self._base_totals
                 self._written = base[0] + totals[0]
                 self._outcomes_written = base[1] + totals[1]

@@ -23,6 +23,7 @@ what it had not yet shipped, at most one batch window.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -158,15 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             write_errors += 1
             bad += len(decisions) + len(outcomes)
-            try:
+            with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
-            except Exception:
-                pass
             print(f"decision log writer: a batch of {len(decisions) + len(outcomes)} rows failed: {exc}", file=sys.stderr)
-        try:
+        with contextlib.suppress(OSError):  # the server is gone: keep writing what is left to read
             _send(out_fd, "ack", markers, written, outcomes_new, batches, write_errors, bad)
-        except OSError:
-            pass  # the server is gone: keep writing what is left to read
     try:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:

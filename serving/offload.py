@@ -13,6 +13,7 @@ with the event loop for the GIL and would slow every request down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -122,7 +123,5 @@ class Offloader:
                 value, ok = fn(*args), True
             except BaseException as exc:  # delivered to the awaiting request, never lost
                 value, ok = exc, False
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(_deliver, fut, ok, value)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass

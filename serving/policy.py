@@ -12,11 +12,10 @@ policy's answer with ``policy = "fallback:<reason>"`` and probability 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
-
-import math
 
 from models.exploration import action_probabilities, epsilon_probabilities_list, greedy_index, sample, sample_list
 from serving.catalog import Catalog, CatalogMessage
