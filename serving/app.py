@@ -169,6 +169,7 @@ class RetentionService:
         self._kill_checked_at = 0.0
         self._kill_file_present = False
         self._names_shas: dict[str, str] = {}
+        self._batch: list[tuple[Any, np.ndarray, asyncio.Future[Any]]] = []  # requests waiting for the next ONNX run
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -225,7 +226,7 @@ class RetentionService:
         response_body: RealtimeResponseBody | None = None
         if choice.message is not None:
             try:
-                response_body = await self._response_for_async(choice.message, request)
+                response_body = self._response_for(choice.message, request)
             except Exception as exc:  # an offer that cannot be signed must not cost the message
                 log.error("answer for %s failed (%s); answering the default", choice.message.messageIdentifier, exc)
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
@@ -278,10 +279,8 @@ class RetentionService:
             return c
         if self.score_in_thread:
             outcome = await self._score_in_thread(snap, request, candidates)
-        elif self.offload.running:
-            outcome = await self._score_offloaded(snap, request, candidates)
         else:
-            outcome = self._score_inline(snap, request, candidates)
+            outcome = await self._score_batched(snap, request, candidates)
         if isinstance(outcome, str):
             c = fallback_choice(candidates, default_index, outcome)
             c.model_version = model.version
@@ -296,54 +295,73 @@ class RetentionService:
                 choice.shadow_message_id = shadow_pick(snap.catalog, candidates, request.productId, shadow_p)
         return choice
 
-    def _score_inline(
+    async def _score_batched(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
-        """Score on the event loop; an overrun answers the fallback and opens the circuit at once.
+        """Featurize now; score on the event loop in one ONNX Runtime call with the other requests ready now.
 
-        Featurize + ONNX for 8 candidates costs ~0.1 ms; a hop to a thread costs more than that under
-        load (measured: BENCHMARKS.md), so inline is the default. The price: one call of a model that
-        suddenly became slow holds its own answer (and the loop) for that call's duration; the circuit
-        then sends later requests straight to the fallback until a probe after the cool-down succeeds.
+        Every request that reaches this point in the same turn of the event loop joins one batch, scored
+        by one ``run`` when the loop gets to it (``call_soon``): one call's fixed cost and one pass over
+        the trees' memory for the whole batch instead of per request (measured: BENCHMARKS.md). Alone, a
+        request is a batch of one. An overrun answers the fallback for the whole batch and opens the
+        circuit at once; a model that suddenly became slow holds that batch (and the loop) for that one
+        call, and the circuit then sends later requests straight to the fallback until a probe succeeds.
         """
-        t0 = time.perf_counter()
-        try:
-            result = self._score(snap, request, candidates)
-        except Exception as exc:
-            self.breaker.failure(time.monotonic())
-            log.warning("model %s failed: %s", snap.model.version if snap.model else None, exc)
-            return "model_error"
-        if time.perf_counter() - t0 > self.budget_s:
-            self.breaker.failure(time.monotonic(), trip=True)
-            return "deadline"
-        return result
-
-    async def _score_offloaded(
-        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
-        """Featurize here, run ONNX Runtime on the offload thread under the budget (lean timer, no task)."""
         model = snap.model
         assert model is not None
-        t0 = time.perf_counter()
         try:
             profile = self.profiles.get(request.originalTransactionId)
             X = model.featurize(request, profile, candidates)
-            left = self.budget_s - (time.perf_counter() - t0)
-            p = np.asarray(await self.offload.within(left, model.scorer.p_stay, X), dtype=np.float64)
-            shadow_p = None
-            if snap.shadow is not None:
-                try:
-                    shadow_p = snap.shadow.score(request, profile, candidates)[1]
-                except Exception as exc:  # the shadow never affects the answer
-                    log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
-        except TimeoutError:
-            self.breaker.failure(time.monotonic(), trip=True)
-            return "deadline"
         except Exception as exc:
             self.breaker.failure(time.monotonic())
-            log.warning("model %s failed: %s", model.version, exc)
+            log.warning("featurizing for model %s failed: %s", model.version, exc)
             return "model_error"
+        fut: asyncio.Future[np.ndarray | str] = asyncio.get_running_loop().create_future()
+        self._batch.append((model, X, fut))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        p = await fut
+        if isinstance(p, str):
+            return p
+        shadow_p = None
+        if snap.shadow is not None:
+            try:
+                shadow_p = snap.shadow.score(request, profile, candidates)[1]
+            except Exception as exc:  # the shadow never affects the answer
+                log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
         return X, p, shadow_p
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        while batch:  # normally one model; after a reload, one run per model version in the batch
+            model = batch[0][0]
+            mine = [b for b in batch if b[0] is model]
+            batch = [b for b in batch if b[0] is not model]
+            t0 = time.perf_counter()
+            try:
+                X = mine[0][1] if len(mine) == 1 else np.concatenate([b[1] for b in mine])
+                P = np.asarray(model.scorer.p_stay(X), dtype=np.float64)
+                if P.shape != (len(X),):
+                    raise ValueError(f"the model returned {P.shape} scores for {len(X)} rows")
+            except Exception as exc:
+                self.breaker.failure(time.monotonic())
+                log.warning("model %s failed: %s", model.version, exc)
+                for b in mine:
+                    if not b[2].done():
+                        b[2].set_result("model_error")
+                continue
+            if time.perf_counter() - t0 > self.budget_s:
+                self.breaker.failure(time.monotonic(), trip=True)
+                for b in mine:
+                    if not b[2].done():
+                        b[2].set_result("deadline")
+                continue
+            start = 0
+            for _, x, fut in mine:
+                n = len(x)
+                if not fut.done():
+                    fut.set_result(P[start : start + n])
+                start += n
 
     async def _score_in_thread(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
@@ -376,16 +394,6 @@ class RetentionService:
             except Exception as exc:  # the shadow never affects the answer
                 log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
         return X, p, shadow_p
-
-    async def _response_for_async(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
-        """:meth:`_response_for`, with an offer's ECDSA signature computed on the offload thread."""
-        if m.kind == "promotionalOffer" and self.offer_signer is not None and m.offerIdentifier is not None:
-            sig = await self.offer_signer.sign_async(
-                self.offload, product_id=request.productId, offer_identifier=m.offerIdentifier,
-                transaction_id=request.originalTransactionId,
-            )
-            return RealtimeResponseBody(promotionalOffer=PromotionalOffer(m.messageIdentifier, promotionalOfferSignatureV2=sig))
-        return self._response_for(m, request)
 
     def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         mid = m.messageIdentifier

@@ -18,9 +18,8 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 from cryptography.hazmat.primitives import hashes, serialization
@@ -135,13 +134,6 @@ class OfferSigner:
         """Return a fresh ES256 JWS for this offer; `transaction_id` is the request's originalTransactionId."""
         signing_input = self._signing_input(product_id, offer_identifier, transaction_id)
         return self._jws(signing_input, self._key.sign(signing_input, _ECDSA_SHA256))
-
-    async def sign_async(
-        self, offload: Callable[..., Awaitable[Any]], *, product_id: str, offer_identifier: str, transaction_id: str
-    ) -> str:
-        """:meth:`sign`, with the ECDSA signature itself computed by `offload` (``serving.offload.Offloader``)."""
-        signing_input = self._signing_input(product_id, offer_identifier, transaction_id)
-        return self._jws(signing_input, await offload(self._key.sign, signing_input, _ECDSA_SHA256))
 
     def _signing_input(self, product_id: str, offer_identifier: str, transaction_id: str) -> bytes:
         # Same claim order as Apple's creator: feature claims first, then bid, iss, aud, iat, nonce.

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,17 +25,12 @@ _STOP = object()
 
 
 def _deliver(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.done():  # timed out or cancelled: the caller has moved on
+    if fut.done():  # cancelled (the request went away): nobody is waiting
         return
     if ok:
         fut.set_result(value)
     else:
         fut.set_exception(value)
-
-
-def _expire(fut: asyncio.Future[Any], timeout_s: float) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError(f"the call took longer than {timeout_s:g} s"))
 
 
 class Offloader:
@@ -90,27 +84,6 @@ class Offloader:
         fut: asyncio.Future[T] = loop.create_future()
         self._q.put((fn, args, fut, loop))
         return await fut
-
-    async def within(self, timeout_s: float, fn: Callable[..., T], *args: Any) -> T:
-        """Like calling the offloader, but raise TimeoutError once `timeout_s` has passed (the call runs on).
-
-        A timer handle costs the loop a few µs; ``asyncio.wait_for`` costs it tens (a task per call).
-        Inline (no threads), the call runs to its end and TimeoutError is raised after it when it ran late.
-        """
-        if not self._running:
-            t0 = time.perf_counter()
-            value = fn(*args)
-            if time.perf_counter() - t0 > timeout_s:
-                raise TimeoutError(f"the call took longer than {timeout_s:g} s")
-            return value
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, fut, timeout_s)
-        self._q.put((fn, args, fut, loop))
-        try:
-            return await fut
-        finally:
-            timer.cancel()
 
     def _work(self) -> None:
         get = self._q.get
