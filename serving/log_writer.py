@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # background work: the server's request path goes first for a core
+        os.nice(5)
     args = sys.argv[1:] if argv is None else argv
     out_fd = sys.stdout.fileno()
     in_fd = sys.stdin.fileno()

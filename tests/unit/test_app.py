@@ -285,3 +285,55 @@ def test_holdout_share_gets_the_default_with_its_probability_logged(client_for: 
         assert r.json() == {"message": {"messageIdentifier": default.messageIdentifier}}
     rows = decisions(c)
     assert all(r["propensity"] == 1.0 and r["policy_params"]["holdout"] == 1.0 for r in rows)
+
+
+def test_requests_ready_together_are_scored_in_one_run_each_with_its_own_scores(
+    make_settings: Callable[..., Settings], pki: Any
+) -> None:
+    """Concurrent requests share one ONNX Runtime call; every answer still gets exactly its own rows' scores."""
+    import asyncio
+
+    from serving.app import RetentionService
+    from serving.decision_log import read_decisions
+    from serving.policy import candidates_for
+
+    svc = RetentionService(make_settings(epsilon=0.0, verify_threads=0))  # all five reach scoring in one turn
+    snap = svc.runtime.snapshot
+    assert snap is not None and snap.model is not None
+    calls: list[int] = []
+    real = snap.model.scorer
+
+    class Counting:
+        def p_stay(self, X: np.ndarray) -> np.ndarray:
+            calls.append(len(X))
+            return np.asarray(real.p_stay(X))
+
+    counted = ModelBundle(snap.model.version, snap.model.featurizer, Counting(), snap.model.schema_sha256)
+    svc.runtime.snapshot = dataclasses.replace(snap, model=counted)
+    products = [PM, "com.example.premium.annual", PM, PM, "com.example.basic.monthly"]
+    bodies = [
+        pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", product_id=p, original_transaction_id=str(9000 + i))
+        for i, p in enumerate(products)
+    ]
+
+    async def main() -> list[tuple[int, bytes]]:
+        return await asyncio.gather(*(svc.answer(b) for b in bodies))
+
+    svc.start()
+    try:
+        answers = asyncio.run(main())
+        assert svc.decision_log.flush()
+    finally:
+        svc.stop()
+    assert [status for status, _ in answers] == [200] * 5
+    rows = {r["original_transaction_id"]: r for r in read_decisions(svc.decision_log.path)}
+    assert len(calls) == 1 and calls[0] == sum(len(r["candidates"]) for r in rows.values())
+    for i, p in enumerate(products):
+        row = rows[str(9000 + i)]
+        request = svc.verifier.verify(json.loads(pki.signed_request_body(
+            app_apple_id=APP_ID, environment="Sandbox", product_id=p, original_transaction_id=str(9000 + i)))["signedPayload"])
+        cands, _ = candidates_for(snap.catalog, request, offers_enabled=svc.offer_signer is not None)
+        _, alone = snap.model.score(request, None, cands)
+        assert row["candidates"] == [m.messageIdentifier for m in cands]
+        assert row["scores"] == pytest.approx(alone.tolist(), abs=1e-6)
+        assert row["message_id"] == cands[int(np.argmax(row["values"]))].messageIdentifier  # ε = 0: the argmax

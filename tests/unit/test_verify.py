@@ -86,6 +86,38 @@ def test_corpus_gives_each_expected_code_and_reaches_every_code() -> None:
     assert None in seen
 
 
+def test_verify_async_on_the_offload_thread_gives_the_same_answer_for_every_corpus_case() -> None:
+    """The server's path (signature check on the offload thread) agrees with verify() on every case."""
+    import asyncio
+
+    from serving.offload import Offloader
+
+    cases = corpus()
+    pki_root = _corpus_root(cases)
+    off = Offloader(1)
+    off.start()
+
+    async def code_async(v: RequestVerifier, token: str | bytes) -> str | None:
+        try:
+            await v.verify_async(token, off)
+        except VerificationError as exc:
+            return exc.code
+        return None
+
+    async def main() -> None:
+        for case in cases:
+            v = RequestVerifier([pki_root], app_apple_id=APP_ID, environment=case.environment)
+            got = await code_async(v, case.token)
+            if case.twice:
+                got = await code_async(v, case.token)
+            assert got == case.code, case.name
+
+    try:
+        asyncio.run(main())
+    finally:
+        off.stop()
+
+
 def _corpus_root(cases: list[CorpusCase]) -> Any:
     # The corpus' own valid token carries its root as x5c[2].
     header = json.loads(base64.urlsafe_b64decode(cases[0].token.split(".")[0] + "=="))
