@@ -1,9 +1,10 @@
 """The Litestar application: ``create_app(settings)`` builds everything; nothing is global.
 
 Request path of ``POST /retention/message`` (all in memory, no network, no synchronous disk write):
-verify Apple's JWS → eligible candidates → featurize + score (off the event loop, under the
-deadline) → expected value → exact exploration probabilities → sample → answer → enqueue the
-decision for the background log writer.
+verify Apple's JWS (the P-256 check on the offload thread, the rest on the loop) → eligible candidates
+→ featurize → score with the other requests ready in the same loop turn (one ONNX Runtime run, timed
+against the budget, behind a circuit breaker) → expected value → exact exploration probabilities →
+sample → answer → enqueue the decision for the log (written by a child process).
 """
 
 from __future__ import annotations

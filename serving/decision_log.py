@@ -1,8 +1,10 @@
 """The decision and outcome log: every answered request, written to SQLite by a background writer.
 
 The request path only appends a :class:`DecisionRecord` to an in-memory queue (``log`` never
-blocks, never touches disk, never raises). A writer thread wakes every ``batch_ms`` and writes
-everything queued in one transaction to a SQLite file in WAL mode with ``synchronous=NORMAL``:
+blocks, never touches disk, never raises). A background thread wakes every ``batch_ms`` and writes
+everything queued in one transaction to a SQLite file in WAL mode with ``synchronous=NORMAL``, either
+itself (``writer="thread"``) or by shipping it, msgpack-encoded, to a child process that does
+(``writer="process"``, the server's default: ``serving/log_writer.py``, off this process's GIL):
 a committed batch survives a killed process, so a SIGKILL loses at most the decisions answered
 within the last batch window, and ``close()`` (graceful shutdown) writes them all.
 
