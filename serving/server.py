@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from typing import Any
@@ -93,16 +94,21 @@ def serve(settings: Settings) -> None:
     from uvicorn.supervisors import Multiprocess
 
     os.environ.update(settings_to_env(settings))
+    made_metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # metrics aggregated across workers (prometheus_client's multiprocess mode)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retention-metrics-")
+        made_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retention-metrics-")
     config = _uvicorn_config(settings)
     server = uvicorn.Server(config)
-    if settings.workers > 1:
-        sock = config.bind_socket()
-        Multiprocess(config, sockets=[sock]).run()
-    else:
-        server.run()
+    try:
+        if settings.workers > 1:
+            sock = config.bind_socket()
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server.run()
+    finally:
+        if made_metrics_dir is not None:  # the workers are gone: their sample files go with them
+            shutil.rmtree(made_metrics_dir, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:
