@@ -6,8 +6,14 @@ Needs ``wrk`` (Debian: ``apt-get install wrk``). Both servers run as one uvicorn
 (httptools + uvloop) on 127.0.0.1; wrk runs one thread with 16 connections. The full endpoint
 verifies a fresh signed request each time (each body is used once: replay protection is on),
 featurizes and scores 8 candidates (offers enabled), samples, answers, and logs the decision.
-Reports requests/s (median over rounds, alternating the two servers), the ratio, p50/p99 latency,
-non-2xx answers and the fallbacks counted in the decision log.
+Reports requests/s (median over rounds, alternating the servers), the ratio, p50/p99 latency,
+non-2xx answers, the fallbacks counted in the decision log, and where the endpoint's CPU went during
+its rounds (its event loop's thread, its other threads, its child processes: the log writer).
+
+    --no-offers          no In-App Purchase key (no offer candidates, no offer signatures)
+    --baseline-config    also run the endpoint with --verify-threads 0 --log-writer thread (the signature
+                         check on the event loop and the log writer as a thread), alternating, as an
+                         in-run baseline for those two choices
 """
 
 from __future__ import annotations
@@ -62,10 +68,21 @@ def ms(text: str) -> float:
 _next_body = 0
 
 
-def run_wrk(url: str, bodies: Path, url_path: str, duration: int, conns: int) -> dict[str, float]:
-    """Run wrk once; the endpoint gets bodies it has not seen (each run starts past the last one)."""
+def run_wrk(url: str, bodies: list[bytes], url_path: str, duration: int, conns: int) -> dict[str, float]:
+    """Run wrk once; the endpoint gets bodies it has not seen (each run starts past the last one).
+
+    wrk reads its whole bodies file before it starts, so each run gets a file of only the slice it may
+    use (at most 6,000 requests a second): a short start, and CPU shares measured around the run are
+    not diluted by wrk reading a large file.
+    """
     global _next_body
-    env = dict(os.environ, BODIES_FILE=str(bodies), URL_PATH=url_path, START_AT=str(_next_body))
+    start = 0 if url_path.startswith("/echo") else _next_body
+    chunk = bodies[start : start + 6000 * duration + 100 * conns]
+    if len(chunk) < 6000 * duration:
+        raise SystemExit("not enough pre-signed bodies: pass a larger --bodies")
+    slice_file = Path(tempfile.gettempdir()) / f"bench-endpoint-bodies-{os.getpid()}.txt"
+    slice_file.write_bytes(b"\n".join(chunk) + b"\n")
+    env = dict(os.environ, BODIES_FILE=str(slice_file), URL_PATH=url_path, START_AT="0")
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-s", str(ROOT / "bench" / "wrk_bodies.lua"), url],
         env=env, capture_output=True, text=True, check=True,
@@ -75,10 +92,37 @@ def run_wrk(url: str, bodies: Path, url_path: str, duration: int, conns: int) ->
     p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    slice_file.unlink()
     if not url_path.startswith("/echo"):
         _next_body += total + 10 * conns
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
             "requests": float(total)}
+
+
+def _ticks(pid: int) -> dict[str, int]:
+    """CPU ticks (user + system) of `pid`'s main thread, its other threads, and its child processes."""
+    out = {"loop thread": 0, "other threads": 0, "child processes": 0}
+
+    def stat_ticks(path: str) -> tuple[int, int]:
+        st = Path(path).read_text()
+        f = st[st.rindex(")") + 2 :].split()
+        return int(f[11]) + int(f[12]), int(f[1])  # utime + stime, ppid
+
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            ticks, _ = stat_ticks(f"/proc/{pid}/task/{t}/stat")
+            out["loop thread" if int(t) == pid else "other threads"] += ticks
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                try:
+                    ticks, ppid = stat_ticks(f"/proc/{p}/stat")
+                except OSError:
+                    continue
+                if ppid == pid:
+                    out["child processes"] += ticks
+    except OSError:
+        pass
+    return out
 
 
 def main() -> None:
@@ -87,6 +131,10 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bodies", type=int, default=0, help="pre-signed bodies (default: enough for the run)")
+    ap.add_argument("--no-offers", action="store_true",
+                    help="no In-App Purchase key: no offer candidates and no offer signatures (6 candidates)")
+    ap.add_argument("--baseline-config", action="store_true",
+                    help="also run the endpoint with --verify-threads 0 --log-writer thread, alternating, as a baseline")
     args = ap.parse_args()
 
     from cryptography.hazmat.primitives import serialization
@@ -106,45 +154,60 @@ def main() -> None:
     p8 = tmp / "key.p8"
     p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()))
-    n_bodies = args.bodies or int(5000 * args.duration * (args.rounds + 1))
+    n_bodies = args.bodies or int(6000 * args.duration * (args.rounds + 1) * (2 if args.baseline_config else 1))
     print(f"signing {n_bodies:,} request bodies...", flush=True)
-    bodies = tmp / "bodies.txt"
-    with bodies.open("wb") as f:
-        for i in range(n_bodies):
-            f.write(pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox",
-                                            original_transaction_id=str(10_000_000 + i)) + b"\n")
+    bodies = [pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", original_transaction_id=str(10_000_000 + i))
+              for i in range(n_bodies)]
 
-    port_app, port_echo = free_port(), free_port()
+    port_app, port_echo, port_base = free_port(), free_port(), free_port()
     data_dir = tmp / "data"
     env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
                RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
                RETENTION_DATA_DIR=str(data_dir), RETENTION_PORT=str(port_app), RETENTION_LOG_LEVEL="warning",
-               RETENTION_MAX_AGE_S="3600", RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
-               RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
-    app = subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT)
+               RETENTION_MAX_AGE_S="3600")
+    if not args.no_offers:
+        env.update(RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
+                   RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
+    servers = {"endpoint": (port_app, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT))}
+    if args.baseline_config:
+        base_env = dict(env, RETENTION_PORT=str(port_base), RETENTION_VERIFY_THREADS="0", RETENTION_LOG_WRITER="thread",
+                        RETENTION_DATA_DIR=str(tmp / "data-baseline"))
+        servers["endpoint-baseline"] = (
+            port_base, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=base_env, cwd=ROOT))
     echo = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", str(port_echo),
                              "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
                             cwd=ROOT)
+    res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], **{name: [] for name in servers}}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
+    hz = os.sysconf("SC_CLK_TCK")
     try:
-        wait(f"http://127.0.0.1:{port_app}/health", app)
+        for port, proc in servers.values():
+            wait(f"http://127.0.0.1:{port}/health", proc)
         wait(f"http://127.0.0.1:{port_echo}/health", echo)
         # warm-up (caches the verified chain, JIT-free but warms ORT and the page cache)
         run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", 2, args.connections)
-        run_wrk(f"http://127.0.0.1:{port_app}", bodies, "/retention/message", 2, args.connections)
-        res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], "endpoint": []}
+        for port, _ in servers.values():
+            run_wrk(f"http://127.0.0.1:{port}", bodies, "/retention/message", 2, args.connections)
         for r in range(args.rounds):
             res["echo"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", args.duration, args.connections))
             res["echo-json"].append(
                 run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo-json", args.duration, args.connections))
-            # the endpoint reads a fresh slice of bodies each round
-            res["endpoint"].append(run_wrk(f"http://127.0.0.1:{port_app}", bodies, "/retention/message",
-                                           args.duration, args.connections))
-            print(f"round {r + 1}: echo {res['echo'][-1]['rps']:.0f} rps, echo-json {res['echo-json'][-1]['rps']:.0f} rps, "
-                  f"endpoint {res['endpoint'][-1]['rps']:.0f} rps", flush=True)
+            for name, (port, proc) in servers.items():
+                # the endpoint reads a fresh slice of bodies each round
+                before, t0 = _ticks(proc.pid), time.monotonic()
+                res[name].append(run_wrk(f"http://127.0.0.1:{port}", bodies, "/retention/message",
+                                         args.duration, args.connections))
+                after, dt = _ticks(proc.pid), time.monotonic() - t0
+                for k in after:
+                    cpu[name].setdefault(k, 0.0)
+                    cpu[name][k] += (after[k] - before[k]) / hz / dt / args.rounds
+            print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]['rps']:.0f} rps" for n, v in res.items()), flush=True)
     finally:
-        app.send_signal(signal.SIGTERM)
+        for _, proc in servers.values():
+            proc.send_signal(signal.SIGTERM)
         echo.send_signal(signal.SIGTERM)
-        app.wait(timeout=30)
+        for _, proc in servers.values():
+            proc.wait(timeout=30)
         echo.wait(timeout=30)
     fallbacks = 0
     logged = 0
@@ -161,12 +224,17 @@ def main() -> None:
     print()
     print(f"| server | req/s (median of {args.rounds}) | p50 ms | p99 ms | non-2xx |")
     print("|---|---|---|---|---|")
-    for name in ("echo", "echo-json", "endpoint"):
+    for name in res:
         print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p50_ms'):.2f} | {med(name, 'p99_ms'):.2f} | "
               f"{sum(x['non2xx'] for x in res[name]):.0f} |")
     print(f"\nendpoint / echo requests per second: {ratio:.2f} (floor 0.40, goal 0.50)")
     print(f"endpoint / echo-json requests per second: {med('endpoint', 'rps') / med('echo-json', 'rps'):.2f}")
-    print(f"decisions logged: {logged:,}; fallbacks: {fallbacks}")
+    if "endpoint-baseline" in res:
+        print(f"endpoint / endpoint-baseline (--verify-threads 0 --log-writer thread): "
+              f"{med('endpoint', 'rps') / med('endpoint-baseline', 'rps'):.2f}")
+    for name, shares in cpu.items():
+        print(f"{name} CPU under load (share of one core): " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    print(f"decisions logged (endpoint): {logged:,}; fallbacks: {fallbacks}")
 
 
 if __name__ == "__main__":
