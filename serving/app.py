@@ -324,13 +324,20 @@ class RetentionService:
         p = await fut
         if isinstance(p, str):
             return p
-        shadow_p = None
-        if snap.shadow is not None:
-            try:
-                shadow_p = snap.shadow.score(request, profile, candidates)[1]
-            except Exception as exc:  # the shadow never affects the answer
-                log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
-        return X, p, shadow_p
+        return X, p, self._shadow_scores(snap, request, profile, candidates)
+
+    @staticmethod
+    def _shadow_scores(
+        snap: Snapshot, request: DecodedRealtimeRequestBody, profile: Any, candidates: tuple[CatalogMessage, ...]
+    ) -> np.ndarray | None:
+        """Return the shadow model's P(stay) for the candidates, or None (no shadow, or it failed)."""
+        if snap.shadow is None:
+            return None
+        try:
+            return snap.shadow.score(request, profile, candidates)[1]
+        except Exception as exc:  # the shadow never affects the answer
+            log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
+            return None
 
     def _run_batch(self) -> None:
         batch, self._batch = self._batch, []
@@ -388,13 +395,7 @@ class RetentionService:
         assert model is not None
         profile = self.profiles.get(request.originalTransactionId)
         X, p = model.score(request, profile, candidates)
-        shadow_p = None
-        if snap.shadow is not None:
-            try:
-                shadow_p = snap.shadow.score(request, profile, candidates)[1]
-            except Exception as exc:  # the shadow never affects the answer
-                log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
-        return X, p, shadow_p
+        return X, p, self._shadow_scores(snap, request, profile, candidates)
 
     def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         mid = m.messageIdentifier

@@ -282,6 +282,31 @@ def _insert_decisions(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> 
         conn.execute(_multi_insert_sql(len(chunk)), [v for row in chunk for v in row])
 
 
+def _commit_rows(
+    conn: sqlite3.Connection,
+    decisions: list[tuple[Any, ...]],
+    outcomes: list[tuple[Any, ...]],
+    schemas: list[tuple[str, str]],
+) -> int:
+    """Write one batch in one transaction; return how many outcomes were new (repeats are ignored).
+
+    Raises on failure after rolling back, so the caller counts the whole batch as lost.
+    """
+    conn.execute("BEGIN")
+    try:
+        if decisions:
+            _insert_decisions(conn, decisions)
+        new_outcomes = max(conn.executemany(_INSERT_OUTCOME, outcomes).rowcount, 0) if outcomes else 0
+        if schemas:
+            conn.executemany(_INSERT_SCHEMA, schemas)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return new_outcomes
+
+
 def _connect_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -645,22 +670,12 @@ class DecisionLog:
             self._drop(bad)
         try:
             if decisions or outcomes or schemas:
-                conn.execute("BEGIN")
-                if decisions:
-                    _insert_decisions(conn, decisions)
-                new_outcomes = 0
-                if outcomes:
-                    new_outcomes = max(conn.executemany(_INSERT_OUTCOME, outcomes).rowcount, 0)  # repeats are ignored
-                if schemas:
-                    conn.executemany(_INSERT_SCHEMA, schemas)
-                conn.execute("COMMIT")
+                new_outcomes = _commit_rows(conn, decisions, outcomes, schemas)
                 self._written += len(decisions)
                 self._outcomes_written += new_outcomes
                 self._batches += 1
-        except Exception as exc:
+        except Exception as exc:  # rolled back by _commit_rows
             self._write_errors += 1
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
             log.error(
                 "decision log: writing a batch of %d rows to %s failed (%s); the batch is dropped",
                 len(decisions) + len(outcomes),

@@ -91,15 +91,7 @@ def _send(fd: int, kind: str, *payload: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the writer for the SQLite file named by the one argument; returns the exit status."""
-    from serving.decision_log import (
-        _INSERT_OUTCOME,
-        _INSERT_SCHEMA,
-        DecisionRecord,
-        _connect_writer,
-        _decision_row,
-        _insert_decisions,
-        _json,
-    )
+    from serving.decision_log import DecisionRecord, _commit_rows, _connect_writer, _decision_row, _json
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -146,23 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
         try:
             if decisions or outcomes or schemas:
-                conn.execute("BEGIN")
-                if decisions:
-                    _insert_decisions(conn, decisions)
-                n_new = 0
-                if outcomes:
-                    n_new = max(conn.executemany(_INSERT_OUTCOME, outcomes).rowcount, 0)
-                if schemas:
-                    conn.executemany(_INSERT_SCHEMA, schemas)
-                conn.execute("COMMIT")
+                outcomes_new += _commit_rows(conn, decisions, outcomes, schemas)
                 written += len(decisions)
-                outcomes_new += n_new
                 batches += 1
         except Exception as exc:
             write_errors += 1
             bad += len(decisions) + len(outcomes)
-            with contextlib.suppress(Exception):
-                conn.execute("ROLLBACK")
             print(f"decision log writer: a batch of {len(decisions) + len(outcomes)} rows failed: {exc}", file=sys.stderr)
         with contextlib.suppress(OSError):  # the server is gone: keep writing what is left to read
             _send(out_fd, "ack", markers, written, outcomes_new, batches, write_errors, bad)
