@@ -44,6 +44,7 @@ import msgspec
 import numpy as np
 
 from models.data_files import DECISION_COLUMNS, EVENTS
+from serving import log_writer
 
 log = logging.getLogger("retention.decision_log")
 
@@ -497,8 +498,6 @@ class DecisionLog:
     # -- process writer (serving/log_writer.py) ---------------------------------------------
     def _spawn(self) -> None:
         """Start the writer process and wait for it to open the file; raises OSError when it cannot."""
-        from serving import log_writer
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
@@ -509,9 +508,8 @@ class DecisionLog:
         assert proc.stdout is not None and proc.stdin is not None
         buf = bytearray()
         msgs: list[Any] = []
-        deadline = time.monotonic() + 60.0
-        while not msgs:
-            chunk = os.read(proc.stdout.fileno(), 65536) if time.monotonic() < deadline else b""
+        while not msgs:  # the writer's first frame: "ready", or "error" and why
+            chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 proc.kill()
                 proc.wait()
@@ -534,8 +532,6 @@ class DecisionLog:
         self._ack_thread.start()
 
     def _read_acks(self, proc: subprocess.Popen[bytes], buf: bytearray) -> None:
-        from serving import log_writer
-
         assert proc.stdout is not None
         while True:
             chunk = os.read(proc.stdout.fileno(), 65536)
@@ -563,8 +559,6 @@ class DecisionLog:
 
     def _ship_batch(self) -> None:
         """Send everything queued to the writer process in one write (its pipe holds 1 MiB)."""
-        from serving import log_writer
-
         q = self._q
         n = len(q)
         if n == 0:

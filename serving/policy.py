@@ -111,14 +111,7 @@ class ExplorationParams:
 
 def values_of(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str, p_stay: np.ndarray) -> np.ndarray:
     """Return expected values P(stay) × (V(product after m) − cost(m)) for each candidate."""
-    key = ("after", product_id, tuple(m.messageIdentifier for m in candidates))
-    after = catalog.memo.get(key)
-    if after is None:
-        after = np.fromiter((catalog.value_after(m, product_id) for m in candidates), dtype=np.float64,
-                            count=len(candidates))
-        if len(catalog.memo) < 100_000:
-            catalog.memo[key] = after
-    return p_stay * after
+    return p_stay * np.array(_after_values(catalog, candidates, product_id), dtype=np.float64)
 
 
 def ml_choice(
@@ -169,7 +162,7 @@ def ml_choice(
 
 def _after_values(catalog: Catalog, candidates: Sequence[CatalogMessage], product_id: str) -> list[float]:
     """Return V(product after m) − cost(m) per candidate as floats (memoized per catalog)."""
-    key = ("after-list", product_id, tuple(m.messageIdentifier for m in candidates))
+    key = ("after", product_id, tuple(m.messageIdentifier for m in candidates))
     after = catalog.memo.get(key)
     if after is None:
         after = [float(catalog.value_after(m, product_id)) for m in candidates]

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +99,21 @@ _decode_any = msgspec.json.Decoder().decode
 
 #: Runs ``fn(*args)`` somewhere and returns its result (``serving.offload.Offloader``).
 Offload = Callable[..., Awaitable[Any]]
+
+
+@contextlib.contextmanager
+def _unforeseen_as_malformed() -> Iterator[None]:
+    """Turn a parser we rely on failing in a way we did not foresee into a 4xx (``malformed_jws``)."""
+    try:
+        yield
+    except VerificationError:
+        raise
+    except Exception as exc:
+        raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
+
+
+def _bad_signature() -> VerificationError:
+    return _fail("bad_signature", "the JWS signature does not verify with the leaf certificate's key.")
 
 
 def _fail(code: str, detail: str) -> VerificationError:
@@ -431,12 +447,8 @@ class RequestVerifier:
 
         https://developer.apple.com/documentation/retentionmessaging/signedpayload
         """
-        try:
+        with _unforeseen_as_malformed():
             return self._verify_request(signed_payload)
-        except VerificationError:
-            raise
-        except Exception as exc:  # a parser we rely on failed in a way we did not foresee: still a 4xx
-            raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
 
     async def verify_async(self, signed_payload: str | bytes, offload: Offload) -> DecodedRealtimeRequestBody:
         """:meth:`verify`, with the one costly step, the P-256 signature check, run by `offload`.
@@ -444,20 +456,12 @@ class RequestVerifier:
         Everything else (parsing, the cached chain, the payload's checks, replay) runs on the caller's
         thread, so the replay memory sees requests in the order they are verified.
         """
-        try:
+        with _unforeseen_as_malformed():
             payload_seg, chain, signing_input, signature = self._parse(signed_payload)
-        except VerificationError:
-            raise
-        except Exception as exc:
-            raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
         if not await offload(verify_es256, chain.leaf_key, signing_input, signature):
-            raise _fail("bad_signature", "the JWS signature does not verify with the leaf certificate's key.")
-        try:
+            raise _bad_signature()
+        with _unforeseen_as_malformed():
             return self._check_request(payload_seg, chain)
-        except VerificationError:
-            raise
-        except Exception as exc:
-            raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
 
     def verify_signed_data(self, token: str | bytes) -> dict[str, Any]:
         """Return the verified payload of any App Store JWS (notifications, transactions) as a dict.
@@ -488,7 +492,7 @@ class RequestVerifier:
         """Return (payload segment, chain) of a token whose header, chain and signature hold."""
         payload_seg, chain, signing_input, signature = self._parse(token)
         if not verify_es256(chain.leaf_key, signing_input, signature):
-            raise _fail("bad_signature", "the JWS signature does not verify with the leaf certificate's key.")
+            raise _bad_signature()
         return payload_seg, chain
 
     def _parse(self, token: str | bytes) -> tuple[bytes, VerifiedChain, bytes, bytes]:
