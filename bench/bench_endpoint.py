@@ -2,8 +2,11 @@
 
     .venv/bin/python bench/bench_endpoint.py [--duration 10] [--connections 16] [--rounds 3]
 
-Needs ``wrk`` (Debian: ``apt-get install wrk``). Both servers run as one uvicorn worker
-(httptools + uvloop) on 127.0.0.1; wrk runs one thread with 16 connections. The full endpoint
+Needs ``wrk`` (Debian: ``apt-get install wrk``). Every server runs as one uvicorn worker
+(httptools + uvloop) on 127.0.0.1; wrk runs one thread with 16 connections. A second baseline,
+``reference`` (bench/reference_app.py), does only the work the protocol makes every answer pay (one
+ES256 check of Apple's signature on a thread, one 8-row ONNX run, one offer signature) and nothing
+else, so the endpoint can also be read against what this machine allows at all. The full endpoint
 verifies a fresh signed request each time (each body is used once: replay protection is on),
 featurizes and scores 8 candidates (offers enabled), samples, answers, and logs the decision.
 Reports requests/s (median over rounds, alternating the servers), the ratio, p50/p99 latency,
@@ -68,7 +71,7 @@ def ms(text: str) -> float:
 _next_body = 0
 
 
-def run_wrk(url: str, bodies: list[bytes], url_path: str, duration: int, conns: int) -> dict[str, float]:
+def run_wrk(url: str, bodies: list[bytes], url_path: str, duration: int, conns: int, *, fresh: bool = True) -> dict[str, float]:
     """Run wrk once; the endpoint gets bodies it has not seen (each run starts past the last one).
 
     wrk reads its whole bodies file before it starts, so each run gets a file of only the slice it may
@@ -76,7 +79,7 @@ def run_wrk(url: str, bodies: list[bytes], url_path: str, duration: int, conns: 
     not diluted by wrk reading a large file.
     """
     global _next_body
-    start = 0 if url_path.startswith("/echo") else _next_body
+    start = _next_body if fresh else 0
     chunk = bodies[start : start + 6000 * duration + 100 * conns]
     if len(chunk) < 6000 * duration:
         raise SystemExit("not enough pre-signed bodies: pass a larger --bodies")
@@ -93,7 +96,7 @@ def run_wrk(url: str, bodies: list[bytes], url_path: str, duration: int, conns: 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     slice_file.unlink()
-    if not url_path.startswith("/echo"):
+    if fresh:
         _next_body += total + 10 * conns
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
             "requests": float(total)}
@@ -159,7 +162,7 @@ def main() -> None:
     bodies = [pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", original_transaction_id=str(10_000_000 + i))
               for i in range(n_bodies)]
 
-    port_app, port_echo, port_base = free_port(), free_port(), free_port()
+    port_app, port_echo, port_base, port_ref = free_port(), free_port(), free_port(), free_port()
     data_dir = tmp / "data"
     env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
                RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
@@ -174,24 +177,33 @@ def main() -> None:
                         RETENTION_DATA_DIR=str(tmp / "data-baseline"))
         servers["endpoint-baseline"] = (
             port_base, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=base_env, cwd=ROOT))
-    echo = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", str(port_echo),
-                             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-                            cwd=ROOT)
-    res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], **{name: [] for name in servers}}
+    uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+               "--log-level", "warning"]
+    echo = subprocess.Popen([*uvicorn, "bench.echo_app:app", "--port", str(port_echo)], cwd=ROOT)
+    ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8),
+                   BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1")
+    reference = subprocess.Popen([*uvicorn, "bench.reference_app:app", "--port", str(port_ref)], cwd=ROOT, env=ref_env)
+    res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], "reference": [],
+                                              **{name: [] for name in servers}}
     cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
     hz = os.sysconf("SC_CLK_TCK")
     try:
         for port, proc in servers.values():
             wait(f"http://127.0.0.1:{port}/health", proc)
         wait(f"http://127.0.0.1:{port_echo}/health", echo)
+        wait(f"http://127.0.0.1:{port_ref}/health", reference)
         # warm-up (caches the verified chain, JIT-free but warms ORT and the page cache)
-        run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", 2, args.connections)
+        run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", 2, args.connections, fresh=False)
+        run_wrk(f"http://127.0.0.1:{port_ref}", bodies, "/retention/message", 2, args.connections, fresh=False)
         for port, _ in servers.values():
             run_wrk(f"http://127.0.0.1:{port}", bodies, "/retention/message", 2, args.connections)
         for r in range(args.rounds):
-            res["echo"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", args.duration, args.connections))
-            res["echo-json"].append(
-                run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo-json", args.duration, args.connections))
+            res["echo"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", args.duration, args.connections,
+                                       fresh=False))
+            res["echo-json"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo-json", args.duration,
+                                            args.connections, fresh=False))
+            res["reference"].append(run_wrk(f"http://127.0.0.1:{port_ref}", bodies, "/retention/message", args.duration,
+                                            args.connections, fresh=False))
             for name, (port, proc) in servers.items():
                 # the endpoint reads a fresh slice of bodies each round
                 before, t0 = _ticks(proc.pid), time.monotonic()
@@ -206,9 +218,11 @@ def main() -> None:
         for _, proc in servers.values():
             proc.send_signal(signal.SIGTERM)
         echo.send_signal(signal.SIGTERM)
+        reference.send_signal(signal.SIGTERM)
         for _, proc in servers.values():
             proc.wait(timeout=30)
         echo.wait(timeout=30)
+        reference.wait(timeout=30)
     fallbacks = 0
     logged = 0
     for db in data_dir.glob("decisions-*.sqlite"):
@@ -229,6 +243,9 @@ def main() -> None:
               f"{sum(x['non2xx'] for x in res[name]):.0f} |")
     print(f"\nendpoint / echo requests per second: {ratio:.2f} (floor 0.40, goal 0.50)")
     print(f"endpoint / echo-json requests per second: {med('endpoint', 'rps') / med('echo-json', 'rps'):.2f}")
+    print(f"reference (the protocol's mandatory work only) / echo requests per second: "
+          f"{med('reference', 'rps') / med('echo', 'rps'):.2f}")
+    print(f"endpoint / reference requests per second: {med('endpoint', 'rps') / med('reference', 'rps'):.2f}")
     if "endpoint-baseline" in res:
         print(f"endpoint / endpoint-baseline (--verify-threads 0 --log-writer thread): "
               f"{med('endpoint', 'rps') / med('endpoint-baseline', 'rps'):.2f}")
