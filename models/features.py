@@ -45,6 +45,7 @@ ENVIRONMENTS: tuple[str, ...] = ("Production", "Sandbox")
 _HOUR_MS = 3_600_000
 _DAY_MS = 86_400_000
 _MAX_CONTEXT_CACHE = 50_000
+_MAX_MATRIX_CACHE = 4096  # finished matrices of requests without a profile (~1.3 kB each for 8 x 40)
 
 # The message block's numeric columns, in order (after the kind and message one-hots).
 MESSAGE_NUMERIC: tuple[str, ...] = (
@@ -286,6 +287,7 @@ class Featurizer:
         self._msg_numeric = [col[n] - self.n_context for n in MESSAGE_NUMERIC]
         self._context_cache: dict[tuple[str, str, str], np.ndarray] = {}
         self._message_tables: dict[str, tuple[dict[str, int], np.ndarray]] = {}
+        self._matrix_cache: dict[tuple[object, ...], np.ndarray] = {}
 
     # ---- the two parts of a row ---------------------------------------------------------
     def context_base(self, product_id: str, user_locale: str, environment: str) -> np.ndarray:
@@ -376,11 +378,48 @@ class Featurizer:
         profile: Mapping[str, object] | None,
         candidates: Sequence[Any],
     ) -> np.ndarray:
-        """Return the float32 (K, n_features) matrix for one request and its K candidates."""
-        ctx = self.context_base(product_id, user_locale, environment).copy()
+        """Return the float32 (K, n_features) matrix for one request and its K candidates.
+
+        Without a profile (or for a model that uses none) the matrix depends only on the product, locale,
+        environment, hour, weekday and candidates: it is built once and returned again, read-only, for
+        every such request (at most :data:`_MAX_MATRIX_CACHE` kept; emptied when full).
+        """
         ms = int(signed_date_ms)
-        ctx[self._hour] = (ms // _HOUR_MS) % 24
-        ctx[self._weekday] = (ms // _DAY_MS + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
+        hour = (ms // _HOUR_MS) % 24
+        weekday = (ms // _DAY_MS + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
+        if profile is None or not self._uses_profile:
+            key = (product_id, user_locale, environment, hour, weekday, *[m.messageIdentifier for m in candidates])
+            out = self._matrix_cache.get(key)
+            if out is not None:
+                return out
+            out = self._build(product_id, user_locale, environment, hour, weekday, None, candidates, known=True)
+            if out is not None:
+                out.setflags(write=False)
+                if len(self._matrix_cache) >= _MAX_MATRIX_CACHE:
+                    self._matrix_cache.clear()
+                self._matrix_cache[key] = out
+                return out
+            # a candidate this featurizer's catalog does not know: its row depends on its fields, not only its id
+        out = self._build(product_id, user_locale, environment, hour, weekday, profile, candidates, known=False)
+        assert out is not None
+        return out
+
+    def _build(
+        self,
+        product_id: str,
+        user_locale: str,
+        environment: str,
+        hour: int,
+        weekday: int,
+        profile: Mapping[str, object] | None,
+        candidates: Sequence[Any],
+        *,
+        known: bool,
+    ) -> np.ndarray | None:
+        """Build one request's matrix; with `known`, return None when a candidate is not in the catalog's table."""
+        ctx = self.context_base(product_id, user_locale, environment).copy()
+        ctx[self._hour] = hour
+        ctx[self._weekday] = weekday
         if profile is not None and self._uses_profile:
             self._fill_profile(ctx, profile)
         k = len(candidates)
@@ -390,6 +429,8 @@ class Featurizer:
         try:
             out[:, self.n_context :] = table[[ids[m.messageIdentifier] for m in candidates]]
         except KeyError:  # a candidate the featurizer's catalog does not know: build its row
+            if known:
+                return None
             for r, m in enumerate(candidates):
                 i = ids.get(m.messageIdentifier)
                 out[r, self.n_context :] = table[i] if i is not None else self.message_row(product_id, m)

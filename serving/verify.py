@@ -409,6 +409,7 @@ class RequestVerifier:
         # Failures are cached too (they do not depend on time), so a repeated bad chain costs no P-384 check.
         self._by_header = _LRU(cache_size)
         self._by_x5c = _LRU(cache_size)
+        self._last_header: tuple[bytes, VerifiedChain] | None = None  # the last good header, checked first
         self._seen: dict[str, float] = {}
         self._seen_order: deque[tuple[float, str]] = deque()
         self._lock = threading.Lock()
@@ -433,6 +434,7 @@ class RequestVerifier:
     def clear_caches(self) -> None:
         """Forget every cached chain (benchmarks use it to measure the uncached cost)."""
         with self._lock:
+            self._last_header = None
             self._by_header.clear()
             self._by_x5c.clear()
 
@@ -520,6 +522,11 @@ class RequestVerifier:
         return payload_seg, chain, token[: len(header_seg) + 1 + len(payload_seg)], signature
 
     def _chain_for_header(self, header_seg: bytes) -> VerifiedChain:
+        # Apple signs with few leaf certificates at a time: most requests carry the previous request's header.
+        # Comparing ~3 kB of bytes costs less than hashing them for the LRU under its lock.
+        last = self._last_header
+        if last is not None and last[0] == header_seg:
+            return last[1]
         with self._lock:
             cached = self._by_header.get(header_seg)
         if cached is None:
@@ -530,6 +537,7 @@ class RequestVerifier:
             with self._lock:
                 self._by_header.put(header_seg, cached)
         if isinstance(cached, VerifiedChain):
+            self._last_header = (header_seg, cached)
             return cached
         raise _fail(*cached)
 

@@ -135,6 +135,39 @@ def test_candidate_missing_from_the_featurizer_catalog(fz: Featurizer, catalog: 
     assert row(fz, X, 0)["message=" + HALF_OFF] == 1
 
 
+def test_a_request_without_profile_reuses_its_matrix_read_only_and_equal_to_a_fresh_build(catalog: Catalog,
+                                                                                           schema: FeatureSchema) -> None:
+    fz = Featurizer(schema, catalog.products, catalog.messages)
+    cands = catalog.eligible(MONTHLY, "en-US")
+    args = {"product_id": MONTHLY, "user_locale": "en-US", "environment": "Production", "candidates": cands}
+    a = fz.matrix(signed_date_ms=SAT_2115_MS, profile=None, **args)
+    b = fz.matrix(signed_date_ms=SAT_2115_MS + 60_000, profile=None, **args)  # same hour: the same matrix
+    assert b is a and not a.flags.writeable
+    with pytest.raises(ValueError):
+        a[0, 0] = 1.0
+    later = fz.matrix(signed_date_ms=SAT_2115_MS + 3_600_000, profile=None, **args)
+    assert row(fz, later)["hour_utc"] == 22 and row(fz, a)["hour_utc"] == 21
+    fresh = Featurizer(schema, catalog.products, catalog.messages)._build(
+        MONTHLY, "en-US", "Production", 21, 5, None, cands, known=False)
+    assert fresh is not None and np.array_equal(a, fresh)
+    # a profile makes the matrix the subscriber's own: built each time, writable
+    p1 = fz.matrix(signed_date_ms=SAT_2115_MS, profile={"tenure_days": 5, "country": "US"}, **args)
+    p2 = fz.matrix(signed_date_ms=SAT_2115_MS, profile={"tenure_days": 6, "country": "US"}, **args)
+    assert p1.flags.writeable and row(fz, p1)["profile.tenure_days"] == 5 and row(fz, p2)["profile.tenure_days"] == 6
+
+
+def test_a_candidate_unknown_to_the_featurizer_is_never_served_from_the_cache(fz: Featurizer, catalog: Catalog) -> None:
+    import msgspec
+
+    base = catalog.messages[HALF_OFF]
+    new_id = "11111111-2222-4333-8444-555555555556"
+    for cost in (30.0, 45.0):  # the same id with other fields (a catalog reload) gets its own row each time
+        m = msgspec.structs.replace(base, messageIdentifier=new_id, cost=cost)
+        X = fz.matrix(product_id=MONTHLY, user_locale="en-US", environment="Production", signed_date_ms=0,
+                      profile=None, candidates=[base, m])
+        assert row(fz, X, 1)["cost"] == cost
+
+
 def test_batch_rows_equal_request_rows(fz: Featurizer, catalog: Catalog) -> None:
     requests = [
         (MONTHLY, "en-US", "Production", SAT_2115_MS, {"tenure_days": 12, "engagement": 0.9, "country": "US"}),
