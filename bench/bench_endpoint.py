@@ -14,6 +14,8 @@ non-2xx answers, the fallbacks counted in the decision log, and where the endpoi
 its rounds (its event loop's thread, its other threads, its child processes: the log writer).
 
     --no-offers          no In-App Purchase key (no offer candidates, no offer signatures)
+    --profiles           every subscriber has a profile in the store (without it every request is a
+                         profile miss, and the featurizer serves its matrix from its cache)
     --baseline-config    also run the endpoint with --verify-threads 0 --log-writer thread (the signature
                          check on the event loop and the log writer as a thread), alternating, as an
                          in-run baseline for those two choices
@@ -128,6 +130,29 @@ def _ticks(pid: int) -> dict[str, int]:
     return out
 
 
+def _write_profiles(tmp: Path, n: int, data_dirs: list[Path]) -> None:
+    """Import a random profile (the demo model's columns) for each of the `n` benchmark subscribers."""
+    import numpy as np
+    import pandas as pd
+
+    from serving.profiles import import_profiles, profiles_path
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({
+        "original_transaction_id": [str(10_000_000 + i) for i in range(n)],
+        "tenure_days": rng.integers(0, 2000, n), "plan_age_days": rng.integers(0, 900, n),
+        "price_paid": rng.choice([4.99, 9.99, 59.88, 119.88], n), "engagement": rng.random(n),
+        "sessions_30d": rng.integers(0, 90, n), "offers_redeemed": rng.integers(0, 4, n),
+        "acquisition_channel": rng.choice(["organic", "paid_social", "search_ads", "referral"], n),
+        "country": rng.choice(["US", "GB", "FR", "DE", "JP", "BR"], n),
+    })
+    csv = tmp / "profiles.csv"
+    df.to_csv(csv, index=False)
+    print(f"importing {n:,} subscriber profiles...", flush=True)
+    for d in data_dirs:
+        import_profiles(csv, profiles_path(d))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10)
@@ -136,6 +161,8 @@ def main() -> None:
     ap.add_argument("--bodies", type=int, default=0, help="pre-signed bodies (default: enough for the run)")
     ap.add_argument("--no-offers", action="store_true",
                     help="no In-App Purchase key: no offer candidates and no offer signatures (6 candidates)")
+    ap.add_argument("--profiles", action="store_true",
+                    help="import a profile for every benchmark subscriber (each request then reads and featurizes one)")
     ap.add_argument("--baseline-config", action="store_true",
                     help="also run the endpoint with --verify-threads 0 --log-writer thread, alternating, as a baseline")
     args = ap.parse_args()
@@ -164,6 +191,8 @@ def main() -> None:
 
     port_app, port_echo, port_base, port_ref = free_port(), free_port(), free_port(), free_port()
     data_dir = tmp / "data"
+    if args.profiles:
+        _write_profiles(tmp, n_bodies, [data_dir, tmp / "data-baseline"] if args.baseline_config else [data_dir])
     env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
                RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
                RETENTION_DATA_DIR=str(data_dir), RETENTION_PORT=str(port_app), RETENTION_LOG_LEVEL="warning",
