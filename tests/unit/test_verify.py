@@ -496,6 +496,29 @@ def test_replay_memory_forgets_after_the_freshness_window(pki: TestPKI) -> None:
     assert code_of(v, old_token) == "stale_request"  # and their replays are stale anyway
 
 
+def test_replay_memory_is_never_walked_by_the_garbage_collector_and_sweeps_in_expiry_order(pki: TestPKI) -> None:
+    import gc
+
+    clock = [time.time()]
+    v = make(pki, clock=lambda: clock[0], max_age_s=300, max_skew_s=60)
+    for i in range(5000):  # ids alone: the memory under test, without the cost of 5,000 signatures
+        v._remember(f"{i:08x}-0000-4000-8000-000000000000", clock[0] + i * 0.01)
+    assert v.replay_entries == 5000
+    # only strings and floats: no container the cyclic GC walks holds the 5,000 entries
+    walked = [name for name, x in vars(v).items() if gc.is_tracked(x) and hasattr(x, "__len__") and len(x) >= 5000]
+    assert walked == [] and not gc.is_tracked(v._seen)
+    # 370 s on, the ids written in the first 10 s (i = 0 ... 1000) are past their 360 s window, and only those
+    clock[0] += 360 + 10.0
+    v._remember("ffffffff-0000-4000-8000-000000000000", clock[0])
+    assert v.replay_entries == 5000 - 1001 + 1
+    # an id answered again after its window is accepted and, written again, expires last
+    v._remember("00000000-0000-4000-8000-000000000000", clock[0])
+    assert list(v._seen)[-1] == "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(VerificationError) as exc:
+        v._remember("00000000-0000-4000-8000-000000000000", clock[0] + 1)
+    assert exc.value.code == "replayed_request"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Nothing but VerificationError escapes
 # ---------------------------------------------------------------------------------------------------------
