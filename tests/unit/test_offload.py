@@ -67,3 +67,45 @@ def test_stop_finishes_what_was_queued() -> None:
     asyncio.run(main())
     off.stop()
     assert done == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("group", "hand_backs"), [(4, 3), (1, 10)])
+def test_queued_results_go_back_in_groups_with_one_wake_up_each(group: int, hand_backs: int) -> None:
+    """10 calls queued behind a blocked one come back in ceil(10 / group) hand-offs, every result in place."""
+    off = Offloader(1, group=group)
+    off.start()
+    gate = threading.Event()
+
+    def work(x: int) -> int:
+        if x == 0:
+            gate.wait(5)
+        if x == 6:
+            raise KeyError("six")
+        return x * 10
+
+    async def main() -> tuple[list[object], int]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        plain = loop.call_soon_threadsafe
+
+        def counting(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            return plain(*args, **kwargs)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        tasks = [asyncio.ensure_future(off(work, i)) for i in range(10)]
+        await asyncio.sleep(0.05)  # all ten are queued; the first holds the thread
+        gate.set()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        return out, calls
+
+    try:
+        out, calls = asyncio.run(main())
+    finally:
+        off.stop()
+    assert [o for i, o in enumerate(out) if i != 6] == [i * 10 for i in range(10) if i != 6]
+    assert isinstance(out[6], KeyError)
+    assert calls == hand_backs
+    with pytest.raises(ValueError):
+        Offloader(1, group=0)
