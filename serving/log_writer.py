@@ -29,6 +29,7 @@ import signal
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out_fd = sys.stdout.fileno()
     in_fd = sys.stdin.fileno()
     try:
-        conn = _connect_writer(__import__("pathlib").Path(args[0]))
+        conn = _connect_writer(Path(args[0]))
     except Exception as exc:
         _send(out_fd, "error", f"cannot open the decision log {args[0]!r}: {exc}")
         return 1

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,15 +100,25 @@ _decode_any = msgspec.json.Decoder().decode
 Offload = Callable[..., Awaitable[Any]]
 
 
-@contextlib.contextmanager
-def _unforeseen_as_malformed() -> Iterator[None]:
-    """Turn a parser we rely on failing in a way we did not foresee into a 4xx (``malformed_jws``)."""
-    try:
-        yield
-    except VerificationError:
-        raise
-    except Exception as exc:
-        raise _fail("malformed_jws", f"the signed payload could not be parsed ({type(exc).__name__}).") from None
+class _UnforeseenAsMalformed:
+    """Turn a parser we rely on failing in a way we did not foresee into a 4xx (``malformed_jws``).
+
+    A plain class, used through one shared instance: it holds no state, so the request path allocates
+    nothing for it (a ``@contextmanager`` builds a generator and a wrapper on every use).
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None or not issubclass(exc_type, Exception) or issubclass(exc_type, VerificationError):
+            return  # nothing raised, or raised as it is
+        raise _fail("malformed_jws", f"the signed payload could not be parsed ({exc_type.__name__}).") from None
+
+
+_unforeseen_as_malformed = _UnforeseenAsMalformed()
 
 
 def _bad_signature() -> VerificationError:
@@ -449,7 +458,7 @@ class RequestVerifier:
 
         https://developer.apple.com/documentation/retentionmessaging/signedpayload
         """
-        with _unforeseen_as_malformed():
+        with _unforeseen_as_malformed:
             return self._verify_request(signed_payload)
 
     async def verify_async(self, signed_payload: str | bytes, offload: Offload) -> DecodedRealtimeRequestBody:
@@ -458,11 +467,11 @@ class RequestVerifier:
         Everything else (parsing, the cached chain, the payload's checks, replay) runs on the caller's
         thread, so the replay memory sees requests in the order they are verified.
         """
-        with _unforeseen_as_malformed():
+        with _unforeseen_as_malformed:
             payload_seg, chain, signing_input, signature = self._parse(signed_payload)
         if not await offload(verify_es256, chain.leaf_key, signing_input, signature):
             raise _bad_signature()
-        with _unforeseen_as_malformed():
+        with _unforeseen_as_malformed:
             return self._check_request(payload_seg, chain)
 
     def verify_signed_data(self, token: str | bytes) -> dict[str, Any]:

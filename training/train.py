@@ -104,7 +104,8 @@ def profile_index(profiles: pd.DataFrame | None) -> pd.DataFrame | None:
     if profiles is None:
         return None
     key = profiles["original_transaction_id"].astype(str)
-    return profiles.loc[~key.duplicated(keep="last").to_numpy()].set_index(key[~key.duplicated(keep="last")])
+    last = ~key.duplicated(keep="last")
+    return profiles.loc[last.to_numpy()].set_index(key[last])
 
 
 def featurize(
