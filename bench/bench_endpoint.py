@@ -16,9 +16,11 @@ its rounds (its event loop's thread, its other threads, its child processes: the
     --no-offers          no In-App Purchase key (no offer candidates, no offer signatures)
     --profiles           every subscriber has a profile in the store (without it every request is a
                          profile miss, and the featurizer serves its matrix from its cache)
-    --baseline-config    also run the endpoint with --verify-threads 0 --log-writer thread (the signature
-                         check on the event loop and the log writer as a thread), alternating, as an
-                         in-run baseline for those two choices
+    --baseline-config    also run the endpoint with the settings of --baseline-env, alternating, as an
+                         in-run baseline for those choices
+    --baseline-env       the baseline's settings, as space-separated RETENTION_*=VALUE pairs (default:
+                         "RETENTION_VERIFY_WITH=thread": signature checks and offer signatures in the server's
+                         process, the checks on its signature thread, instead of in the signature process)
 """
 
 from __future__ import annotations
@@ -164,7 +166,9 @@ def main() -> None:
     ap.add_argument("--profiles", action="store_true",
                     help="import a profile for every benchmark subscriber (each request then reads and featurizes one)")
     ap.add_argument("--baseline-config", action="store_true",
-                    help="also run the endpoint with --verify-threads 0 --log-writer thread, alternating, as a baseline")
+                    help="also run the endpoint with the settings of --baseline-env, alternating, as a baseline")
+    ap.add_argument("--baseline-env", default="RETENTION_VERIFY_WITH=thread",
+                    help="the baseline's settings: space-separated RETENTION_*=VALUE pairs")
     args = ap.parse_args()
 
     from cryptography.hazmat.primitives import serialization
@@ -202,8 +206,8 @@ def main() -> None:
                    RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
     servers = {"endpoint": (port_app, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT))}
     if args.baseline_config:
-        base_env = dict(env, RETENTION_PORT=str(port_base), RETENTION_VERIFY_THREADS="0", RETENTION_LOG_WRITER="thread",
-                        RETENTION_DATA_DIR=str(tmp / "data-baseline"))
+        base_env = dict(env, **dict(kv.split("=", 1) for kv in args.baseline_env.split()),
+                        RETENTION_PORT=str(port_base), RETENTION_DATA_DIR=str(tmp / "data-baseline"))
         servers["endpoint-baseline"] = (
             port_base, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=base_env, cwd=ROOT))
     uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
@@ -276,7 +280,7 @@ def main() -> None:
           f"{med('reference', 'rps') / med('echo', 'rps'):.2f}")
     print(f"endpoint / reference requests per second: {med('endpoint', 'rps') / med('reference', 'rps'):.2f}")
     if "endpoint-baseline" in res:
-        print(f"endpoint / endpoint-baseline (--verify-threads 0 --log-writer thread): "
+        print(f"endpoint / endpoint-baseline ({args.baseline_env}): "
               f"{med('endpoint', 'rps') / med('endpoint-baseline', 'rps'):.2f}")
     for name, shares in cpu.items():
         print(f"{name} CPU under load (share of one core): " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))

@@ -49,8 +49,9 @@ from serving.schemas import (
     RealtimeResponseBody,
 )
 from serving.settings import Settings
+from serving.sigproc import SignatureProcess
 from serving.state import Runtime, Snapshot
-from serving.verify import RequestVerifier
+from serving.verify import RequestVerifier, SignatureCheck, offloaded_check
 
 log = logging.getLogger("retention.app")
 
@@ -165,6 +166,18 @@ class RetentionService:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-score")
         self.score_in_thread = settings.score_in_thread
         self.offload = Offloader(settings.verify_threads, name="retention-verify")
+        self.check_signature: SignatureCheck = offloaded_check(self.offload)
+        self.sigproc: SignatureProcess | None = None
+        if settings.verify_with == "process":
+            offer_key = (
+                (settings.offer_key_file, settings.offer_key_id or "", settings.offer_issuer_id or "", settings.bundle_id or "")
+                if self.offer_signer is not None and settings.offer_key_file
+                else None
+            )
+            self.sigproc = SignatureProcess(
+                self.check_signature, offer_key=offer_key, on_restart=self.metrics.signature_process_restart
+            )
+            self.check_signature = self.sigproc
         self.kill_switch_file = data_dir / "kill-switch"
         self.killed = settings.kill_switch
         self._kill_checked_at = 0.0
@@ -178,10 +191,14 @@ class RetentionService:
         self.decision_log.start()
         self.runtime.start(self.settings.reload_interval_s)
         self.offload.start()
+        if self.sigproc is not None:
+            self.sigproc.start()
 
     def stop(self) -> None:
         """Flush the decision log and stop the background threads."""
         self.runtime.stop()
+        if self.sigproc is not None:
+            self.sigproc.stop()
         self.offload.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.decision_log.close()
@@ -218,7 +235,7 @@ class RetentionService:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return self._refuse("malformed_body", "The body must be a JSON object with a string signedPayload.")
         try:
-            request = await self.verifier.verify_async(outer.signedPayload, self.offload)
+            request = await self.verifier.verify_async(outer.signedPayload, self.check_signature)
         except VerificationError as exc:
             return self._refuse(exc.code, exc.detail)
         snap = self.runtime.snapshot
@@ -226,8 +243,13 @@ class RetentionService:
         choice = await self._choose(snap, request)
         response_body: RealtimeResponseBody | None = None
         if choice.message is not None:
+            signature = None
+            if choice.message.kind == "promotionalOffer" and self.sigproc is not None and choice.message.offerIdentifier:
+                signature = await self.sigproc.sign_offer(
+                    request.productId, choice.message.offerIdentifier, request.originalTransactionId
+                )
             try:
-                response_body = self._response_for(choice.message, request)
+                response_body = self._response_for(choice.message, request, signature)
             except Exception as exc:  # an offer that cannot be signed must not cost the message
                 log.error("answer for %s failed (%s); answering the default", choice.message.messageIdentifier, exc)
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
@@ -397,7 +419,10 @@ class RetentionService:
         X, p = model.score(request, profile, candidates)
         return X, p, self._shadow_scores(snap, request, profile, candidates)
 
-    def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
+    def _response_for(
+        self, m: CatalogMessage, request: DecodedRealtimeRequestBody, signature: str | None = None
+    ) -> RealtimeResponseBody:
+        """Return the answer for `m`; an offer carries `signature` (minted by the signature process) or one made here."""
         mid = m.messageIdentifier
         if m.kind == "message":
             return RealtimeResponseBody(message=Message(mid))
@@ -407,7 +432,7 @@ class RetentionService:
         if m.kind == "promotionalOffer":
             if self.offer_signer is None or m.offerIdentifier is None:
                 raise ValueError("no In-App Purchase key configured for promotional offers")
-            sig = self.offer_signer.sign(
+            sig = signature or self.offer_signer.sign(
                 product_id=request.productId, offer_identifier=m.offerIdentifier, transaction_id=request.originalTransactionId
             )
             return RealtimeResponseBody(promotionalOffer=PromotionalOffer(mid, promotionalOfferSignatureV2=sig))

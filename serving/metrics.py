@@ -12,7 +12,9 @@ Series:
 - ``retention_verification_failures_total{code}``;
 - ``retention_model_version_info{version}`` 1 for the version a worker serves (max over workers);
 - ``retention_reload_failures_total{what}``;
-- ``retention_decision_log_dropped_total``.
+- ``retention_decision_log_dropped_total``;
+- ``retention_signature_process_restarts_total`` (the child that checks signatures and signs offers died;
+  the server did its jobs until it started again).
 
 The request path calls ``observe_request`` once per answer. It only adds to per-process tallies
 under a lock (about 1 µs); the tallies are moved into the Prometheus series at most every
@@ -113,6 +115,11 @@ class Metrics:
         )
         self._dropped = Counter(
             "retention_decision_log_dropped", "Decisions not written to the log (queue full).", registry=reg
+        )
+        self._sigproc_restarts = Counter(
+            "retention_signature_process_restarts",
+            "Times the signature process died and was started again (its jobs were done in the server meanwhile).",
+            registry=reg,
         )
         self._lock = threading.Lock()
         self._answer_children: dict[tuple[str, str], Any] = {}
@@ -229,6 +236,10 @@ class Metrics:
         """Count `n` decisions the log could not keep."""
         if n > 0:
             self._dropped.inc(n)
+
+    def signature_process_restart(self) -> None:
+        """Count one death of the signature process."""
+        self._sigproc_restarts.inc()
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text body (every worker's samples in multiprocess mode) and its content type."""

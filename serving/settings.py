@@ -68,6 +68,12 @@ class Settings:
         "Threads that check request signatures beside the event loop (OpenSSL releases the GIL, so the "
         "check runs on another core); 0 checks them on the event loop.",
     )
+    verify_with: str = _f(
+        "process",
+        "Where request signatures are checked and offers signed: process (a child process per server process, "
+        "off this one's GIL; the server does its jobs while it is down) or thread (checks on the signature threads, "
+        "--verify-threads; offers signed on the event loop).",
+    )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
     log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")
@@ -134,6 +140,8 @@ class Settings:
             raise ValueError(f"exploration must be epsilon or softmax, not {self.exploration!r}")
         if self.log_writer not in ("process", "thread"):
             raise ValueError(f"log_writer must be process or thread, not {self.log_writer!r}")
+        if self.verify_with not in ("process", "thread"):
+            raise ValueError(f"verify_with must be process or thread, not {self.verify_with!r}")
         if self.verify_threads < 0:
             raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
         if self.temperature <= 0:

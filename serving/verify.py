@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from serving.errors import VerificationError
@@ -61,6 +61,7 @@ __all__ = [
     "fingerprint_sha256",
     "has_apple_root_g3",
     "load_roots",
+    "offloaded_check",
     "validate_chain",
     "verify_es256",
 ]
@@ -98,6 +99,18 @@ _decode_any = msgspec.json.Decoder().decode
 
 #: Runs ``fn(*args)`` somewhere and returns its result (``serving.offload.Offloader``).
 Offload = Callable[..., Awaitable[Any]]
+#: ``await check(chain, signing_input, signature)``: True when the ES256 signature holds for the chain's leaf
+#: (:func:`offloaded_check` on a thread, ``serving.sigproc.SignatureProcess`` in a child process).
+SignatureCheck = Callable[["VerifiedChain", bytes, bytes], Awaitable[bool]]
+
+
+def offloaded_check(offload: Offload) -> SignatureCheck:
+    """Return a :data:`SignatureCheck` that runs :func:`verify_es256` through `offload` (a thread, or inline)."""
+
+    async def check(chain: VerifiedChain, signing_input: bytes, signature: bytes) -> bool:
+        return bool(await offload(verify_es256, chain.leaf_key, signing_input, signature))
+
+    return check
 
 
 class _UnforeseenAsMalformed:
@@ -198,6 +211,7 @@ class VerifiedChain:
     intermediate: x509.Certificate
     root: x509.Certificate
     leaf_key: ec.EllipticCurvePublicKey
+    leaf_point: bytes  # the leaf key as an uncompressed X9.62 point (65 bytes), as the signature process takes it
     not_before: float  # epoch seconds: the latest notBefore of the three
     not_after: float  # epoch seconds: the earliest notAfter of the three
 
@@ -322,7 +336,8 @@ def _build_chain(leaf: x509.Certificate, intermediate: x509.Certificate, roots: 
     key = leaf.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)  # _check_cert_shape made sure
     nb, na = _window((leaf, intermediate, root))
-    return VerifiedChain(leaf, intermediate, root, key, nb, na)
+    point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    return VerifiedChain(leaf, intermediate, root, key, point, nb, na)
 
 
 def validate_chain(
@@ -461,15 +476,15 @@ class RequestVerifier:
         with _unforeseen_as_malformed:
             return self._verify_request(signed_payload)
 
-    async def verify_async(self, signed_payload: str | bytes, offload: Offload) -> DecodedRealtimeRequestBody:
-        """:meth:`verify`, with the one costly step, the P-256 signature check, run by `offload`.
+    async def verify_async(self, signed_payload: str | bytes, check: SignatureCheck) -> DecodedRealtimeRequestBody:
+        """:meth:`verify`, with the one costly step, the P-256 signature check, awaited from `check`.
 
         Everything else (parsing, the cached chain, the payload's checks, replay) runs on the caller's
         thread, so the replay memory sees requests in the order they are verified.
         """
         with _unforeseen_as_malformed:
             payload_seg, chain, signing_input, signature = self._parse(signed_payload)
-        if not await offload(verify_es256, chain.leaf_key, signing_input, signature):
+        if not await check(chain, signing_input, signature):
             raise _bad_signature()
         with _unforeseen_as_malformed:
             return self._check_request(payload_seg, chain)

@@ -78,10 +78,25 @@ def test_signed_request_gets_exactly_one_answer_and_is_logged(client_for: Any, p
     assert abs(sum(row["probabilities"]) - 1) < 1e-9
 
 
-def test_all_three_answers_and_the_offer_signature(client_for: Any, pki: Any, offer_key: Any) -> None:
+class CountingSigner:
+    """The server's own offer signer, counting the offers it signs."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.calls = real, 0
+
+    def sign(self, **kw: str) -> str:
+        self.calls += 1
+        return str(self.real.sign(**kw))
+
+
+@pytest.mark.parametrize("verify_with", ["process", "thread"])
+def test_all_three_answers_and_the_offer_signature(client_for: Any, pki: Any, offer_key: Any, verify_with: str) -> None:
+    """Both ways of signing offers (the signature process, the server's own signer) give JWS that verify."""
     p8, public = offer_key
     c = client_for(epsilon=1.0, offer_key_file=str(p8), offer_key_id="KEY1", offer_issuer_id="issuer-1",
-                   bundle_id="com.example.app")
+                   bundle_id="com.example.app", verify_with=verify_with)
+    svc = c.app.state.service
+    svc.offer_signer = counting = CountingSigner(svc.offer_signer)
     catalog = Catalog.load(DEMO_CATALOG)
     seen: dict[str, dict[str, Any]] = {}
     for i in range(60):
@@ -102,6 +117,41 @@ def test_all_three_answers_and_the_offer_signature(client_for: Any, pki: Any, of
     assert claims["transactionId"] == offer["_otid"]
     assert claims["offerIdentifier"] == catalog.messages[offer["messageIdentifier"]].offerIdentifier
     assert claims["productId"] == PM and claims["bid"] == "com.example.app" and claims["iss"] == "issuer-1"
+    if verify_with == "process":
+        assert counting.calls == 0  # every offer was signed by the signature process
+    else:
+        assert counting.calls > 0
+
+
+def test_a_killed_signature_process_costs_no_answer(client_for: Any, pki: Any, offer_key: Any) -> None:
+    """The child dies between requests: every answer is still right, offers verify, and the death is counted."""
+    import os
+    import signal
+
+    p8, public = offer_key
+    c = client_for(epsilon=1.0, offer_key_file=str(p8), offer_key_id="KEY1", offer_issuer_id="issuer-1",
+                   bundle_id="com.example.app")
+    svc = c.app.state.service
+    assert svc.sigproc is not None and svc.sigproc.pid is not None
+    offers = 0
+    for i in range(40):
+        if i == 10:
+            os.kill(svc.sigproc.pid, signal.SIGKILL)
+        otid = f"71000{i}"
+        r = post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", original_transaction_id=otid))
+        assert r.status_code == 200, r.text
+        (kind, obj), = r.json().items()
+        if kind == "promotionalOffer":
+            claims = jwt.decode(obj["promotionalOfferSignatureV2"], public, algorithms=["ES256"], audience="promotional-offer")
+            assert claims["transactionId"] == otid
+            offers += 1
+    head, payload, sig = pki.signed_request(app_apple_id=APP_ID, environment="Sandbox").split(".")
+    sig = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
+    tampered = json.dumps({"signedPayload": f"{head}.{payload}.{sig}"}).encode()
+    assert post(c, tampered).json()["error"] == "bad_signature"
+    assert offers > 0
+    assert len(decisions(c)) == 40
+    assert "retention_signature_process_restarts_total 1.0" in c.get("/metrics").text
 
 
 @pytest.mark.parametrize(
@@ -297,7 +347,7 @@ def test_requests_ready_together_are_scored_in_one_run_each_with_its_own_scores(
     from serving.decision_log import read_decisions
     from serving.policy import candidates_for
 
-    svc = RetentionService(make_settings(epsilon=0.0, verify_threads=0))  # all five reach scoring in one turn
+    svc = RetentionService(make_settings(epsilon=0.0, verify_threads=0, verify_with="thread"))  # all five reach scoring in one turn
     snap = svc.runtime.snapshot
     assert snap is not None and snap.model is not None
     calls: list[int] = []

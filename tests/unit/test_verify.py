@@ -28,7 +28,7 @@ from serving.testpki import (
     token_corpus,
     unknown_critical_extension,
 )
-from serving.verify import RequestVerifier, has_apple_root_g3, load_roots, validate_chain
+from serving.verify import RequestVerifier, has_apple_root_g3, load_roots, offloaded_check, validate_chain
 
 APP_ID = 1234567890
 VERIFICATION_CODES = set(ERROR_STATUS) - {"malformed_body", "payload_too_large", "no_eligible_message"}
@@ -99,7 +99,7 @@ def test_verify_async_on_the_offload_thread_gives_the_same_answer_for_every_corp
 
     async def code_async(v: RequestVerifier, token: str | bytes) -> str | None:
         try:
-            await v.verify_async(token, off)
+            await v.verify_async(token, offloaded_check(off))
         except VerificationError as exc:
             return exc.code
         return None
