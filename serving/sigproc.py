@@ -42,6 +42,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -299,12 +300,121 @@ _encode_offer = msgspec.msgpack.Encoder().encode
 
 
 # ---- the child ------------------------------------------------------------------------------------------
-def _child(argv: list[str]) -> int:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+class _Child:
+    """The child's side: read jobs, do them (offer signatures first), answer in groups."""
 
+    def __init__(self, group: int, signer: Any) -> None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+        self.invalid_signature = InvalidSignature
+        self.load_point = ec.EllipticCurvePublicKey.from_encoded_point
+        self.encode_dss = encode_dss_signature
+        self.group = group
+        self.signer = signer
+        self.decode_offer = msgspec.msgpack.Decoder(tuple[str, str, str]).decode
+        self.es256 = ec.ECDSA(hashes.SHA256())
+        self.curve = ec.SECP256R1()
+        self.keys: dict[bytes, Any] = {}
+        self.buf = b""
+        # An offer signature finishes its request (the answer goes out next); a check starts one. Doing the
+        # signatures first frees connections sooner: the median wait for a signature fell from 1.9 ms to
+        # <0.5 ms under load (BENCHMARKS.md), the checks' wait hardly moved.
+        self.signs: deque[tuple[int, bytes]] = deque()
+        self.checks: deque[tuple[int, bytes, bytes, bytes]] = deque()
+        self.out: list[bytes] = []
+        self.answered = 0
+
+    def take(self, data: bytes) -> None:
+        """Queue every whole job of `data` (after what is left of earlier reads)."""
+        buf = self.buf + data if self.buf else data
+        pos, end, head = 0, len(buf), HEAD.size
+        while end - pos >= head:
+            n, length, kind, point, sig = HEAD.unpack_from(buf, pos)
+            if end - pos - head < length:
+                break
+            start = pos + head
+            pos = start + length
+            if kind == SIGN:
+                self.signs.append((n, buf[start:pos]))
+            else:
+                self.checks.append((n, buf[start:pos], point, sig))
+        self.buf = buf[pos:]
+
+    def check(self, payload: bytes, point: bytes, sig: bytes) -> int:
+        key = self.keys.get(point)
+        if key is None:
+            if len(self.keys) >= 64:
+                self.keys.clear()
+            key = self.keys[point] = self.load_point(self.curve, point)
+        der = self.encode_dss(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+        try:
+            key.verify(der, payload, self.es256)
+        except self.invalid_signature:
+            return INVALID
+        return VALID
+
+    def do_next(self) -> None:
+        """Do one queued job (an offer signature if any is queued); answer a signature at once, checks in groups."""
+        result = b""
+        if self.signs:
+            n, payload = self.signs.popleft()
+            try:
+                if self.signer is None:
+                    code = UNCHECKED
+                else:
+                    product_id, offer_identifier, transaction_id = self.decode_offer(payload)
+                    result = self.signer.sign(
+                        product_id=product_id, offer_identifier=offer_identifier, transaction_id=transaction_id
+                    ).encode("ascii")
+                    code = VALID
+            except Exception:  # never guess: the server signs this one itself
+                code, result = UNCHECKED, b""
+        else:
+            n, payload, point, sig = self.checks.popleft()
+            try:
+                code = self.check(payload, point, sig)
+            except Exception:  # never guess: the server checks this one itself
+                code = UNCHECKED
+        self.out.append(RESULT.pack(n, code, len(result)))
+        if result:
+            self.out.append(result)
+        self.answered += 1
+        if result or self.answered >= self.group:  # a signature's request is done: it is not held for a group
+            self.answer()
+
+    def answer(self) -> None:
+        if self.out:
+            os.write(1, b"".join(self.out))
+            self.out.clear()
+        self.answered = 0
+
+    def run(self) -> int:
+        rfd = 0
+        while True:
+            if not self.signs and not self.checks:
+                if self.out and not select.select([rfd], [], [], 0)[0]:
+                    self.answer()  # nothing else queued: answer what is done at once
+                data = os.read(rfd, _READ_SIZE)
+                if not data:
+                    self.answer()
+                    return 0
+                self.take(data)
+                continue
+            if select.select([rfd], [], [], 0)[0]:  # a signature that arrived meanwhile goes first
+                data = os.read(rfd, _READ_SIZE)
+                if not data:
+                    while self.signs or self.checks:
+                        self.do_next()
+                    self.answer()
+                    return 0
+                self.take(data)
+            self.do_next()
+
+
+def _child(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server stops, then closes our input: we end then
         signal.signal(sig, signal.SIG_IGN)
     group = int(argv[0]) if argv else GROUP
@@ -316,69 +426,9 @@ def _child(argv: list[str]) -> int:
             signer = OfferSigner.from_key_file(argv[1], key_id=argv[2], issuer_id=argv[3], bundle_id=argv[4])
         except ValueError as exc:  # one sentence, never the key: the server signs offers itself
             print(f"retention signature process: {exc}; offers are signed by the server", file=sys.stderr)
-    decode_offer = msgspec.msgpack.Decoder(tuple[str, str, str]).decode
+    child = _Child(group, signer)
     os.write(1, READY)
-    es256 = ec.ECDSA(hashes.SHA256())
-    curve = ec.SECP256R1()
-    keys: dict[bytes, Any] = {}
-    rfd, wfd = 0, 1
-    buf = b""
-    pos = 0
-    out: list[bytes] = []
-    answered = 0
-    head = HEAD.size
-    empty = b""
-    while True:
-        if len(buf) - pos < head or len(buf) - pos < head + HEAD.unpack_from(buf, pos)[1]:
-            # no whole job left: answer what is done unless more input is already there
-            if out and not select.select([rfd], [], [], 0)[0]:
-                os.write(wfd, empty.join(out))
-                out.clear()
-                answered = 0
-            data = os.read(rfd, _READ_SIZE)
-            if not data:
-                if out:
-                    os.write(wfd, empty.join(out))
-                return 0
-            buf = buf[pos:] + data
-            pos = 0
-            continue
-        n, length, kind, point, sig = HEAD.unpack_from(buf, pos)
-        start = pos + head
-        payload = buf[start : start + length]
-        pos = start + length
-        result = empty
-        try:
-            if kind == CHECK:
-                key = keys.get(point)
-                if key is None:
-                    if len(keys) >= 64:
-                        keys.clear()
-                    key = keys[point] = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
-                der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-                try:
-                    key.verify(der, payload, es256)
-                    code = VALID
-                except InvalidSignature:
-                    code = INVALID
-            elif kind == SIGN and signer is not None:
-                product_id, offer_identifier, transaction_id = decode_offer(payload)
-                result = signer.sign(
-                    product_id=product_id, offer_identifier=offer_identifier, transaction_id=transaction_id
-                ).encode("ascii")
-                code = VALID
-            else:
-                code = UNCHECKED
-        except Exception:  # never guess: the server does this job itself
-            code, result = UNCHECKED, empty
-        out.append(RESULT.pack(n, code, len(result)))
-        if result:
-            out.append(result)
-        answered += 1
-        if answered >= group:
-            os.write(wfd, empty.join(out))
-            out.clear()
-            answered = 0
+    return child.run()
 
 
 if __name__ == "__main__":
