@@ -169,13 +169,9 @@ class RetentionService:
         self.check_signature: SignatureCheck = offloaded_check(self.offload)
         self.sigproc: SignatureProcess | None = None
         if settings.verify_with == "process":
-            offer_key = (
-                (settings.offer_key_file, settings.offer_key_id or "", settings.offer_issuer_id or "", settings.bundle_id or "")
-                if self.offer_signer is not None and settings.offer_key_file
-                else None
-            )
             self.sigproc = SignatureProcess(
-                self.check_signature, offer_key=offer_key, on_restart=self.metrics.signature_process_restart
+                self.check_signature, nonces=self.offer_signer is not None,
+                on_restart=self.metrics.signature_process_restart,
             )
             self.check_signature = self.sigproc
         self.kill_switch_file = data_dir / "kill-switch"
@@ -243,13 +239,8 @@ class RetentionService:
         choice = await self._choose(snap, request)
         response_body: RealtimeResponseBody | None = None
         if choice.message is not None:
-            signature = None
-            if choice.message.kind == "promotionalOffer" and self.sigproc is not None and choice.message.offerIdentifier:
-                signature = await self.sigproc.sign_offer(
-                    request.productId, choice.message.offerIdentifier, request.originalTransactionId
-                )
             try:
-                response_body = self._response_for(choice.message, request, signature)
+                response_body = self._response_for(choice.message, request)
             except Exception as exc:  # an offer that cannot be signed must not cost the message
                 log.error("answer for %s failed (%s); answering the default", choice.message.messageIdentifier, exc)
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
@@ -419,10 +410,8 @@ class RetentionService:
         X, p = model.score(request, profile, candidates)
         return X, p, self._shadow_scores(snap, request, profile, candidates)
 
-    def _response_for(
-        self, m: CatalogMessage, request: DecodedRealtimeRequestBody, signature: str | None = None
-    ) -> RealtimeResponseBody:
-        """Return the answer for `m`; an offer carries `signature` (minted by the signature process) or one made here."""
+    def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
+        """Return the answer for `m`; an offer's signature is made here, with a nonce made ahead when one is at hand."""
         mid = m.messageIdentifier
         if m.kind == "message":
             return RealtimeResponseBody(message=Message(mid))
@@ -432,8 +421,9 @@ class RetentionService:
         if m.kind == "promotionalOffer":
             if self.offer_signer is None or m.offerIdentifier is None:
                 raise ValueError("no In-App Purchase key configured for promotional offers")
-            sig = signature or self.offer_signer.sign(
-                product_id=request.productId, offer_identifier=m.offerIdentifier, transaction_id=request.originalTransactionId
+            sig = self.offer_signer.sign(
+                product_id=request.productId, offer_identifier=m.offerIdentifier, transaction_id=request.originalTransactionId,
+                nonce=self.sigproc.take_nonce() if self.sigproc is not None else None,
             )
             return RealtimeResponseBody(promotionalOffer=PromotionalOffer(mid, promotionalOfferSignatureV2=sig))
         raise ValueError(f"message kind {m.kind!r} cannot be answered")

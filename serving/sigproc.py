@@ -7,27 +7,30 @@ nearly every time: under load the thread waited a median 3.8 ms for checks of 0.
 "Endpoint"), and requests waited on it. A child process has its own interpreter: it checks while the loop
 runs Python, and the loop pays one pipe write per loop turn and one pipe read per group of results.
 
-The child also mints the promotional offer signatures when an In-App Purchase key is configured: the same
-``OfferSigner`` code (fresh nonce and time, cached nowhere), with the key read from its file by the child. An
-ECDSA signature cost the loop 70-90 µs under load; the hop costs it a few µs.
+The child also makes the one-time nonces of the promotional offer signatures, in its idle moments, so that
+the server's ECDSA signature costs the loop ~5 µs instead of 70-90 µs under load (``OfferSigner.sign`` with a
+nonce; see :mod:`serving.offers`). An ECDSA nonce pair is ``(k⁻¹ mod n, r = x(k·G) mod n)`` for a uniform
+secret ``k``: it does not depend on the message or the key, so it can be made ahead; the costly part, the
+scalar multiplication ``k·G``, is OpenSSL's. Each pair is used for one signature, then forgotten.
 
-Protocol (this module is both ends; the child is ``python -m serving.sigproc GROUP [KEY_FILE KEY_ID ISSUER_ID
-BUNDLE_ID]``):
+Protocol (this module is both ends; the child is ``python -m serving.sigproc GROUP``):
 
 * parent → child, one record a job: a header ``>IIB65s64s`` (job number, length of the data, kind, the leaf
   key as an uncompressed X9.62 point, the raw r||s signature) then the data. Kind 0 checks a signature (the
-  data is the signing input); kind 1 signs an offer (point and signature are zeros, the data is the msgpack
-  of ``[productId, offerIdentifier, transactionId]``);
+  data is the signing input); kind 2 asks for nonce pairs (point and signature are zeros, the data is the
+  count, ``>I``);
 * child → parent, one record a job: ``>IBI`` (job number, code, length) then the data: code 1 valid / 0
-  invalid / 2 could not do it; the data is the offer JWS for kind 1, empty for kind 0.
+  invalid / 2 could not do it; the data is empty for a check, 64 bytes a pair (``k⁻¹``, ``r``, big-endian)
+  for nonces.
 
-The child gets public keys, signed bytes and offer ids; the only secret it holds is the In-App Purchase key,
-read from its file as the server reads it, and no secret crosses the pipe. It answers up to ``group``
-jobs in one write when more are queued (the loop then resumes those requests in one turn, and they share
-one ONNX Runtime run), and at once when nothing else is queued. A job the child could not do (code 2), or
-any job pending when the child dies, is done in the server instead (the signature thread checks, the server's
-own ``OfferSigner`` signs): a request is never failed or lost because of the child. A child that dies is
-started again after a pause.
+The child gets public keys and signed bytes; the In-App Purchase key never leaves the server's process (the
+nonces alone reveal nothing of it; a nonce together with its signature would, which is why each is used once
+and neither is ever logged). The child answers up to ``group`` checks in one write when more are queued (the
+loop then resumes those requests in one turn, and they share one ONNX Runtime run), and at once when nothing
+else is queued; it makes nonces only when no check is waiting, and hands them out from a stash. A check the
+child could not make (code 2), or any check pending when the child dies, is made in the server instead (the
+signature thread); an offer with no nonce at hand is signed in the server the usual way. A request is never
+failed or lost because of the child. A child that dies is started again after a pause.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import select
 import signal
 import struct
@@ -46,14 +50,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-import msgspec
+from serving.offers import P256_N
 
 log = logging.getLogger("retention.sigproc")
 
 HEAD: Final = struct.Struct(">IIB65s64s")
 RESULT: Final = struct.Struct(">IBI")
 VALID, INVALID, UNCHECKED = 1, 0, 2
-CHECK, SIGN = 0, 1
+CHECK, NONCES = 0, 2
+NONCE_LOW: Final = 256  # fewer pairs at hand than this: ask the child for more
+NONCE_BATCH: Final = 256  # pairs asked for at a time
+STASH: Final = 1024  # pairs the child keeps ready
+_COUNT: Final = struct.Struct(">I")
 _NO_POINT: Final = bytes(65)
 _NO_SIG: Final = bytes(64)
 GROUP: Final = 4  # results written together at most (see the module's docstring)
@@ -73,16 +81,17 @@ class ChildGoneError(Exception):
 class SignatureProcess:
     """``await checker(chain, signing_input, signature)``: True when the ES256 signature holds for the chain's leaf.
 
-    The checks (and, with an `offer_key`, the offer signatures: :meth:`sign_offer`) run in one child process,
-    started by :meth:`start` and stopped by :meth:`stop`. Before start, after stop, on a loop other than the
-    first one used, and for checks the child could not make, the `fallback` runs them.
+    The checks run in one child process, started by :meth:`start` and stopped by :meth:`stop`. Before start,
+    after stop, on a loop other than the first one used, and for checks the child could not make, the
+    `fallback` runs them. With `nonces`, :meth:`take_nonce` hands out one-time ECDSA nonce pairs the child
+    made ahead (None when none is at hand).
     """
 
     def __init__(
         self,
         fallback: Fallback,
         *,
-        offer_key: tuple[str, str, str, str] | None = None,
+        nonces: bool = False,
         on_restart: Callable[[], None] | None = None,
         group: int = GROUP,
         python: str = sys.executable,
@@ -90,7 +99,10 @@ class SignatureProcess:
         if group < 1:
             raise ValueError("group must be >= 1")
         self.fallback = fallback
-        self.offer_key = offer_key  # (key file, key id, issuer id, bundle id): the child reads the file
+        self.nonces = nonces
+        self._pool: deque[tuple[int, int]] = deque()  # (k⁻¹ mod n, r): each popped once, for one signature
+        self._pool_pid = os.getpid()
+        self._asking = False
         self.group = group
         self.python = python
         self.restarts = 0
@@ -132,7 +144,7 @@ class SignatureProcess:
             return
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_root(), os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen(
-            [self.python, "-m", "serving.sigproc", str(self.group), *(self.offer_key or ())],
+            [self.python, "-m", "serving.sigproc", str(self.group)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True, env=env,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -182,17 +194,57 @@ class SignatureProcess:
             return await self.fallback(chain, signing_input, signature)
         return code == VALID
 
-    async def sign_offer(self, product_id: str, offer_identifier: str, transaction_id: str) -> str | None:
-        """Return a fresh offer JWS minted by the child, or None (no key there, or it could not): sign it here."""
-        if self.offer_key is None:
-            return None
-        code, jws = await self._job(SIGN, _NO_POINT, _NO_SIG, _encode_offer((product_id, offer_identifier, transaction_id)))
-        return jws.decode("ascii") if code == VALID else None
+    def take_nonce(self) -> tuple[int, int] | None:
+        """Return a fresh nonce pair ``(k⁻¹ mod n, r)`` for one offer signature, or None when none is at hand.
+
+        Called on the event loop. A pair is returned once and then forgotten. Running low asks the child for
+        more (the answer comes within a loop turn or two); this never waits.
+        """
+        pool = self._pool
+        if self._pool_pid != os.getpid():  # a forked copy of this object must never reuse the parent's pairs
+            pool.clear()
+            self._pool_pid = os.getpid()
+        if len(pool) < NONCE_LOW and not self._asking and self.nonces:
+            self._ask_nonces()
+        return pool.popleft() if pool else None
+
+    def _ask_nonces(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if (self._proc is None or loop is not self._loop or not self._ready) and not self._usable(loop):
+            return
+        fut = self._submit(loop, NONCES, _NO_POINT, _NO_SIG, _COUNT.pack(NONCE_BATCH))
+        self._asking = True
+        fut.add_done_callback(self._got_nonces)
+
+    def _got_nonces(self, fut: asyncio.Future[tuple[int, bytes]]) -> None:
+        self._asking = False
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        code, data = fut.result()
+        if code != VALID or len(data) % 64:
+            return
+        pool, n = self._pool, P256_N
+        for i in range(0, len(data), 64):
+            k_inv = int.from_bytes(data[i : i + 32], "big")
+            r = int.from_bytes(data[i + 32 : i + 64], "big")
+            if 0 < k_inv < n and 0 < r < n:
+                pool.append((k_inv, r))
 
     async def _job(self, kind: int, point: bytes, signature: bytes, data: bytes) -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
         if (self._proc is None or loop is not self._loop or not self._ready) and not self._usable(loop):
             return UNCHECKED, b""
+        try:
+            return await self._submit(loop, kind, point, signature, data)
+        except ChildGoneError:
+            return UNCHECKED, b""
+
+    def _submit(
+        self, loop: asyncio.AbstractEventLoop, kind: int, point: bytes, signature: bytes, data: bytes
+    ) -> asyncio.Future[tuple[int, bytes]]:
         n = self._next
         self._next = (n + 1) & 0xFFFFFFFF
         fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
@@ -202,10 +254,7 @@ class SignatureProcess:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        try:
-            return await fut
-        except ChildGoneError:
-            return UNCHECKED, b""
+        return fut
 
     def _usable(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Attach to `loop` on first use; start the child again after it died; False: do the job here."""
@@ -296,14 +345,11 @@ def _root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_encode_offer = msgspec.msgpack.Encoder().encode
-
-
 # ---- the child ------------------------------------------------------------------------------------------
 class _Child:
-    """The child's side: read jobs, do them (offer signatures first), answer in groups."""
+    """The child's side: read jobs, check signatures (answered in groups), make nonces when nothing waits."""
 
-    def __init__(self, group: int, signer: Any) -> None:
+    def __init__(self, group: int) -> None:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -311,19 +357,16 @@ class _Child:
 
         self.invalid_signature = InvalidSignature
         self.load_point = ec.EllipticCurvePublicKey.from_encoded_point
+        self.derive = ec.derive_private_key
         self.encode_dss = encode_dss_signature
         self.group = group
-        self.signer = signer
-        self.decode_offer = msgspec.msgpack.Decoder(tuple[str, str, str]).decode
         self.es256 = ec.ECDSA(hashes.SHA256())
         self.curve = ec.SECP256R1()
         self.keys: dict[bytes, Any] = {}
         self.buf = b""
-        # An offer signature finishes its request (the answer goes out next); a check starts one. Doing the
-        # signatures first frees connections sooner: the median wait for a signature fell from 1.9 ms to
-        # <0.5 ms under load (BENCHMARKS.md), the checks' wait hardly moved.
-        self.signs: deque[tuple[int, bytes]] = deque()
         self.checks: deque[tuple[int, bytes, bytes, bytes]] = deque()
+        self.asks: deque[tuple[int, int]] = deque()  # (job number, pairs asked for)
+        self.stash: list[bytes] = []
         self.out: list[bytes] = []
         self.answered = 0
 
@@ -337,10 +380,12 @@ class _Child:
                 break
             start = pos + head
             pos = start + length
-            if kind == SIGN:
-                self.signs.append((n, buf[start:pos]))
-            else:
+            if kind == NONCES:
+                self.asks.append((n, _COUNT.unpack(buf[start:pos])[0] if length == _COUNT.size else 0))
+            elif kind == CHECK:
                 self.checks.append((n, buf[start:pos], point, sig))
+            else:  # never guess: the server does what it asked for itself
+                self.out.append(RESULT.pack(n, UNCHECKED, 0))
         self.buf = buf[pos:]
 
     def check(self, payload: bytes, point: bytes, sig: bytes) -> int:
@@ -356,34 +401,35 @@ class _Child:
             return INVALID
         return VALID
 
-    def do_next(self) -> None:
-        """Do one queued job (an offer signature if any is queued); answer a signature at once, checks in groups."""
-        result = b""
-        if self.signs:
-            n, payload = self.signs.popleft()
-            try:
-                if self.signer is None:
-                    code = UNCHECKED
-                else:
-                    product_id, offer_identifier, transaction_id = self.decode_offer(payload)
-                    result = self.signer.sign(
-                        product_id=product_id, offer_identifier=offer_identifier, transaction_id=transaction_id
-                    ).encode("ascii")
-                    code = VALID
-            except Exception:  # never guess: the server signs this one itself
-                code, result = UNCHECKED, b""
-        else:
-            n, payload, point, sig = self.checks.popleft()
-            try:
-                code = self.check(payload, point, sig)
-            except Exception:  # never guess: the server checks this one itself
-                code = UNCHECKED
-        self.out.append(RESULT.pack(n, code, len(result)))
-        if result:
-            self.out.append(result)
+    def make_nonce(self) -> bytes:
+        """Return one nonce pair: k⁻¹ mod n and r = x(k·G) mod n (OpenSSL's scalar multiplication), 64 bytes."""
+        n = P256_N
+        while True:
+            k = secrets.randbelow(n - 1) + 1  # uniform in [1, n-1], from the OS's generator
+            r = self.derive(k, self.curve).public_key().public_numbers().x % n
+            if r:
+                return pow(k, -1, n).to_bytes(32, "big") + r.to_bytes(32, "big")
+
+    def do_check(self) -> None:
+        n, payload, point, sig = self.checks.popleft()
+        try:
+            code = self.check(payload, point, sig)
+        except Exception:  # never guess: the server checks this one itself
+            code = UNCHECKED
+        self.out.append(RESULT.pack(n, code, 0))
         self.answered += 1
-        if result or self.answered >= self.group:  # a signature's request is done: it is not held for a group
+        if self.answered >= self.group:
             self.answer()
+
+    def do_ask(self) -> None:
+        n, count = self.asks.popleft()
+        count = min(count, STASH)
+        while len(self.stash) < min(count, 8):  # an empty stash: make a few now, the rest come later
+            self.stash.append(self.make_nonce())
+        give, self.stash = self.stash[:count], self.stash[count:]
+        self.out.append(RESULT.pack(n, VALID, 64 * len(give)))
+        self.out.extend(give)
+        self.answer()
 
     def answer(self) -> None:
         if self.out:
@@ -391,42 +437,33 @@ class _Child:
             self.out.clear()
         self.answered = 0
 
+    def readable(self) -> bool:
+        return bool(select.select([0], [], [], 0)[0])
+
     def run(self) -> int:
-        rfd = 0
         while True:
-            if not self.signs and not self.checks:
-                if self.out and not select.select([rfd], [], [], 0)[0]:
+            if not self.checks and not self.asks:
+                if self.out and not self.readable():
                     self.answer()  # nothing else queued: answer what is done at once
-                data = os.read(rfd, _READ_SIZE)
+                if len(self.stash) < STASH and not self.readable():
+                    self.stash.append(self.make_nonce())  # idle: make a nonce (~0.07 ms), then look again
+                    continue
+                data = os.read(0, _READ_SIZE)
                 if not data:
                     self.answer()
                     return 0
                 self.take(data)
                 continue
-            if select.select([rfd], [], [], 0)[0]:  # a signature that arrived meanwhile goes first
-                data = os.read(rfd, _READ_SIZE)
-                if not data:
-                    while self.signs or self.checks:
-                        self.do_next()
-                    self.answer()
-                    return 0
-                self.take(data)
-            self.do_next()
+            if self.checks:
+                self.do_check()  # checks first: a request waits on each
+            else:
+                self.do_ask()
 
 
 def _child(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server stops, then closes our input: we end then
         signal.signal(sig, signal.SIG_IGN)
-    group = int(argv[0]) if argv else GROUP
-    signer = None
-    if len(argv) >= 5:
-        from serving.offers import OfferSigner
-
-        try:
-            signer = OfferSigner.from_key_file(argv[1], key_id=argv[2], issuer_id=argv[3], bundle_id=argv[4])
-        except ValueError as exc:  # one sentence, never the key: the server signs offers itself
-            print(f"retention signature process: {exc}; offers are signed by the server", file=sys.stderr)
-    child = _Child(group, signer)
+    child = _Child(int(argv[0]) if argv else GROUP)
     os.write(1, READY)
     return child.run()
 

@@ -1,24 +1,24 @@
-"""The signature process: its checks agree with OpenSSL in the server, its offers verify, and it never loses a job."""
+"""The signature process: its checks agree with OpenSSL in the server, its nonces make offers that verify, no job is lost."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import hashlib
 import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from serving import sigproc
+from serving.offers import P256_N, OfferSigner
 from serving.sigproc import SignatureProcess
 from serving.verify import verify_es256
 
@@ -184,54 +184,70 @@ def test_after_stop_and_on_another_loop_the_fallback_checks(key: ec.EllipticCurv
     assert fallback.calls == 2
 
 
-def _claims(token: str) -> dict[str, Any]:
-    body = token.split(".")[1]
-    return dict(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))))
-
-
-def test_offer_signatures_from_the_child_verify_and_carry_the_transaction(
-    key: ec.EllipticCurvePrivateKey, tmp_path: Path
+def test_nonces_made_ahead_give_offer_signatures_that_verify_and_are_never_reused(
+    key: ec.EllipticCurvePrivateKey,
 ) -> None:
-    p8 = tmp_path / "key.p8"
-    p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
-    proc = SignatureProcess(Fallback(), offer_key=(str(p8), "KEY123", "issuer-1", "com.example.app"))
+    """2,000 offers signed with the child's nonce pairs: each verifies with the public key, and no r repeats."""
+    signer = OfferSigner(key, key_id="KEY123", issuer_id="issuer-1", bundle_id="com.example.app")
+    proc = SignatureProcess(Fallback(), nonces=True)
     proc.start()
 
-    async def main() -> list[str | None]:
-        return await asyncio.gather(*(proc.sign_offer("com.example.monthly", "offer-50", f"{1000 + i}") for i in range(20)))
+    async def main() -> list[tuple[int, int] | None]:
+        got = []
+        for i in range(2000):
+            got.append(proc.take_nonce())
+            if i % 100 == 0:
+                await asyncio.sleep(0.02)  # the loop turns: asked-for pairs arrive
+        return got
 
-    before = int(time.time())
     try:
-        tokens = asyncio.run(main())
+        pairs = asyncio.run(main())
     finally:
         proc.stop()
-    nonces = set()
-    for i, token in enumerate(tokens):
-        assert token is not None
+    used = [p for p in pairs if p is not None]
+    assert len(used) > 1500  # the child keeps up; a None is signed by OpenSSL instead
+    assert len({r for _, r in used}) == len(used)  # a nonce is never used twice
+    before = int(time.time())
+    for i, pair in enumerate(used):
+        token = signer.sign(product_id="com.example.monthly", offer_identifier="offer-50", transaction_id=f"{i}", nonce=pair)
         claims = jwt.decode(token, key.public_key(), algorithms=["ES256"], audience="promotional-offer")
-        assert claims == _claims(token)
-        assert claims["transactionId"] == f"{1000 + i}"
-        assert claims["productId"] == "com.example.monthly" and claims["offerIdentifier"] == "offer-50"
-        assert claims["bid"] == "com.example.app" and claims["iss"] == "issuer-1"
-        assert before <= claims["iat"] <= time.time() + 1
-        assert jwt.get_unverified_header(token) == {"alg": "ES256", "kid": "KEY123", "typ": "JWT"}
-        nonces.add(claims["nonce"])
-    assert len(nonces) == 20  # minted per request, cached nowhere
+        assert claims["transactionId"] == f"{i}" and before <= claims["iat"] <= time.time() + 1
+        assert token.split(".")[2] != ""
+        r = int.from_bytes(base64.urlsafe_b64decode(token.split(".")[2] + "=="), "big") >> 256
+        assert r == pair[1]  # the signature is the one made with that pair
 
 
-def test_without_a_key_or_a_child_the_server_signs_offers(key: ec.EllipticCurvePrivateKey, tmp_path: Path) -> None:
-    """sign_offer returns None (the server's own signer then signs) when the child has no key or cannot load it."""
-    no_key = SignatureProcess(Fallback())
-    no_key.start()
-    bad = tmp_path / "not-a-key.p8"
-    bad.write_text("not a key")
-    bad_key = SignatureProcess(Fallback(), offer_key=(str(bad), "K", "I", "B"))
-    bad_key.start()
+def test_a_signature_with_a_nonce_equals_the_ecdsa_definition(key: ec.EllipticCurvePrivateKey) -> None:
+    """s = k⁻¹ (e + r·d) mod n, checked against an independent computation from k itself."""
+    n = P256_N
+    d = key.private_numbers().private_value
+    k = 0x1D2C3B4A5968778695A4B3C2D1E0F1E2D3C4B5A69788796A5B4C3D2E1F0E1D2C % n
+    r = ec.derive_private_key(k, ec.SECP256R1()).public_key().public_numbers().x % n
+    signer = OfferSigner(key, key_id="K", issuer_id="I", bundle_id="B")
+    token = signer.sign(product_id="p", offer_identifier="o", transaction_id="1", nonce=(pow(k, -1, n), r))
+    signing_input, _, sig = token.rpartition(".")
+    raw = base64.urlsafe_b64decode(sig + "==")
+    e = int.from_bytes(hashlib.sha256(signing_input.encode()).digest(), "big")
+    assert raw == r.to_bytes(32, "big") + (pow(k, -1, n) * (e + r * d) % n).to_bytes(32, "big")
+    pub = key.public_key()
+    pub.verify(encode_dss_signature(r, int.from_bytes(raw[32:], "big")), signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+
+
+def test_without_the_child_no_nonce_is_handed_out(key: ec.EllipticCurvePrivateKey) -> None:
+    """Not started, started without nonces, or stopped: take_nonce returns None (OpenSSL then signs)."""
+    not_started = SignatureProcess(Fallback(), nonces=True)
+    without = SignatureProcess(Fallback(), nonces=False)
+    without.start()
+
+    async def take(proc: SignatureProcess) -> list[tuple[int, int] | None]:
+        out = []
+        for _ in range(5):
+            out.append(proc.take_nonce())
+            await asyncio.sleep(0.02)
+        return out
+
     try:
-        assert asyncio.run(no_key.sign_offer("p", "o", "1")) is None
-        assert asyncio.run(bad_key.sign_offer("p", "o", "1")) is None
-        assert bad_key.running  # the child still checks signatures
+        assert asyncio.run(take(not_started)) == [None] * 5
+        assert asyncio.run(take(without)) == [None] * 5
     finally:
-        no_key.stop()
-        bad_key.stop()
+        without.stop()
