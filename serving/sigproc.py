@@ -270,6 +270,10 @@ class SignatureProcess:
                 self._restart_at = time.monotonic() + RESTART_AFTER_S
                 return False
         if self._loop is None or self._loop.is_closed():
+            # jobs of a closed loop can never be awaited again: forget them (their answers are ignored)
+            self._pending.clear()
+            self._asking = False
+            self._flush_scheduled = False  # a flush scheduled on the closed loop never ran: the next job's sends all
             self._loop = loop
             loop.add_reader(self._r, self._on_readable)
         return self._loop is loop and self._ready

@@ -251,3 +251,27 @@ def test_without_the_child_no_nonce_is_handed_out(key: ec.EllipticCurvePrivateKe
         assert asyncio.run(take(without)) == [None] * 5
     finally:
         without.stop()
+
+
+def test_nonces_keep_coming_after_the_first_loop_closed_with_a_request_pending(key: ec.EllipticCurvePrivateKey) -> None:
+    """A request for nonces left pending by a closed loop does not stop the next loop from getting them."""
+    proc = SignatureProcess(Fallback(), nonces=True)
+    proc.start()
+
+    async def ask_and_leave() -> None:
+        assert proc.take_nonce() is None  # asks; the loop closes before the answer is read
+
+    async def take_until_one() -> tuple[int, int] | None:
+        for _ in range(200):
+            pair = proc.take_nonce()
+            if pair is not None:
+                return pair
+            await asyncio.sleep(0.01)
+        return None
+
+    try:
+        asyncio.run(ask_and_leave())
+        pair = asyncio.run(take_until_one())
+    finally:
+        proc.stop()
+    assert pair is not None
