@@ -174,7 +174,7 @@ class SignatureProcess:
             loop.remove_writer(self._w)
         pending, self._pending = self._pending, {}
         for fut in pending.values():
-            if not fut.done():
+            if not fut.done() and not fut.get_loop().is_closed():  # nobody waits on a closed loop's jobs
                 fut.set_exception(why)
         self._out, self._unsent, self._inbuf, self._flush_scheduled = [], b"", b"", False
         for pipe in (proc.stdin, proc.stdout):
