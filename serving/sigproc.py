@@ -204,8 +204,8 @@ class SignatureProcess:
         if self._pool_pid != os.getpid():  # a forked copy of this object must never reuse the parent's pairs
             pool.clear()
             self._pool_pid = os.getpid()
-        if len(pool) < NONCE_LOW and not self._asking and self.nonces:
-            self._ask_nonces()
+        if len(pool) < NONCE_LOW and self.nonces and (not self._asking or self._loop is None or self._loop.is_closed()):
+            self._ask_nonces()  # (a request left pending by a closed loop is forgotten when the next one attaches)
         return pool.popleft() if pool else None
 
     def _ask_nonces(self) -> None:
