@@ -13,11 +13,12 @@ nonce; see :mod:`serving.offers`). An ECDSA nonce pair is ``(k⁻¹ mod n, r = x
 secret ``k``: it does not depend on the message or the key, so it can be made ahead; the costly part, the
 scalar multiplication ``k·G``, is OpenSSL's. Each pair is used for one signature, then forgotten.
 
-Protocol (this module is both ends; the child is ``python -m serving.sigproc GROUP``):
+Protocol (this module is both ends; the child is ``python -m serving.sigproc GROUP NONCES``, NONCES 1 when
+it is to keep nonces ready, 0 when the server signs no offers):
 
 * parent → child, one record a job: a header ``>IIB65s64s`` (job number, length of the data, kind, the leaf
   key as an uncompressed X9.62 point, the raw r||s signature) then the data. Kind 0 checks a signature (the
-  data is the signing input); kind 2 asks for nonce pairs (point and signature are zeros, the data is the
+  data is the signing input); kind 1 asks for nonce pairs (point and signature are zeros, the data is the
   count, ``>I``);
 * child → parent, one record a job: ``>IBI`` (job number, code, length) then the data: code 1 valid / 0
   invalid / 2 could not do it; the data is empty for a check, 64 bytes a pair (``k⁻¹``, ``r``, big-endian)
@@ -57,7 +58,7 @@ log = logging.getLogger("retention.sigproc")
 HEAD: Final = struct.Struct(">IIB65s64s")
 RESULT: Final = struct.Struct(">IBI")
 VALID, INVALID, UNCHECKED = 1, 0, 2
-CHECK, NONCES = 0, 2
+CHECK, NONCES = 0, 1
 NONCE_LOW: Final = 256  # fewer pairs at hand than this: ask the child for more
 NONCE_BATCH: Final = 256  # pairs asked for at a time
 STASH: Final = 1024  # pairs the child keeps ready
@@ -67,7 +68,7 @@ _NO_SIG: Final = bytes(64)
 GROUP: Final = 4  # results written together at most (see the module's docstring)
 RESTART_AFTER_S: Final = 1.0
 READY_TIMEOUT_S: Final = 10.0
-READY: Final = b"R"  # the child's first byte: imported, key loaded, reading jobs
+READY: Final = b"R"  # the child's first byte: imported, reading jobs
 _READ_SIZE: Final = 1 << 16
 
 #: The check that runs when the child cannot: ``await fallback(chain, signing_input, signature) -> bool``.
@@ -144,7 +145,7 @@ class SignatureProcess:
             return
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_root(), os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen(
-            [self.python, "-m", "serving.sigproc", str(self.group)],
+            [self.python, "-m", "serving.sigproc", str(self.group), "1" if self.nonces else "0"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True, env=env,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -353,7 +354,7 @@ def _root() -> str:
 class _Child:
     """The child's side: read jobs, check signatures (answered in groups), make nonces when nothing waits."""
 
-    def __init__(self, group: int) -> None:
+    def __init__(self, group: int, *, keep_nonces: bool = True) -> None:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -371,6 +372,7 @@ class _Child:
         self.checks: deque[tuple[int, bytes, bytes, bytes]] = deque()
         self.asks: deque[tuple[int, int]] = deque()  # (job number, pairs asked for)
         self.stash: list[bytes] = []
+        self.stash_size = STASH if keep_nonces else 0  # pairs made ahead in idle moments (asked-for ones: always)
         self.out: list[bytes] = []
         self.answered = 0
 
@@ -449,7 +451,7 @@ class _Child:
             if not self.checks and not self.asks:
                 if self.out and not self.readable():
                     self.answer()  # nothing else queued: answer what is done at once
-                if len(self.stash) < STASH and not self.readable():
+                if len(self.stash) < self.stash_size and not self.readable():
                     self.stash.append(self.make_nonce())  # idle: make a nonce (~0.07 ms), then look again
                     continue
                 data = os.read(0, _READ_SIZE)
@@ -467,7 +469,7 @@ class _Child:
 def _child(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server stops, then closes our input: we end then
         signal.signal(sig, signal.SIG_IGN)
-    child = _Child(int(argv[0]) if argv else GROUP)
+    child = _Child(int(argv[0]) if argv else GROUP, keep_nonces=len(argv) < 2 or argv[1] == "1")
     os.write(1, READY)
     return child.run()
 
