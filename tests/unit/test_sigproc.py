@@ -275,3 +275,27 @@ def test_nonces_keep_coming_after_the_first_loop_closed_with_a_request_pending(k
     finally:
         proc.stop()
     assert pair is not None
+
+
+def test_a_signing_input_larger_than_the_pipe_is_written_in_parts_and_checked_in_the_child(
+    key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """300 kB signing inputs (the pipe holds 64 kB): written in parts as the pipe drains, checked whole."""
+    fallback = Fallback()
+    proc = SignatureProcess(fallback)
+    proc.start()
+    chain = _chain(key)
+    big = [b"h." + bytes([65 + i]) * 300_000 for i in range(3)]
+    sigs = [_jws_sig(key, d) for d in big]
+
+    async def main() -> list[bool]:
+        return await asyncio.gather(
+            *(proc(chain, d, s) for d, s in zip(big, sigs, strict=True)),
+            proc(chain, big[0] + b"x", sigs[0]),
+        )
+
+    try:
+        assert asyncio.run(main()) == [True, True, True, False]
+    finally:
+        proc.stop()
+    assert fallback.calls == 0
