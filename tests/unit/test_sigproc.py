@@ -299,3 +299,14 @@ def test_a_signing_input_larger_than_the_pipe_is_written_in_parts_and_checked_in
     finally:
         proc.stop()
     assert fallback.calls == 0
+
+
+def test_a_forked_copy_never_hands_out_the_parents_nonces(key: ec.EllipticCurvePrivateKey) -> None:
+    """The pool remembers the process that filled it; in any other process it is emptied before use."""
+    proc = SignatureProcess(Fallback(), nonces=False)  # no child: the pool is filled by hand
+    parents = [(1234567 + i, 7654321 + i) for i in range(5)]
+    proc._pool.extend(parents)
+    assert proc.take_nonce() == parents[0]
+    proc._pool_pid = -1  # what a forked child sees: the pool was filled by another process
+    assert proc.take_nonce() is None
+    assert not proc._pool
