@@ -9,9 +9,10 @@ runs Python, and the loop pays one pipe write per loop turn and one pipe read pe
 
 The child also makes the one-time nonces of the promotional offer signatures, in its idle moments, so that
 an offer's whole ``OfferSigner.sign`` costs the loop ~7 µs instead of ~40 µs alone and 70-90 µs under load
-(``bench/offer_signature.py``; see :mod:`serving.offers`). An ECDSA nonce pair is ``(k⁻¹ mod n, r = x(k·G) mod n)`` for a uniform
-secret ``k``: it does not depend on the message or the key, so it can be made ahead; the costly part, the
-scalar multiplication ``k·G``, is OpenSSL's. Each pair is used for one signature, then forgotten.
+(``bench/offer_signature.py``; see :mod:`serving.offers`). An ECDSA nonce pair is ``(k⁻¹ mod n, r = x(k·G)
+mod n)`` for a uniform secret ``k``: it depends on neither the message nor the key, so it can be made ahead;
+the costly part, the scalar multiplication ``k·G``, is OpenSSL's. Each pair is used for one signature, then
+forgotten.
 
 Protocol (this module is both ends; the child is ``python -m serving.sigproc GROUP NONCES``, NONCES 1 when
 it is to keep nonces ready, 0 when the server signs no offers):
@@ -47,10 +48,13 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
 from serving.offers import P256_N
+
+if TYPE_CHECKING:
+    from serving.verify import SignatureCheck, VerifiedChain
 
 log = logging.getLogger("retention.sigproc")
 
@@ -71,8 +75,6 @@ READY_TIMEOUT_S: Final = 10.0
 READY: Final = b"R"  # the child's first byte: imported, reading jobs
 _READ_SIZE: Final = 1 << 16
 
-#: The check that runs when the child cannot: ``await fallback(chain, signing_input, signature) -> bool``.
-Fallback = Callable[[Any, bytes, bytes], Awaitable[bool]]
 
 
 class ChildGoneError(Exception):
@@ -90,7 +92,7 @@ class SignatureProcess:
 
     def __init__(
         self,
-        fallback: Fallback,
+        fallback: SignatureCheck,
         *,
         nonces: bool = False,
         on_restart: Callable[[], None] | None = None,
@@ -189,7 +191,7 @@ class SignatureProcess:
             proc.wait()
 
     # ---- request path -----------------------------------------------------------------------------------
-    async def __call__(self, chain: Any, signing_input: bytes, signature: bytes) -> bool:
+    async def __call__(self, chain: VerifiedChain, signing_input: bytes, signature: bytes) -> bool:
         code, _ = await self._job(CHECK, chain.leaf_point, signature, signing_input)
         if code == UNCHECKED:
             return await self.fallback(chain, signing_input, signature)
