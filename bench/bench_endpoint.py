@@ -5,15 +5,19 @@
 Needs ``wrk`` (Debian: ``apt-get install wrk``). Every server runs as one uvicorn worker
 (httptools + uvloop) on 127.0.0.1; wrk runs one thread with 16 connections. A second baseline,
 ``reference`` (bench/reference_app.py), does only the work the protocol makes every answer pay (one
-ES256 check of Apple's signature on a thread, one 8-row ONNX run, one offer signature) and nothing
-else, so the endpoint can also be read against what this machine allows at all. The full endpoint
-verifies a fresh signed request each time (each body is used once: replay protection is on),
-featurizes and scores 8 candidates (offers enabled), samples, answers, and logs the decision.
+ES256 check of Apple's signature, one 8-row ONNX run, one offer signature, the ECDSA work done the way
+the endpoint does it) and nothing else, so the endpoint can also be read against what this machine allows
+at all. The full endpoint verifies a fresh signed request each time (each body is used once: replay
+protection is on), featurizes and scores 8 candidates (offers enabled), samples, answers, and logs the
+decision.
 Reports requests/s (median over rounds, alternating the servers), the ratio, p50/p99 latency,
 non-2xx answers, the fallbacks counted in the decision log, and where the endpoint's CPU went during
-its rounds (its event loop's thread, its other threads, its child processes: the log writer).
+its rounds (its event loop's thread, its other threads, its child processes: the signature process and
+the log writer).
 
     --no-offers          no In-App Purchase key (no offer candidates, no offer signatures)
+    --reference-thread   the reference checks on a thread and signs with OpenSSL on the loop (before session 4;
+                         by default it does both the endpoint's way: the signature process and its nonces)
     --profiles           every subscriber has a profile in the store (without it every request is a
                          profile miss, and the featurizer serves its matrix from its cache)
     --baseline-config    also run the endpoint with the settings of --baseline-env, alternating, as an
@@ -163,6 +167,8 @@ def main() -> None:
     ap.add_argument("--bodies", type=int, default=0, help="pre-signed bodies (default: enough for the run)")
     ap.add_argument("--no-offers", action="store_true",
                     help="no In-App Purchase key: no offer candidates and no offer signatures (6 candidates)")
+    ap.add_argument("--reference-thread", action="store_true",
+                    help="the reference checks on a thread and signs offers with OpenSSL (the set-up before session 4)")
     ap.add_argument("--profiles", action="store_true",
                     help="import a profile for every benchmark subscriber (each request then reads and featurizes one)")
     ap.add_argument("--baseline-config", action="store_true",
@@ -214,7 +220,8 @@ def main() -> None:
                "--log-level", "warning"]
     echo = subprocess.Popen([*uvicorn, "bench.echo_app:app", "--port", str(port_echo)], cwd=ROOT)
     ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8),
-                   BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1")
+                   BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1",
+                   BENCH_REFERENCE_VERIFY="thread" if args.reference_thread else "process")
     reference = subprocess.Popen([*uvicorn, "bench.reference_app:app", "--port", str(port_ref)], cwd=ROOT, env=ref_env)
     res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], "reference": [],
                                               **{name: [] for name in servers}}

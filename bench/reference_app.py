@@ -1,9 +1,12 @@
 """The endpoint benchmark's second baseline: only the work the protocol makes every answer pay.
 
 ``POST /retention/message`` here decodes the body, checks the ES256 signature of Apple's JWS once with the
-leaf certificate's key (on a thread beside the event loop, as ``retention serve`` does), scores one 8-row
-matrix with the benchmark's ONNX model, and, unless ``BENCH_REFERENCE_OFFERS=0``, mints one
-``promotionalOfferSignatureV2``. Nothing else: no certificate chain, no claim, freshness or replay check,
+leaf certificate's key, scores one 8-row matrix with the benchmark's ONNX model, and, unless
+``BENCH_REFERENCE_OFFERS=0``, mints one ``promotionalOfferSignatureV2``. The two ECDSA operations are done
+the way ``retention serve`` does them: with ``BENCH_REFERENCE_VERIFY=process`` (the default) the check in the
+signature process and the offer with a nonce it made ahead (``serving/sigproc.py``); with ``thread``, the
+check on a thread beside the event loop and the offer signed by OpenSSL on the loop (the set-up before
+session 4). Nothing else: no certificate chain, no claim, freshness or replay check,
 no catalog, features, exploration, decision log or metrics. It is not a server anyone should run (it
 trusts any certificate); it tells how far this machine lets a Python endpoint go at all, so the full
 endpoint can be read against it as well as against the bare echo.
@@ -22,13 +25,15 @@ from typing import Any
 import msgspec
 import numpy as np
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from litestar import Litestar, asgi, get
 
 from models.registry import Registry
 from models.scoring import Scorer
 from serving.offers import OfferSigner
 from serving.offload import Offloader
-from serving.verify import verify_es256
+from serving.sigproc import SignatureProcess
+from serving.verify import offloaded_check, verify_es256
 
 _scorer = Scorer(Registry(os.environ["BENCH_MODEL"]).load())
 _rows = np.random.default_rng(0).random((8, _scorer.n_features), dtype=np.float32)
@@ -38,7 +43,19 @@ _signer = (
     else None
 )
 _offload = Offloader(1, name="reference-verify")
-_leaf_keys: dict[str, Any] = {}
+_sigproc = (
+    SignatureProcess(offloaded_check(_offload), nonces=_signer is not None)
+    if os.environ.get("BENCH_REFERENCE_VERIFY", "process") == "process"
+    else None
+)
+_leaves: dict[str, Leaf] = {}
+
+
+class Leaf(msgspec.Struct, frozen=True):
+    """What a signature check needs of the leaf certificate (no chain is built or checked here)."""
+
+    leaf_key: Any
+    leaf_point: bytes
 
 
 class _Body(msgspec.Struct):
@@ -53,12 +70,14 @@ def _b64url(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
-def _leaf_key(header: str) -> Any:
-    key = _leaf_keys.get(header)
-    if key is None:
+def _leaf(header: str) -> Leaf:
+    leaf = _leaves.get(header)
+    if leaf is None:
         x5c = msgspec.json.decode(_b64url(header))["x5c"]
-        key = _leaf_keys[header] = x509.load_der_x509_certificate(base64.b64decode(x5c[0])).public_key()
-    return key
+        key = x509.load_der_x509_certificate(base64.b64decode(x5c[0])).public_key()
+        point = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        leaf = _leaves[header] = Leaf(key, point)
+    return leaf
 
 
 @asgi("/retention/message", copy_scope=False)
@@ -70,9 +89,14 @@ async def reference(scope: Any, receive: Any, send: Any) -> None:
         if not event.get("more_body", False):
             break
     header, payload, signature = _decode(b"".join(chunks)).signedPayload.split(".")
-    ok = await _offload(verify_es256, _leaf_key(header), f"{header}.{payload}".encode(), _b64url(signature))
+    leaf, signing_input, raw = _leaf(header), f"{header}.{payload}".encode(), _b64url(signature)
+    if _sigproc is not None:
+        ok = await _sigproc(leaf, signing_input, raw)  # type: ignore[arg-type]  # a Leaf has what a check reads
+    else:
+        ok = await _offload(verify_es256, leaf.leaf_key, signing_input, raw)
     p_stay = float(_scorer.p_stay(_rows).max())
-    offer = _signer.sign(product_id="p", offer_identifier="o", transaction_id="1") if _signer else ""
+    nonce = _sigproc.take_nonce() if _sigproc is not None and _signer is not None else None
+    offer = _signer.sign(product_id="p", offer_identifier="o", transaction_id="1", nonce=nonce) if _signer else ""
     body = _encode({"ok": ok, "p": p_stay, "promotionalOfferSignatureV2": offer})
     status = 200 if ok else 401
     await send({"type": "http.response.start", "status": status,
@@ -88,9 +112,13 @@ def health() -> dict[str, str]:
 @asynccontextmanager
 async def _lifespan(_: Litestar) -> AsyncIterator[None]:
     _offload.start()
+    if _sigproc is not None:
+        _sigproc.start()
     try:
         yield
     finally:
+        if _sigproc is not None:
+            _sigproc.stop()
         _offload.stop()
 
 
