@@ -138,7 +138,7 @@ class SignatureProcess:
     def start(self, *, wait: bool = True) -> None:
         """Start the child (idempotent); it is attached to the event loop of the first job.
 
-        With `wait` (at server start) this returns once the child is ready (its imports take ~0.1-0.2 s),
+        With `wait` (at server start) this returns once the child is ready (its imports take ~0.15-0.25 s),
         so the first request never waits for them; without it (a restart from the request path) jobs are
         done in the server until the child says it is ready.
         """
@@ -192,7 +192,13 @@ class SignatureProcess:
 
     # ---- request path -----------------------------------------------------------------------------------
     async def __call__(self, chain: VerifiedChain, signing_input: bytes, signature: bytes) -> bool:
-        code, _ = await self._job(CHECK, chain.leaf_point, signature, signing_input)
+        loop = asyncio.get_running_loop()
+        code = UNCHECKED
+        if self._attached(loop):
+            try:
+                code, _ = await self._submit(loop, CHECK, chain.leaf_point, signature, signing_input)
+            except ChildGoneError:
+                code = UNCHECKED
         if code == UNCHECKED:
             return await self.fallback(chain, signing_input, signature)
         return code == VALID
@@ -216,7 +222,7 @@ class SignatureProcess:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        if (self._proc is None or loop is not self._loop or not self._ready) and not self._usable(loop):
+        if not self._attached(loop):
             return
         fut = self._submit(loop, NONCES, _NO_POINT, _NO_SIG, _COUNT.pack(NONCE_BATCH))
         self._asking = True
@@ -236,14 +242,9 @@ class SignatureProcess:
             if 0 < k_inv < n and 0 < r < n:
                 pool.append((k_inv, r))
 
-    async def _job(self, kind: int, point: bytes, signature: bytes, data: bytes) -> tuple[int, bytes]:
-        loop = asyncio.get_running_loop()
-        if (self._proc is None or loop is not self._loop or not self._ready) and not self._usable(loop):
-            return UNCHECKED, b""
-        try:
-            return await self._submit(loop, kind, point, signature, data)
-        except ChildGoneError:
-            return UNCHECKED, b""
+    def _attached(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Return True when a job submitted from `loop` goes to the child (the usual case costs no call)."""
+        return (self._proc is not None and loop is self._loop and self._ready) or self._usable(loop)
 
     def _submit(
         self, loop: asyncio.AbstractEventLoop, kind: int, point: bytes, signature: bytes, data: bytes
@@ -357,19 +358,16 @@ class _Child:
     """The child's side: read jobs, check signatures (answered in groups), make nonces when nothing waits."""
 
     def __init__(self, group: int, *, keep_nonces: bool = True) -> None:
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-        self.invalid_signature = InvalidSignature
+        from serving.verify import verify_es256  # the server's own check, the same bytes accepted
+
+        self.verify_es256 = verify_es256
         self.load_point = ec.EllipticCurvePublicKey.from_encoded_point
         self.generate = ec.generate_private_key
         self.x962, self.uncompressed = Encoding.X962, PublicFormat.UncompressedPoint
-        self.encode_dss = encode_dss_signature
         self.group = group
-        self.es256 = ec.ECDSA(hashes.SHA256())
         self.curve = ec.SECP256R1()
         self.keys: dict[bytes, Any] = {}
         self.buf = b""
@@ -404,12 +402,7 @@ class _Child:
             if len(self.keys) >= 64:
                 self.keys.clear()
             key = self.keys[point] = self.load_point(self.curve, point)
-        der = self.encode_dss(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-        try:
-            key.verify(der, payload, self.es256)
-        except self.invalid_signature:
-            return INVALID
-        return VALID
+        return VALID if self.verify_es256(key, payload, sig) else INVALID
 
     def make_nonces(self, count: int) -> list[bytes]:
         """Return `count` nonce pairs, 64 bytes each: k⁻¹ mod n and r = x(k·G) mod n.
