@@ -1,7 +1,8 @@
 """The data-file contract of DESIGN.md: the columns of the decisions and outcomes files and the outcome events.
 
 Serving writes these files (``retention decisions export``), the simulator writes them, training reads them:
-one definition, so the three cannot drift.
+one definition, so the three cannot drift. The meaning of each App Store Server Notification V2 as an
+outcome event is here too (:func:`event_for_notification`), for the same reason.
 """
 
 from __future__ import annotations
@@ -22,5 +23,73 @@ DECISION_COLUMNS: tuple[str, ...] = (
 )
 #: The DESIGN.md outcomes columns.
 OUTCOME_COLUMNS: tuple[str, ...] = ("original_transaction_id", "event", "at")
-#: The outcome events, in DESIGN.md's order.
-EVENTS: tuple[str, ...] = ("cancelled", "reenabled", "renewed", "expired", "switched", "offer_redeemed", "refunded")
+#: The outcome events: DESIGN.md's seven first (their positions are codes in simulated files), then the
+#: finer ones the notifications carry. ``switched`` is written by the simulator and by logs made before
+#: UPGRADE and DOWNGRADE were told apart; ``other`` is a notification stored raw that no label reads.
+EVENTS: tuple[str, ...] = (
+    "cancelled",
+    "reenabled",
+    "renewed",
+    "expired",
+    "switched",
+    "offer_redeemed",
+    "refunded",
+    "upgraded",
+    "downgraded",
+    "downgrade_reverted",
+    "expired_involuntary",
+    "billing_failed",
+    "grace_expired",
+    "subscribed",
+    "resubscribed",
+    "refund_reversed",
+    "other",
+)
+#: Events that end a subscription for a billing or price reason, not the subscriber's choice.
+INVOLUNTARY_ENDS: frozenset[str] = frozenset({"expired_involuntary", "grace_expired"})
+#: The policy name of a decision whose answer Apple did not use (404, or later than Apple waits): Apple
+#: then shows its own App Store Connect retention message, with offers it chooses (``offerType`` 5).
+APPLE_FALLBACK_POLICY = "apple_fallback"
+#: Apple's ``offerType`` values (https://developer.apple.com/documentation/appstoreservernotifications/offertype).
+OFFER_TYPE_PROMOTIONAL = 2
+OFFER_TYPE_RETENTION = 5  # chosen by Apple in App Store Connect retention messaging; unknown to Apple's library 3.1.2
+
+_BY_TYPE_AND_SUBTYPE: dict[tuple[str, str | None], str] = {
+    ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED"): "cancelled",
+    ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_ENABLED"): "reenabled",
+    ("DID_CHANGE_RENEWAL_PREF", "UPGRADE"): "upgraded",
+    ("DID_CHANGE_RENEWAL_PREF", "DOWNGRADE"): "downgraded",
+    ("DID_CHANGE_RENEWAL_PREF", None): "downgrade_reverted",
+    ("EXPIRED", "VOLUNTARY"): "expired",
+    ("EXPIRED", "BILLING_RETRY"): "expired_involuntary",
+    ("EXPIRED", "PRICE_INCREASE"): "expired_involuntary",
+    ("EXPIRED", "PRODUCT_NOT_FOR_SALE"): "expired_involuntary",
+    ("DID_FAIL_TO_RENEW", None): "billing_failed",
+    ("DID_FAIL_TO_RENEW", "GRACE_PERIOD"): "billing_failed",
+    ("GRACE_PERIOD_EXPIRED", None): "grace_expired",
+    ("SUBSCRIBED", "INITIAL_BUY"): "subscribed",
+    ("SUBSCRIBED", "RESUBSCRIBE"): "resubscribed",
+    ("REFUND_REVERSED", None): "refund_reversed",
+}
+# Types whose every subtype (or none) means one event; the subtype is kept raw beside it.
+_BY_TYPE: dict[str, str] = {
+    "DID_RENEW": "renewed",  # no subtype, or BILLING_RECOVERY
+    "OFFER_REDEEMED": "offer_redeemed",  # UPGRADE, DOWNGRADE or none; the offer itself is in the transaction
+    "REFUND": "refunded",
+}
+
+
+def event_for_notification(notification_type: str, subtype: str | None) -> str | None:
+    """Return the outcome event of an App Store Server Notification V2; None only for ``TEST``.
+
+    A type or subtype not known here (``REVOKE``, ``CONSUMPTION_REQUEST``, ``PRICE_INCREASE``, a type
+    Apple adds later...) is ``"other"``: stored with its raw notificationType and subtype, read by no
+    label. https://developer.apple.com/documentation/appstoreservernotifications/notificationtype and
+    https://developer.apple.com/documentation/appstoreservernotifications/subtype
+    """
+    if notification_type == "TEST":
+        return None
+    event = _BY_TYPE_AND_SUBTYPE.get((notification_type, subtype))
+    if event is None:
+        event = _BY_TYPE.get(notification_type)
+    return event or "other"

@@ -44,6 +44,7 @@ import msgspec
 import numpy as np
 
 from models.data_files import DECISION_COLUMNS, EVENTS
+from models.data_files import event_for_notification as event_for_notification  # re-exported: its old home
 from serving import log_writer
 
 log = logging.getLogger("retention.decision_log")
@@ -69,6 +70,7 @@ EXTRA_DECISION_COLUMNS: tuple[str, ...] = (
     "latency_ms",
     "answered_at",
     "status",
+    "profile",
 )
 OUTCOME_COLUMNS: tuple[str, ...] = (
     "original_transaction_id",
@@ -78,7 +80,21 @@ OUTCOME_COLUMNS: tuple[str, ...] = (
     "raw_type",
     "raw_subtype",
     "received_at",
+    "offer_type",
+    "offer_identifier",
+    "offer_discount_type",
+    "transaction_reason",
 )
+#: Columns added after the first release, with their SQL types: a file made before gets them on open.
+_ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "decisions": (("profile", "TEXT"),),
+    "outcomes": (
+        ("offer_type", "INTEGER"),
+        ("offer_identifier", "TEXT"),
+        ("offer_discount_type", "TEXT"),
+        ("transaction_reason", "TEXT"),
+    ),
+}
 
 FloatVector = list[float] | np.ndarray
 
@@ -89,7 +105,9 @@ class DecisionRecord(msgspec.Struct, kw_only=True):
     ``scores`` is P(stay) per candidate (empty for a fallback), ``values`` the expected values,
     ``probabilities`` the exact probability of showing each candidate, ``propensity`` the shown
     one's. ``features`` is the K x F matrix the model was fed (kept by reference: do not mutate
-    it after logging). ``answered_at`` 0 means "when logged".
+    it after logging). ``answered_at`` 0 means "when logged". ``profile`` is the subscriber's raw
+    profile values the decision used (column -> value), with ``profile_read`` True once the profile
+    store was asked (a miss then logs JSON ``null``; a decision that never asked logs SQL NULL).
     """
 
     request_id: str
@@ -118,6 +136,8 @@ class DecisionRecord(msgspec.Struct, kw_only=True):
     latency_ms: float = 0.0
     answered_at: int = 0
     status: int = 200
+    profile: dict[str, Any] | None = None
+    profile_read: bool = False
 
 
 class _Outcome(msgspec.Struct):
@@ -128,6 +148,10 @@ class _Outcome(msgspec.Struct):
     raw_type: str | None
     raw_subtype: str | None
     received_at: int
+    offer_type: int | None = None
+    offer_identifier: str | None = None
+    offer_discount_type: str | None = None
+    transaction_reason: str | None = None
 
 
 class _Schema(msgspec.Struct):
@@ -145,11 +169,12 @@ CREATE TABLE IF NOT EXISTS decisions (
     message_id TEXT, kind TEXT, propensity REAL, policy TEXT, policy_params TEXT,
     model_version TEXT, shadow_model_version TEXT, shadow_message_id TEXT, catalog_sha256 TEXT,
     fallback_reason TEXT, features BLOB, features_rows INTEGER, features_cols INTEGER,
-    feature_names_sha TEXT, latency_ms REAL, answered_at INTEGER, status INTEGER
+    feature_names_sha TEXT, latency_ms REAL, answered_at INTEGER, status INTEGER, profile TEXT
 );
 CREATE TABLE IF NOT EXISTS outcomes (
     notification_uuid TEXT PRIMARY KEY, original_transaction_id TEXT NOT NULL, event TEXT NOT NULL,
-    at INTEGER NOT NULL, raw_type TEXT, raw_subtype TEXT, received_at INTEGER
+    at INTEGER NOT NULL, raw_type TEXT, raw_subtype TEXT, received_at INTEGER,
+    offer_type INTEGER, offer_identifier TEXT, offer_discount_type TEXT, transaction_reason TEXT
 );
 CREATE TABLE IF NOT EXISTS feature_schemas (sha TEXT PRIMARY KEY, names TEXT NOT NULL);
 """
@@ -157,9 +182,13 @@ _DECISION_COLUMNS_SQL = (
     "request_id, original_transaction_id, product_id, user_locale, environment, signed_date, app_apple_id, "
     'candidates, scores, "values", probabilities, message_id, kind, propensity, policy, policy_params, '
     "model_version, shadow_model_version, shadow_message_id, catalog_sha256, fallback_reason, "
-    "features, features_rows, features_cols, feature_names_sha, latency_ms, answered_at, status"
+    "features, features_rows, features_cols, feature_names_sha, latency_ms, answered_at, status, profile"
 )
-_INSERT_OUTCOME = "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_OUTCOME = (
+    "INSERT OR IGNORE INTO outcomes (notification_uuid, original_transaction_id, event, at, raw_type, raw_subtype, "
+    "received_at, offer_type, offer_identifier, offer_discount_type, transaction_reason) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_SCHEMA = "INSERT OR IGNORE INTO feature_schemas VALUES (?, ?)"
 
 
@@ -190,22 +219,6 @@ def log_file_name(worker_id: str | int | None = None) -> str:
 def log_files(data_dir: str | Path) -> list[Path]:
     """Return every process's decision log file in `data_dir`, sorted by name."""
     return sorted(Path(data_dir).glob("decisions-*.sqlite"))
-
-
-def event_for_notification(notification_type: str, subtype: str | None) -> str | None:
-    """Return the outcome event of an App Store Server Notification V2, or None when it tells nothing.
-
-    https://developer.apple.com/documentation/appstoreservernotifications/notificationtype
-    """
-    if notification_type == "DID_CHANGE_RENEWAL_STATUS":
-        return {"AUTO_RENEW_DISABLED": "cancelled", "AUTO_RENEW_ENABLED": "reenabled"}.get(subtype or "")
-    return {
-        "DID_RENEW": "renewed",
-        "EXPIRED": "expired",
-        "DID_CHANGE_RENEWAL_PREF": "switched",
-        "OFFER_REDEEMED": "offer_redeemed",
-        "REFUND": "refunded",
-    }.get(notification_type)
 
 
 def _vector(x: Any) -> bytes:
@@ -256,11 +269,12 @@ def _decision_row(r: DecisionRecord, now_ms: int) -> tuple[Any, ...]:
         float(r.latency_ms),
         int(r.answered_at) or now_ms,
         int(r.status),
+        _json(r.profile).decode() if r.profile_read else None,
     )
 
 
 _N_DECISION_COLUMNS = _DECISION_COLUMNS_SQL.count(",") + 1
-_ROWS_PER_STATEMENT = 256  # 28 parameters a row: well under SQLite's 32,766-variable limit
+_ROWS_PER_STATEMENT = 256  # 29 parameters a row: well under SQLite's 32,766-variable limit
 
 
 @functools.lru_cache(maxsize=64)
@@ -310,6 +324,15 @@ def _commit_rows(
     return new_outcomes
 
 
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add the columns a log file made by an earlier version lacks (NULL in its old rows)."""
+    for table, cols in _ADDED_COLUMNS.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for name, sql_type in cols:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+
+
 def _connect_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -317,6 +340,7 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_DDL)
+    _add_columns(conn)
     conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('created_at_ms', ?)", (str(int(time.time() * 1000)),))
     return conn
@@ -388,8 +412,17 @@ class DecisionLog:
         at_ms: int,
         raw_type: str | None = None,
         raw_subtype: str | None = None,
+        *,
+        offer_type: int | None = None,
+        offer_identifier: str | None = None,
+        offer_discount_type: str | None = None,
+        transaction_reason: str | None = None,
     ) -> None:
         """Queue one outcome (idempotent by `notification_uuid`); call :meth:`flush` to wait until it is on disk.
+
+        The offer fields are Apple's ``offerType`` (raw integer, 5 included), ``offerIdentifier``,
+        ``offerDiscountType`` and ``transactionReason`` from the notification's signed transaction
+        (else renewal) info.
 
         Raises ValueError for an event outside :data:`EVENTS` (a caller's mistake, not a data one).
         """
@@ -403,6 +436,10 @@ class DecisionLog:
             raw_type,
             raw_subtype,
             int(time.time() * 1000),
+            offer_type,
+            offer_identifier,
+            offer_discount_type,
+            transaction_reason,
         )
         if self._closed or len(self._q) >= self.max_queue:
             self._drop(1)
@@ -705,6 +742,15 @@ def _open_ro(path: Path) -> sqlite3.Connection:
         raise ValueError(f"cannot open the decision log {str(path)!r}: {exc}") from None
 
 
+def _columns_sql(conn: sqlite3.Connection, table: str, columns: str) -> str:
+    """Return `columns` (SQL list) with ``NULL AS c`` for each added column a file made earlier lacks."""
+    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    missing = [c for c, _ in _ADDED_COLUMNS[table] if c not in have]
+    for c in missing:
+        columns = re.sub(rf"(?<![\w\"]){c}(?![\w\"])", f"NULL AS {c}", columns)
+    return columns
+
+
 def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     if isinstance(paths, str | Path):
         return [Path(paths)]
@@ -733,7 +779,8 @@ def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 500
         conn = _open_ro(path)
         conn.row_factory = sqlite3.Row
         try:
-            cur = conn.execute(f"SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at, id")
+            cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
+            cur = conn.execute(f"SELECT id, {cols} FROM decisions ORDER BY answered_at, id")
             while rows := cur.fetchmany(batch):
                 for row in rows:
                     yield _decode_decision(row)
@@ -750,7 +797,8 @@ def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[d
         conn = _open_ro(path)
         conn.row_factory = sqlite3.Row
         try:
-            sql = f"SELECT id, {_DECISION_COLUMNS_SQL} FROM decisions ORDER BY answered_at DESC, id DESC LIMIT ?"
+            cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
+            sql = f"SELECT id, {cols} FROM decisions ORDER BY answered_at DESC, id DESC LIMIT ?"
             rows += reversed(
                 [_decode_decision(r) for r in conn.execute(sql, (n,))]
             )  # oldest first, so ties keep log order
@@ -767,7 +815,8 @@ def read_outcomes(paths: str | Path | Iterable[str | Path]) -> list[dict[str, An
         conn = _open_ro(path)
         conn.row_factory = sqlite3.Row
         try:
-            for row in conn.execute(f"SELECT {', '.join(OUTCOME_COLUMNS)} FROM outcomes"):
+            cols = _columns_sql(conn, "outcomes", ", ".join(OUTCOME_COLUMNS))
+            for row in conn.execute(f"SELECT {cols} FROM outcomes"):
                 d = dict(row)
                 prev = seen.get(d["notification_uuid"])
                 if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
@@ -861,6 +910,7 @@ def _decisions_arrow_schema() -> Any:
             ("latency_ms", pa.float64()),
             ("answered_at", pa.int64()),
             ("status", pa.int64()),
+            ("profile", pa.string()),
         ]
     )
 
@@ -963,6 +1013,7 @@ def export_outcomes(db_paths: Sequence[str | Path], out: str | Path) -> int:
     rows = read_outcomes(db_paths)
     frame = pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
     frame["at"] = frame["at"].astype("int64")
+    frame["offer_type"] = frame["offer_type"].astype("Int64")  # Apple's raw integer; missing stays missing
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from litestar import MediaType, Response
 
-from serving.decision_log import event_for_notification
+from models.data_files import event_for_notification
 from serving.errors import VerificationError
 from serving.schemas import RealtimeRequestBody
 
@@ -40,7 +40,12 @@ _IGNORED = b'{"status":"ignored"}'
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One verified notification that tells whether a subscriber stayed."""
+    """One verified notification, its outcome event and the offer its transaction (else renewal) info names.
+
+    ``offer_type`` is Apple's raw integer (1 introductory, 2 promotional, 3 offer code, 4 win-back,
+    5 retention offer chosen by Apple), kept even where Apple's library does not know it.
+    https://developer.apple.com/documentation/appstoreservernotifications/offertype
+    """
 
     notification_uuid: str
     original_transaction_id: str
@@ -48,6 +53,10 @@ class Outcome:
     at_ms: int
     raw_type: str
     raw_subtype: str | None
+    offer_type: int | None = None
+    offer_identifier: str | None = None
+    offer_discount_type: str | None = None
+    transaction_reason: str | None = None
 
 
 def _error(code: str, detail: str, status: int) -> Response[bytes]:
@@ -94,15 +103,21 @@ def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | 
         raise VerificationError("wrong_app", "The notification is for another app.")
     event = event_for_notification(ntype, subtype)
     if event is None:
-        return None  # nested tokens of a notification we do not record are not worth verifying
+        return None  # TEST: nothing to record, its nested tokens (if any) are not worth verifying
     otid: str | None = None
+    offer: dict[str, Any] = {}
     for key in ("signedTransactionInfo", "signedRenewalInfo"):
         nested = data.get(key)
         if nested is None:
             continue
         if not isinstance(nested, str):
             raise _invalid(f"the notification's {key} is not a string.")
-        value = svc.verifier.verify_signed_data(nested).get("originalTransactionId")
+        info = svc.verifier.verify_signed_data(nested)
+        value = info.get("originalTransactionId")
+        if key == "signedTransactionInfo":
+            offer["transaction_reason"] = _string(info, "transactionReason", key)
+        if "offer_type" not in offer and info.get("offerType") is not None:
+            offer.update(_offer_fields(info, key))
         if value is None:
             continue
         if not isinstance(value, str) or not value:
@@ -110,7 +125,31 @@ def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | 
         otid = otid or value
     if otid is None:
         return None
-    return Outcome(uuid_, otid, event, signed_date, ntype, subtype)
+    return Outcome(uuid_, otid, event, signed_date, ntype, subtype, **offer)
+
+
+def _offer_fields(info: dict[str, Any], key: str) -> dict[str, Any]:
+    """Return the offer a signed transaction or renewal info names, as Outcome keyword arguments.
+
+    Fields of https://developer.apple.com/documentation/appstoreservernotifications/jwstransactiondecodedpayload
+    (``offerType``, ``offerIdentifier``, ``offerDiscountType``, ``transactionReason``); the renewal info
+    has the first three. Raises VerificationError for a value of the wrong JSON type.
+    """
+    offer_type = info.get("offerType")
+    if isinstance(offer_type, bool) or not isinstance(offer_type, int):
+        raise _invalid(f"the offerType in {key} is not an integer.")
+    return {
+        "offer_type": offer_type,
+        "offer_identifier": _string(info, "offerIdentifier", key),
+        "offer_discount_type": _string(info, "offerDiscountType", key),
+    }
+
+
+def _string(info: dict[str, Any], field: str, key: str) -> str | None:
+    v = info.get(field)
+    if v is not None and not isinstance(v, str):
+        raise _invalid(f"the {field} in {key} is not a string.")
+    return v
 
 
 def _verify(svc: RetentionService, body: bytes) -> Response[bytes] | Outcome:
@@ -140,6 +179,10 @@ def _queue(svc: RetentionService, o: Outcome) -> tuple[int, int]:
         at_ms=o.at_ms,
         raw_type=o.raw_type,
         raw_subtype=o.raw_subtype,
+        offer_type=o.offer_type,
+        offer_identifier=o.offer_identifier,
+        offer_discount_type=o.offer_discount_type,
+        transaction_reason=o.transaction_reason,
     )
     return stats["dropped"], stats["write_errors"]
 

@@ -29,6 +29,7 @@ from serving.decision_log import (
     log_files,
     read_decisions,
     read_decisions_file,
+    read_outcomes,
 )
 from serving.decisions_cli import main as decisions_main
 
@@ -371,3 +372,62 @@ def test_process_writer_refuses_to_start_on_a_file_it_cannot_open(tmp_path: Path
     with pytest.raises(OSError, match="cannot open the decision log"):
         dlog.start()
     dlog.close()
+
+
+# ---- columns added by later versions -------------------------------------------------------------
+_OLD_DDL = """
+CREATE TABLE log_meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE decisions (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT, original_transaction_id TEXT, product_id TEXT, user_locale TEXT, environment TEXT,
+    signed_date INTEGER, app_apple_id INTEGER,
+    candidates TEXT, scores TEXT, "values" TEXT, probabilities TEXT,
+    message_id TEXT, kind TEXT, propensity REAL, policy TEXT, policy_params TEXT,
+    model_version TEXT, shadow_model_version TEXT, shadow_message_id TEXT, catalog_sha256 TEXT,
+    fallback_reason TEXT, features BLOB, features_rows INTEGER, features_cols INTEGER,
+    feature_names_sha TEXT, latency_ms REAL, answered_at INTEGER, status INTEGER
+);
+CREATE TABLE outcomes (
+    notification_uuid TEXT PRIMARY KEY, original_transaction_id TEXT NOT NULL, event TEXT NOT NULL,
+    at INTEGER NOT NULL, raw_type TEXT, raw_subtype TEXT, received_at INTEGER
+);
+CREATE TABLE feature_schemas (sha TEXT PRIMARY KEY, names TEXT NOT NULL);
+INSERT INTO outcomes VALUES ('old-1', 'otid-1', 'expired', 5, 'EXPIRED', 'VOLUNTARY', 6);
+INSERT INTO decisions (request_id, original_transaction_id, product_id, user_locale, environment, signed_date,
+    candidates, message_id, propensity, policy, policy_params, answered_at, status)
+    VALUES ('r-old', 'otid-1', 'p', 'en-US', 'Sandbox', 1, '["m-a"]', 'm-a', 1.0, 'rules', '{}', 2, 200);
+"""
+
+
+def test_a_log_made_before_the_offer_and_profile_columns_reads_and_grows(tmp_path: Path, writer: str) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_OLD_DDL)
+    conn.close()
+    # read as it is (read-only): the new columns read as missing
+    [old] = read_outcomes(path)
+    assert (old["event"], old["offer_type"], old["transaction_reason"]) == ("expired", None, None)
+    assert [d["profile"] for d in read_decisions(path)] == [None]
+    # a writer opening it adds the columns and writes rows with them
+    dlog = DecisionLog(path, writer=writer)
+    dlog.start()
+    dlog.log_outcome("new-1", "otid-1", "offer_redeemed", 9, "OFFER_REDEEMED", None, offer_type=5,
+                     offer_identifier="apple-7", offer_discount_type="FREE_TRIAL", transaction_reason="RENEWAL")
+    rec = _record(1)
+    rec.profile, rec.profile_read = {"tenure_days": 400, "country": "DE", "churn_score": None}, True
+    miss = _record(2)
+    miss.profile_read = True  # asked, no profile
+    dlog.log(rec)
+    dlog.log(miss)
+    dlog.close()
+    new = {o["notification_uuid"]: o for o in read_outcomes(path)}["new-1"]
+    assert (new["offer_type"], new["offer_identifier"], new["offer_discount_type"], new["transaction_reason"]) == (
+        5, "apple-7", "FREE_TRIAL", "RENEWAL")
+    profiles = {d["request_id"]: d["profile"] for d in read_decisions(path)}
+    assert profiles == {"r-old": None, "req-1": '{"tenure_days":400,"country":"DE","churn_score":null}',
+                        "req-2": "null"}
+    out = tmp_path / "o.parquet"
+    assert export_outcomes([path], out) == 2
+    assert pd.read_parquet(out).set_index("notification_uuid").loc["new-1", "offer_type"] == 5
+    assert export_decisions([path], tmp_path / "d.parquet") == 3
+    assert pd.read_parquet(tmp_path / "d.parquet").set_index("request_id").loc["req-2", "profile"] == "null"

@@ -42,6 +42,8 @@ def notification_payload(
     transaction: bool = True,
     renewal: bool = True,
     nested_pki: TestPKI | None = None,
+    transaction_extra: dict[str, Any] | None = None,
+    renewal_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return a decoded notification V2 payload whose nested JWS are signed by `nested_pki` (default `pki`)."""
     signed = now_ms() if signed_ms is None else signed_ms
@@ -54,13 +56,13 @@ def notification_payload(
         data["signedTransactionInfo"] = inner.sign({
             "originalTransactionId": otid, "transactionId": otid + "9", "productId": PM, "bundleId": "com.example.app",
             "purchaseDate": signed - 30 * DAY_MS, "expiresDate": signed + DAY_MS, "type": "Auto-Renewable Subscription",
-            "environment": environment, "signedDate": signed,
+            "environment": environment, "signedDate": signed, **(transaction_extra or {}),
         })
     if renewal:
         data["signedRenewalInfo"] = inner.sign({
             "originalTransactionId": otid, "autoRenewProductId": PM, "productId": PM,
             "autoRenewStatus": 0 if subtype == "AUTO_RENEW_DISABLED" else 1, "environment": environment,
-            "signedDate": signed,
+            "signedDate": signed, **(renewal_extra or {}),
         })
     payload: dict[str, Any] = {
         "notificationType": notification_type,
@@ -118,23 +120,42 @@ def stored_rows(client: TestClient[Any]) -> int:
 
 
 # ---- the mapping ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("ntype", "subtype", "event"),
-    [
-        ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED", "cancelled"),
-        ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_ENABLED", "reenabled"),
-        ("DID_RENEW", None, "renewed"),
-        ("DID_RENEW", "BILLING_RECOVERY", "renewed"),
-        ("EXPIRED", "VOLUNTARY", "expired"),
-        ("EXPIRED", "BILLING_RETRY", "expired"),
-        ("EXPIRED", "PRICE_INCREASE", "expired"),
-        ("EXPIRED", "PRODUCT_NOT_FOR_SALE", "expired"),
-        ("DID_CHANGE_RENEWAL_PREF", "DOWNGRADE", "switched"),
-        ("DID_CHANGE_RENEWAL_PREF", "UPGRADE", "switched"),
-        ("OFFER_REDEEMED", "UPGRADE", "offer_redeemed"),
-        ("REFUND", None, "refunded"),
-    ],
-)
+# Every notificationType and subtype Apple documents that tells something about a subscriber, with its event
+# (https://developer.apple.com/documentation/appstoreservernotifications/notificationtype and .../subtype).
+MAPPING: list[tuple[str, str | None, str]] = [
+    ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED", "cancelled"),
+    ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_ENABLED", "reenabled"),
+    ("DID_RENEW", None, "renewed"),
+    ("DID_RENEW", "BILLING_RECOVERY", "renewed"),
+    ("EXPIRED", "VOLUNTARY", "expired"),
+    ("EXPIRED", "BILLING_RETRY", "expired_involuntary"),
+    ("EXPIRED", "PRICE_INCREASE", "expired_involuntary"),
+    ("EXPIRED", "PRODUCT_NOT_FOR_SALE", "expired_involuntary"),
+    ("DID_FAIL_TO_RENEW", None, "billing_failed"),
+    ("DID_FAIL_TO_RENEW", "GRACE_PERIOD", "billing_failed"),
+    ("GRACE_PERIOD_EXPIRED", None, "grace_expired"),
+    ("DID_CHANGE_RENEWAL_PREF", "UPGRADE", "upgraded"),
+    ("DID_CHANGE_RENEWAL_PREF", "DOWNGRADE", "downgraded"),
+    ("DID_CHANGE_RENEWAL_PREF", None, "downgrade_reverted"),  # a pending downgrade undone: not a switch
+    ("SUBSCRIBED", "INITIAL_BUY", "subscribed"),
+    ("SUBSCRIBED", "RESUBSCRIBE", "resubscribed"),
+    ("OFFER_REDEEMED", None, "offer_redeemed"),
+    ("OFFER_REDEEMED", "UPGRADE", "offer_redeemed"),
+    ("OFFER_REDEEMED", "DOWNGRADE", "offer_redeemed"),
+    ("REFUND", None, "refunded"),
+    ("REFUND_REVERSED", None, "refund_reversed"),
+    # stored raw, read by no label: Family Sharing withdrawn is not churn; the rest tell nothing about staying
+    ("REVOKE", None, "other"),
+    ("CONSUMPTION_REQUEST", None, "other"),
+    ("PRICE_INCREASE", "PENDING", "other"),
+    ("DID_CHANGE_RENEWAL_STATUS", None, "other"),
+    ("DID_CHANGE_RENEWAL_STATUS", "SOMETHING_NEW", "other"),
+    ("EXPIRED", "A_SUBTYPE_APPLE_ADDS_LATER", "other"),
+    ("A_TYPE_APPLE_ADDS_NEXT_YEAR", None, "other"),
+]
+
+
+@pytest.mark.parametrize(("ntype", "subtype", "event"), MAPPING)
 def test_each_outcome_notification_records_its_event(
     client_for: Any, pki: TestPKI, ntype: str, subtype: str | None, event: str
 ) -> None:
@@ -159,23 +180,9 @@ def test_the_renewal_info_alone_names_the_subscription(client_for: Any, pki: Tes
     assert [(o["original_transaction_id"], o["event"]) for o in outcomes(c)] == [("2000000555", "cancelled")]
 
 
-@pytest.mark.parametrize(
-    ("ntype", "subtype"),
-    [
-        ("TEST", None),
-        ("SUBSCRIBED", "INITIAL_BUY"),
-        ("DID_FAIL_TO_RENEW", "GRACE_PERIOD"),
-        ("CONSUMPTION_REQUEST", None),
-        ("DID_CHANGE_RENEWAL_STATUS", None),  # a renewal-status change without a known subtype tells nothing
-        ("DID_CHANGE_RENEWAL_STATUS", "SOMETHING_NEW"),
-        ("A_TYPE_APPLE_ADDS_NEXT_YEAR", None),
-    ],
-)
-def test_a_notification_without_an_outcome_is_acknowledged_and_recorded_nowhere(
-    client_for: Any, pki: TestPKI, ntype: str, subtype: str | None
-) -> None:
+def test_a_test_notification_is_acknowledged_and_recorded_nowhere(client_for: Any, pki: TestPKI) -> None:
     c = client_for()
-    r = send(c, notification_body(pki, ntype, subtype))
+    r = send(c, notification_body(pki, "TEST"))
     assert r.status_code == 200 and r.json() == {"status": "ignored"}
     assert stored_rows(c) == 0
 
@@ -349,3 +356,50 @@ def test_the_async_entry_point_answers_like_the_sync_one(client_for: Any, pki: T
     bad = anyio.run(receive_notification, svc, notification_body(TestPKI.mint(), "REFUND"))
     assert bad.status_code == 401
     assert [(o["original_transaction_id"], o["event"]) for o in outcomes(c)] == [("2000000444", "refunded")]
+
+
+# ---- offers: what the nested transaction and renewal info say ------------------------------------------
+@pytest.mark.parametrize(
+    ("offer_type", "offer_id", "discount"),
+    [(2, "com.example.winback50", "PAY_AS_YOU_GO"), (5, "apple-retention-offer-7", "FREE_TRIAL")],
+    ids=["promotional-type-2", "apple-retention-type-5"],
+)
+def test_an_offer_redemption_keeps_apple_s_offer_fields(
+    client_for: Any, pki: TestPKI, offer_type: int, offer_id: str, discount: str
+) -> None:
+    c = client_for()
+    extra = {"offerType": offer_type, "offerIdentifier": offer_id, "offerDiscountType": discount,
+             "transactionReason": "RENEWAL"}
+    r = send(c, notification_body(pki, "OFFER_REDEEMED", "UPGRADE", otid="2000000611", transaction_extra=extra))
+    assert r.status_code == 200 and r.json() == {"status": "recorded"}
+    [row] = outcomes(c)
+    assert (row["event"], row["raw_type"], row["raw_subtype"]) == ("offer_redeemed", "OFFER_REDEEMED", "UPGRADE")
+    # type 5 is kept as Apple's raw integer, although Apple's library 3.1.2 does not know it
+    assert (row["offer_type"], row["offer_identifier"], row["offer_discount_type"], row["transaction_reason"]) == (
+        offer_type, offer_id, discount, "RENEWAL")
+
+
+def test_the_renewal_info_names_the_offer_when_the_transaction_does_not(client_for: Any, pki: TestPKI) -> None:
+    c = client_for()
+    r = send(c, notification_body(
+        pki, "OFFER_REDEEMED", None, otid="2000000612", transaction_extra={"transactionReason": "PURCHASE"},
+        renewal_extra={"offerType": 2, "offerIdentifier": "com.example.loyal", "offerDiscountType": "PAY_UP_FRONT"},
+    ))
+    assert r.status_code == 200
+    [row] = outcomes(c)
+    assert (row["offer_type"], row["offer_identifier"], row["offer_discount_type"], row["transaction_reason"]) == (
+        2, "com.example.loyal", "PAY_UP_FRONT", "PURCHASE")
+
+
+def test_an_outcome_without_an_offer_has_none(client_for: Any, pki: TestPKI) -> None:
+    c = client_for()
+    assert send(c, notification_body(pki, "DID_RENEW", otid="2000000613")).status_code == 200
+    [row] = outcomes(c)
+    assert (row["offer_type"], row["offer_identifier"], row["offer_discount_type"]) == (None, None, None)
+
+
+def test_an_offer_type_that_is_not_an_integer_is_invalid(client_for: Any, pki: TestPKI) -> None:
+    c = client_for()
+    r = send(c, notification_body(pki, "OFFER_REDEEMED", transaction_extra={"offerType": "2"}))
+    assert r.status_code == 400 and r.json()["error"] == "invalid_payload"
+    assert stored_rows(c) == 0
