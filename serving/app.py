@@ -24,6 +24,7 @@ import numpy as np
 from litestar import Litestar, MediaType, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 
+from models.data_files import APPLE_FALLBACK_POLICY
 from serving.catalog import CatalogMessage
 from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
@@ -299,10 +300,11 @@ class RetentionService:
             c = fallback_choice(candidates, default_index, outcome)
             c.model_version = model.version
             return c
-        X, p, shadow_p = outcome
+        X, p, shadow_p, profile = outcome
         self.breaker.success()
         choice = ml_choice(snap.catalog, candidates, default_index, request.productId, p, params, u, model.version)
         choice.features = X
+        choice.profile, choice.profile_read = profile, True
         if snap.shadow is not None:
             choice.shadow_model_version = snap.shadow.version
             if shadow_p is not None:
@@ -311,7 +313,7 @@ class RetentionService:
 
     async def _score_batched(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None] | str:
         """Featurize now; score on the event loop in one ONNX Runtime call with the other requests ready now.
 
         Every request that reaches this point in the same turn of the event loop joins one batch, scored
@@ -337,7 +339,7 @@ class RetentionService:
         p = await fut
         if isinstance(p, str):
             return p
-        return X, p, self._shadow_scores(snap, request, profile, candidates)
+        return X, p, self._shadow_scores(snap, request, profile, candidates), profile
 
     @staticmethod
     def _shadow_scores(
@@ -386,7 +388,7 @@ class RetentionService:
 
     async def _score_in_thread(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None] | str:
         """Score on the scoring thread with a timeout: the answer never waits past the budget."""
         fut = self.executor.submit(self._score, snap, request, candidates)
         try:
@@ -402,13 +404,13 @@ class RetentionService:
 
     def _score(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Featurize and score on the scoring thread; returns (features, P(stay), shadow P(stay))."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None]:
+        """Featurize and score on the scoring thread; returns (features, P(stay), shadow P(stay), profile)."""
         model = snap.model
         assert model is not None
         profile = self.profiles.get(request.originalTransactionId)
         X, p = model.score(request, profile, candidates)
-        return X, p, self._shadow_scores(snap, request, profile, candidates)
+        return X, p, self._shadow_scores(snap, request, profile, candidates), profile
 
     def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         """Return the answer for `m`; an offer's signature is made here, with a nonce made ahead when one is at hand."""
@@ -442,6 +444,18 @@ class RetentionService:
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, choice: Choice, status: int, latency_s: float
     ) -> None:
         X = choice.features
+        policy, fallback_reason = choice.policy, choice.fallback_reason
+        latency_ms = latency_s * 1000.0
+        # Apple did not use this answer: it showed its App Store Connect retention message (offers it chose,
+        # offerType 5) or the API default, so the outcome belongs to Apple's choice, not to what we logged
+        if status == 404 or latency_ms > self.settings.apple_wait_ms:
+            fallback_reason = (
+                f"{fallback_reason}; " if fallback_reason else ""
+            ) + ("no_eligible_message" if status == 404 else "answer_too_late")
+            policy = APPLE_FALLBACK_POLICY
+        profile, profile_read = choice.profile, choice.profile_read
+        if not profile_read and choice.candidates:  # a fallback that never asked: the profile it would have used
+            profile, profile_read = self.profiles.get(request.originalTransactionId), True
         self.decision_log.log(
             DecisionRecord(
                 request_id=request.requestIdentifier,
@@ -458,18 +472,20 @@ class RetentionService:
                 message_id=choice.message.messageIdentifier if choice.message else None,
                 kind=choice.message.kind if choice.message else None,
                 propensity=choice.propensity,
-                policy=choice.policy,
+                policy=policy,
                 policy_params=self._params_logged,
                 model_version=choice.model_version,
                 shadow_model_version=choice.shadow_model_version,
                 shadow_message_id=choice.shadow_message_id,
                 catalog_sha256=snap.catalog.sha256,
-                fallback_reason=choice.fallback_reason,
+                fallback_reason=fallback_reason,
                 features=X,
                 feature_names_sha=self._names_sha(snap) if X is not None else None,
-                latency_ms=latency_s * 1000.0,
+                latency_ms=latency_ms,
                 answered_at=int(time.time() * 1000),
                 status=status,
+                profile=profile,
+                profile_read=profile_read,
             )
         )
 

@@ -221,6 +221,14 @@ def log_files(data_dir: str | Path) -> list[Path]:
     return sorted(Path(data_dir).glob("decisions-*.sqlite"))
 
 
+def _profile_json(profile: dict[str, Any] | None) -> str:
+    """Return a profile as JSON text; a value JSON cannot hold (bytes...) is written as its text, never dropped."""
+    try:
+        return _json(profile).decode()
+    except Exception:
+        return _json({str(k): v if isinstance(v, int | float | str | None) else str(v) for k, v in (profile or {}).items()}).decode()
+
+
 def _vector(x: Any) -> bytes:
     if x is None:
         return b"[]"
@@ -269,7 +277,7 @@ def _decision_row(r: DecisionRecord, now_ms: int) -> tuple[Any, ...]:
         float(r.latency_ms),
         int(r.answered_at) or now_ms,
         int(r.status),
-        _json(r.profile).decode() if r.profile_read else None,
+        _profile_json(r.profile) if r.profile_read else None,
     )
 
 

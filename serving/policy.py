@@ -38,6 +38,8 @@ class Choice:
     features: np.ndarray | None = None
     shadow_model_version: str | None = None
     shadow_message_id: str | None = None
+    profile: dict[str, object] | None = None  # the raw profile values the features were made from
+    profile_read: bool = False  # the profile store was asked (profile None then means: no profile)
 
 
 def candidates_for(

@@ -74,6 +74,11 @@ class Settings:
         "which also makes offer signature nonces ahead; the server does its jobs while it is down) or thread "
         "(the signature threads, --verify-threads; offers signed by OpenSSL on the event loop).",
     )
+    apple_wait_ms: float = _f(
+        700.0,
+        "How long Apple waits for an answer (its responseTimeThreshold); a decision that took longer, or was "
+        "answered 404, is logged with policy apple_fallback: Apple showed its own message.",
+    )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
     log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")

@@ -390,3 +390,47 @@ def test_requests_ready_together_are_scored_in_one_run_each_with_its_own_scores(
         assert row["candidates"] == [m.messageIdentifier for m in cands]
         assert row["scores"] == pytest.approx(alone.tolist(), abs=1e-6)
         assert row["message_id"] == cands[int(np.argmax(row["values"]))].messageIdentifier  # ε = 0: the argmax
+
+
+# ---- who chose the message, and what the decision used ------------------------------------------------
+def test_a_404_is_logged_as_apple_s_choice(client_for: Any, pki: Any) -> None:
+    c = client_for()
+    r = post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", user_locale="pt-BR"))
+    assert r.status_code == 404
+    [row] = decisions(c)
+    assert (row["policy"], row["fallback_reason"]) == ("apple_fallback", "no_eligible_message")
+
+
+def test_an_answer_later_than_apple_waits_is_logged_as_apple_s_choice(client_for: Any, pki: Any, tmp_path: Path) -> None:
+    c = client_for(apple_wait_ms=0.0)  # every answer is "too late" for a zero wait
+    r = post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))
+    assert r.status_code == 200
+    [row] = decisions(c)
+    assert (row["policy"], row["fallback_reason"]) == ("apple_fallback", "answer_too_late")
+    assert row["message_id"] == next(iter(r.json().values()))["messageIdentifier"]  # what we answered, kept
+    # in time (the default 700 ms), the same request is ours
+    c2 = client_for(data_dir=str(tmp_path / "in-time"))
+    assert post(c2, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox")).status_code == 200
+    assert decisions(c2)[0]["policy"].startswith("ml:")
+
+
+def test_each_decision_logs_the_raw_profile_values_it_used(client_for: Any, pki: Any, tmp_path: Path) -> None:
+    from serving.profiles import import_profiles
+
+    c = client_for()
+    data_dir = Path(c.app.state.service.settings.data_dir)
+    src = tmp_path / "profiles.csv"
+    src.write_text("original_transaction_id,tenure_days,country\n2000000042,400,DE\n")
+    import_profiles(src, data_dir / "profiles.sqlite")
+    time.sleep(1.1)  # the store looks for a new file once a second
+    for otid in ("2000000042", "2000000043"):
+        assert post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox",
+                                               original_transaction_id=otid)).status_code == 200
+    (data_dir / "kill-switch").touch()  # a fallback that never scored still logs the profile it would have used
+    time.sleep(1.1)
+    assert post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox",
+                                           original_transaction_id="2000000042")).status_code == 200
+    rows = decisions(c)
+    assert [json.loads(r["profile"]) for r in rows] == [{"tenure_days": 400, "country": "DE"}, None,
+                                                         {"tenure_days": 400, "country": "DE"}]
+    assert rows[2]["policy"] == "fallback:kill_switch"

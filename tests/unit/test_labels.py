@@ -213,3 +213,78 @@ def test_mature_only_censors_early_labels_until_the_window_passes() -> None:
     assert label(_outcomes(("s", "cancelled", T0 + DAY), _far_event())) == 0.0
     assert label(_outcomes(("s", "renewed", T0 + DAY), _far_event())) == 1.0
     assert label(_outcomes(_far_event())) == 1.0
+
+
+# ---- involuntary ends, raw types, and offers credited to the right answer ----------------------------
+@pytest.mark.parametrize("event", ["expired_involuntary", "grace_expired"])
+def test_an_involuntary_end_without_cancellation_is_censored_by_default(event: str) -> None:
+    ev = _outcomes(("s", event, T0 + 5 * DAY), _far_event())
+    labels, stats = label_decisions(_decisions(("s", T0)), ev, horizon_ms=H)
+    assert math.isnan(labels.iloc[0]) and stats.involuntary == 1 and stats.censored == 1
+    # the setting makes it churn
+    churn, _ = label_decisions(_decisions(("s", T0)), ev, horizon_ms=H, involuntary="churn")
+    assert churn.iloc[0] == 0.0
+    # a cancellation before it is churn whatever the setting
+    cancelled = _outcomes(("s", "cancelled", T0 + DAY), ("s", event, T0 + 5 * DAY), _far_event())
+    assert _one(cancelled) == 0.0
+
+
+def test_billing_signals_and_plan_changes_are_read_by_no_label() -> None:
+    for event in ("billing_failed", "upgraded", "downgraded", "downgrade_reverted", "resubscribed", "other",
+                  "refund_reversed", "subscribed"):
+        assert _one(_outcomes(("s", event, T0 + DAY), _far_event())) == 1.0, event  # the window passed: retained
+
+
+def test_old_logs_are_read_with_today_s_meaning_of_their_raw_type() -> None:
+    """A log written when every EXPIRED was 'expired' still says which were billing failures."""
+    ev = _outcomes(("s", "expired", T0 + DAY), _far_event())
+    ev["raw_type"] = ["EXPIRED", None]
+    ev["raw_subtype"] = ["BILLING_RETRY", None]
+    assert math.isnan(_one(ev))
+    ev["raw_subtype"] = ["VOLUNTARY", None]
+    assert _one(ev) == 0.0
+    ev["raw_type"], ev["raw_subtype"] = ["DID_CHANGE_RENEWAL_PREF", None], [None, None]  # once 'switched'
+    ev["event"] = ["switched", "renewed"]
+    assert _one(ev) == 1.0
+
+
+def test_the_involuntary_rule_must_be_known() -> None:
+    with pytest.raises(ValueError, match="involuntary"):
+        label_decisions(_decisions(("s", T0)), _outcomes(), involuntary="maybe")
+
+
+def _redemptions(*rows: tuple[str, int, int, str | None]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "original_transaction_id": [r[0] for r in rows], "event": ["offer_redeemed"] * len(rows),
+        "at": [r[1] for r in rows], "offer_type": pd.array([r[2] for r in rows], dtype="Int64"),
+        "offer_identifier": [r[3] for r in rows],
+    })
+
+
+def test_only_our_promotional_offer_for_the_same_subscription_in_the_window_is_credited() -> None:
+    from training.labels import apple_choice, credited_offers
+
+    decisions = pd.DataFrame({
+        "request_id": ["a", "b", "c", "d", "e", "f"],
+        "original_transaction_id": ["s1", "s2", "s3", "s4", "s5", "s6"],
+        "signed_date": [T0] * 6,
+        "message_id": ["offer-msg"] * 6,
+        "policy": ["ml:epsilon-greedy"] * 5 + ["apple_fallback"],
+    })
+    outcomes = _redemptions(
+        ("s1", T0 + 3_600_000, 2, "com.example.offer50"),  # ours: type 2, our offerIdentifier, in the window
+        ("s2", T0 + 3_600_000, 2, "com.example.other"),  # a promotional offer, not the one we answered
+        ("s3", T0 + 3_600_000, 5, "apple-retention-1"),  # Apple's own retention offer: never ours
+        ("s4", T0 + 8 * DAY, 2, "com.example.offer50"),  # ours, but after the 7-day window
+        ("s1", T0 + 3_600_000, 2, "com.example.offer50"),  # s5 has nothing; a second s1 changes nothing
+    )
+    offers = {"offer-msg": "com.example.offer50"}
+    credit = credited_offers(decisions, outcomes, offers, window_ms=7 * DAY)
+    assert credit.tolist() == ["ours", "", "apple", "", "", ""]
+    assert credited_offers(decisions, outcomes, offers, window_ms=9 * DAY).tolist()[3] == "ours"
+    # a redemption before the decision is not its outcome
+    early = _redemptions(("s1", T0 - 1, 2, "com.example.offer50"))
+    assert credited_offers(decisions, early, offers).tolist()[0] == ""
+    apple, ours = apple_choice(decisions, outcomes, offers, window_ms=7 * DAY)
+    assert apple.tolist() == [False, False, True, False, False, True]
+    assert ours.tolist() == [True, False, False, False, False, False]
