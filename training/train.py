@@ -108,32 +108,68 @@ def profile_index(profiles: pd.DataFrame | None) -> pd.DataFrame | None:
     return profiles.loc[last.to_numpy()].set_index(key[last])
 
 
+def logged_profiles(rows: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Return the raw profile values each row's decision used, as logged by the server.
+
+    Returns (values: one column per profile column seen, aligned with `rows`; read: the row's
+    decision asked the profile store; found: it had a profile). ``profile`` holds JSON text:
+    an object, ``null`` (asked, no profile) or missing (not logged: a simulated world, an old log).
+    """
+    n = len(rows)
+    if "profile" not in rows.columns or n == 0:
+        return pd.DataFrame(index=range(n)), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    import json
+
+    raw = rows["profile"].to_numpy(dtype=object)
+    codes, uniques = pd.factorize(pd.Series(raw, dtype=object))
+    parsed: list[dict[str, Any] | None] = []
+    for u in uniques:
+        try:
+            v = json.loads(u) if isinstance(u, str) else None
+        except ValueError:
+            v = None
+        parsed.append(v if isinstance(v, dict) else None)
+    codes = np.asarray(codes, dtype=np.int64)
+    read = codes >= 0
+    per_unique_found = np.array([p is not None for p in parsed] + [False], dtype=bool)
+    found = per_unique_found[np.where(read, codes, len(parsed))]
+    table = pd.DataFrame([p or {} for p in parsed] + [{}])
+    values = table.iloc[np.where(read, codes, len(parsed))].reset_index(drop=True)
+    return values, read, found
+
+
 def featurize(
     fz: Featurizer,
     rows: pd.DataFrame,
     profiles: pd.DataFrame | None,
     message_col: str = "message_id",
+    *,
+    point_in_time: bool = True,
 ) -> np.ndarray:
     """Return the float32 feature matrix of (request, candidate) rows joined to their profiles.
 
     `rows` has product_id, user_locale, environment, signed_date, original_transaction_id
-    and `message_col`; `profiles` is indexed by original_transaction_id (or None).
+    and `message_col`; `profiles` is indexed by original_transaction_id (or None). With
+    `point_in_time` (the default), a row whose decision logged the profile values it used (a
+    ``profile`` column, :func:`logged_profiles`) is featurized with those, as serving saw them;
+    the others (and every row without it) are joined to `profiles`.
     """
     prof_cols: dict[str, Any] | None = None
     has_profile = None
-    if profiles is not None:
-        otid = rows["original_transaction_id"].astype(str)
-        pos = profiles.index.get_indexer(otid)
-        has_profile = pos >= 0
-        take = np.where(has_profile, pos, 0)
-        prof_cols = {}
-        for c in fz.schema.profile_numeric + fz.schema.profile_categorical:
-            if c in profiles.columns:
-                col = profiles[c]
-                if len(profiles) == 0:
-                    prof_cols[c] = pd.Series([None] * len(rows), dtype=object)
-                else:
-                    prof_cols[c] = col.iloc[take].reset_index(drop=True)
+    if point_in_time:
+        values, read, found = logged_profiles(rows)
+    else:
+        values, read, found = pd.DataFrame(index=range(len(rows))), np.zeros(len(rows), bool), np.zeros(len(rows), bool)
+    if profiles is not None or read.any():
+        prof_cols, has_profile = _file_profiles(fz, rows, profiles)
+        if read.any():
+            for c in fz.schema.profile_numeric + fz.schema.profile_categorical:
+                base = prof_cols.get(c)
+                col = base.to_numpy(dtype=object).copy() if base is not None else np.full(len(rows), None, object)
+                logged = values[c].to_numpy(dtype=object) if c in values.columns else np.full(len(rows), None, object)
+                col[read] = logged[read]
+                prof_cols[c] = pd.Series(col, dtype=object)
+            has_profile = np.where(read, found, has_profile)
     return fz.matrix_batch(
         product_id=rows["product_id"].reset_index(drop=True),
         user_locale=rows["user_locale"].reset_index(drop=True),
@@ -143,6 +179,25 @@ def featurize(
         profile=prof_cols,
         has_profile=has_profile,
     )
+
+
+def _file_profiles(fz: Featurizer, rows: pd.DataFrame, profiles: pd.DataFrame | None) -> tuple[dict[str, Any], np.ndarray]:
+    """Return the schema's profile columns joined to `rows` from the profiles file (none without one)."""
+    if profiles is None:
+        return {}, np.zeros(len(rows), dtype=bool)
+    otid = rows["original_transaction_id"].astype(str)
+    pos = profiles.index.get_indexer(otid)
+    has_profile = pos >= 0
+    take = np.where(has_profile, pos, 0)
+    prof_cols: dict[str, Any] = {}
+    for c in fz.schema.profile_numeric + fz.schema.profile_categorical:
+        if c in profiles.columns:
+            col = profiles[c]
+            if len(profiles) == 0:
+                prof_cols[c] = pd.Series([None] * len(rows), dtype=object)
+            else:
+                prof_cols[c] = col.iloc[take].reset_index(drop=True)
+    return prof_cols, has_profile
 
 
 def values_after(catalog: Any, product_id: pd.Series, message_id: pd.Series) -> np.ndarray:
@@ -160,6 +215,15 @@ def values_after(catalog: Any, product_id: pd.Series, message_id: pd.Series) -> 
     return vals[codes]
 
 
+def offer_identifiers(catalog: Any) -> dict[str, str]:
+    """Return {messageIdentifier: offerIdentifier} of the catalog's promotional-offer messages."""
+    return {
+        mid: m.offerIdentifier
+        for mid, m in catalog.messages.items()
+        if getattr(m, "kind", None) == "promotionalOffer" and getattr(m, "offerIdentifier", None)
+    }
+
+
 def in_catalog(message_id: pd.Series, catalog: Any) -> np.ndarray:
     """Return a bool per row: is the message in the catalog (factorized: fast on millions of rows)."""
     codes, uniques = pd.factorize(message_id)
@@ -170,6 +234,7 @@ def in_catalog(message_id: pd.Series, catalog: Any) -> np.ndarray:
 def explode_candidates(decisions: pd.DataFrame) -> pd.DataFrame:
     """Return one row per (decision, candidate) with the decision's context and ``candidate``."""
     cols = ["request_id", "original_transaction_id", "product_id", "user_locale", "environment", "signed_date"]
+    cols += ["profile"] if "profile" in decisions.columns else []
     lens = decisions["candidates"].map(len).to_numpy()
     out = decisions[cols].loc[decisions.index.repeat(lens)].reset_index(drop=True)
     out["candidate"] = pd.array(
@@ -219,15 +284,24 @@ def train_frames(
     params: dict[str, Any] | None = None,
     progress: bool = False,
     mature_only: bool = False,
+    refeaturize: bool = False,
+    involuntary: str = "censor",
+    offer_window_days: float = 7.0,
 ) -> TrainResult:
     """Return a trained, exported and parity-checked model from in-memory tables (see the module docstring).
 
     `context=False` trains a model that sees only the message columns (a baseline that
-    ignores who the subscriber is). Raises TrainError with one sentence on bad input.
+    ignores who the subscriber is). Each decision is featurized with the raw profile values the
+    server logged for it (point in time); `refeaturize` joins every decision to `profiles`
+    instead, as do decisions that logged none (simulated worlds, older logs). `involuntary`
+    is the label rule's choice for involuntary ends (``censor`` or ``churn``). Decisions whose
+    message Apple chose (policy ``apple_fallback``, or an Apple retention offer, ``offerType``
+    5, redeemed within `offer_window_days`) are left out and counted. Raises TrainError with
+    one sentence on bad input.
     """
     from tqdm import tqdm
 
-    from training.labels import label_decisions
+    from training.labels import apple_choice, label_decisions
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -238,12 +312,17 @@ def train_frames(
 
     # ---- labels (before any progress output, so that bad input is one line) ----
     t = time.perf_counter()
-    labels, stats = label_decisions(
-        decisions, outcomes, horizon_ms=int(horizon_days * DAY_MS), as_of_ms=as_of_ms, mature_only=mature_only
-    )
+    try:
+        labels, stats = label_decisions(
+            decisions, outcomes, horizon_ms=int(horizon_days * DAY_MS), as_of_ms=as_of_ms, mature_only=mature_only,
+            involuntary=involuntary,
+        )
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    apple, credited = apple_choice(decisions, outcomes, offer_identifiers(catalog), window_ms=int(offer_window_days * DAY_MS))
     known = in_catalog(decisions["message_id"], catalog)
     labelled = labels.notna().to_numpy()
-    use = labelled & known
+    use = labelled & known & ~apple
     n_unknown = int((labelled & ~known).sum())
     if not use.any():
         why = (
@@ -266,7 +345,9 @@ def train_frames(
         return _fit_and_check(
             bar, step, timings, t_all, decisions, profiles, catalog, rows_mask=use, y_all=y_all, stats=stats,
             n_unknown=n_unknown, ground_truth=ground_truth, model=model, horizon_days=horizon_days,
-            as_of_ms=as_of_ms, seed=seed, context=context, params=params,
+            as_of_ms=as_of_ms, seed=seed, context=context, params=params, point_in_time=not refeaturize,
+            extra_summary={"apple_choice": int(apple.sum()), "offers_credited": int(credited.sum()),
+                           "involuntary_rule": involuntary, "offer_window_days": offer_window_days},
         )
     finally:
         bar.close()
@@ -276,14 +357,20 @@ def _fit_and_check(
     bar: Any, step: Any, timings: dict[str, float], t_all: float, decisions: pd.DataFrame,
     profiles: pd.DataFrame | None, catalog: Any, *, rows_mask: np.ndarray, y_all: np.ndarray, stats: Any,
     n_unknown: int, ground_truth: pd.DataFrame | None, model: str, horizon_days: float, as_of_ms: int | None,
-    seed: int, context: bool, params: dict[str, Any] | None,
+    seed: int, context: bool, params: dict[str, Any] | None, point_in_time: bool = True,
+    extra_summary: dict[str, Any] | None = None,
 ) -> TrainResult:
     use = rows_mask
 
     # ---- features ----
     step("featurize")
     t = time.perf_counter()
-    num, cat, vocab = profile_spec(profiles)
+    logged_rows = int(logged_profiles(decisions)[1].sum()) if point_in_time else 0
+    if profiles is None and logged_rows:
+        values, read, _ = logged_profiles(decisions)
+        num, cat, vocab = profile_spec(values.loc[read].assign(original_transaction_id=""))
+    else:
+        num, cat, vocab = profile_spec(profiles)
     prof = profile_index(profiles)
     schema = build_schema(
         catalog.products,
@@ -296,7 +383,7 @@ def _fit_and_check(
     )
     fz = Featurizer(schema, catalog.products, catalog.messages)
     rows = decisions.loc[use]
-    X_all = featurize(fz, rows, prof)
+    X_all = featurize(fz, rows, prof, point_in_time=point_in_time)
     timings["featurize"] = time.perf_counter() - t
     bar.update()
 
@@ -349,7 +436,7 @@ def _fit_and_check(
         pool = pool.sample(PARITY_MAX_REQUESTS, random_state=seed)
     cand = explode_candidates(pool)
     cand = cand[in_catalog(cand["candidate"], catalog)].reset_index(drop=True)
-    Xc = featurize(fz, cand, prof, message_col="candidate")
+    Xc = featurize(fz, cand, prof, message_col="candidate", point_in_time=point_in_time)
     p_sk = estimator.predict_proba(Xc)[:, 1]
     p_ox = onnx_p_stay(session, Xc)
     parity = check_parity(p_sk, p_ox, cand["request_id"].to_numpy(), values_after(catalog, cand["product_id"], cand["candidate"]))
@@ -390,6 +477,9 @@ def _fit_and_check(
         "horizon_days": horizon_days,
         "as_of_ms": as_of_ms,
         "label_stats": asdict(stats) if is_dataclass(stats) else dict(vars(stats)),  # type: ignore[arg-type]
+        "features_from": "logged profiles (point in time)" if logged_rows else "profiles file",
+        "decisions_with_logged_profile": logged_rows,
+        **(extra_summary or {}),
     }
     result = TrainResult(
         estimator=estimator,
@@ -417,6 +507,7 @@ def greedy_table(
     `pairs` (e.g. a ground-truth table); ones the catalog lacks get NaN and are never greedy.
     """
     ctx_cols = ["request_id", "original_transaction_id", "product_id", "user_locale", "environment", "signed_date"]
+    ctx_cols += ["profile"] if "profile" in decisions.columns else []
     if pairs is None:
         cand = explode_candidates(decisions)
     else:
@@ -559,8 +650,13 @@ def model_card(result: TrainResult) -> str:
         f"requests whose two best values differ by more than {p.tie_margin:g}.",
         "",
         "## Caveats",
-        "- Profiles joined by original_transaction_id are a snapshot; if it was taken after the decisions, "
-        "features leak the future. Training from the server's own log (features logged at decision time) does not.",
+        f"- features from {d.get('features_from', 'profiles file')}: "
+        + ("each decision's profile values as the server logged them when it answered." if d.get("decisions_with_logged_profile")
+           else "profiles joined by original_transaction_id are a snapshot; if it was taken after the decisions, "
+                "features leak the future (the server's own log, which records each decision's profile values, does not)."),
+        f"- {d.get('apple_choice', 0):,} decisions left out because Apple chose the message (404, an answer later than "
+        f"Apple waits, or an Apple retention offer redeemed); {d.get('offers_credited', 0):,} promotional offer "
+        "redemptions credited to our answer.",
         "",
     ]
     return "\n".join(lines)
@@ -626,6 +722,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--matured-only", action="store_true",
                    help="train only on decisions whose label window has fully passed (early churn/renewal labels of "
                         "recent decisions lean toward churn)")
+    p.add_argument("--refeaturize", action="store_true",
+                   help="join every decision to --profiles as it is now, instead of the profile values the server "
+                        "logged at decision time (the default; files that logged none always use --profiles)")
+    p.add_argument("--involuntary-expiry", choices=("censor", "churn"), default="censor", dest="involuntary",
+                   help="what an involuntary end (billing retry, price increase, product not for sale, grace period "
+                        "expired) with no cancellation before it makes of a decision: censor (default) or churn")
+    p.add_argument("--offer-window-days", type=float, default=7.0,
+                   help="a redemption of our promotional offer within this many days of the decision is credited "
+                        "to it (default 7)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split and the fit (default 0)")
     p.add_argument("--promote", action="store_true", help="make the new version current (the first one always is)")
     p.add_argument("--no-context", action="store_true", help=argparse.SUPPRESS)  # baseline: message columns only
@@ -637,6 +742,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.horizon_days <= 0:
         print("retention train: error: --horizon-days must be positive", file=sys.stderr)
+        return 2
+    if not args.offer_window_days > 0:
+        print("retention train: error: --offer-window-days must be positive", file=sys.stderr)
         return 2
     from serving.catalog import Catalog
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
@@ -659,6 +767,9 @@ def main(argv: list[str]) -> int:
         context=not args.no_context,
         progress=True,
         mature_only=args.matured_only,
+        refeaturize=args.refeaturize,
+        involuntary=args.involuntary,
+        offer_window_days=args.offer_window_days,
     )
     version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
     print(summary_table(result))
