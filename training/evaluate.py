@@ -66,6 +66,8 @@ class EvaluationConfig:
     segment_resamples: int = 200
     calibration_bins: int = 10
     progress: bool = False
+    involuntary: str = "censor"  # the label rule's choice for involuntary ends (training.labels)
+    offer_window_ms: int = 7 * DAY_MS  # a redemption of our offer this long after a decision is credited to it
 
     def __post_init__(self) -> None:
         if not 0 < self.level < 1:
@@ -272,7 +274,8 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from training.labels import label_decisions
+    from training.labels import apple_choice, label_decisions
+    from training.train import offer_identifiers
 
     cfg = config or EvaluationConfig()
     catalog = inputs.catalog
@@ -285,9 +288,18 @@ def evaluate(
     all_logged, dropped = prepare_logged(inputs.decisions, catalog)
     if all_logged.n == 0:
         raise ValueError("no decision is left to evaluate (every one names a candidate missing from the catalog)")
-    labels, stats = label_decisions(all_logged.frame, inputs.outcomes, horizon_ms=cfg.horizon_ms, as_of_ms=cfg.as_of_ms)
+    labels, stats = label_decisions(all_logged.frame, inputs.outcomes, horizon_ms=cfg.horizon_ms, as_of_ms=cfg.as_of_ms,
+                                    involuntary=cfg.involuntary)
     y_all = labels.to_numpy(dtype=np.float64)
-    labelled = np.isfinite(y_all)
+    # Apple's own choice (a 404, a late answer, an Apple retention offer redeemed) is its own arm: its
+    # outcome says nothing about the message we logged, so it is reported apart and left out of every estimate
+    apple, credited = apple_choice(all_logged.frame, inputs.outcomes, offer_identifiers(catalog),
+                                   window_ms=cfg.offer_window_ms)
+    apple_y = y_all[apple & np.isfinite(y_all)]
+    apple_arm = {"decisions": int(apple.sum()), "labelled": int(apple_y.size),
+                 "retention_rate": float(apple_y.mean()) if apple_y.size else None,
+                 "offers_credited_to_ours": int(credited.sum())}
+    labelled = np.isfinite(y_all) & ~apple
     t_dec = all_logged.frame["signed_date"].to_numpy(dtype=np.int64)
     as_of = cfg.as_of_ms
     if as_of is None:
@@ -307,6 +319,11 @@ def evaluate(
     rows = np.arange(logged.n)
     rewards = y * logged.value_after[rows, logged.actions]
     steps.update()
+    if apple_arm["decisions"]:
+        warnings.append(
+            f"{apple_arm['decisions']} decision(s) are Apple's choice (a 404, an answer later than Apple waits, or an "
+            "Apple retention offer redeemed) and left out of every estimate; they are reported as their own arm"
+        )
     if dropped["candidate not in catalog"]:
         warnings.append(
             f"{dropped['candidate not in catalog']} decision(s) left out: a candidate is no longer in the catalog, "
@@ -481,6 +498,7 @@ def evaluate(
             "as_of": _iso(as_of),
             "left_out": dropped,
             "fallback_decisions": int(logged.is_fallback.sum()),
+            "apple_fallback": apple_arm,
             "logging_distribution": {
                 s: int((logged.logging_source == s).sum()) for s in ("logged", "fallback", "deterministic", "inferred")
             },

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
     e.add_argument("--all-labelled", action="store_true", help="also use decisions whose label window has not passed "
                    "(labelled early only by a churn or a renewal: biased toward churn)")
+    e.add_argument("--involuntary-expiry", choices=("censor", "churn"), default="censor", dest="involuntary",
+                   help="label of an involuntary end (billing, price increase) with no cancellation: censor (default) "
+                   "or churn")
+    e.add_argument("--offer-window-days", type=float, default=7.0, help="a redemption of our promotional offer this "
+                   "many days after a decision is credited to it; an Apple retention offer (type 5) never is (default 7)")
     e.add_argument("--reward-model", default="own", help="reward model of DM/DR: 'own' (each version its own "
                    "predictions, default) or one version id for all")
     e.add_argument("--holdout-fraction", type=float, default=0.2, help="latest share of decisions for the predictive "
@@ -59,6 +64,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.horizon_days <= 0:
         print("retention evaluate: error: --horizon-days must be positive", file=sys.stderr)
+        return 2
+    if not args.offer_window_days > 0:
+        print("retention evaluate: error: --offer-window-days must be positive", file=sys.stderr)
         return 2
     if not 0 < args.level < 1:
         print("retention evaluate: error: --level must be within (0, 1), e.g. 0.9", file=sys.stderr)
@@ -101,6 +109,8 @@ def main(argv: list[str]) -> int:
         reward_model=args.reward_model,
         mature_only=not args.all_labelled,
         progress=True,
+        involuntary=args.involuntary,
+        offer_window_ms=int(args.offer_window_days * DAY_MS),
     )
     registry = Registry(args.registry)
     versions = resolve_versions(registry, args.versions)

@@ -191,6 +191,28 @@ def test_fallback_decisions_put_target_mass_where_logging_had_none(lab: Lab) -> 
     assert any("could not show" in w and lab.strong in w for w in ev.summary["warnings"])
 
 
+def test_apple_s_choices_are_their_own_arm_left_out_of_every_estimate(lab: Lab) -> None:
+    d = lab.world.decisions.iloc[:10_000].copy()
+    apple_rows = np.arange(0, len(d), 5)  # answered 404 or too late: Apple showed its own message
+    d.loc[d.index[apple_rows], "policy"] = "apple_fallback"
+    outcomes = lab.world.outcomes.copy()
+    # a retention offer Apple chose itself (offerType 5) redeemed right after another decision: Apple's too
+    other = d.index[1]
+    outcomes = pd.concat([outcomes, pd.DataFrame({
+        "original_transaction_id": [d.at[other, "original_transaction_id"]], "event": ["offer_redeemed"],
+        "at": [int(d.at[other, "signed_date"]) + 60_000], "offer_type": [5], "offer_identifier": ["apple-7"],
+    })], ignore_index=True)
+    inputs = Inputs(d, outcomes, lab.world.catalog, lab.world.profiles)
+    ev = evaluate(inputs, Registry(lab.registry), [lab.strong], FAST)
+    arm = ev.summary["data"]["apple_fallback"]
+    assert arm["decisions"] == len(apple_rows) + 1
+    assert 0 < arm["labelled"] <= arm["decisions"] and 0.0 <= arm["retention_rate"] <= 1.0
+    base = evaluate(_inputs(lab.world, lab.world.decisions.iloc[:10_000].copy()), Registry(lab.registry),
+                    [lab.strong], FAST)
+    assert ev.summary["data"]["evaluated"] == base.summary["data"]["evaluated"] - arm["labelled"]
+    assert any("Apple's choice" in w for w in ev.summary["warnings"])
+
+
 def test_predictive_metrics_by_hand() -> None:
     y = np.array([0, 0, 1, 1])
     p = np.array([0.1, 0.4, 0.35, 0.8])
