@@ -31,6 +31,9 @@ _STRING_COLUMNS: tuple[str, ...] = (
     "model_version",
     "policy",
     "event",
+    "offer_identifier",
+    "raw_type",
+    "raw_subtype",
 )
 # Columns holding a list per row; JSON text in CSV. ``candidates`` becomes a Python list of ids;
 # the server log's numeric lists (one entry per candidate, or the logged feature row) become

@@ -43,7 +43,11 @@ PARITY_TOLERANCE = 1e-5
 SMALL_DATA_ROWS = 2000  # below this, calibrate by cross-validation rather than on a held-out share
 HELDOUT_FRACTION = 0.1  # share of labelled rows the base model never fits: early stopping, sigmoid, metrics, parity
 HELDOUT_CAP = 100_000
-TIE_MARGIN = 1e-6
+#: Two values P × (V − cost) closer than this share of their size are a tie that float32 may break either way:
+#: ONNX Runtime computes P in float32 (rounding alone moves P by ~6e-8 relative, the trees' float32 sums by a
+#: few times that), so 1e-5 (about 80 float32 ulps) of the values compared covers both, whatever their scale
+#: (an absolute margin was too small for values near 150 and too large for values near 0.01).
+TIE_RELATIVE = 1e-5
 
 HGB_DEFAULTS: dict[str, Any] = {
     "learning_rate": 0.08,
@@ -96,7 +100,7 @@ class ParityResult:
     max_abs_diff: float
     choice_mismatches: int
     tolerance: float = PARITY_TOLERANCE
-    tie_margin: float = TIE_MARGIN
+    tie_margin: float = TIE_RELATIVE  # relative: a share of |best| + |second best|
     mismatched_requests: list[str] = field(default_factory=list)
 
     @property
@@ -277,14 +281,18 @@ def check_parity(
 
     The max abs difference of P must be at most 1e-5, and the greedy choice (argmax of
     P × value_after) must be identical for every request whose two best sklearn values
-    differ by more than 1e-6 (closer ones are ties that float32 may break either way).
+    differ by more than :data:`TIE_RELATIVE` of their size, |best| + |second best| (closer
+    ones are ties that float32 may break either way).
     """
     codes, uniques = pd.factorize(pd.Series(request_ids))
     v_sk = np.asarray(p_sklearn) * np.asarray(values_after)
     v_ox = np.asarray(p_onnx) * np.asarray(values_after)
-    best_sk, _, margin = greedy_choices(codes, v_sk)
+    best_sk, best_val, margin = greedy_choices(codes, v_sk)
     best_ox, _, _ = greedy_choices(codes, v_ox)
-    compared = margin > TIE_MARGIN
+    second_val = best_val - margin  # -inf for a request with one finite value (its margin is inf)
+    with np.errstate(invalid="ignore"):
+        scale = np.abs(best_val) + np.where(np.isfinite(second_val), np.abs(second_val), 0.0)
+        compared = margin > TIE_RELATIVE * scale
     bad = compared & (best_sk != best_ox)
     diff = np.abs(np.asarray(p_sklearn, dtype=np.float64) - np.asarray(p_onnx, dtype=np.float64))
     return ParityResult(

@@ -647,7 +647,7 @@ def model_card(result: TrainResult) -> str:
         "## Parity (sklearn vs ONNX Runtime)",
         f"- {p.rows:,} candidate rows of {p.requests:,} held-out requests: max |ΔP| {p.max_abs_diff:.2e} "
         f"(limit {p.tolerance:g}); greedy choice differs in {p.choice_mismatches} of {p.requests_compared:,} "
-        f"requests whose two best values differ by more than {p.tie_margin:g}.",
+        f"requests whose two best values differ by more than {p.tie_margin:g} of their size (closer ones are float32 ties).",
         "",
         "## Caveats",
         f"- features from {d.get('features_from', 'profiles file')}: "
