@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="decisions file (.parquet or .csv)")
     p.add_argument("--profiles", type=Path, help="subscriber profiles file, keyed by original_transaction_id")
     p.add_argument("--output", required=True, type=Path, help="output file (.parquet or .csv)")
+    p.add_argument("--allow-missing-profiles", action="store_true",
+                   help="score a model trained with profile columns without --profiles (every request then counts "
+                        "as having no profile, which such a model scores worse)")
     return p
 
 
@@ -84,6 +87,16 @@ def main(argv: list[str]) -> int:
     bad = [i for i, c in enumerate(decisions["candidates"].tolist()) if not isinstance(c, list)]
     if bad:
         raise ValueError(f"{args.input}: row {bad[0] + 1}: candidates must be a list of message ids")
+    profile_columns = model.schema.profile_numeric + model.schema.profile_categorical
+    logged = "profile" in decisions.columns and bool(decisions["profile"].notna().all())
+    if profile_columns and args.profiles is None and not logged and not args.allow_missing_profiles:
+        print(
+            f"retention score: error: model {model.version} was trained with profile columns "
+            f"({', '.join(profile_columns[:5])}{', ...' if len(profile_columns) > 5 else ''}) and the input logs no "
+            "profile values: give --profiles, or --allow-missing-profiles to score every request without one",
+            file=sys.stderr,
+        )
+        return 2
     profiles = read_profiles(args.profiles) if args.profiles else None
     with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False) as bar:
         out = score_frame(decisions, profiles, catalog, model)

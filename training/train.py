@@ -215,6 +215,22 @@ def values_after(catalog: Any, product_id: pd.Series, message_id: pd.Series) -> 
     return vals[codes]
 
 
+def no_exploration(decisions: pd.DataFrame) -> bool:
+    """Return True when every decision was shown with probability 1 (a deterministic rule: no exploration).
+
+    Such logs say nothing about the messages the rule never showed in a context, so a model fitted
+    on them cannot be compared off-policy with the rule, and may be worse than the best single message.
+    """
+    prop = pd.to_numeric(decisions["propensity"], errors="coerce").to_numpy(dtype=np.float64)
+    return bool(len(prop)) and bool(np.all(prop >= 1.0 - 1e-12))
+
+
+NO_EXPLORATION_WARNING = (
+    "every decision was shown with probability 1 (no exploration): the model cannot be checked off-policy "
+    "and may be worse than the best single message; it is not made current without --promote"
+)
+
+
 def offer_identifiers(catalog: Any) -> dict[str, str]:
     """Return {messageIdentifier: offerIdentifier} of the catalog's promotional-offer messages."""
     return {
@@ -478,6 +494,7 @@ def _fit_and_check(
         "as_of_ms": as_of_ms,
         "label_stats": asdict(stats) if is_dataclass(stats) else dict(vars(stats)),  # type: ignore[arg-type]
         "features_from": "logged profiles (point in time)" if logged_rows else "profiles file",
+        "no_exploration": no_exploration(rows),
         "decisions_with_logged_profile": logged_rows,
         **(extra_summary or {}),
     }
@@ -642,6 +659,8 @@ def model_card(result: TrainResult) -> str:
             f"- true value per request (ground truth): model {g['v_model']:.3f}, best static {g['v_static']:.3f}, "
             f"oracle {g['v_oracle']:.3f}; gap captured {g['gap_captured']:.3f}"
         )
+    if d.get("no_exploration"):
+        lines += ["", f"**Warning:** {NO_EXPLORATION_WARNING}."]
     lines += [
         "",
         "## Parity (sklearn vs ONNX Runtime)",
@@ -696,9 +715,10 @@ def summary_table(result: TrainResult) -> str:
 # writing, CLI, demo
 # ---------------------------------------------------------------------------------------------
 def write_result(result: TrainResult, registry: Registry, *, promote: bool = False) -> tuple[str, bool]:
-    """Return (new version id, whether it became current): promoted when asked or when the registry had none."""
+    """Return (new version id, whether it became current): promoted when asked, or when the registry had none
+    and the logs explored (a model fitted on logs without exploration is never made current unasked)."""
     version = registry.write_version(result.onnx_bytes, result.manifest, result.card)
-    promoted = promote or registry.current() is None
+    promoted = promote or (registry.current() is None and not result.data_summary.get("no_exploration"))
     if promoted:
         registry.promote(version)
     return version, promoted
@@ -771,6 +791,8 @@ def main(argv: list[str]) -> int:
         involuntary=args.involuntary,
         offer_window_days=args.offer_window_days,
     )
+    if result.data_summary.get("no_exploration"):
+        print(f"retention train: warning: {NO_EXPLORATION_WARNING}", file=sys.stderr)
     version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
     print(summary_table(result))
     print(f"{'registry':<12}  {args.registry} ({'now current' if promoted else 'not promoted'})")

@@ -316,3 +316,44 @@ def test_train_matured_only_leaves_early_labels_out(
         version = capsys.readouterr().out.strip().splitlines()[-1]
         censored.append(Registry(registry).manifest(version)["training_data"]["censored"])
     assert censored[1] > censored[0]
+
+
+# ---- silent bad inputs made loud -----------------------------------------------------------------
+def test_logs_without_exploration_warn_and_never_make_a_first_version_current_unasked(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = read_table(small_files["decisions"])
+    d["propensity"] = 1.0  # a deterministic rule: every message shown with probability 1
+    write_table(d, tmp_path / "rule.parquet")
+    paths = {**small_files, "decisions": tmp_path / "rule.parquet"}
+    registry = tmp_path / "registry"
+    assert retention.main(train_args(paths, registry)) == 0
+    captured = capsys.readouterr()
+    version = captured.out.strip().splitlines()[-1]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("retention train: warning:")]
+    assert len(warnings) == 1 and "no exploration" in warnings[0]
+    reg = Registry(registry)
+    assert reg.versions() == [version] and reg.current() is None  # written, not served
+    assert "no exploration" in (registry / version / "model_card.md").read_text()
+    assert reg.manifest(version)["training_data"]["no_exploration"] is True
+    assert retention.main(train_args(paths, registry, "--promote")) == 0
+    assert reg.current() == capsys.readouterr().out.strip().splitlines()[-1]
+    # logs that explored: no warning
+    assert retention.main(train_args(small_files, tmp_path / "other")) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_score_refuses_a_profile_model_without_profiles_unless_allowed(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tmp_path / "registry"
+    assert retention.main(train_args(small_files, registry)) == 0
+    capsys.readouterr()
+    base = ["score", "--registry", str(registry), "--catalog", str(small_files["catalog"]),
+            "--input", str(small_files["decisions"]), "--output", str(tmp_path / "o.csv")]
+    assert retention.main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--profiles" in err[0] and "--allow-missing-profiles" in err[0]
+    assert not (tmp_path / "o.csv").exists()
+    assert retention.main([*base, "--allow-missing-profiles"]) == 0
+    assert (tmp_path / "o.csv").exists()
