@@ -297,14 +297,20 @@ def snips(
 ) -> OPEResult:
     """Return the self-normalized IPS estimate.
 
-        V̂_SNIPS = Σ_i w_i r_i / Σ_i w_i
+        V̂_SNIPS = Σ_i w_i r_i / Σ_i (w_i + u_i),    u_i = Σ_a π(a|x_i)·1{μ(a|x_i) = 0}
 
     A weighted mean of observed rewards: slightly biased (O(1/n)), bounded by the rewards' range,
-    and usually of much lower variance than IPS. NaN when every weight is 0.
+    and usually of much lower variance than IPS. NaN when every weight is 0. The expected weight
+    of a request is 1 − u_i, so plain Σ w_i r_i / Σ w_i would give the target's unsupported mass the
+    supported actions' mean reward (and can then exceed the best achievable value); adding u_i to
+    the denominator counts it as zero reward, as IPS does and as the evaluation's warning says.
+    u_i is known only with `logging_probs` (else taken as 0). Swaminathan & Joachims (2015), "The
+    Self-Normalized Estimator for Counterfactual Learning", NeurIPS.
     """
     r, a, mu, pi, mu_all = _as_inputs(rewards, actions, propensities, target_probs, logging_probs)
     w = importance_weights(a, mu, pi)
-    return _result("snips", w * r, w, w, pi, mu_all, level, n_resamples, seed)
+    u = np.nan_to_num(unsupported_per_request(pi, mu_all), nan=0.0)
+    return _result("snips", w * r, w + u, w, pi, mu_all, level, n_resamples, seed)
 
 
 def dm(

@@ -171,3 +171,22 @@ def test_bad_inputs_are_refused_with_a_sentence(kwargs: dict[str, np.ndarray], m
 def test_level_must_be_a_probability() -> None:
     with pytest.raises(ValueError, match="level"):
         ope.ips(R, A, MU, PI, level=1.5, n_resamples=10)
+
+
+def test_snips_counts_unsupported_target_mass_as_zero_like_its_warning_says() -> None:
+    """74% of the target's mass on a message the logging rule never showed: SNIPS must not renormalise it away."""
+    n = 1000
+    rng = np.random.default_rng(0)
+    mu_all = np.tile([1.0, 0.0], (n, 1))  # a rule: always message 0, message 1 impossible
+    a, mu = np.zeros(n, dtype=np.int64), np.ones(n)
+    r = rng.uniform(5.0, 15.0, n)  # observed rewards of message 0, mean ~10
+    pi = np.tile([0.0, 1.0], (n, 1))
+    pi[: int(0.26 * n)] = [1.0, 0.0]  # the target agrees with the rule on 26% of the requests
+    res = ope.snips(r, a, mu, pi, logging_probs=mu_all, n_resamples=0)
+    assert res.unsupported_mass == pytest.approx(0.74)
+    # zero for the unsupported 74%: the same as IPS, far below the supported mean the old ratio returned (~10)
+    assert res.estimate == pytest.approx(ope.ips(r, a, mu, pi, n_resamples=0).estimate)
+    assert res.estimate == pytest.approx(r[: int(0.26 * n)].sum() / n)
+    # with full support nothing changes: a weighted mean of observed rewards
+    full = ope.snips(R, A, MU, PI, logging_probs=MU_ALL, n_resamples=0)
+    assert full.estimate == pytest.approx(ope.snips(R, A, MU, PI, n_resamples=0).estimate)
