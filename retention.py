@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sign": ("serving.sign_cli", "mint signed test requests with a local test CA"),
     "catalog": ("serving.catalog_cli", "validate the catalog, check default coverage, sync from Apple"),
     "decisions": ("serving.decisions_cli", "export the server's decision log to the training file format"),
+    "notifications": ("serving.notifications_cli", "record outcomes missed from Apple's notification history"),
     "profiles": ("serving.profiles", "import the developer's subscriber profiles into the embedded store"),
     "simulate": ("training.simulate", "write a synthetic world's decisions, outcomes and profiles"),
     "train": ("training.train", "fit on decisions joined with outcomes, export ONNX, write a model version"),

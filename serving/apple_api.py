@@ -1,0 +1,148 @@
+"""Apple's App Store Server API client, built once for every verb that calls Apple, with two additions.
+
+Every call to Apple goes through Apple's own ``app-store-server-library`` client
+(``AppStoreServerAPIClient``: it signs the ES256 bearer token, knows the paths and parses the
+answers into typed models). This module adds only what that client lacks:
+
+1. ``RETENTION_APPLE_API_URL`` replaces Apple's base URL (tests against a loopback server,
+   egress proxies). The client keeps its base URL in the private attribute ``_base_url``;
+   :func:`set_base_url` is the one place that touches it, and a test guards that it still
+   takes effect with the pinned library version.
+2. A 429 answer becomes :class:`RateLimited`, an ``APIException`` that carries the wait
+   Apple's ``Retry-After`` header asked for (the library drops the header). Apple documents
+   the header's value for its server APIs as a UNIX time in milliseconds; a plain number of
+   seconds or an HTTP date (RFC 9110) is understood too.
+
+Apple's pages: https://developer.apple.com/documentation/retentionmessaging and
+https://developer.apple.com/documentation/appstoreserverapi/identifying-rate-limits
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from appstoreserverlibrary.api_client import APIException, AppStoreServerAPIClient
+from appstoreserverlibrary.models.Environment import Environment
+
+#: Environment variable that replaces Apple's base URL (``https://api.storekit.apple.com`` and the sandbox host).
+BASE_URL_ENV = "RETENTION_APPLE_API_URL"
+
+
+class AppleSetupError(ValueError):
+    """The key, environment or base URL given for Apple's client is unusable; the message is one sentence."""
+
+
+class RateLimited(APIException):
+    """Apple answered 429; ``retry_after_s`` is how long Apple asked to wait (None when it did not say)."""
+
+    def __init__(self, http_status_code: int, raw_api_error: int | None, error_message: str | None,
+                 retry_after_s: float | None) -> None:
+        # the library's explicit __init__ takes these three; attrs' generated signature (what mypy sees) differs
+        super().__init__(http_status_code, raw_api_error, error_message)  # type: ignore[call-arg]
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Return the seconds to wait that a ``Retry-After`` value asks for (>= 0), or None when absent or unreadable.
+
+    Accepts a UNIX time in milliseconds (Apple's server APIs), a number of seconds, or an HTTP date.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    now = time.time() if now is None else now
+    try:
+        number = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - now)
+    if number != number or number < 0:  # NaN or negative
+        return None
+    if number > 1e11:  # a UNIX time in milliseconds (1e11 ms is 1973; 1e11 s is year 5138)
+        return max(0.0, number / 1000.0 - now)
+    return number
+
+
+class RetentionAPIClient(AppStoreServerAPIClient):
+    """Apple's ``AppStoreServerAPIClient`` whose 429 answers raise :class:`RateLimited` with Apple's wait."""
+
+    def _parse_response(self, status_code: int, headers: MutableMapping[str, str], json_supplier: Any,
+                        destination_class: Any) -> Any:
+        try:
+            return super()._parse_response(status_code, headers, json_supplier, destination_class)
+        except APIException as exc:
+            if status_code != 429:
+                raise
+            raise RateLimited(exc.http_status_code, exc.raw_api_error, exc.error_message,
+                              retry_after_seconds(headers.get("Retry-After"))) from None
+
+
+def set_base_url(client: AppStoreServerAPIClient, base_url: str) -> None:
+    """Point `client` at `base_url` (scheme and host, optionally a path prefix; no trailing slash needed).
+
+    Raises AppleSetupError when `base_url` is not an http(s) URL. The library keeps the base
+    URL in ``_base_url``; tests/unit/test_apple_api.py fails if a new version stops using it.
+    """
+    url = base_url.strip().rstrip("/")
+    if not url.startswith(("https://", "http://")) or len(url.split("://", 1)[1]) == 0:
+        raise AppleSetupError(f"{BASE_URL_ENV} must be an http(s) URL, not {base_url!r}")
+    if not hasattr(client, "_base_url"):
+        raise AppleSetupError("this version of app-store-server-library has no _base_url: the URL override needs updating")
+    client._base_url = url
+
+
+def make_client(
+    key: bytes | str | Path,
+    key_id: str,
+    issuer_id: str,
+    bundle_id: str,
+    environment: str,
+    *,
+    base_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RetentionAPIClient:
+    """Return Apple's client for the In-App Purchase key `key` (PEM bytes, or the path of the ``.p8`` file).
+
+    `environment` is ``Sandbox`` or ``Production``. `base_url`, else ``RETENTION_APPLE_API_URL``
+    from `environ` (default ``os.environ``), replaces Apple's host. Raises AppleSetupError (one
+    sentence that never quotes the key) on an unreadable key, a bad environment or a bad URL.
+    """
+    if environment not in ("Sandbox", "Production"):
+        raise AppleSetupError(f"environment must be Sandbox or Production, not {environment!r}")
+    if isinstance(key, bytes):
+        pem = key
+    else:
+        try:
+            pem = Path(key).read_bytes()
+        except OSError as exc:
+            raise AppleSetupError(f"cannot read key file {key}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        client = RetentionAPIClient(pem, key_id, issuer_id, bundle_id, Environment(environment))
+    except Exception:  # the library's own error text is not shown: it could quote the key
+        where = "the key" if isinstance(key, bytes) else f"key file {key}"
+        raise AppleSetupError(
+            f"{where} is not a PEM private key (expected the In-App Purchase key, SubscriptionKey_*.p8)"
+        ) from None
+    env = os.environ if environ is None else environ
+    override = base_url if base_url is not None else env.get(BASE_URL_ENV) or None
+    if override:
+        set_base_url(client, override)
+    return client
+
+
+def describe_api_exception(exc: APIException) -> str:
+    """Return one line naming Apple's HTTP status, error code (number and name) and message."""
+    name = exc.api_error.name if exc.api_error is not None else None
+    code = f"error {exc.raw_api_error}" + (f" {name}" if name else "") if exc.raw_api_error is not None else "no error code"
+    text = f"Apple answered HTTP {exc.http_status_code}, {code}"
+    if exc.error_message:
+        text += f": {exc.error_message}"
+    return text
