@@ -155,7 +155,7 @@ def featurize(
     the others (and every row without it) are joined to `profiles`.
     """
     prof_cols: dict[str, Any] | None = None
-    has_profile = None
+    has_profile: Any = None
     if point_in_time:
         values, read, found = logged_profiles(rows)
     else:

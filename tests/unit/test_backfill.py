@@ -40,7 +40,7 @@ class HistoryServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
                 status, answer = owner.answer(self.path, self.headers.get("Authorization", ""), body)
                 owner.log.append(("POST", self.path, status))
