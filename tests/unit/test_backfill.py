@@ -186,3 +186,17 @@ def test_bad_times_are_one_line(
     assert retention.main(_args(make_settings(), key_file[0], *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_the_progress_bar_shows_when_asked_for_a_terminal(
+    history: tuple[HistoryServer, dict[str, str]], key_file: tuple[Path, Any], make_settings: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from serving.apple_api import make_client
+    from serving.notifications_cli import backfill, parse_time
+
+    server, _ = history
+    client = make_client(key_file[0], KEY_ID, ISSUER_ID, BUNDLE_ID, "Sandbox", base_url=server.url)
+    result = backfill(client, make_settings(), parse_time("2026-01-01"), parse_time("2026-12-31"), progress=True)
+    assert (result.read, result.recorded) == (6, 4)
+    assert "backfill" in capsys.readouterr().err
