@@ -19,14 +19,16 @@ https://developer.apple.com/documentation/appstoreserverapi/identifying-rate-lim
 
 from __future__ import annotations
 
+import argparse
 import email.utils
 import os
+import sys
 import time
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from appstoreserverlibrary.api_client import APIException, AppStoreServerAPIClient
+from appstoreserverlibrary.api_client import APIException, AppStoreServerAPIClient, BaseAppStoreServerAPIClient
 from appstoreserverlibrary.models.Environment import Environment
 
 #: Environment variable that replaces Apple's base URL (``https://api.storekit.apple.com`` and the sandbox host).
@@ -85,8 +87,8 @@ class RetentionAPIClient(AppStoreServerAPIClient):
                               retry_after_seconds(headers.get("Retry-After"))) from None
 
 
-def set_base_url(client: AppStoreServerAPIClient, base_url: str) -> None:
-    """Point `client` at `base_url` (scheme and host, optionally a path prefix; no trailing slash needed).
+def set_base_url(client: BaseAppStoreServerAPIClient, base_url: str) -> None:
+    """Point `client` (Apple's sync or async client) at `base_url` (scheme and host, optionally a path prefix).
 
     Raises AppleSetupError when `base_url` is not an http(s) URL. The library keeps the base
     URL in ``_base_url``; tests/unit/test_apple_api.py fails if a new version stops using it.
@@ -146,3 +148,42 @@ def describe_api_exception(exc: APIException) -> str:
     if exc.error_message:
         text += f": {exc.error_message}"
     return text
+
+
+# ---- command-line flags shared by every verb that calls Apple ------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that build Apple's client, each also a ``RETENTION_*`` variable, and ``--min-interval``."""
+    env = os.environ.get
+    parser.add_argument("--key-file", default=env("RETENTION_OFFER_KEY_FILE"),
+                        help="In-App Purchase private key, SubscriptionKey_*.p8 [env RETENTION_OFFER_KEY_FILE]")
+    parser.add_argument("--key-id", default=env("RETENTION_OFFER_KEY_ID"),
+                        help="key id of that key [env RETENTION_OFFER_KEY_ID]")
+    parser.add_argument("--issuer-id", default=env("RETENTION_OFFER_ISSUER_ID"),
+                        help="issuer id from App Store Connect [env RETENTION_OFFER_ISSUER_ID]")
+    parser.add_argument("--bundle-id", default=env("RETENTION_BUNDLE_ID"),
+                        help="your app's bundle id [env RETENTION_BUNDLE_ID]")
+    parser.add_argument("--environment", default=env("RETENTION_ENVIRONMENT"), choices=("Sandbox", "Production"),
+                        help=f"which of Apple's environments [env RETENTION_ENVIRONMENT]; {BASE_URL_ENV} replaces "
+                             "Apple's host (tests, egress proxies)")
+    parser.add_argument("--min-interval", type=float, default=None,
+                        help="seconds between two calls to one endpoint (default: 1 in Production, 10 in Sandbox, "
+                             "Apple's rate limits)")
+
+
+def check_arguments(args: argparse.Namespace, prog: str) -> int | None:
+    """Print one line and return 2 when a flag of :func:`add_arguments` is missing or bad; else None."""
+    missing = [flag for flag, value in (("--key-file", args.key_file), ("--key-id", args.key_id),
+                                        ("--issuer-id", args.issuer_id), ("--bundle-id", args.bundle_id),
+                                        ("--environment", args.environment)) if not value]
+    if missing:
+        print(f"{prog}: missing {', '.join(missing)} (flag or RETENTION_* variable)", file=sys.stderr)
+        return 2
+    if args.min_interval is not None and args.min_interval < 0:
+        print(f"{prog}: --min-interval must be >= 0", file=sys.stderr)
+        return 2
+    return None
+
+
+def client_from_arguments(args: argparse.Namespace, environment: str | None = None) -> RetentionAPIClient:
+    """Return Apple's client for the flags of :func:`add_arguments` (`environment` overrides ``--environment``)."""
+    return make_client(args.key_file, args.key_id, args.issuer_id, args.bundle_id, environment or args.environment)
