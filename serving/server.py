@@ -94,6 +94,9 @@ def serve(settings: Settings) -> None:
     from uvicorn.supervisors import Multiprocess
 
     os.environ.update(settings_to_env(settings))
+    # uvicorn's workers start as `python -c ...`, which would put the working directory first on their
+    # sys.path while they import multiprocessing: safe-path mode for them, as for every child (serving/children.py)
+    os.environ["PYTHONSAFEPATH"] = "1"
     made_metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # metrics aggregated across workers (prometheus_client's multiprocess mode)

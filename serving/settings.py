@@ -70,9 +70,8 @@ class Settings:
     )
     verify_with: str = _f(
         "process",
-        "Where request signatures are checked: process (a child process per server process, off this one's GIL, "
-        "which also makes offer signature nonces ahead; the server does its jobs while it is down) or thread "
-        "(the signature threads, --verify-threads; offers signed by OpenSSL on the event loop).",
+        "Where request signatures are checked: process (a child process per server process, off this one's GIL; "
+        "the server checks them itself while it is down) or thread (the signature threads, --verify-threads).",
     )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
