@@ -79,7 +79,8 @@ class RequestLimitsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
-        self._arm()
+        if self._request_timer is None:  # a later request on this connection (the first one's runs from the opening)
+            self._arm()
 
     def on_headers_complete(self) -> None:
         self._in_headers = False

@@ -101,6 +101,22 @@ def test_a_request_trickling_in_byte_by_byte_is_closed_after_the_timeout(slow_se
         s.close()
 
 
+def test_a_later_request_on_a_kept_alive_connection_gets_the_same_timeout(slow_server: Server) -> None:
+    """After one answered request, half of a second one on the same connection is closed after the timeout."""
+    s = _open(slow_server.port, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    try:
+        first = b""
+        while b"alive" not in first:
+            chunk = s.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        assert _error_of(_read_to_close(s)) == (408, "request_timeout")
+    finally:
+        s.close()
+
+
 def test_connections_beyond_the_cap_are_refused_at_once_and_health_answers_again_after(
     server_env: dict[str, str], tmp_path: Path  # noqa: F811
 ) -> None:
