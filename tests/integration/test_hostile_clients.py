@@ -166,13 +166,14 @@ def test_two_workers_started_from_a_folder_of_decoys_run_only_our_code(
     server_env: dict[str, str], tmp_path: Path, pki: Any  # noqa: F811
 ) -> None:
     """uvicorn's workers, the signature process and the log writer ignore a multiprocessing/ and a serving/
-    in the working directory (each decoy would leave a mark and exit)."""
+    in the working directory (each decoy would leave a mark and exit); the workers keep the request limits."""
     cwd = tmp_path / "cwd"
     for package, modules in (("multiprocessing", ("__init__", "spawn")), ("serving", ("__init__", "sigproc", "log_writer"))):
         (cwd / package).mkdir(parents=True)
         for m in modules:
             (cwd / package / f"{m}.py").write_text(DECOY.format(mark=str(tmp_path / f"mark-{package}-{m}"), what=m))
-    env = {**server_env, "RETENTION_WORKERS": "2", "RETENTION_DATA_DIR": str(tmp_path / "data")}
+    env = {**server_env, "RETENTION_WORKERS": "2", "RETENTION_DATA_DIR": str(tmp_path / "data"),
+           "RETENTION_REQUEST_TIMEOUT_S": "2"}
     env.pop("PYTHONSAFEPATH", None)
     server = InstalledServer(env, tmp_path / "data", cwd)
     try:
@@ -185,6 +186,9 @@ def test_two_workers_started_from_a_folder_of_decoys_run_only_our_code(
             sig = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
             r = http.post("/retention/message", content=json.dumps({"signedPayload": f"{head}.{payload}.{sig}"}))
             assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+        silent = _open(server.port, b"")  # the workers have the request timeout too
+        assert _error_of(_read_to_close(silent)) == (408, "request_timeout")
+        silent.close()
     finally:
         server.stop()
     assert len(logged_rows(tmp_path / "data")) == 8  # the real writers wrote every answer
