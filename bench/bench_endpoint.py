@@ -16,15 +16,15 @@ its rounds (its event loop's thread, its other threads, its child processes: the
 the log writer).
 
     --no-offers          no In-App Purchase key (no offer candidates, no offer signatures)
-    --reference-thread   the reference checks on a thread and signs with OpenSSL on the loop (before session 4;
-                         by default it does both the endpoint's way: the signature process and its nonces)
+    --reference-thread   the reference checks signatures on a thread (by default it does it the endpoint's way,
+                         in the signature process); offers are signed by OpenSSL on the loop either way
     --profiles           every subscriber has a profile in the store (without it every request is a
                          profile miss, and the featurizer serves its matrix from its cache)
     --baseline-config    also run the endpoint with the settings of --baseline-env, alternating, as an
                          in-run baseline for those choices
     --baseline-env       the baseline's settings, as space-separated RETENTION_*=VALUE pairs (default:
-                         "RETENTION_VERIFY_WITH=thread": signature checks and offer signatures in the server's
-                         process, the checks on its signature thread, instead of in the signature process)
+                         "RETENTION_VERIFY_WITH=thread": signature checks on the server's signature thread
+                         instead of in the signature process)
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--no-offers", action="store_true",
                     help="no In-App Purchase key: no offer candidates and no offer signatures (6 candidates)")
     ap.add_argument("--reference-thread", action="store_true",
-                    help="the reference checks on a thread and signs offers with OpenSSL (the set-up before session 4)")
+                    help="the reference checks signatures on a thread instead of in the signature process")
     ap.add_argument("--profiles", action="store_true",
                     help="import a profile for every benchmark subscriber (each request then reads and featurizes one)")
     ap.add_argument("--baseline-config", action="store_true",

@@ -3,10 +3,9 @@
 ``POST /retention/message`` here decodes the body, checks the ES256 signature of Apple's JWS once with the
 leaf certificate's key, scores one 8-row matrix with the benchmark's ONNX model, and, unless
 ``BENCH_REFERENCE_OFFERS=0``, mints one ``promotionalOfferSignatureV2``. The two ECDSA operations are done
-the way ``retention serve`` does them: with ``BENCH_REFERENCE_VERIFY=process`` (the default) the check in the
-signature process and the offer with a nonce it made ahead (``serving/sigproc.py``); with ``thread``, the
-check on a thread beside the event loop and the offer signed by OpenSSL on the loop (the set-up before
-session 4). Nothing else: no certificate chain, no claim, freshness or replay check,
+the way ``retention serve`` does them: the offer signed by OpenSSL on the loop, and with
+``BENCH_REFERENCE_VERIFY=process`` (the default) the check in the signature process (``serving/sigproc.py``);
+with ``thread``, the check on a thread beside the event loop. Nothing else: no certificate chain, no claim, freshness or replay check,
 no catalog, features, exploration, decision log or metrics. It is not a server anyone should run (it
 trusts any certificate); it tells how far this machine lets a Python endpoint go at all, so the full
 endpoint can be read against it as well as against the bare echo.
@@ -44,7 +43,7 @@ _signer = (
 )
 _offload = Offloader(1, name="reference-verify")
 _sigproc = (
-    SignatureProcess(offloaded_check(_offload), nonces=_signer is not None)
+    SignatureProcess(offloaded_check(_offload))
     if os.environ.get("BENCH_REFERENCE_VERIFY", "process") == "process"
     else None
 )
@@ -95,8 +94,7 @@ async def reference(scope: Any, receive: Any, send: Any) -> None:
     else:
         ok = await _offload(verify_es256, leaf.leaf_key, signing_input, raw)
     p_stay = float(_scorer.p_stay(_rows).max())
-    nonce = _sigproc.take_nonce() if _sigproc is not None and _signer is not None else None
-    offer = _signer.sign(product_id="p", offer_identifier="o", transaction_id="1", nonce=nonce) if _signer else ""
+    offer = _signer.sign(product_id="p", offer_identifier="o", transaction_id="1") if _signer else ""
     body = _encode({"ok": ok, "p": p_stay, "promotionalOfferSignatureV2": offer})
     status = 200 if ok else 401
     await send({"type": "http.response.start", "status": status,

@@ -170,10 +170,7 @@ class RetentionService:
         self.check_signature: SignatureCheck = offloaded_check(self.offload)
         self.sigproc: SignatureProcess | None = None
         if settings.verify_with == "process":
-            self.sigproc = SignatureProcess(
-                self.check_signature, nonces=self.offer_signer is not None,
-                on_restart=self.metrics.signature_process_restart,
-            )
+            self.sigproc = SignatureProcess(self.check_signature, on_restart=self.metrics.signature_process_restart)
             self.check_signature = self.sigproc
         self.kill_switch_file = data_dir / "kill-switch"
         self.killed = settings.kill_switch
@@ -413,7 +410,7 @@ class RetentionService:
         return X, p, self._shadow_scores(snap, request, profile, candidates), profile
 
     def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
-        """Return the answer for `m`; an offer's signature is made here, with a nonce made ahead when one is at hand."""
+        """Return the answer for `m`; an offer's signature is made here, by OpenSSL."""
         mid = m.messageIdentifier
         if m.kind == "message":
             return RealtimeResponseBody(message=Message(mid))
@@ -425,7 +422,6 @@ class RetentionService:
                 raise ValueError("no In-App Purchase key configured for promotional offers")
             sig = self.offer_signer.sign(
                 product_id=request.productId, offer_identifier=m.offerIdentifier, transaction_id=request.originalTransactionId,
-                nonce=self.sigproc.take_nonce() if self.sigproc is not None else None,
             )
             return RealtimeResponseBody(promotionalOffer=PromotionalOffer(mid, promotionalOfferSignatureV2=sig))
         raise ValueError(f"message kind {m.kind!r} cannot be answered")

@@ -45,7 +45,7 @@ import numpy as np
 
 from models.data_files import DECISION_COLUMNS, EVENTS
 from models.data_files import event_for_notification as event_for_notification  # re-exported: its old home
-from serving import log_writer
+from serving import children, log_writer
 
 log = logging.getLogger("retention.decision_log")
 
@@ -546,11 +546,9 @@ class DecisionLog:
     def _spawn(self) -> None:
         """Start the writer process and wait for it to open the file; raises OSError when it cannot."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        root = str(Path(__file__).resolve().parents[1])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.log_writer", str(self.path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        proc = subprocess.Popen(  # -P: never a serving/log_writer.py of the working directory (serving/children.py)
+            children.command("serving.log_writer", str(self.path)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=children.environment(), close_fds=True,
         )
         assert proc.stdout is not None and proc.stdin is not None
         buf = bytearray()

@@ -14,13 +14,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from serving import children
 from serving.settings import DEFAULT_REGISTRY, DEMO_CATALOG
 
 APP_ID = 1234567890
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
             }
         )
         print(f"server: retention serve on {base} (Sandbox, test CA at {root_path})")
-        proc = subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env)
+        proc = subprocess.Popen(children.command("retention", "serve"), env=children.environment(env))
         try:
             ready = _wait_ready(base, proc)
             print(f"server: ready={ready.get('ready')} model={ready.get('model_version')}")

@@ -22,6 +22,8 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "payload_too_large": 413,
     "unknown_critical_header": 400,
     "no_eligible_message": 404,
+    "request_timeout": 408,  # the request did not arrive whole in time (serving/http_limits.py)
+    "too_many_connections": 503,  # the worker holds its maximum of connections (serving/http_limits.py)
 }
 
 

@@ -13,8 +13,8 @@ Series:
 - ``retention_model_version_info{version}`` 1 for the version a worker serves (max over workers);
 - ``retention_reload_failures_total{what}``;
 - ``retention_decision_log_dropped_total``;
-- ``retention_signature_process_restarts_total`` (the child that checks signatures and signs offers died;
-  the server did its jobs until it started again).
+- ``retention_signature_process_restarts_total`` (the child that checks request signatures died;
+  the server checked them itself until it started again).
 
 The request path calls ``observe_request`` once per answer. It only adds to per-process tallies
 under a lock (about 1 µs); the tallies are moved into the Prometheus series at most every

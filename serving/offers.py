@@ -12,15 +12,14 @@ the same bytes on the wire as PyJWT's output (apart from the nonce, the time and
 randomness) at about half the cost per call (``bench/offer_signature.py``); the test suite checks
 both against each other and against the public key.
 
-In the server, the ECDSA nonce of each signature is usually made ahead by the signature process
-(:mod:`serving.sigproc`): ``sign(..., nonce=(k⁻¹, r))`` then only hashes and does two multiplications mod n
-(~5 µs instead of OpenSSL's 30-90 µs on the event loop). Without a nonce at hand, OpenSSL signs.
+Every signature is made by OpenSSL (``cryptography``) with the key object, in the server's process: the
+private key is never taken out of it (no ``private_numbers()``, no ``private_bytes()``), and nothing another
+process sends goes into a signature (docs/security.md).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from serving.settings import Settings
 
 AUDIENCE = "promotional-offer"
-P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # the order of P-256's group
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _encode_json = msgspec.json.Encoder().encode
@@ -83,7 +81,7 @@ def load_offer_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
 class OfferSigner:
     """Mints ``promotionalOfferSignatureV2`` JWS strings with the developer's In-App Purchase key."""
 
-    __slots__ = ("_bundle_id", "_d", "_header_b64", "_issuer_id", "_key", "key_id")
+    __slots__ = ("_bundle_id", "_header_b64", "_issuer_id", "_key", "key_id")
 
     def __init__(self, private_key: ec.EllipticCurvePrivateKey, *, key_id: str, issuer_id: str, bundle_id: str) -> None:
         for name, value in (("key id", key_id), ("issuer id", issuer_id), ("bundle id", bundle_id)):
@@ -91,8 +89,7 @@ class OfferSigner:
                 raise ValueError(f"promotional offers need the In-App Purchase {name}")
         if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(private_key.curve, ec.SECP256R1):
             raise ValueError("promotional offers need an EC P-256 private key")
-        self._key = private_key
-        self._d = private_key.private_numbers().private_value  # for signatures with a nonce made ahead
+        self._key = private_key  # used only through sign(): the secret stays inside OpenSSL
         self.key_id = key_id
         self._issuer_id = issuer_id
         self._bundle_id = bundle_id
@@ -137,34 +134,14 @@ class OfferSigner:
         """Return a signer for the ``.p8`` key at `path` (ValueError when it is not an EC P-256 key)."""
         return cls(load_offer_key(path), key_id=key_id, issuer_id=issuer_id, bundle_id=bundle_id)
 
-    def sign(
-        self, *, product_id: str, offer_identifier: str, transaction_id: str, nonce: tuple[int, int] | None = None
-    ) -> str:
+    def sign(self, *, product_id: str, offer_identifier: str, transaction_id: str) -> str:
         """Return a fresh ES256 JWS for this offer; `transaction_id` is the request's originalTransactionId.
 
-        `nonce`, when given, is a one-time ECDSA nonce pair ``(k⁻¹ mod n, r)`` made ahead by the signature
-        process (:meth:`serving.sigproc.SignatureProcess.take_nonce`); the caller never passes the same pair
-        twice. Without one, OpenSSL signs.
+        OpenSSL signs (ECDSA P-256 with SHA-256, a fresh random nonce each call): ~40 µs on an idle core
+        (``bench/offer_signature.py``).
         """
         signing_input = self._signing_input(product_id, offer_identifier, transaction_id)
-        if nonce is not None:
-            raw = self._sign_with(signing_input, *nonce)
-            if raw is not None:
-                return (signing_input + b"." + _b64url(raw)).decode("ascii")
         return self._jws(signing_input, self._key.sign(signing_input, _ECDSA_SHA256))
-
-    def _sign_with(self, signing_input: bytes, k_inv: int, r: int) -> bytes | None:
-        """Return the raw r||s ES256 signature of `signing_input` with the nonce pair, or None when s is 0.
-
-        ECDSA (SEC 1 v2, section 4.1.3): e = SHA-256(m) as an integer (P-256's order has 256 bits, so no
-        truncation), s = k⁻¹ (e + r·d) mod n. The pair's r = x(k·G) mod n was computed by OpenSSL in the
-        signature process; the tests check every signature made this way against OpenSSL's verification.
-        """
-        e = int.from_bytes(hashlib.sha256(signing_input).digest(), "big")
-        s = k_inv * (e + r * self._d) % P256_N
-        if not s:  # probability ~2^-256: OpenSSL signs instead
-            return None
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
     def _signing_input(self, product_id: str, offer_identifier: str, transaction_id: str) -> bytes:
         # Same claim order as Apple's creator: feature claims first, then bid, iss, aud, iat, nonce.

@@ -1,4 +1,4 @@
-"""``retention serve``: run the endpoint with uvicorn (httptools + uvloop), one or several workers.
+"""``retention serve``: run the endpoint with uvicorn (httptools + uvloop, with our request limits), one or several workers.
 
 Settings are resolved once here (flags over ``RETENTION_*`` over defaults) and handed to the
 worker processes through the environment, so every worker builds the same app with
@@ -68,17 +68,19 @@ def preflight(settings: Settings) -> None:
 
 
 def _uvicorn_config(settings: Settings) -> Any:
-    """Return a uvicorn Config that refuses anything older than TLS 1.2 when it terminates TLS."""
-    from serving.tls_config import Tls12Config
+    """Return a uvicorn Config that refuses anything older than TLS 1.2 when it terminates TLS, closes requests
+    that do not arrive whole within the request timeout and caps each worker's connections."""
+    from serving.http_limits import LimitedConfig
 
-    return Tls12Config(
+    return LimitedConfig(
         "serving.server:app_factory",
+        request_timeout_s=settings.request_timeout_s,
+        max_connections=settings.max_connections,
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         log_level=settings.log_level,
         access_log=False,
@@ -93,12 +95,18 @@ def serve(settings: Settings) -> None:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from serving.http_limits import ensure_fd_limit
+
     os.environ.update(settings_to_env(settings))
+    # uvicorn's workers start as `python -c ...`, which would put the working directory first on their
+    # sys.path while they import multiprocessing: safe-path mode for them, as for every child (serving/children.py)
+    os.environ["PYTHONSAFEPATH"] = "1"
     made_metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # metrics aggregated across workers (prometheus_client's multiprocess mode)
         made_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retention-metrics-")
     config = _uvicorn_config(settings)
+    ensure_fd_limit(settings.max_connections)  # before the workers start: they inherit it
     server = uvicorn.Server(config)
     try:
         if settings.workers > 1:

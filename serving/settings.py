@@ -50,6 +50,15 @@ class Settings:
     ssl_certfile: str | None = _f(None, "TLS certificate (PEM); with --ssl-keyfile the server terminates TLS 1.2+ itself.")
     ssl_keyfile: str | None = _f(None, "TLS private key (PEM file).")
     log_level: str = _f("info", "Log level of the server (debug, info, warning, error).")
+    request_timeout_s: float = _f(
+        10.0,
+        "A request's line, headers and body must arrive within this many seconds (from the connection's opening, "
+        "or the request's first byte); otherwise it is answered 408 request_timeout and its connection closed.",
+    )
+    max_connections: int = _f(
+        1000,
+        "Open connections per worker process; one more is answered 503 too_many_connections and closed at once.",
+    )
     # ---- policy ----
     epsilon: float = _f(0.05, "Exploration: share of requests answered uniformly at random among eligible candidates.")
     exploration: str = _f("epsilon", "Exploration scheme: epsilon (epsilon-greedy) or softmax.")
@@ -70,9 +79,8 @@ class Settings:
     )
     verify_with: str = _f(
         "process",
-        "Where request signatures are checked: process (a child process per server process, off this one's GIL, "
-        "which also makes offer signature nonces ahead; the server does its jobs while it is down) or thread "
-        "(the signature threads, --verify-threads; offers signed by OpenSSL on the event loop).",
+        "Where request signatures are checked: process (a child process per server process, off this one's GIL; "
+        "the server checks them itself while it is down) or thread (the signature threads, --verify-threads).",
     )
     apple_wait_ms: float = _f(
         700.0,
@@ -151,6 +159,10 @@ class Settings:
             raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, not {self.request_timeout_s}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {self.max_connections}")
         if self.max_body_bytes < 256:
             raise ValueError("max_body_bytes must be at least 256")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

@@ -7,32 +7,23 @@ nearly every time: under load the thread waited a median 3.8 ms for checks of 0.
 "Endpoint"), and requests waited on it. A child process has its own interpreter: it checks while the loop
 runs Python, and the loop pays one pipe write per loop turn and one pipe read per group of results.
 
-The child also makes the one-time nonces of the promotional offer signatures, in its idle moments, so that
-an offer's whole ``OfferSigner.sign`` costs the loop ~7 µs instead of ~40 µs alone and 70-90 µs under load
-(``bench/offer_signature.py``; see :mod:`serving.offers`). An ECDSA nonce pair is ``(k⁻¹ mod n, r = x(k·G)
-mod n)`` for a uniform secret ``k``: it depends on neither the message nor the key, so it can be made ahead;
-the costly part, the scalar multiplication ``k·G``, is OpenSSL's. Each pair is used for one signature, then
-forgotten.
+The child only ever says whether a public key's signature holds: it is never asked for anything that goes
+into an answer, and the promotional offer signatures are made in the server by OpenSSL alone
+(:mod:`serving.offers`; docs/security.md).
 
-Protocol (this module is both ends; the child is ``python -m serving.sigproc GROUP NONCES``, NONCES 1 when
-it is to keep nonces ready, 0 when the server signs no offers):
+Protocol (this module is both ends; the child is started by :func:`serving.children.command`, so that it
+imports only our package, never a module of the working directory):
 
-* parent → child, one record a job: a header ``>IIB65s64s`` (job number, length of the data, kind, the leaf
-  key as an uncompressed X9.62 point, the raw r||s signature) then the data. Kind 0 checks a signature (the
-  data is the signing input); kind 1 asks for nonce pairs (point and signature are zeros, the data is the
-  count, ``>I``);
-* child → parent, one record a job: ``>IBI`` (job number, code, length) then the data: code 1 valid / 0
-  invalid / 2 could not do it; the data is empty for a check, 64 bytes a pair (``k⁻¹``, ``r``, big-endian)
-  for nonces.
+* parent → child, one record a job: a header ``>IIB65s64s`` (job number, length of the data, kind 0, the
+  leaf key as an uncompressed X9.62 point, the raw r||s signature) then the signing input;
+* child → parent, one record a job: ``>IBI`` (job number, code, length 0): code 1 valid / 0 invalid / 2
+  could not do it (any other kind of job is answered 2).
 
-The child gets public keys and signed bytes; the In-App Purchase key never leaves the server's process (the
-nonces alone reveal nothing of it; a nonce together with its signature would, which is why each is used once
-and neither is ever logged). The child answers up to ``group`` checks in one write when more are queued (the
-loop then resumes those requests in one turn, and they share one ONNX Runtime run), and at once when nothing
-else is queued; it makes nonces only when no check is waiting, and hands them out from a stash. A check the
-child could not make (code 2), or any check pending when the child dies, is made in the server instead (the
-signature thread); an offer with no nonce at hand is signed in the server the usual way. A request is never
-failed or lost because of the child. A child that dies is started again after a pause.
+The child gets public keys and signed bytes, nothing secret. It answers up to ``group`` checks in one write
+when more are queued (the loop then resumes those requests in one turn, and they share one ONNX Runtime run),
+and at once when nothing else is queued. A check the child could not make (code 2), or any check pending
+when the child dies, is made in the server instead (the signature thread): the child's answer is a shortcut,
+and a request is never failed or lost because of the child. A child that dies is started again after a pause.
 """
 
 from __future__ import annotations
@@ -51,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from serving.offers import P256_N
+from serving import children
 
 if TYPE_CHECKING:
     from serving.verify import SignatureCheck, VerifiedChain
@@ -61,14 +52,7 @@ log = logging.getLogger("retention.sigproc")
 HEAD: Final = struct.Struct(">IIB65s64s")
 RESULT: Final = struct.Struct(">IBI")
 VALID, INVALID, UNCHECKED = 1, 0, 2
-CHECK, NONCES = 0, 1
-NONCE_LOW: Final = 256  # fewer pairs at hand than this: ask the child for more
-NONCE_BATCH: Final = 256  # pairs asked for at a time
-STASH: Final = 1024  # pairs the child keeps ready
-NONCE_CHUNK: Final = 8  # pairs made at a time (one modular inversion for all of them)
-_COUNT: Final = struct.Struct(">I")
-_NO_POINT: Final = bytes(65)
-_NO_SIG: Final = bytes(64)
+CHECK: Final = 0
 GROUP: Final = 4  # results written together at most (see the module's docstring)
 RESTART_AFTER_S: Final = 1.0
 READY_TIMEOUT_S: Final = 10.0
@@ -86,15 +70,13 @@ class SignatureProcess:
 
     The checks run in one child process, started by :meth:`start` and stopped by :meth:`stop`. Before start,
     after stop, on a loop other than the first one used, and for checks the child could not make, the
-    `fallback` runs them. With `nonces`, :meth:`take_nonce` hands out one-time ECDSA nonce pairs the child
-    made ahead (None when none is at hand).
+    `fallback` runs them.
     """
 
     def __init__(
         self,
         fallback: SignatureCheck,
         *,
-        nonces: bool = False,
         on_restart: Callable[[], None] | None = None,
         group: int = GROUP,
         python: str = sys.executable,
@@ -102,10 +84,6 @@ class SignatureProcess:
         if group < 1:
             raise ValueError("group must be >= 1")
         self.fallback = fallback
-        self.nonces = nonces
-        self._pool: deque[tuple[int, int]] = deque()  # (k⁻¹ mod n, r): each popped once, for one signature
-        self._pool_pid = os.getpid()
-        self._asking = False
         self.group = group
         self.python = python
         self.restarts = 0
@@ -114,7 +92,7 @@ class SignatureProcess:
         self._w = -1
         self._r = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._pending: dict[int, asyncio.Future[int]] = {}
         self._out: list[bytes] = []
         self._unsent = b""
         self._inbuf = b""
@@ -145,10 +123,9 @@ class SignatureProcess:
         self._stopped = False
         if self._proc is not None:
             return
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_root(), os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen(
-            [self.python, "-m", "serving.sigproc", str(self.group), "1" if self.nonces else "0"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True, env=env,
+            children.command("serving.sigproc", str(self.group), python=self.python),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True, env=children.environment(),
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._w, self._r = self._proc.stdin.fileno(), self._proc.stdout.fileno()
@@ -196,51 +173,12 @@ class SignatureProcess:
         code = UNCHECKED
         if self._attached(loop):
             try:
-                code, _ = await self._submit(loop, CHECK, chain.leaf_point, signature, signing_input)
+                code = await self._submit(loop, CHECK, chain.leaf_point, signature, signing_input)
             except ChildGoneError:
                 code = UNCHECKED
         if code == UNCHECKED:
             return await self.fallback(chain, signing_input, signature)
         return code == VALID
-
-    def take_nonce(self) -> tuple[int, int] | None:
-        """Return a fresh nonce pair ``(k⁻¹ mod n, r)`` for one offer signature, or None when none is at hand.
-
-        Called on the event loop. A pair is returned once and then forgotten. Running low asks the child for
-        more (the answer comes within a loop turn or two); this never waits.
-        """
-        pool = self._pool
-        if self._pool_pid != os.getpid():  # a forked copy of this object must never reuse the parent's pairs
-            pool.clear()
-            self._pool_pid = os.getpid()
-        if len(pool) < NONCE_LOW and self.nonces and (not self._asking or self._loop is None or self._loop.is_closed()):
-            self._ask_nonces()  # (a request left pending by a closed loop is forgotten when the next one attaches)
-        return pool.popleft() if pool else None
-
-    def _ask_nonces(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if not self._attached(loop):
-            return
-        fut = self._submit(loop, NONCES, _NO_POINT, _NO_SIG, _COUNT.pack(NONCE_BATCH))
-        self._asking = True
-        fut.add_done_callback(self._got_nonces)
-
-    def _got_nonces(self, fut: asyncio.Future[tuple[int, bytes]]) -> None:
-        self._asking = False
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        code, data = fut.result()
-        if code != VALID or len(data) % 64:
-            return
-        pool, n = self._pool, P256_N
-        for i in range(0, len(data), 64):
-            k_inv = int.from_bytes(data[i : i + 32], "big")
-            r = int.from_bytes(data[i + 32 : i + 64], "big")
-            if 0 < k_inv < n and 0 < r < n:
-                pool.append((k_inv, r))
 
     def _attached(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Return True when a job submitted from `loop` goes to the child (the usual case costs no call)."""
@@ -248,10 +186,10 @@ class SignatureProcess:
 
     def _submit(
         self, loop: asyncio.AbstractEventLoop, kind: int, point: bytes, signature: bytes, data: bytes
-    ) -> asyncio.Future[tuple[int, bytes]]:
+    ) -> asyncio.Future[int]:
         n = self._next
         self._next = (n + 1) & 0xFFFFFFFF
-        fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        fut: asyncio.Future[int] = loop.create_future()
         self._pending[n] = fut
         self._out.append(HEAD.pack(n, len(data), kind, point, signature))
         self._out.append(data)
@@ -276,7 +214,6 @@ class SignatureProcess:
         if self._loop is None or self._loop.is_closed():
             # jobs of a closed loop can never be awaited again: forget them (their answers are ignored)
             self._pending.clear()
-            self._asking = False
             self._flush_scheduled = False  # a flush scheduled on the closed loop never ran: the next job's sends all
             self._loop = loop
             loop.add_reader(self._r, self._on_readable)
@@ -334,7 +271,7 @@ class SignatureProcess:
             pos = start + length
             fut = pending.pop(n, None)
             if fut is not None and not fut.done():
-                fut.set_result((code, buf[start:pos] if length else b""))
+                fut.set_result(code)  # (a record's data, empty for a check, is skipped)
         self._inbuf = buf[pos:]
 
     def _died(self, why: str) -> None:
@@ -349,32 +286,22 @@ class SignatureProcess:
         self._close(ChildGoneError(why))
 
 
-def _root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 # ---- the child ------------------------------------------------------------------------------------------
 class _Child:
-    """The child's side: read jobs, check signatures (answered in groups), make nonces when nothing waits."""
+    """The child's side: read jobs, check signatures, answer in groups (at once when nothing else is queued)."""
 
-    def __init__(self, group: int, *, keep_nonces: bool = True) -> None:
+    def __init__(self, group: int) -> None:
         from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
         from serving.verify import verify_es256  # the server's own check, the same bytes accepted
 
         self.verify_es256 = verify_es256
         self.load_point = ec.EllipticCurvePublicKey.from_encoded_point
-        self.generate = ec.generate_private_key
-        self.x962, self.uncompressed = Encoding.X962, PublicFormat.UncompressedPoint
         self.group = group
         self.curve = ec.SECP256R1()
         self.keys: dict[bytes, Any] = {}
         self.buf = b""
         self.checks: deque[tuple[int, bytes, bytes, bytes]] = deque()
-        self.asks: deque[tuple[int, int]] = deque()  # (job number, pairs asked for)
-        self.stash: list[bytes] = []
-        self.stash_size = STASH if keep_nonces else 0  # pairs made ahead in idle moments (asked-for ones: always)
         self.out: list[bytes] = []
         self.answered = 0
 
@@ -388,9 +315,7 @@ class _Child:
                 break
             start = pos + head
             pos = start + length
-            if kind == NONCES:
-                self.asks.append((n, _COUNT.unpack(buf[start:pos])[0] if length == _COUNT.size else 0))
-            elif kind == CHECK:
+            if kind == CHECK:
                 self.checks.append((n, buf[start:pos], point, sig))
             else:  # never guess: the server does what it asked for itself
                 self.out.append(RESULT.pack(n, UNCHECKED, 0))
@@ -404,36 +329,6 @@ class _Child:
             key = self.keys[point] = self.load_point(self.curve, point)
         return VALID if self.verify_es256(key, payload, sig) else INVALID
 
-    def make_nonces(self, count: int) -> list[bytes]:
-        """Return `count` nonce pairs, 64 bytes each: k⁻¹ mod n and r = x(k·G) mod n.
-
-        ``k`` and ``k·G`` come from OpenSSL's key generation (``k`` uniform in [1, n-1] from its CSPRNG, the
-        point from its fixed-base multiplication: ~17 µs, against ~47 µs for ``derive_private_key`` of a ``k`` of
-        our own); the inverses of the whole batch cost one modular inversion and three multiplications a pair
-        (Montgomery's trick) instead of one ~30 µs inversion each.
-        """
-        n = P256_N
-        ks: list[int] = []
-        rs: list[int] = []
-        while len(ks) < count:
-            key = self.generate(self.curve)
-            r = int.from_bytes(key.public_key().public_bytes(self.x962, self.uncompressed)[1:33], "big") % n
-            if r:
-                ks.append(key.private_numbers().private_value)
-                rs.append(r)
-        prefix: list[int] = []
-        acc = 1
-        for k in ks:
-            acc = acc * k % n
-            prefix.append(acc)
-        inv = pow(acc, -1, n)  # (k_1 ... k_m)⁻¹
-        out = [b""] * count
-        for i in range(count - 1, -1, -1):
-            k_inv = inv * prefix[i - 1] % n if i else inv  # (k_1 ... k_i)⁻¹ · (k_1 ... k_(i-1)) = k_i⁻¹
-            inv = inv * ks[i] % n
-            out[i] = k_inv.to_bytes(32, "big") + rs[i].to_bytes(32, "big")
-        return out
-
     def do_check(self) -> None:
         n, payload, point, sig = self.checks.popleft()
         try:
@@ -444,16 +339,6 @@ class _Child:
         self.answered += 1
         if self.answered >= self.group:
             self.answer()
-
-    def do_ask(self) -> None:
-        n, count = self.asks.popleft()
-        count = min(count, STASH)
-        if len(self.stash) < min(count, NONCE_CHUNK):  # an empty stash: make a few now, the rest come later
-            self.stash.extend(self.make_nonces(NONCE_CHUNK))
-        give, self.stash = self.stash[:count], self.stash[count:]
-        self.out.append(RESULT.pack(n, VALID, 64 * len(give)))
-        self.out.extend(give)
-        self.answer()
 
     def answer(self) -> None:
         if self.out:
@@ -466,28 +351,22 @@ class _Child:
 
     def run(self) -> int:
         while True:
-            if not self.checks and not self.asks:
+            if not self.checks:
                 if self.out and not self.readable():
                     self.answer()  # nothing else queued: answer what is done at once
-                if len(self.stash) < self.stash_size and not self.readable():
-                    self.stash.extend(self.make_nonces(NONCE_CHUNK))  # idle: make a few (~0.3 ms), look again
-                    continue
                 data = os.read(0, _READ_SIZE)
                 if not data:
                     self.answer()
                     return 0
                 self.take(data)
                 continue
-            if self.checks:
-                self.do_check()  # checks first: a request waits on each
-            else:
-                self.do_ask()
+            self.do_check()
 
 
 def _child(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server stops, then closes our input: we end then
         signal.signal(sig, signal.SIG_IGN)
-    child = _Child(int(argv[0]) if argv else GROUP, keep_nonces=len(argv) < 2 or argv[1] == "1")
+    child = _Child(int(argv[0]) if argv else GROUP)
     os.write(1, READY)
     return child.run()
 

@@ -1,24 +1,19 @@
-"""The signature process: its checks agree with OpenSSL in the server, its nonces make offers that verify, no job is lost."""
+"""The signature process: its checks agree with OpenSSL in the server, no job is lost."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from serving import sigproc
-from serving.offers import P256_N, OfferSigner
 from serving.sigproc import SignatureProcess
 from serving.verify import verify_es256
 
@@ -184,99 +179,6 @@ def test_after_stop_and_on_another_loop_the_fallback_checks(key: ec.EllipticCurv
     assert fallback.calls == 2
 
 
-def test_nonces_made_ahead_give_offer_signatures_that_verify_and_are_never_reused(
-    key: ec.EllipticCurvePrivateKey,
-) -> None:
-    """2,000 offers signed with the child's nonce pairs: each verifies with the public key, and no r repeats."""
-    signer = OfferSigner(key, key_id="KEY123", issuer_id="issuer-1", bundle_id="com.example.app")
-    proc = SignatureProcess(Fallback(), nonces=True)
-    proc.start()
-
-    async def main() -> list[tuple[int, int] | None]:
-        got = []
-        for i in range(2000):
-            got.append(proc.take_nonce())
-            if i % 100 == 0:
-                await asyncio.sleep(0.02)  # the loop turns: asked-for pairs arrive
-        return got
-
-    try:
-        pairs = asyncio.run(main())
-    finally:
-        proc.stop()
-    used = [p for p in pairs if p is not None]
-    assert len(used) > 1500  # the child keeps up; a None is signed by OpenSSL instead
-    assert len({r for _, r in used}) == len(used)  # a nonce is never used twice
-    before = int(time.time())
-    for i, pair in enumerate(used):
-        token = signer.sign(product_id="com.example.monthly", offer_identifier="offer-50", transaction_id=f"{i}", nonce=pair)
-        claims = jwt.decode(token, key.public_key(), algorithms=["ES256"], audience="promotional-offer")
-        assert claims["transactionId"] == f"{i}" and before <= claims["iat"] <= time.time() + 1
-        assert token.split(".")[2] != ""
-        r = int.from_bytes(base64.urlsafe_b64decode(token.split(".")[2] + "=="), "big") >> 256
-        assert r == pair[1]  # the signature is the one made with that pair
-
-
-def test_a_signature_with_a_nonce_equals_the_ecdsa_definition(key: ec.EllipticCurvePrivateKey) -> None:
-    """s = k⁻¹ (e + r·d) mod n, checked against an independent computation from k itself."""
-    n = P256_N
-    d = key.private_numbers().private_value
-    k = 0x1D2C3B4A5968778695A4B3C2D1E0F1E2D3C4B5A69788796A5B4C3D2E1F0E1D2C % n
-    r = ec.derive_private_key(k, ec.SECP256R1()).public_key().public_numbers().x % n
-    signer = OfferSigner(key, key_id="K", issuer_id="I", bundle_id="B")
-    token = signer.sign(product_id="p", offer_identifier="o", transaction_id="1", nonce=(pow(k, -1, n), r))
-    signing_input, _, sig = token.rpartition(".")
-    raw = base64.urlsafe_b64decode(sig + "==")
-    e = int.from_bytes(hashlib.sha256(signing_input.encode()).digest(), "big")
-    assert raw == r.to_bytes(32, "big") + (pow(k, -1, n) * (e + r * d) % n).to_bytes(32, "big")
-    pub = key.public_key()
-    pub.verify(encode_dss_signature(r, int.from_bytes(raw[32:], "big")), signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-
-
-def test_without_the_child_no_nonce_is_handed_out(key: ec.EllipticCurvePrivateKey) -> None:
-    """Not started, started without nonces, or stopped: take_nonce returns None (OpenSSL then signs)."""
-    not_started = SignatureProcess(Fallback(), nonces=True)
-    without = SignatureProcess(Fallback(), nonces=False)
-    without.start()
-
-    async def take(proc: SignatureProcess) -> list[tuple[int, int] | None]:
-        out = []
-        for _ in range(5):
-            out.append(proc.take_nonce())
-            await asyncio.sleep(0.02)
-        return out
-
-    try:
-        assert asyncio.run(take(not_started)) == [None] * 5
-        assert asyncio.run(take(without)) == [None] * 5
-    finally:
-        without.stop()
-
-
-def test_nonces_keep_coming_after_the_first_loop_closed_with_a_request_pending(key: ec.EllipticCurvePrivateKey) -> None:
-    """A request for nonces left pending by a closed loop does not stop the next loop from getting them."""
-    proc = SignatureProcess(Fallback(), nonces=True)
-    proc.start()
-
-    async def ask_and_leave() -> None:
-        assert proc.take_nonce() is None  # asks; the loop closes before the answer is read
-
-    async def take_until_one() -> tuple[int, int] | None:
-        for _ in range(200):
-            pair = proc.take_nonce()
-            if pair is not None:
-                return pair
-            await asyncio.sleep(0.01)
-        return None
-
-    try:
-        asyncio.run(ask_and_leave())
-        pair = asyncio.run(take_until_one())
-    finally:
-        proc.stop()
-    assert pair is not None
-
-
 def test_a_signing_input_larger_than_the_pipe_is_written_in_parts_and_checked_in_the_child(
     key: ec.EllipticCurvePrivateKey,
 ) -> None:
@@ -299,14 +201,3 @@ def test_a_signing_input_larger_than_the_pipe_is_written_in_parts_and_checked_in
     finally:
         proc.stop()
     assert fallback.calls == 0
-
-
-def test_a_forked_copy_never_hands_out_the_parents_nonces(key: ec.EllipticCurvePrivateKey) -> None:
-    """The pool remembers the process that filled it; in any other process it is emptied before use."""
-    proc = SignatureProcess(Fallback(), nonces=False)  # no child: the pool is filled by hand
-    parents = [(1234567 + i, 7654321 + i) for i in range(5)]
-    proc._pool.extend(parents)
-    assert proc.take_nonce() == parents[0]
-    proc._pool_pid = -1  # what a forked child sees: the pool was filled by another process
-    assert proc.take_nonce() is None
-    assert not proc._pool

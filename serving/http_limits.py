@@ -1,0 +1,151 @@
+"""What one HTTP client may hold of a worker: a request must arrive whole in time, and connections are capped.
+
+uvicorn has no timeout for receiving a request (its issue 157): a client that sends half a header, or headers
+and then part of the body, keeps its connection, its file descriptor and, once the headers are in, a waiting
+request task for as long as it likes; a few thousand such clients exhaust the process's file descriptors, and
+then even ``/health`` is refused. :class:`RequestLimitsProtocol` is uvicorn's httptools protocol with two
+limits, set by :class:`LimitedConfig` from the settings:
+
+* ``request_timeout_s`` (``--request-timeout-s``, default 10 s): from a connection's opening, and from the
+  first byte of each later request on it, the request line, headers and body must all have arrived within
+  this time. Otherwise the server answers ``408 {"error": "request_timeout", ...}`` (when no answer to that
+  request has begun) and closes the connection; an application waiting for the body sees a disconnect. Idle
+  keep-alive connections are closed by uvicorn's own ``timeout_keep_alive`` (5 s).
+* ``max_connections`` (``--max-connections``, default 1000 per worker): a connection beyond it is answered
+  ``503 {"error": "too_many_connections", ...}`` and closed at once, so open connections (and their file
+  descriptors) never exceed it. :func:`ensure_fd_limit` raises the soft ``RLIMIT_NOFILE`` when it is too
+  low for that many.
+
+In front of the server, a reverse proxy does the same with its own settings (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from typing import Any, Final
+
+import msgspec
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serving.errors import ERROR_STATUS
+from serving.tls_config import Tls12Config
+
+log = logging.getLogger("retention.http")
+
+DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
+DEFAULT_MAX_CONNECTIONS: Final = 1000
+FD_RESERVE: Final = 128  # descriptors a worker needs besides its connections (SQLite, pipes, the model, logs)
+
+
+def _raw_response(code: str, detail: str) -> bytes:
+    """Return a whole HTTP/1.1 response with the JSON error body, closing the connection."""
+    body = msgspec.json.encode({"error": code, "detail": detail})
+    return b"".join([
+        STATUS_LINE[ERROR_STATUS[code]],
+        b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+        b"\r\nconnection: close\r\n\r\n", body,
+    ])
+
+
+class RequestLimitsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol that closes requests not received within the timeout and caps connections.
+
+    The limits come from the config (:class:`LimitedConfig`); a plain ``uvicorn.Config`` gets the defaults.
+    """
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.request_timeout_s: float = getattr(config, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)
+        self.max_connections: int = getattr(config, "max_connections", DEFAULT_MAX_CONNECTIONS)
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._in_headers = True  # between a request's first byte and the end of its headers
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("more than %d open connections: one refused", self.max_connections)
+            self._close_with("too_many_connections",
+                             f"The server holds its maximum of {self.max_connections} connections; try again.")
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        if self._request_timer is None:  # a later request on this connection (the first one's runs from the opening)
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+        self._request_timer = self.loop.call_later(self.request_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+    def _timed_out(self) -> None:
+        self._request_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        # an answer may be under way: to the previous request (pipelining), or to this one (sent before its body)
+        answering = cycle is not None and (cycle.response_started if not self._in_headers else not cycle.response_complete)
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            if not self._in_headers:  # the application waits for the body: it gets a disconnect
+                cycle.disconnected = True
+                cycle.message_event.set()
+        if answering:
+            self.transport.close()
+        else:
+            self._close_with("request_timeout",
+                             f"The request did not arrive whole within {self.request_timeout_s:g} s.")
+
+    def _close_with(self, code: str, detail: str) -> None:
+        self.transport.write(_raw_response(code, detail))
+        self.transport.close()
+
+
+class LimitedConfig(Tls12Config):
+    """The server's uvicorn config: TLS 1.2 or later, and :class:`RequestLimitsProtocol` with these limits."""
+
+    def __init__(self, app: Any, *, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: Any) -> None:
+        super().__init__(app, http=RequestLimitsProtocol, **kwargs)
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
+
+
+def ensure_fd_limit(max_connections: int) -> None:
+    """Raise this process's soft ``RLIMIT_NOFILE`` (up to the hard limit) to hold `max_connections` connections.
+
+    Worker processes inherit it. Logs a warning when the hard limit is too low.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            new = soft
+        if new < want:
+            log.warning("open files limit %d is below --max-connections %d + %d; raise `ulimit -n`",
+                        new, max_connections, FD_RESERVE)

@@ -1,0 +1,196 @@
+"""A real ``retention serve`` against slow clients, too many connections, and a working directory full of decoys."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import APP_ID
+from tests.integration.test_server import Server, free_port, logged_rows, server_env  # noqa: F401  (a fixture)
+
+RETENTION = str(Path(sys.executable).parent / "retention")  # the installed command, as users start it
+
+
+def _open(port: int, first: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if first:
+        s.sendall(first)
+    return s
+
+
+def _read_to_close(s: socket.socket) -> bytes:
+    """Return everything the server sends until it closes the connection (the socket timeout fails the test)."""
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+
+
+def _error_of(raw: bytes) -> tuple[int, str]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
+@pytest.fixture
+def slow_server(server_env: dict[str, str], tmp_path: Path) -> Iterator[Server]:  # noqa: F811
+    env = {**server_env, "RETENTION_REQUEST_TIMEOUT_S": "2", "RETENTION_MAX_CONNECTIONS": "400"}
+    s = Server(env, tmp_path / "data")
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+def test_requests_that_never_finish_are_closed_after_the_timeout_and_health_still_answers(
+    slow_server: Server, pki: Any
+) -> None:
+    """300 connections: silent, half a request line, half the headers, headers with half a body."""
+    port = slow_server.port
+    body = pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox")
+    head = (b"POST /retention/message HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n")
+    openings = [b"", b"POST /retention/mes", head[:60], head + body[: len(body) // 2]]
+    attack = [_open(port, openings[i % 4]) for i in range(300)]
+    try:
+        with httpx.Client(base_url=slow_server.base, timeout=10) as http:
+            for _ in range(5):  # during the attack, before any timeout
+                assert http.get("/health").status_code == 200
+            # a slow client that finishes in time is answered as usual
+            s = _open(port, head)
+            time.sleep(0.5)
+            s.sendall(body)
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            s.close()
+            for s in attack:  # each is answered 408 (or, silent, closed) and closed by the server
+                raw = _read_to_close(s)
+                assert _error_of(raw) == (408, "request_timeout"), raw[:300]
+            assert http.get("/health").status_code == 200
+    finally:
+        for s in attack:
+            s.close()
+
+
+def test_a_request_trickling_in_byte_by_byte_is_closed_after_the_timeout(slow_server: Server) -> None:
+    """A byte every 0.3 s keeps no connection open past the request timeout (2 s here; 30 s of bytes to send)."""
+    s = _open(slow_server.port, b"")
+    try:
+        for ch in b"GET /health HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 70:
+            if select.select([s], [], [], 0.3)[0]:  # the server answered, then closes
+                break
+            try:
+                s.sendall(bytes([ch]))
+            except OSError:
+                break
+        else:
+            raise AssertionError("the trickling request was still open after 30 s")
+        assert _error_of(_read_to_close(s)) == (408, "request_timeout")
+    finally:
+        s.close()
+
+
+def test_a_later_request_on_a_kept_alive_connection_gets_the_same_timeout(slow_server: Server) -> None:
+    """After one answered request, half of a second one on the same connection is closed after the timeout."""
+    s = _open(slow_server.port, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    try:
+        first = b""
+        while b"alive" not in first:
+            chunk = s.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        assert _error_of(_read_to_close(s)) == (408, "request_timeout")
+    finally:
+        s.close()
+
+
+def test_connections_beyond_the_cap_are_refused_at_once_and_health_answers_again_after(
+    server_env: dict[str, str], tmp_path: Path  # noqa: F811
+) -> None:
+    env = {**server_env, "RETENTION_REQUEST_TIMEOUT_S": "30", "RETENTION_MAX_CONNECTIONS": "20"}
+    server = Server(env, tmp_path / "data")
+    try:
+        server.wait_ready()
+        held = [_open(server.port, b"GET /health HTTP/1.1\r\n") for _ in range(20)]
+        time.sleep(0.5)
+        extra = _open(server.port, b"")
+        assert _error_of(_read_to_close(extra)) == (503, "too_many_connections")
+        extra.close()
+        for s in held:
+            s.close()
+        for _ in range(50):
+            try:
+                if httpx.get(server.base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("/health never answered once the held connections were gone")
+    finally:
+        server.stop()
+
+
+class InstalledServer(Server):
+    """``retention serve`` started as users start it (the installed command), from the folder `cwd`."""
+
+    def __init__(self, env: dict[str, str], data_dir: Path, cwd: Path) -> None:
+        self.port = int(env["RETENTION_PORT"])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.proc = subprocess.Popen([RETENTION, "serve"], env=env, cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+DECOY = '''\
+import pathlib
+pathlib.Path({mark!r}).write_text("decoy {what} ran")
+raise SystemExit(3)
+'''
+
+
+def test_two_workers_started_from_a_folder_of_decoys_run_only_our_code(
+    server_env: dict[str, str], tmp_path: Path, pki: Any  # noqa: F811
+) -> None:
+    """uvicorn's workers, the signature process and the log writer ignore a multiprocessing/ and a serving/
+    in the working directory (each decoy would leave a mark and exit); the workers keep the request limits."""
+    cwd = tmp_path / "cwd"
+    for package, modules in (("multiprocessing", ("__init__", "spawn")), ("serving", ("__init__", "sigproc", "log_writer"))):
+        (cwd / package).mkdir(parents=True)
+        for m in modules:
+            (cwd / package / f"{m}.py").write_text(DECOY.format(mark=str(tmp_path / f"mark-{package}-{m}"), what=m))
+    env = {**server_env, "RETENTION_WORKERS": "2", "RETENTION_DATA_DIR": str(tmp_path / "data"),
+           "RETENTION_REQUEST_TIMEOUT_S": "2"}
+    env.pop("PYTHONSAFEPATH", None)
+    server = InstalledServer(env, tmp_path / "data", cwd)
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.base) as http:
+            for _ in range(8):
+                r = http.post("/retention/message", content=pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))
+                assert r.status_code == 200, r.text
+            head, payload, sig = pki.signed_request(app_apple_id=APP_ID, environment="Sandbox").split(".")
+            sig = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
+            r = http.post("/retention/message", content=json.dumps({"signedPayload": f"{head}.{payload}.{sig}"}))
+            assert r.status_code == 401 and r.json()["error"] == "bad_signature"
+        silent = _open(server.port, b"")  # the workers have the request timeout too
+        assert _error_of(_read_to_close(silent)) == (408, "request_timeout")
+        silent.close()
+    finally:
+        server.stop()
+    assert len(logged_rows(tmp_path / "data")) == 8  # the real writers wrote every answer
+    assert sorted(p.name for p in tmp_path.glob("mark-*")) == []
+    assert os.path.isdir(cwd / "serving")
