@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": ("training.score", "batch-score logged requests with a model version"),
     "evaluate": ("training.evaluate_cli", "compare model versions off-policy; HTML report and JSON summary"),
     "models": ("training.models_cli", "list, show, promote, rollback model versions"),
+    "experiment": ("training.experiment", "a challenger on live traffic: start, status, promote, plan"),
 }
 
 
