@@ -35,6 +35,7 @@ from serving.policy import (
     Choice,
     ExplorationParams,
     candidates_for,
+    experiment_choice,
     fallback_choice,
     ml_choice,
     rule_choice,
@@ -68,6 +69,12 @@ def _error_response(code: str, detail: str) -> Response[bytes]:
 def _error(code: str, detail: str) -> tuple[int, bytes]:
     return ERROR_STATUS[code], _encode({"error": code, "detail": detail})
 
+
+#: What scoring gives back: features, P(stay), the shadow's P(stay), the raw profile values used (None: no
+#: profile), the experiment challenger's (features, P(stay)).
+_Scored = tuple[
+    np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None, tuple[np.ndarray, np.ndarray] | None
+]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _NO_ELIGIBLE = _error(
@@ -145,6 +152,9 @@ class RetentionService:
             catalog_path=settings.catalog,
             registry_spec=settings.model,
             shadow_version=settings.shadow_model,
+            challenger=settings.challenger,
+            challenger_share=settings.challenger_share,
+            experiment_id=settings.experiment_id,
             on_reload_failure=lambda what, why: self.metrics.reload_failure(what),
             on_model_version=self.metrics.set_model_version,
         )
@@ -177,6 +187,7 @@ class RetentionService:
         self._kill_checked_at = 0.0
         self._kill_file_present = False
         self._names_shas: dict[str, str] = {}
+        self._experiment_params: dict[tuple[str, str, float, str], dict[str, Any]] = {}  # experiment and arm -> params
         self._batch: list[tuple[Any, np.ndarray, asyncio.Future[Any]]] = []  # requests waiting for the next ONNX run
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -297,20 +308,50 @@ class RetentionService:
             c = fallback_choice(candidates, default_index, outcome)
             c.model_version = model.version
             return c
-        X, p, shadow_p, profile = outcome
+        X, p, shadow_p, profile, challenger_scored = outcome
         self.breaker.success()
         choice = ml_choice(snap.catalog, candidates, default_index, request.productId, p, params, u, model.version)
         choice.features = X
         choice.profile, choice.profile_read = profile, True
+        if snap.experiment is not None and snap.challenger is not None:
+            choice = self._experiment_choice(snap, request, candidates, default_index, choice, challenger_scored, u)
         if snap.shadow is not None:
             choice.shadow_model_version = snap.shadow.version
             if shadow_p is not None:
                 choice.shadow_message_id = shadow_pick(snap.catalog, candidates, request.productId, shadow_p)
         return choice
 
+    def _experiment_choice(
+        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...],
+        default_index: int | None, current: Choice, challenger_scored: tuple[np.ndarray, np.ndarray] | None, u: float,
+    ) -> Choice:
+        """Return the subscriber's arm's choice, logged with the experiment's exact mixture probabilities."""
+        experiment, bundle = snap.experiment, snap.challenger
+        assert experiment is not None and bundle is not None
+        arm = experiment.arm_of(request.originalTransactionId)
+        if challenger_scored is None:
+            other = fallback_choice(candidates, default_index, "challenger_error")
+            other.model_version = bundle.version
+        else:
+            X_ch, p_ch = challenger_scored
+            other = ml_choice(snap.catalog, candidates, default_index, request.productId, p_ch, self.params, u,
+                              bundle.version)
+            other.features = X_ch
+        other.profile, other.profile_read = current.profile, current.profile_read
+        choice = experiment_choice(current, other, arm, experiment.share)
+        key = (experiment.experiment_id, experiment.challenger, experiment.share, arm)
+        logged = self._experiment_params.get(key)
+        if logged is None:
+            logged = self._experiment_params[key] = {
+                **self._params_logged, "experiment_id": experiment.experiment_id, "arm": arm,
+                "challenger_share": experiment.share, "challenger_version": experiment.challenger,
+            }
+        choice.policy_params = logged
+        return choice
+
     async def _score_batched(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None] | str:
+    ) -> _Scored | str:
         """Featurize now; score on the event loop in one ONNX Runtime call with the other requests ready now.
 
         Every request that reaches this point in the same turn of the event loop joins one batch, scored
@@ -336,7 +377,8 @@ class RetentionService:
         p = await fut
         if isinstance(p, str):
             return p
-        return X, p, self._shadow_scores(snap, request, profile, candidates), profile
+        return (X, p, self._shadow_scores(snap, request, profile, candidates), profile,
+                self._challenger_scores(snap, request, profile, candidates))
 
     @staticmethod
     def _shadow_scores(
@@ -349,6 +391,19 @@ class RetentionService:
             return snap.shadow.score(request, profile, candidates)[1]
         except Exception as exc:  # the shadow never affects the answer
             log.warning("shadow model %s failed: %s", snap.shadow.version, exc)
+            return None
+
+    @staticmethod
+    def _challenger_scores(
+        snap: Snapshot, request: DecodedRealtimeRequestBody, profile: Any, candidates: tuple[CatalogMessage, ...]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Return the experiment's challenger (features, P(stay)), or None (no experiment, or it failed)."""
+        if snap.challenger is None or snap.experiment is None:
+            return None
+        try:
+            return snap.challenger.score(request, profile, candidates)
+        except Exception as exc:  # the challenger arm then gets the rule policy's answer
+            log.warning("challenger model %s failed: %s", snap.challenger.version, exc)
             return None
 
     def _run_batch(self) -> None:
@@ -385,7 +440,7 @@ class RetentionService:
 
     async def _score_in_thread(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None] | str:
+    ) -> _Scored | str:
         """Score on the scoring thread with a timeout: the answer never waits past the budget."""
         fut = self.executor.submit(self._score, snap, request, candidates)
         try:
@@ -401,13 +456,14 @@ class RetentionService:
 
     def _score(
         self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any] | None]:
-        """Featurize and score on the scoring thread; returns (features, P(stay), shadow P(stay), profile)."""
+    ) -> _Scored:
+        """Featurize and score on the scoring thread; returns (features, P(stay), shadow P(stay), profile, challenger's)."""
         model = snap.model
         assert model is not None
         profile = self.profiles.get(request.originalTransactionId)
         X, p = model.score(request, profile, candidates)
-        return X, p, self._shadow_scores(snap, request, profile, candidates), profile
+        return (X, p, self._shadow_scores(snap, request, profile, candidates), profile,
+                self._challenger_scores(snap, request, profile, candidates))
 
     def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         """Return the answer for `m`; an offer's signature is made here, by OpenSSL."""
@@ -426,9 +482,9 @@ class RetentionService:
             return RealtimeResponseBody(promotionalOffer=PromotionalOffer(mid, promotionalOfferSignatureV2=sig))
         raise ValueError(f"message kind {m.kind!r} cannot be answered")
 
-    def _names_sha(self, snap: Snapshot) -> str | None:
-        """Return the log's hash of the serving model's feature names (registered once per version)."""
-        model = snap.model
+    def _names_sha(self, snap: Snapshot, version: str | None) -> str | None:
+        """Return the log's hash of the feature names of the model `version` that chose (registered once per version)."""
+        model = snap.challenger if snap.challenger is not None and version == snap.challenger.version else snap.model
         if model is None:
             return None
         sha = self._names_shas.get(model.version)
@@ -469,14 +525,14 @@ class RetentionService:
                 kind=choice.message.kind if choice.message else None,
                 propensity=choice.propensity,
                 policy=policy,
-                policy_params=self._params_logged,
+                policy_params=choice.policy_params or self._params_logged,
                 model_version=choice.model_version,
                 shadow_model_version=choice.shadow_model_version,
                 shadow_message_id=choice.shadow_message_id,
                 catalog_sha256=snap.catalog.sha256,
                 fallback_reason=fallback_reason,
                 features=X,
-                feature_names_sha=self._names_sha(snap) if X is not None else None,
+                feature_names_sha=self._names_sha(snap, choice.model_version) if X is not None else None,
                 latency_ms=latency_ms,
                 answered_at=int(time.time() * 1000),
                 status=status,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.experiment import mixture_probabilities
 from models.exploration import action_probabilities, epsilon_probabilities_list, greedy_index, sample, sample_list
 from serving.catalog import Catalog, CatalogMessage
 from serving.schemas import DecodedRealtimeRequestBody
@@ -40,6 +41,7 @@ class Choice:
     shadow_message_id: str | None = None
     profile: dict[str, object] | None = None  # the raw profile values the features were made from
     profile_read: bool = False  # the profile store was asked (profile None then means: no profile)
+    policy_params: dict[str, object] | None = None  # None: the server's exploration parameters
 
 
 def candidates_for(
@@ -179,3 +181,24 @@ def shadow_pick(catalog: Catalog, candidates: Sequence[CatalogMessage], product_
         return None
     return candidates[greedy_index(values_of(catalog, candidates, product_id, p_stay))].messageIdentifier
 
+
+
+def experiment_choice(
+    current: Choice,
+    challenger: Choice,
+    arm: str,
+    share: float,
+) -> Choice:
+    """Return the arm's choice logged with the exact mixture probabilities of a live experiment.
+
+    ``current`` and ``challenger`` are each arm's choice for the same candidates and the same uniform
+    draw (a challenger that could not score is its rule fallback, probability 1). The message shown is
+    the subscriber's arm's; its logged probabilities are ``(1 − share)·π_current + share·π_challenger``
+    (models.experiment), so the experiment's decisions stay valid for off-policy evaluation.
+    """
+    mixed = mixture_probabilities(current.probabilities, challenger.probabilities, share)
+    chosen = challenger if arm == "challenger" else current
+    idx = next((i for i, m in enumerate(chosen.candidates) if m is chosen.message), None)
+    chosen.probabilities = mixed
+    chosen.propensity = mixed[idx] if idx is not None else 1.0
+    return chosen

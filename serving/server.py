@@ -65,6 +65,11 @@ def preflight(settings: Settings) -> None:
             file=sys.stderr,
         )
     Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
+    if settings.challenger:
+        from serving.state import start_experiment
+
+        start_experiment(settings.model.split("@", 1)[0], settings.challenger, settings.challenger_share,
+                         settings.experiment_id)  # raises ExperimentError (a ValueError) in one sentence
 
 
 def _uvicorn_config(settings: Settings) -> Any:

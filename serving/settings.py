@@ -66,6 +66,14 @@ class Settings:
     holdout: float = _f(0.0, "Share of requests that always get the default message (a control group).")
     kill_switch: bool = _f(False, "Send every request to the rule policy (no model).")
     shadow_model: str | None = _f(None, "A second registry version scored beside the serving one, logged, never shown.")
+    challenger: str | None = _f(
+        None,
+        "Start a live experiment: this registry version serves a share of subscribers (by a stable hash of "
+        "originalTransactionId). Written to the registry's experiment.json, which every server hot-reloads; "
+        "'retention experiment share|stop' change it later.",
+    )
+    challenger_share: float = _f(0.5, "Share of subscribers in the challenger arm, in (0, 1), with --challenger.")
+    experiment_id: str | None = _f(None, "Experiment id with --challenger (default exp-<challenger version>).")
     budget_ms: float = _f(50.0, "Internal deadline for featurizing and scoring; past it the default message is answered.")
     score_in_thread: bool = _f(
         False,
@@ -157,6 +165,8 @@ class Settings:
             raise ValueError(f"verify_with must be process or thread, not {self.verify_with!r}")
         if self.verify_threads < 0:
             raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
+        if not 0.0 < self.challenger_share < 1.0:
+            raise ValueError(f"challenger_share must be strictly between 0 and 1, not {self.challenger_share}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         if not self.request_timeout_s > 0:

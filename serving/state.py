@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from models.experiment import Experiment, ExperimentError, read_experiment, write_experiment
 from serving.catalog import Catalog, CatalogError, CatalogMessage
 from serving.schemas import DecodedRealtimeRequestBody
 
@@ -63,6 +64,8 @@ class Snapshot:
     model: ModelBundle | None
     model_error: str | None
     shadow: ModelBundle | None
+    experiment: Experiment | None = None  # the live experiment, only while its challenger is loaded
+    challenger: ModelBundle | None = None
 
 
 def _file_key(path: str) -> tuple[int, int, int] | None:
@@ -100,6 +103,40 @@ def current_pointer(registry_spec: str) -> str | None:
     return pinned or registry.current()
 
 
+def start_experiment(registry_root: str, challenger: str, share: float, experiment_id: str | None = None) -> Experiment:
+    """Return the experiment ``--challenger`` asks for, written to the registry unless it already runs there.
+
+    ``challenger``: a version id, or ``latest`` / ``current``; the id defaults to ``exp-<version>`` so that
+    replicas started with the same flags agree. Raises ExperimentError (one sentence) when the version
+    does not exist or another experiment is running.
+    """
+    import time
+
+    from models.registry import Registry
+
+    registry = Registry(registry_root)
+    version = challenger
+    if version in ("latest", "current"):
+        versions = registry.versions()
+        version = (versions[-1] if versions else "") if version == "latest" else (registry.current() or "")
+    if version not in registry.versions():
+        raise ExperimentError(f"--challenger {challenger}: no such version in the model registry {registry.root}")
+    wanted = Experiment(experiment_id or f"exp-{version}", version, share, True)
+    running = read_experiment(registry.root)
+    if running is not None and running.active:
+        if (running.experiment_id, running.challenger, running.share) == (wanted.experiment_id, version, share):
+            return running
+        raise ExperimentError(
+            f"experiment {running.experiment_id} (challenger {running.challenger}, share {running.share:g}) is running "
+            f"in {registry.root}; stop it first (retention experiment stop) or serve without --challenger"
+        )
+    wanted = dataclasses.replace(wanted, started_at_ms=int(time.time() * 1000))
+    write_experiment(registry.root, wanted)
+    log.info("started experiment %s: challenger %s on %.0f%% of subscribers", wanted.experiment_id, version,
+             100 * share)
+    return wanted
+
+
 class Runtime:
     """Holds the live :class:`Snapshot` and reloads it when the catalog file or current model changes."""
 
@@ -109,12 +146,19 @@ class Runtime:
         catalog_path: str,
         registry_spec: str,
         shadow_version: str | None = None,
+        challenger: str | None = None,
+        challenger_share: float = 0.5,
+        experiment_id: str | None = None,
         on_reload_failure: Callable[[str, str], None] | None = None,
         on_model_version: Callable[[str | None], None] | None = None,
     ) -> None:
         self.catalog_path = catalog_path
         self.registry_spec = registry_spec
         self.shadow_version = shadow_version
+        self.challenger = challenger
+        self.challenger_share = challenger_share
+        self.experiment_id = experiment_id
+        self._experiment_key: tuple[int, int, int] | None = None
         self._on_failure = on_reload_failure or (lambda what, why: None)
         self._on_version = on_model_version or (lambda v: None)
         self._lock = threading.Lock()
@@ -131,7 +175,10 @@ class Runtime:
         self._catalog_key = _file_key(self.catalog_path)
         model, error = self._try_model(catalog)
         shadow = self._try_shadow(catalog)
-        snap = Snapshot(catalog, model, error, shadow)
+        if self.challenger:
+            self._start_experiment()
+        experiment, challenger = self._try_experiment(catalog)
+        snap = Snapshot(catalog, model, error, shadow, experiment, challenger)
         self.snapshot = snap
         self._on_version(model.version if model else None)
         if error:
@@ -154,6 +201,40 @@ class Runtime:
             log.warning("shadow model %s not loaded: %s", self.shadow_version, exc)
             self._on_failure("shadow", str(exc))
             return None
+
+    @property
+    def _registry_root(self) -> str:
+        return self.registry_spec.split("@", 1)[0]
+
+    def _start_experiment(self) -> None:
+        assert self.challenger
+        start_experiment(self._registry_root, self.challenger, self.challenger_share, self.experiment_id)
+
+    def _try_experiment(self, catalog: Catalog) -> tuple[Experiment | None, ModelBundle | None]:
+        """Return the registry's active experiment and its loaded challenger, or (None, None).
+
+        A file that cannot be used, or a challenger that does not load, leaves every subscriber on the
+        current model, with a log line and a reload-failure metric.
+        """
+        from models.experiment import EXPERIMENT_FILE
+
+        self._experiment_key = _file_key(os.path.join(self._registry_root, EXPERIMENT_FILE))
+        try:
+            experiment = read_experiment(self._registry_root)
+        except ExperimentError as exc:
+            log.error("experiment refused, every subscriber gets the current model: %s", exc)
+            self._on_failure("experiment", str(exc))
+            return None, None
+        if experiment is None or not experiment.active:
+            return None, None
+        try:
+            challenger = load_bundle(self._registry_root, catalog, experiment.challenger)
+        except Exception as exc:
+            log.error("experiment %s: challenger %s not loaded, every subscriber gets the current model: %s",
+                      experiment.experiment_id, experiment.challenger, exc)
+            self._on_failure("challenger", str(exc))
+            return None, None
+        return experiment, challenger
 
     # ---- reloading ----------------------------------------------------------------
     def check_reload(self) -> bool:
@@ -179,6 +260,11 @@ class Runtime:
             except Exception as exc:
                 pointer = self._model_pointer
                 log.error("model registry unreadable: %s", exc)
+            from models.experiment import EXPERIMENT_FILE
+
+            experiment_changed = (
+                _file_key(os.path.join(self._registry_root, EXPERIMENT_FILE)) != self._experiment_key
+            )
             model, error = old.model, old.model_error
             model_changed = pointer != self._model_pointer or (old.model is None and pointer is not None)
             if model_changed or catalog_changed:
@@ -199,12 +285,18 @@ class Runtime:
                         log.error("catalog refused: the model cannot featurize it: %s", exc)
                         self._on_failure("catalog", str(exc))
                         return False
-            if not (model_changed or catalog_changed):
+            if not (model_changed or catalog_changed or experiment_changed):
                 return False
             shadow = old.shadow
             if catalog_changed and self.shadow_version:
                 shadow = self._try_shadow(catalog)
-            self.snapshot = Snapshot(catalog, model, error, shadow)
+            experiment, challenger = old.experiment, old.challenger
+            if catalog_changed or experiment_changed:
+                experiment, challenger = self._try_experiment(catalog)
+                if experiment_changed:
+                    log.info("experiment: %s", f"{experiment.experiment_id}, challenger {experiment.challenger} on "
+                             f"{experiment.share:.0%} of subscribers" if experiment else "none (current model for all)")
+            self.snapshot = Snapshot(catalog, model, error, shadow, experiment, challenger)
             self._on_version(model.version if model else None)
             log.info("reloaded: catalog %s, model %s", catalog.sha256[:12], model.version if model else None)
             return True

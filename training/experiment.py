@@ -229,9 +229,7 @@ def experiment_status(
     """
     from training.labels import label_decisions, reward
 
-    if "experiment_id" not in decisions.columns or "arm" not in decisions.columns:
-        raise ValueError("the decisions carry no experiment columns (experiment_id, arm): were they logged by a "
-                         "server running an experiment?")
+    decisions = with_experiment_columns(decisions)
     d = decisions[decisions["experiment_id"].astype("str") == experiment_id]
     if d.empty:
         raise ValueError(f"no decision was logged for experiment {experiment_id!r}")
@@ -272,6 +270,34 @@ def experiment_status(
         upper=state.upper if state else None, probability_challenger_better=p_better, decision=decision,
         reason=reason, decisions_per_day=per_day, days_to_decision=days, horizon_days=horizon_ms / DAY_MS,
     )
+
+
+def with_experiment_columns(decisions: Any) -> Any:
+    """Return the decisions with ``experiment_id`` and ``arm`` columns (None outside an experiment).
+
+    The server logs both in each decision's ``policy_params`` (a dict, or JSON text in an export); files
+    that already carry the columns are returned as they are.
+    """
+    import json
+
+    if "experiment_id" in decisions.columns and "arm" in decisions.columns:
+        return decisions
+    if "policy_params" not in decisions.columns:
+        raise ValueError("the decisions carry neither experiment columns (experiment_id, arm) nor policy_params")
+
+    def params(v: Any) -> dict[str, Any]:
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                return {}
+        return v if isinstance(v, dict) else {}
+
+    p = [params(v) for v in decisions["policy_params"]]
+    out = decisions.copy()
+    out["experiment_id"] = [d.get("experiment_id") for d in p]
+    out["arm"] = [d.get("arm") for d in p]
+    return out
 
 
 def _value_after(catalog: Any, message_id: Any, product_id: Any) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -199,3 +200,102 @@ def test_cli_start_status_promote(tmp_path: Path, trained_registry: Path, capsys
     assert Registry(reg_dir).current() == challenger
     exp = read_experiment(reg_dir)
     assert exp is not None and not exp.active
+
+
+# ---- serving: the challenger on live traffic ---------------------------------------------------
+@pytest.fixture(scope="module")
+def two_model_registry(tmp_path_factory: pytest.TempPathFactory, trained_registry: Path) -> tuple[Path, str, str]:
+    """A registry whose current version is the session's model and whose latest is another, different one."""
+    from training.train import train_demo_model
+
+    reg_dir = tmp_path_factory.mktemp("exp") / "reg"
+    shutil.copytree(trained_registry, reg_dir)
+    reg = Registry(reg_dir)
+    cur = reg.current()
+    assert cur is not None
+    challenger = train_demo_model(reg_dir, n_decisions=3000, seed=11)
+    reg.promote(cur)
+    assert challenger != cur
+    return reg_dir, cur, challenger
+
+
+def _served(client: Any, pki: Any, n: int, prefix: str) -> list[dict[str, Any]]:
+    from serving.decision_log import read_decisions
+    from tests.conftest import APP_ID
+
+    for i in range(n):
+        body = pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox",
+                                       original_transaction_id=f"{prefix}{i:06d}")
+        r = client.post("/retention/message", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+    svc = client.app.state.service
+    svc.decision_log.flush()
+    return [d for d in read_decisions(svc.decision_log.path) if d["original_transaction_id"].startswith(prefix)]
+
+
+def test_live_experiment_logs_arms_and_exact_mixture_probabilities(
+    tmp_path: Path, make_settings: Any, pki: Any, two_model_registry: tuple[Path, str, str]
+) -> None:
+    from litestar.testing import TestClient
+
+    from models.exploration import epsilon_probabilities_list
+    from serving.app import create_app
+    from serving.state import load_bundle
+
+    src, cur, challenger = two_model_registry
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(src, reg_dir)
+    settings = make_settings(model=str(reg_dir), challenger=challenger, challenger_share=0.3, experiment_id="exp-live",
+                             epsilon=0.3)
+    cat = Catalog.load(DEMO_CATALOG)
+    bundles = {v: load_bundle(str(reg_dir), cat, v) for v in (cur, challenger)}
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        rows = _served(client, pki, 120, "31")
+        assert len(rows) == 120
+        arms = {"current": 0, "challenger": 0}
+        for d in rows:
+            params = d["policy_params"]
+            arm = assign_arm("exp-live", d["original_transaction_id"], 0.3)
+            assert params["experiment_id"] == "exp-live" and params["arm"] == arm
+            arms[arm] += 1
+            # the arm's model chose the message
+            assert d["model_version"] == (challenger if arm == "challenger" else cur)
+            # the logged probabilities are the exact mixture of both arms' exploration distributions
+            X = np.asarray(d["features"], dtype=np.float32)
+            after = [cat.value_after(cat.messages[m], d["product_id"]) for m in d["candidates"]]
+            per_arm = []
+            for v in (cur, challenger):
+                p = np.asarray(bundles[v].scorer.p_stay(X), dtype=np.float64)
+                per_arm.append(epsilon_probabilities_list([float(a * b) for a, b in zip(p, after, strict=True)], 0.3))
+            mix = [0.7 * a + 0.3 * b for a, b in zip(*per_arm, strict=True)]
+            assert d["probabilities"] == pytest.approx(mix, rel=1e-6)
+            assert d["propensity"] == pytest.approx(mix[d["candidates"].index(d["message_id"])], rel=1e-6)
+        assert arms["current"] > 0 and arms["challenger"] > 0
+
+        # the share and the stop hot-reload from the registry's experiment file
+        svc = client.app.state.service
+        assert retention.main(["experiment", "share", "--registry", str(reg_dir), "0.8"]) == 0
+        svc.runtime.check_reload()
+        rows = _served(client, pki, 40, "32")
+        assert all(d["policy_params"]["challenger_share"] == 0.8 for d in rows)
+        assert all(d["policy_params"]["arm"] == assign_arm("exp-live", d["original_transaction_id"], 0.8) for d in rows)
+        assert retention.main(["experiment", "stop", "--registry", str(reg_dir)]) == 0
+        svc.runtime.check_reload()
+        rows = _served(client, pki, 20, "33")
+        assert all("arm" not in d["policy_params"] and d["model_version"] == cur for d in rows)
+
+
+def test_serve_refuses_a_challenger_that_does_not_exist_or_clashes(tmp_path: Path, two_model_registry: Any
+) -> None:
+    from serving.state import start_experiment
+
+    src, _, challenger = two_model_registry
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(src, reg_dir)
+    with pytest.raises(ExperimentError, match="no such version"):
+        start_experiment(str(reg_dir), "20000101T000000Z-nope", 0.5)
+    first = start_experiment(str(reg_dir), challenger, 0.5)
+    assert first.experiment_id == f"exp-{challenger}" and read_experiment(reg_dir) == first
+    assert start_experiment(str(reg_dir), challenger, 0.5) == first  # a second replica with the same flags
+    with pytest.raises(ExperimentError, match="is running"):
+        start_experiment(str(reg_dir), challenger, 0.2)
