@@ -229,7 +229,7 @@ class Metrics:
             self._version = version
 
     def reload_failure(self, what: str) -> None:
-        """Count one refused reload (``model`` or ``catalog``)."""
+        """Count one refused reload (``model``, ``catalog``, ``shadow``, ``experiment`` or ``challenger``)."""
         self._reload.labels(what).inc()
 
     def decision_log_dropped(self, n: int) -> None:

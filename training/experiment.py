@@ -412,9 +412,10 @@ def format_plan(p: Plan) -> str:
         f"  = sqrt({p1:.4f}*{1 - p1:.4f}/{p.share:g} + {p.baseline_rate:.4f}*{1 - p.baseline_rate:.4f}/{1 - p.share:g})"
         f" = {p.sd:.4f}",
         "anytime-valid confidence sequence (Waudby-Smith et al. 2024), read as often as you like:",
-        f"  half-width = lift (a true lift found about half the time by then): {days(p.decisions_median)}",
-        f"  found with probability {p.power:.0%}:                          {days(p.decisions_power)}",
-        f"fixed-horizon z-test read exactly once at the end: (z + z_power)^2 sigma^2 / lift^2: {days(p.decisions_fixed)}",
+        f"  half-width = lift, a true lift found about half the time by then: {days(p.decisions_median)}",
+        f"  a true lift found with probability {p.power:.0%} by then:                {days(p.decisions_power)}",
+        "fixed-horizon z-test read exactly once at the end, (z_(1-alpha/2) + z_power)^2 sigma^2 / lift^2:",
+        f"  {days(p.decisions_fixed)}",
         f"at {p.traffic_per_day:,.0f} decisions/day; add {p.horizon_days:g} days for the last decisions' labels to close",
     ])
 
