@@ -61,11 +61,12 @@ def boundary(t: np.ndarray | float, alpha: float, t_star: float) -> np.ndarray:
     return np.sqrt(2.0 * a / (tt * tt * r2) * np.log(np.sqrt(a) / alpha))
 
 
-def aipw_terms(challenger: np.ndarray, rewards: np.ndarray, share: float) -> np.ndarray:
+def aipw_terms(challenger: np.ndarray, rewards: np.ndarray, share: float | np.ndarray) -> np.ndarray:
     """Return the (n,) predictable AIPW terms ψ_i (see the module docstring), in the order given.
 
     ``challenger``: (n,) bool, True for the challenger arm; ``rewards``: (n,) float, the realized
-    value of each decision; ``share``: the challenger arm's assignment probability S in (0, 1).
+    value of each decision; ``share``: the challenger arm's assignment probability S in (0, 1), one
+    for all or (n,) per decision (when the share changed during the experiment).
     Before an arm has any decision its predictable mean is 0 (the pooled prior is not needed:
     the term stays unbiased whatever the plug-in).
     """
@@ -79,7 +80,8 @@ def aipw_terms(challenger: np.ndarray, rewards: np.ndarray, share: float) -> np.
     n0 = np.concatenate([[0.0], np.cumsum(~z)[:-1]]) if n else np.zeros(0)
     m1 = np.divide(s1, n1, out=np.zeros(n), where=n1 > 0)
     m0 = np.divide(s0, n0, out=np.zeros(n), where=n0 > 0)
-    return (m1 - m0) + np.where(z, (y - m1) / share, -(y - m0) / (1.0 - share))
+    s = np.broadcast_to(np.asarray(share, dtype=np.float64), (n,))
+    return (m1 - m0) + np.where(z, (y - m1) / s, -(y - m0) / (1.0 - s))
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,8 @@ def experiment_status(
     Labels follow ``training.labels`` with ``mature_only``: a decision whose window has not closed is
     pending. Raises ValueError when no decision belongs to the experiment.
     """
+    import pandas as pd
+
     from training.labels import label_decisions, reward
 
     decisions = with_experiment_columns(decisions)
@@ -254,7 +258,9 @@ def experiment_status(
     alpha = 1.0 - level
     state = None
     if arms[0].labelled >= MIN_PER_ARM and arms[1].labelled >= MIN_PER_ARM:
-        psi = aipw_terms(z[ok], y[ok], share)
+        shares = (pd.to_numeric(d["challenger_share"], errors="coerce").fillna(share).to_numpy(np.float64)
+                  if "challenger_share" in d.columns else np.full(len(d), share))
+        psi = aipw_terms(z[ok], y[ok], shares[ok])
         state = confidence_sequence(psi, alpha, t_star)[0]
     t = d["signed_date"].to_numpy(np.int64)
     span_days = max((int(t.max()) - int(t.min())) / DAY_MS, 1.0)
@@ -297,6 +303,7 @@ def with_experiment_columns(decisions: Any) -> Any:
     out = decisions.copy()
     out["experiment_id"] = [d.get("experiment_id") for d in p]
     out["arm"] = [d.get("arm") for d in p]
+    out["challenger_share"] = [d.get("challenger_share") for d in p]
     return out
 
 

@@ -234,7 +234,8 @@ def _served(client: Any, pki: Any, n: int, prefix: str) -> list[dict[str, Any]]:
 
 
 def test_live_experiment_logs_arms_and_exact_mixture_probabilities(
-    tmp_path: Path, make_settings: Any, pki: Any, two_model_registry: tuple[Path, str, str]
+    tmp_path: Path, make_settings: Any, pki: Any, two_model_registry: tuple[Path, str, str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from litestar.testing import TestClient
 
@@ -279,6 +280,13 @@ def test_live_experiment_logs_arms_and_exact_mixture_probabilities(
         rows = _served(client, pki, 40, "32")
         assert all(d["policy_params"]["challenger_share"] == 0.8 for d in rows)
         assert all(d["policy_params"]["arm"] == assign_arm("exp-live", d["original_transaction_id"], 0.8) for d in rows)
+        # status straight from the server's log folder: every decision so far is pending (no outcome yet)
+        capsys.readouterr()
+        assert retention.main(["experiment", "status", "--registry", str(reg_dir), "--data-dir", settings.data_dir,
+                               "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert sum(a["decisions"] for a in status["arms"]) == 160
+        assert sum(a["pending"] for a in status["arms"]) == 160 and status["decision"] == "continue"
         assert retention.main(["experiment", "stop", "--registry", str(reg_dir)]) == 0
         svc.runtime.check_reload()
         rows = _served(client, pki, 20, "33")
