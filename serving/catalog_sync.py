@@ -43,6 +43,8 @@ from appstoreserverlibrary.models.DefaultConfigurationResponse import DefaultCon
 from appstoreserverlibrary.models.GetImageListResponse import GetImageListResponse
 from appstoreserverlibrary.models.GetMessageListResponse import GetMessageListResponse
 
+from serving.apple_api import RateLimited
+from serving.apple_api import describe_api_exception as _describe
 from serving.catalog import STATES, Catalog, CatalogError
 
 T = TypeVar("T")
@@ -75,36 +77,24 @@ def min_interval_for(environment: str) -> float:
 
 
 def make_client(key_file: str | Path, key_id: str, issuer_id: str, bundle_id: str, environment: str) -> Any:
-    """Return Apple's ``AppStoreServerAPIClient`` for the In-App Purchase key in `key_file`.
+    """Return Apple's ``AppStoreServerAPIClient`` for the In-App Purchase key in `key_file` (serving.apple_api).
 
-    The key is read from the file and handed to the library only; no message here ever
-    contains its bytes.
+    ``RETENTION_APPLE_API_URL`` replaces Apple's host. The key is read from the file and handed
+    to the library only; no message here ever contains its bytes.
     """
-    from appstoreserverlibrary.api_client import AppStoreServerAPIClient
-    from appstoreserverlibrary.models.Environment import Environment
+    from serving.apple_api import AppleSetupError
+    from serving.apple_api import make_client as apple_client
 
-    if environment not in ("Sandbox", "Production"):
-        raise SyncError(f"environment must be Sandbox or Production, not {environment!r}")
     try:
-        key = Path(key_file).read_bytes()
-    except OSError as exc:
-        raise SyncError(f"cannot read key file {key_file}: {exc.strerror or type(exc).__name__}") from None
-    try:
-        return AppStoreServerAPIClient(key, key_id, issuer_id, bundle_id, Environment(environment))
-    except Exception:  # the library's own error text is not shown: it could quote the key
-        raise SyncError(
-            f"key file {key_file} is not a PEM private key (expected the In-App Purchase key, SubscriptionKey_*.p8)"
-        ) from None
+        return apple_client(key_file, key_id, issuer_id, bundle_id, environment)
+    except AppleSetupError as exc:
+        raise SyncError(str(exc)) from None
 
 
 # ---- calling Apple --------------------------------------------------------------------
 def describe_api_exception(exc: APIException) -> str:
-    """Return one line naming Apple's HTTP status, error code and message."""
-    name = exc.api_error.name if exc.api_error is not None else None
-    code = f"error {exc.raw_api_error}" + (f" {name}" if name else "") if exc.raw_api_error is not None else "no error code"
-    text = f"Apple answered HTTP {exc.http_status_code}, {code}"
-    if exc.error_message:
-        text += f": {exc.error_message}"
+    """Return one line naming Apple's HTTP status, error code and message (and what to do about a 429)."""
+    text = _describe(exc)
     if exc.api_error == APIError.RATE_LIMIT_EXCEEDED:
         text += " (Apple counts its rate limit per hour: try again later, or raise --min-interval)"
     return text
@@ -118,41 +108,66 @@ def _one_line(text: str, limit: int = 240) -> str:
 class Pacer:
     """Calls Apple, at most one call per `min_interval` seconds per endpoint, turning failures into SyncError.
 
-    Apple enforces 1 request/s per endpoint in production and a tenth of that in the
-    sandbox, counted per hour; spacing each endpoint's calls by the per-second rate can
-    therefore never exceed it. A 429 is not retried: with an hourly window, waiting
-    seconds does not help, and the library's exception does not carry ``Retry-After``.
+    Apple enforces 1 request/s per endpoint in production (10/s for Configure Default
+    Message) and a tenth of that in the sandbox, counted per hour; spacing each endpoint's
+    calls by the per-second rate can therefore never exceed it. `intervals` overrides the
+    spacing of named endpoints. A 429 that says how long to wait (``Retry-After``, surfaced
+    by serving.apple_api.RateLimited) is retried after that wait while the waits add up to at
+    most `max_wait` seconds; a 429 without one, or asking for longer, is a SyncError.
     """
 
     def __init__(
         self,
         min_interval: float,
         *,
+        intervals: dict[str, float] | None = None,
+        max_wait: float = 300.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.min_interval = max(0.0, float(min_interval))
+        self.intervals = {k: max(0.0, float(v)) for k, v in (intervals or {}).items()}
+        self.max_wait = max_wait
         self._sleep = sleep
         self._clock = clock
         self._last: dict[str, float] = {}
         self.calls = 0
+        #: seconds slept because Apple answered 429, in order
+        self.rate_limited_waits: list[float] = []
 
-    def call(self, endpoint: str, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
-        """Return `fn(*args)` once `endpoint` may be called again; raise SyncError (naming `what`) on any failure."""
-        what = what or endpoint
+    def _space(self, endpoint: str) -> None:
         last = self._last.get(endpoint)
         if last is not None:
-            wait = last + self.min_interval - self._clock()
+            wait = last + self.intervals.get(endpoint, self.min_interval) - self._clock()
             if wait > 0:
                 self._sleep(wait)
         self._last[endpoint] = self._clock()
         self.calls += 1
-        try:
-            return fn(*args)
-        except APIException as exc:
-            raise SyncError(f"{what}: {describe_api_exception(exc)}") from None
-        except Exception as exc:  # network failure, timeout, or an answer the library could not parse
-            raise SyncError(f"{what}: no usable answer from Apple: {type(exc).__name__}: {_one_line(str(exc))}") from None
+
+    def call(self, endpoint: str, fn: Callable[..., T], *args: Any, what: str | None = None) -> T:
+        """Return `fn(*args)` once `endpoint` may be called again; raise SyncError (naming `what`) on any failure."""
+        what = what or endpoint
+        waited = 0.0
+        while True:
+            self._space(endpoint)
+            try:
+                return fn(*args)
+            except RateLimited as exc:
+                wait = exc.retry_after_s
+                if wait is None or waited + wait > self.max_wait:
+                    after = "" if wait is None else f" (Apple asked to wait {wait:.0f} s)"
+                    raise SyncError(f"{what}: {describe_api_exception(exc)}{after}") from None
+                self.rate_limited_waits.append(wait)
+                self._sleep(wait)
+                waited += wait
+            except APIException as exc:
+                raise SyncError(f"{what}: {describe_api_exception(exc)}") from None
+            except SyncError:
+                raise
+            except Exception as exc:  # network failure, timeout, or an answer the library could not parse
+                raise SyncError(
+                    f"{what}: no usable answer from Apple: {type(exc).__name__}: {_one_line(str(exc))}"
+                ) from None
 
 
 @dataclass

@@ -64,3 +64,48 @@ def make_settings(pki_dir: Path, trained_registry: Path, tmp_path: Path) -> Call
         return Settings(**base)
 
     return make
+
+
+class AppleFixture:
+    """The loopback Apple server and the In-App Purchase key its tokens must be signed with."""
+
+    KEY_ID, ISSUER_ID, BUNDLE_ID = "TESTKEY123", "57246542-96fe-1a63-e053-0824d011072a", "com.example.app"
+
+    def __init__(self, tmp_path: Path, environment: str = "Sandbox") -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from tests.apple_server import AppleServer, signing_key_pem
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        self.key_file = tmp_path / "SubscriptionKey_TESTKEY123.p8"
+        self.key_file.write_bytes(signing_key_pem(key))
+        self.environment = environment
+        self.server = AppleServer(key_id=self.KEY_ID, issuer_id=self.ISSUER_ID, bundle_id=self.BUNDLE_ID,
+                                  public_key=key.public_key(), environment=environment).start()
+
+    @property
+    def account(self) -> Any:
+        return self.server.account
+
+    def client(self) -> Any:
+        """Return Apple's client (serving.apple_api) pointed at the loopback server."""
+        from serving.apple_api import make_client
+
+        return make_client(self.key_file, self.KEY_ID, self.ISSUER_ID, self.BUNDLE_ID, self.environment,
+                           base_url=self.server.base_url)
+
+    def env(self) -> dict[str, str]:
+        """Return the RETENTION_* variables a CLI run needs to reach the loopback server."""
+        return {"RETENTION_APPLE_API_URL": self.server.base_url, "RETENTION_OFFER_KEY_FILE": str(self.key_file),
+                "RETENTION_OFFER_KEY_ID": self.KEY_ID, "RETENTION_OFFER_ISSUER_ID": self.ISSUER_ID,
+                "RETENTION_BUNDLE_ID": self.BUNDLE_ID, "RETENTION_ENVIRONMENT": self.environment}
+
+
+@pytest.fixture
+def apple(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Yield an AppleFixture: Apple's Retention Messaging API on loopback, its settings in the environment."""
+    fx = AppleFixture(tmp_path)
+    for k, v in fx.env().items():
+        monkeypatch.setenv(k, v)
+    yield fx
+    fx.server.stop()
