@@ -25,7 +25,7 @@ from litestar import Litestar, MediaType, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 
 from models.data_files import APPLE_FALLBACK_POLICY
-from serving.catalog import CatalogMessage
+from serving.catalog import Catalog, CatalogMessage
 from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
 from serving.metrics import Metrics
@@ -249,11 +249,11 @@ class RetentionService:
         response_body: RealtimeResponseBody | None = None
         if choice.message is not None:
             try:
-                response_body = self._response_for(choice.message, request)
+                response_body = self._response_for(snap.catalog, choice.message, request)
             except Exception as exc:  # an offer that cannot be signed must not cost the message
                 log.error("answer for %s failed (%s); answering the default", choice.message.messageIdentifier, exc)
                 choice = fallback_choice(choice.candidates, self._default_index(snap, request, choice), "offer_signature")
-                response_body = self._response_for(choice.message, request) if choice.message else None
+                response_body = self._response_for(snap.catalog, choice.message, request) if choice.message else None
         if response_body is None:
             resp = _NO_ELIGIBLE
             status = 404
@@ -465,9 +465,14 @@ class RetentionService:
         return (X, p, self._shadow_scores(snap, request, profile, candidates), profile,
                 self._challenger_scores(snap, request, profile, candidates))
 
-    def _response_for(self, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
-        """Return the answer for `m`; an offer's signature is made here, by OpenSSL."""
-        mid = m.messageIdentifier
+    def _response_for(self, catalog: Catalog, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
+        """Return the answer for `m`; an offer's signature is made here, by OpenSSL.
+
+        The answer names Apple's identifier of `m` in the request's locale (serving.catalog.Catalog.apple_id).
+        """
+        mid = m.messageIdentifier if m.content is None else catalog.apple_id(m, request.userLocale)
+        if mid is None:
+            raise ValueError(f"message {m.messageIdentifier} has no approved text for {request.userLocale}")
         if m.kind == "message":
             return RealtimeResponseBody(message=Message(mid))
         if m.kind == "alternateProduct":

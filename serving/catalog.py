@@ -10,6 +10,18 @@ Locale fallback, in order:
 Defaults follow the same order: the exact ``(productId, locale)`` default, else a
 default for the same language of that product (the lexically first locale, so the
 choice is deterministic).
+
+Message content. A message may carry ``content``: its text per locale, in the fields of
+Apple's Upload Message (``header``, ``body``, optional ``image`` with ``altText``,
+``bulletPoints``, ``headerPosition``), images named by PNG file. Apple's messages have no
+locale, so ``retention catalog apply`` uploads each locale's text under its own Apple
+identifier (a UUID version 5 of the text, serving/catalog_content.py) and records what it
+uploaded, with Apple's states, in the catalog's ``uploaded`` section. The model and the
+decision log still see one message (its ``messageIdentifier``, whatever the locale); only
+the answer names the Apple identifier of the request's locale: the newest one uploaded for
+that message and locale whose message and images Apple has APPROVED (so an old text keeps
+serving until its replacement is approved, and a rejected text is never answered). A message
+without ``content`` is served under its own ``messageIdentifier`` with its own states, as before.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -39,13 +51,75 @@ class Product(msgspec.Struct, frozen=True):
     value: float
 
 
-class CatalogMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """One message as uploaded to Apple, with what it costs us when the subscriber stays."""
+class ImageRef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An image of a message's text: a PNG file (relative to the catalog's folder) and its alt text."""
+
+    file: str
+    altText: str
+
+
+class BulletPointText(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One of Apple's bullet points: text and a 1024 x 1024 PNG with its alt text."""
+
+    text: str
+    image: ImageRef
+
+
+class MessageText(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One locale's text, in the fields of Apple's UploadMessageRequestBody.
+
+    https://developer.apple.com/documentation/retentionmessaging/uploadmessagerequestbody
+    """
+
+    header: str
+    body: str
+    image: ImageRef | None = None
+    bulletPoints: list[BulletPointText] = []
+    headerPosition: str | None = None  # ABOVE_BODY or ABOVE_IMAGE
+
+
+class UploadedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One locale's text as uploaded to Apple: Apple's identifier, the logical message, Apple's state."""
 
     messageIdentifier: str
+    message: str
+    locale: str
     messageState: str
+    imageIdentifiers: list[str] = []
+    #: the UploadMessageRequestBody sent (Apple never gives a message's text back)
+    upload: dict[str, Any] = {}
+
+
+class UploadedImage(msgspec.Struct, frozen=True, kw_only=True):
+    """One PNG as uploaded to Apple."""
+
+    imageIdentifier: str
+    file: str
+    sha256: str
+    imageSize: str
+    imageState: str
+
+
+class Uploaded(msgspec.Struct, frozen=True, kw_only=True):
+    """The local record of what ``retention catalog apply`` uploaded, in upload order, with Apple's states."""
+
+    messages: list[UploadedMessage] = []
+    images: list[UploadedImage] = []
+    #: default messages apply set at Apple, with Apple's identifiers
+    defaults: list[DefaultMessage] = []
+
+
+class CatalogMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message as uploaded to Apple, with what it costs us when the subscriber stays.
+
+    With ``content`` the message is logical: ``locales`` are the content's locales and the
+    states come from the catalog's ``uploaded`` record, per locale.
+    """
+
+    messageIdentifier: str
+    messageState: str = "PENDING"
     kind: str
-    locales: list[str]
+    locales: list[str] = []
     productIds: list[str]
     imageIdentifier: str | None = None
     imageState: str | None = None
@@ -53,6 +127,7 @@ class CatalogMessage(msgspec.Struct, frozen=True, kw_only=True):
     billingPlanType: str | None = None
     offerIdentifier: str | None = None
     cost: float = 0.0
+    content: dict[str, MessageText] | None = None
 
 
 class DefaultMessage(msgspec.Struct, frozen=True):
@@ -69,6 +144,7 @@ class CatalogFile(msgspec.Struct, frozen=True):
     products: list[Product]
     messages: list[CatalogMessage]
     defaults: list[DefaultMessage] = []
+    uploaded: Uploaded | None = None
 
 
 def language(locale: str) -> str:
@@ -102,9 +178,16 @@ class Catalog:
                 raise CatalogError(f"product {p.productId!r} has a negative or missing value")
             self.products[p.productId] = p
         self.messages: dict[str, CatalogMessage] = {}
+        if any(m.content is not None for m in data.messages):
+            data = msgspec.structs.replace(data, messages=[
+                msgspec.structs.replace(m, locales=sorted(m.content)) if m.content is not None else m
+                for m in data.messages])
+            self.data = data
         for m in data.messages:
             self._validate_message(m)
             self.messages[m.messageIdentifier] = m
+        #: (message, content locale) -> the Apple identifier answered there (see module doc)
+        self.served: dict[tuple[str, str], str] = self._served_identifiers(data)
         self.defaults: dict[tuple[str, str], CatalogMessage] = {}
         for d in data.defaults:
             self._validate_default(d)
@@ -159,6 +242,8 @@ class Catalog:
             raise CatalogError(f"message {mid}: imageIdentifier is not a UUID")
         if m.kind != "message" and m.imageIdentifier is not None:
             raise CatalogError(f"message {mid}: a {m.kind} message must have no image (Apple refuses it)")
+        if m.content is not None:
+            self._validate_content(m)
         if not m.locales:
             raise CatalogError(f"message {mid}: no locales")
         if not m.productIds:
@@ -192,6 +277,29 @@ class Catalog:
         elif m.offerIdentifier is not None:
             raise CatalogError(f"message {mid}: only a promotionalOffer message has offerIdentifier")
 
+    @staticmethod
+    def _validate_content(m: CatalogMessage) -> None:
+        mid = m.messageIdentifier
+        if m.imageIdentifier is not None or m.imageState is not None:
+            raise CatalogError(f"message {mid}: a message with content names its images in content, not imageIdentifier")
+        for loc in m.content or {}:
+            if not loc or loc != loc.strip():
+                raise CatalogError(f"message {mid}: content locale {loc!r} is not a locale code")
+
+    @staticmethod
+    def _served_identifiers(data: CatalogFile) -> dict[tuple[str, str], str]:
+        if data.uploaded is None:
+            return {}
+        content_locales = {m.messageIdentifier: set(m.content) for m in data.messages if m.content is not None}
+        image_ok = {i.imageIdentifier for i in data.uploaded.images if i.imageState == "APPROVED"}
+        served: dict[tuple[str, str], str] = {}
+        for u in data.uploaded.messages:  # upload order: a later approved text replaces an earlier one
+            if u.locale not in content_locales.get(u.message, ()):
+                continue
+            if u.messageState == "APPROVED" and all(i in image_ok for i in u.imageIdentifiers):
+                served[(u.message, u.locale)] = u.messageIdentifier
+        return served
+
     def _validate_default(self, d: DefaultMessage) -> None:
         m = self.messages.get(d.messageIdentifier)
         where = f"default for {d.productId} {d.locale}"
@@ -201,7 +309,8 @@ class Catalog:
             raise CatalogError(f"{where}: message {d.messageIdentifier} is not in the catalog")
         if m.kind != "message":
             raise CatalogError(f"{where}: message {m.messageIdentifier} is a {m.kind}, a default must be a plain message")
-        if not self.is_shown(m):
+        if m.content is None and not self.is_shown(m):
+            # a message with content becomes Apple's default once its text is approved (catalog apply)
             raise CatalogError(f"{where}: message {m.messageIdentifier} (or its image) is not APPROVED")
         if (d.productId, d.locale) in self.defaults:
             raise CatalogError(f"{where}: listed twice")
@@ -212,13 +321,38 @@ class Catalog:
         """Return True when Apple would show `m`: the message and any image are APPROVED."""
         return m.messageState == "APPROVED" and (m.imageIdentifier is None or m.imageState == "APPROVED")
 
+    @staticmethod
+    def content_locale(m: CatalogMessage, user_locale: str) -> str | None:
+        """Return the locale of `m`'s content that serves `user_locale` (exact, else same language), or None."""
+        if m.content is None:
+            return None
+        if user_locale in m.content:
+            return user_locale
+        lang = language(user_locale)
+        same = sorted(loc for loc in m.content if language(loc) == lang)
+        return same[0] if same else None
+
+    def apple_id(self, m: CatalogMessage, user_locale: str) -> str | None:
+        """Return the Apple messageIdentifier to answer for `m` in `user_locale`, or None when Apple would not show it.
+
+        A message without content answers its own identifier when it is shown; one with
+        content answers the newest approved upload of the locale's text (module doc).
+        """
+        if m.content is None:
+            return m.messageIdentifier if self.is_shown(m) else None
+        loc = self.content_locale(m, user_locale)
+        return None if loc is None else self.served.get((m.messageIdentifier, loc))
+
+    def _shown_in(self, m: CatalogMessage, user_locale: str) -> bool:
+        return self.is_shown(m) if m.content is None else self.apple_id(m, user_locale) is not None
+
     def eligible(self, product_id: str, user_locale: str) -> tuple[CatalogMessage, ...]:
         """Return the approved candidates for a product and locale, in catalog order (see module doc)."""
         key = (product_id, user_locale)
         hit = self._eligible_cache.get(key)
         if hit is not None:
             return hit
-        usable = [m for m in self.data.messages if product_id in m.productIds and self.is_shown(m)]
+        usable = [m for m in self.data.messages if product_id in m.productIds and self._shown_in(m, user_locale)]
         exact = tuple(m for m in usable if user_locale in m.locales)
         if exact:
             result = exact
@@ -240,6 +374,8 @@ class Catalog:
             same = sorted(loc for (pid, loc) in self.defaults if pid == product_id and language(loc) == lang)
             if same:
                 found = self.defaults[(product_id, same[0])]
+        if found is not None and found.content is not None and self.apple_id(found, user_locale) is None:
+            found = None  # its text for this locale is not approved yet: Apple's own default stands
         if len(self._default_cache) < 100_000:
             self._default_cache[key] = found
         return found

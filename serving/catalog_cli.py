@@ -24,9 +24,12 @@ def main(argv: list[str]) -> int:
             sp.add_argument("--locales", default=None,
                             help="comma-separated locales served in real time (default: every locale the catalog names)")
     _add_sync_parser(sub)
+    _add_apply_parsers(sub)
     args = p.parse_args(argv)
     if args.cmd == "sync":
         return _sync(args)
+    if args.cmd in ("plan", "apply"):
+        return _apply(args)
     try:
         catalog = Catalog.load(args.catalog)
     except CatalogError as exc:
@@ -35,6 +38,14 @@ def main(argv: list[str]) -> int:
     if args.cmd == "validate":
         kinds = Counter(m.kind for m in catalog.messages.values())
         approved = sum(1 for m in catalog.messages.values() if catalog.is_shown(m))
+        from serving.catalog_content import content_problems
+
+        problems = content_problems(catalog, os.path.dirname(os.path.abspath(args.catalog)))
+        for line in problems:
+            print(f"retention catalog: {line}", file=sys.stderr)
+        if problems:
+            print(f"retention catalog: invalid: {len(problems)} problem(s) with Apple's limits", file=sys.stderr)
+            return 1
         print(f"catalog {args.catalog}: valid (sha256 {catalog.sha256[:16]})")
         print(f"  products: {len(catalog.products)}; messages: {len(catalog.messages)} "
               f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}); shown by Apple: {approved}; "
@@ -54,6 +65,83 @@ def main(argv: list[str]) -> int:
     print(f"{len(missing)} product/locale pair(s) without a default: Apple shows nothing there when our answer fails",
           file=sys.stderr)
     return 1
+
+
+def _add_credentials(sp: argparse.ArgumentParser) -> None:
+    """Add the flags that build Apple's client (each also a RETENTION_* variable)."""
+    env = os.environ.get
+    sp.add_argument("--key-file", default=env("RETENTION_OFFER_KEY_FILE"),
+                    help="In-App Purchase private key, SubscriptionKey_*.p8 [env RETENTION_OFFER_KEY_FILE]")
+    sp.add_argument("--key-id", default=env("RETENTION_OFFER_KEY_ID"), help="key id of that key [env RETENTION_OFFER_KEY_ID]")
+    sp.add_argument("--issuer-id", default=env("RETENTION_OFFER_ISSUER_ID"),
+                    help="issuer id from App Store Connect [env RETENTION_OFFER_ISSUER_ID]")
+    sp.add_argument("--bundle-id", default=env("RETENTION_BUNDLE_ID"), help="your app's bundle id [env RETENTION_BUNDLE_ID]")
+    sp.add_argument("--environment", default=env("RETENTION_ENVIRONMENT"), choices=("Sandbox", "Production"),
+                    help="which of Apple's environments [env RETENTION_ENVIRONMENT]; RETENTION_APPLE_API_URL "
+                         "replaces Apple's host (tests, egress proxies)")
+    sp.add_argument("--min-interval", type=float, default=None,
+                    help="seconds between two calls to one endpoint (default: 1 in Production, 10 in Sandbox; "
+                         "a tenth of it for Configure Default Message)")
+
+
+def _missing_credentials(args: argparse.Namespace, prog: str) -> int | None:
+    missing = [flag for flag, value in (("--key-file", args.key_file), ("--key-id", args.key_id),
+                                        ("--issuer-id", args.issuer_id), ("--bundle-id", args.bundle_id),
+                                        ("--environment", args.environment)) if not value]
+    if missing:
+        print(f"{prog}: missing {', '.join(missing)} (flag or RETENTION_* variable)", file=sys.stderr)
+        return 2
+    if args.min_interval is not None and args.min_interval < 0:
+        print(f"{prog}: --min-interval must be >= 0", file=sys.stderr)
+        return 2
+    return None
+
+
+def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, help_ in (
+        ("plan", "read Apple's messages, images, default messages and realtime URL; print what apply would change"),
+        ("apply", "upload the catalog's images and texts to Apple, set default messages once approved "
+                  "(--prune also deletes what the catalog no longer has)"),
+    ):
+        sp = sub.add_parser(name, help=help_, description=help_ + ". See docs/apple-setup.md.")
+        sp.add_argument("--catalog", default=os.environ.get("RETENTION_CATALOG"),
+                        help="catalog JSON [env RETENTION_CATALOG]")
+        _add_credentials(sp)
+        sp.add_argument("--prune", action="store_true",
+                        help="delete at Apple what the catalog no longer has: defaults, then messages, then images")
+        sp.add_argument("--max-wait", type=float, default=300.0,
+                        help="most seconds to wait in all when Apple answers 429 with a Retry-After (default 300)")
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from serving.catalog_apply import ApplyError, format_plan, make_pacer, run
+    from serving.catalog_sync import SyncError, make_client, min_interval_for
+
+    prog = f"retention catalog {args.cmd}"
+    if not args.catalog:
+        print(f"{prog}: missing --catalog (flag or RETENTION_CATALOG)", file=sys.stderr)
+        return 2
+    bad = _missing_credentials(args, prog)
+    if bad is not None:
+        return bad
+    interval = min_interval_for(args.environment) if args.min_interval is None else args.min_interval
+    try:
+        client = make_client(args.key_file, args.key_id, args.issuer_id, args.bundle_id, args.environment)
+        result = run(args.catalog, client, make_pacer(interval, max_wait=args.max_wait), apply=args.cmd == "apply",
+                     prune=args.prune, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ApplyError, SyncError) as exc:
+        lines = str(exc).splitlines()
+        for line in lines[1:]:
+            print(f"{prog}: {line}", file=sys.stderr)
+        print(f"{prog}: {lines[0]}", file=sys.stderr)
+        if args.cmd == "apply":
+            print(f"{prog}: stopped; what was done is recorded in {args.catalog}: run it again to continue",
+                  file=sys.stderr)
+        return 1
+    print(format_plan(result.plan, applied=result.done if args.cmd == "apply" else None))
+    waits = f", waited {sum(result.rate_limited_waits):.0f} s on 429s" if result.rate_limited_waits else ""
+    print(f"{result.calls} call(s) to Apple {args.environment}{waits}")
+    return 1 if result.plan.rejected else 0
 
 
 def _add_sync_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

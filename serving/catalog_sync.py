@@ -298,7 +298,13 @@ def plan_sync(raw: bytes, apple: AppleState, *, adopt_defaults: bool = False, so
     seen_images: set[str] = set()
     unknown_msgs: list[str] = []
     unknown_imgs: list[str] = []
+    uploaded = doc.get("uploaded") or {}
+    # texts uploaded by `catalog apply` keep their states in the record, which apply maintains
+    seen_messages.update(u["messageIdentifier"] for u in uploaded.get("messages", []))
+    seen_images.update(u["imageIdentifier"] for u in uploaded.get("images", []))
     for m in doc.get("messages", []):
+        if m.get("content") is not None:
+            continue
         mid = m["messageIdentifier"]
         seen_messages.add(mid)
         if mid in apple.messages:
