@@ -7,6 +7,7 @@ import os
 import sys
 from collections import Counter
 
+from serving.apple_api import add_arguments, check_arguments
 from serving.catalog import Catalog, CatalogError
 from serving.settings import DEMO_CATALOG
 
@@ -67,36 +68,6 @@ def main(argv: list[str]) -> int:
     return 1
 
 
-def _add_credentials(sp: argparse.ArgumentParser) -> None:
-    """Add the flags that build Apple's client (each also a RETENTION_* variable)."""
-    env = os.environ.get
-    sp.add_argument("--key-file", default=env("RETENTION_OFFER_KEY_FILE"),
-                    help="In-App Purchase private key, SubscriptionKey_*.p8 [env RETENTION_OFFER_KEY_FILE]")
-    sp.add_argument("--key-id", default=env("RETENTION_OFFER_KEY_ID"), help="key id of that key [env RETENTION_OFFER_KEY_ID]")
-    sp.add_argument("--issuer-id", default=env("RETENTION_OFFER_ISSUER_ID"),
-                    help="issuer id from App Store Connect [env RETENTION_OFFER_ISSUER_ID]")
-    sp.add_argument("--bundle-id", default=env("RETENTION_BUNDLE_ID"), help="your app's bundle id [env RETENTION_BUNDLE_ID]")
-    sp.add_argument("--environment", default=env("RETENTION_ENVIRONMENT"), choices=("Sandbox", "Production"),
-                    help="which of Apple's environments [env RETENTION_ENVIRONMENT]; RETENTION_APPLE_API_URL "
-                         "replaces Apple's host (tests, egress proxies)")
-    sp.add_argument("--min-interval", type=float, default=None,
-                    help="seconds between two calls to one endpoint (default: 1 in Production, 10 in Sandbox; "
-                         "a tenth of it for Configure Default Message)")
-
-
-def _missing_credentials(args: argparse.Namespace, prog: str) -> int | None:
-    missing = [flag for flag, value in (("--key-file", args.key_file), ("--key-id", args.key_id),
-                                        ("--issuer-id", args.issuer_id), ("--bundle-id", args.bundle_id),
-                                        ("--environment", args.environment)) if not value]
-    if missing:
-        print(f"{prog}: missing {', '.join(missing)} (flag or RETENTION_* variable)", file=sys.stderr)
-        return 2
-    if args.min_interval is not None and args.min_interval < 0:
-        print(f"{prog}: --min-interval must be >= 0", file=sys.stderr)
-        return 2
-    return None
-
-
 def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, help_ in (
         ("plan", "read Apple's messages, images, default messages and realtime URL; print what apply would change"),
@@ -106,7 +77,7 @@ def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         sp = sub.add_parser(name, help=help_, description=help_ + ". See docs/apple-setup.md.")
         sp.add_argument("--catalog", default=os.environ.get("RETENTION_CATALOG"),
                         help="catalog JSON [env RETENTION_CATALOG]")
-        _add_credentials(sp)
+        add_arguments(sp)
         sp.add_argument("--prune", action="store_true",
                         help="delete at Apple what the catalog no longer has: defaults, then messages, then images")
         sp.add_argument("--max-wait", type=float, default=300.0,
@@ -121,7 +92,7 @@ def _apply(args: argparse.Namespace) -> int:
     if not args.catalog:
         print(f"{prog}: missing --catalog (flag or RETENTION_CATALOG)", file=sys.stderr)
         return 2
-    bad = _missing_credentials(args, prog)
+    bad = check_arguments(args, prog)
     if bad is not None:
         return bad
     interval = min_interval_for(args.environment) if args.min_interval is None else args.min_interval
