@@ -318,3 +318,13 @@ def test_catalogs_without_content_keep_working(tmp_path):
     demo = Catalog.load(DEMO_CATALOG)
     m = next(iter(demo.messages.values()))
     assert demo.apple_id(m, m.locales[0]) == m.messageIdentifier
+
+
+def test_sync_leaves_texts_with_content_to_apply(apple, cat, capsys):
+    apply(apple, cat)
+    apple.account.messages[LEGACY] = {"state": "APPROVED", "body": {"header": "legacy", "body": "uploaded by hand"}}
+    before = cat.read_bytes()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "at Apple but not in the catalog" not in out  # the uploaded texts are the record's, not strays
+    assert cat.read_bytes() == before
