@@ -117,7 +117,8 @@ class CatalogMessage(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     messageIdentifier: str
-    messageState: str = "PENDING"
+    #: Apple's state; required without content (with content the record holds a state per locale)
+    messageState: str | None = None
     kind: str
     locales: list[str] = []
     productIds: list[str]
@@ -179,6 +180,10 @@ class Catalog:
             self.products[p.productId] = p
         self.messages: dict[str, CatalogMessage] = {}
         if any(m.content is not None for m in data.messages):
+            for m in data.messages:
+                if m.content is not None and m.locales and sorted(m.locales) != sorted(m.content):
+                    raise CatalogError(f"message {m.messageIdentifier}: locales must be left out or equal the "
+                                       f"content's locales ({', '.join(sorted(m.content))})")
             data = msgspec.structs.replace(data, messages=[
                 msgspec.structs.replace(m, locales=sorted(m.content)) if m.content is not None else m
                 for m in data.messages])
@@ -234,7 +239,9 @@ class Catalog:
             raise CatalogError(f"message {mid!r} is listed twice")
         if m.kind not in KINDS:
             raise CatalogError(f"message {mid}: unknown kind {m.kind!r} (expected one of {', '.join(KINDS)})")
-        if m.messageState not in STATES:
+        if m.content is None and m.messageState is None:
+            raise CatalogError(f"message {mid}: messageState is missing (PENDING, APPROVED or REJECTED, as Apple reports it)")
+        if m.messageState is not None and m.messageState not in STATES:
             raise CatalogError(f"message {mid}: unknown messageState {m.messageState!r}")
         if m.imageState is not None and m.imageState not in STATES:
             raise CatalogError(f"message {mid}: unknown imageState {m.imageState!r}")

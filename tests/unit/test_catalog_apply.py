@@ -328,3 +328,34 @@ def test_sync_leaves_texts_with_content_to_apply(apple, cat, capsys):
     out = capsys.readouterr().out
     assert "at Apple but not in the catalog" not in out  # the uploaded texts are the record's, not strays
     assert cat.read_bytes() == before
+
+
+def test_defaults_are_paced_ten_times_faster_than_the_other_calls():
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(round(s, 3))
+        now[0] += s
+
+    pacer = make_pacer(1.0, sleep=sleep, clock=lambda: now[0])
+    for _ in range(3):
+        pacer.call("configure_default_message", lambda: None)
+    for _ in range(2):
+        pacer.call("upload_message", lambda: None)
+    assert slept == [0.1, 0.1, 1.0]  # Apple: 10 requests/s for Configure Default Message, 1/s elsewhere
+
+
+def test_a_message_without_content_still_needs_its_state_and_locales_must_match_content(tmp_path):
+    from serving.catalog import CatalogError
+
+    doc = catalog_doc()
+    del doc["messages"][2]["messageState"]
+    with pytest.raises(CatalogError, match="messageState is missing"):
+        Catalog.from_bytes(json.dumps(doc).encode())
+    doc = catalog_doc()
+    doc["messages"][0]["locales"] = ["en-US"]
+    with pytest.raises(CatalogError, match="locales must be left out or equal"):
+        Catalog.from_bytes(json.dumps(doc).encode())
+    doc["messages"][0]["locales"] = ["fr-FR", "en-US"]
+    assert Catalog.from_bytes(json.dumps(doc).encode()).messages[M_TEXT].locales == ["en-US", "fr-FR"]
