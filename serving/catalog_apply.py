@@ -26,6 +26,7 @@ atomically, so the file always says what Apple holds, even after an interruption
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from appstoreserverlibrary.models.UploadMessageRequestBody import UploadMessageR
 
 from serving.catalog import Catalog, CatalogError, DefaultMessage, Uploaded, UploadedImage, UploadedMessage
 from serving.catalog_content import Desired, desired
-from serving.catalog_sync import Pacer, SyncError, _state, write_atomic
+from serving.catalog_sync import Pacer, SyncError, state_of, write_atomic
 
 #: seconds between two Configure Default Message calls, as a share of the others' (Apple allows 10/s there, 1/s elsewhere)
 DEFAULT_CONFIG_SHARE = 0.1
@@ -101,9 +102,9 @@ class Plan:
 def _lists(client: Any, pacer: Pacer) -> tuple[dict[str, str], dict[str, str]]:
     msgs = pacer.call("get_message_list", client.get_message_list)
     imgs = pacer.call("get_image_list", client.get_image_list)
-    messages = {str(i.messageIdentifier).lower(): _state(i.rawMessageState, i.messageState)
+    messages = {str(i.messageIdentifier).lower(): state_of(i.rawMessageState, i.messageState)
                 for i in msgs.messageIdentifiers or [] if i.messageIdentifier is not None}
-    images = {str(i.imageIdentifier).lower(): _state(i.rawImageState, i.imageState)
+    images = {str(i.imageIdentifier).lower(): state_of(i.rawImageState, i.imageState)
               for i in imgs.imageIdentifiers or [] if i.imageIdentifier is not None}
     return messages, images
 
@@ -310,7 +311,12 @@ class _Run:
         c, r = self.client, self.record
         if step.action == "upload-image":
             img = self.want.images[step.target]
-            data = img.path.read_bytes()
+            try:
+                data = img.path.read_bytes()
+            except OSError as exc:
+                raise ApplyError(f"cannot read image {img.file}: {exc.strerror or type(exc).__name__}") from None
+            if hashlib.sha256(data).hexdigest() != img.sha256:
+                raise ApplyError(f"image {img.file} changed while apply ran: run apply again")
             self.pacer.call("upload_image", _ignore(lambda: c.upload_image(UUID(step.target), data, ImageSize(img.imageSize)),
                                                     APIError.IMAGE_ALREADY_EXISTS), what=f"upload image {img.file}")
             r.images[step.target] = UploadedImage(imageIdentifier=step.target, file=img.file, sha256=img.sha256,

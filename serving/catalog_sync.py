@@ -180,7 +180,8 @@ class AppleState:
     defaults: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
 
-def _state(raw: str | None, main: Any) -> str:
+def state_of(raw: str | None, main: Any) -> str:
+    """Return Apple's state as Apple wrote it (the raw twin), else the enum's value, else ""."""
     if raw is not None:
         return raw
     return str(main.value) if main is not None else ""
@@ -198,10 +199,10 @@ def fetch_apple_state(
     state = AppleState(messages={}, images={})
     for item in msg_resp.messageIdentifiers or []:
         if item.messageIdentifier is not None:
-            state.messages[str(item.messageIdentifier).lower()] = _state(item.rawMessageState, item.messageState)
+            state.messages[str(item.messageIdentifier).lower()] = state_of(item.rawMessageState, item.messageState)
     for img in img_resp.imageIdentifiers or []:
         if img.imageIdentifier is not None:
-            state.images[str(img.imageIdentifier).lower()] = _state(img.rawImageState, img.imageState)
+            state.images[str(img.imageIdentifier).lower()] = state_of(img.rawImageState, img.imageState)
     pairs: Iterable[tuple[str, str]] = default_pairs
     if progress and default_pairs:
         from tqdm import tqdm
