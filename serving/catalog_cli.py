@@ -38,7 +38,9 @@ def main(argv: list[str]) -> int:
         return 1
     if args.cmd == "validate":
         kinds = Counter(m.kind for m in catalog.messages.values())
-        approved = sum(1 for m in catalog.messages.values() if catalog.is_shown(m))
+        served = {mid for mid, _loc in catalog.served}  # messages with content: approved in some locale
+        approved = sum(1 for m in catalog.messages.values()
+                       if (catalog.is_shown(m) if m.content is None else m.messageIdentifier in served))
         from serving.catalog_content import content_problems
 
         problems = content_problems(catalog, os.path.dirname(os.path.abspath(args.catalog)))

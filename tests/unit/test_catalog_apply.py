@@ -114,6 +114,8 @@ def test_apply_converges_from_an_empty_account_and_a_second_run_changes_nothing(
     assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 0
     assert len(apple.server.mutations()) == n  # idempotent
     assert "nothing done" in capsys.readouterr().out
+    assert catalog_cli.main(["validate", "--catalog", str(cat)]) == 0
+    assert "shown by Apple: 3" in capsys.readouterr().out  # two with content (approved texts) and the legacy one
 
 
 def test_apply_converges_from_a_drifted_account_and_prunes_only_when_asked(apple, cat, tmp_path):
