@@ -42,7 +42,16 @@ CARD_FILE = "model_card.md"
 CURRENT_FILE = "current"
 HISTORY_FILE = "history.json"
 ALIASES = ("current", "latest")  # accepted wherever a version id is taken
+DEFAULT_REGISTRY = Path(__file__).resolve().parent / "registry"  # in the checkout, git-ignored
 _VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+def registry_spec(arg: str | Path | None) -> str:
+    """Return the registry the commands use: `arg` (``--registry``), else ``$RETENTION_MODEL``, else the checkout's.
+
+    The result may end in ``@VERSION`` (a pin); :meth:`Registry.parse` splits it off.
+    """
+    return str(arg or os.environ.get("RETENTION_MODEL") or DEFAULT_REGISTRY)
 
 
 class RegistryError(Exception):
@@ -306,6 +315,7 @@ __all__ = [
     "ModelLoadError",
     "Registry",
     "RegistryError",
+    "registry_spec",
     "is_version_id",
     "new_version_id",
     "sha256_file",

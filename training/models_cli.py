@@ -15,14 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from models.registry import Registry
-
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry"
+from models.registry import Registry, registry_spec
 
 
 def _registry(arg: str | None) -> Registry:
-    spec = arg or os.environ.get("RETENTION_MODEL") or str(DEFAULT_REGISTRY)
-    registry = Registry.parse(spec)[0]
+    registry = Registry.parse(registry_spec(arg))[0]
     registry.require_folder()
     return registry
 
