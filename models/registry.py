@@ -315,8 +315,8 @@ __all__ = [
     "ModelLoadError",
     "Registry",
     "RegistryError",
-    "registry_spec",
     "is_version_id",
     "new_version_id",
+    "registry_spec",
     "sha256_file",
 ]

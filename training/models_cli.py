@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from models.registry import Registry, registry_spec
+from models.registry import ModelLoadError, Registry, registry_spec
 
 
 def _registry(arg: str | None) -> Registry:
