@@ -86,7 +86,7 @@ def test_a_pinned_or_shadow_version_that_does_not_exist_refuses_to_start(pki_dir
     base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Sandbox"]
     with pytest.raises(SettingsError, match="nosuchversion"):
         preflight(parse_settings([*base, "--model", f"{trained_registry}@nosuchversion"]))
-    with pytest.raises(SettingsError, match="shadow model.*nosuchversion"):
+    with pytest.raises(SettingsError, match=r"shadow model.*nosuchversion"):
         preflight(parse_settings([*base, "--model", str(trained_registry), "--shadow-model", "nosuchversion"]))
     with pytest.raises(SettingsError, match="does not exist"):
         preflight(parse_settings([*base, "--model", str(tmp_path / "typo")]))
