@@ -255,7 +255,7 @@ def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = Fa
             if progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=len(df), unit="profile", desc="import", file=sys.stderr, disable=len(df) < 50_000)
+                bar = tqdm(total=len(df), unit="profile", desc="import", file=sys.stderr, disable=True if len(df) < 50_000 else None)
             for start in range(0, len(df), _CHUNK):
                 part = df.iloc[start : start + _CHUNK]
                 columns = [keys.iloc[start : start + _CHUNK].tolist()]

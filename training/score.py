@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     profiles = read_profiles(args.profiles) if args.profiles else None
-    with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False, disable=None) as bar:
         out = score_frame(decisions, profiles, catalog, model)
         bar.update()
         write_table(out, args.output)

@@ -352,7 +352,7 @@ def train_frames(
         raise TrainError("every labelled decision has the same outcome (all retained or all churned): nothing to learn")
     timings["label"] = time.perf_counter() - t
     steps = ["featurize", "fit", "export", "parity"] + (["ground truth"] if ground_truth is not None else [])
-    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=None if progress else True, leave=False)
 
     def step(name: str) -> None:
         bar.set_postfix_str(name)
