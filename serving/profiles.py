@@ -170,10 +170,7 @@ def _read_table(src: Path) -> Any:
     if suffix not in (".parquet", ".pq") and not is_csv:
         raise ValueError(f"profile file {str(src)!r} must be Parquet (.parquet) or CSV (.csv)")
     try:
-        if is_csv:
-            df = pd.read_csv(src, dtype={KEY: str}, keep_default_na=True)
-        else:
-            df = pd.read_parquet(src)
+        df = pd.read_csv(src, dtype={KEY: str}, keep_default_na=True) if is_csv else pd.read_parquet(src)
     except Exception as exc:  # pandas' and pyarrow's errors do not name the file: this line does
         raise ValueError(
             f"cannot read the profile file {str(src)!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
