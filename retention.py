@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`retention ... | head`): stop quietly, as a command killed by SIGPIPE would;
+        # stdout goes to /dev/null so the interpreter's final flush cannot raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except SystemExit:
         raise
     except Exception as exc:  # the user gets one line; RETENTION_DEBUG=1 shows the traceback

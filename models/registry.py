@@ -41,7 +41,17 @@ MANIFEST_FILE = "manifest.json"
 CARD_FILE = "model_card.md"
 CURRENT_FILE = "current"
 HISTORY_FILE = "history.json"
+ALIASES = ("current", "latest")  # accepted wherever a version id is taken
+DEFAULT_REGISTRY = Path(__file__).resolve().parent / "registry"  # in the checkout, git-ignored
 _VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+def registry_spec(arg: str | Path | None) -> str:
+    """Return the registry the commands use: `arg` (``--registry``), else ``$RETENTION_MODEL``, else the checkout's.
+
+    The result may end in ``@VERSION`` (a pin); :meth:`Registry.parse` splits it off.
+    """
+    return str(arg or os.environ.get("RETENTION_MODEL") or DEFAULT_REGISTRY)
 
 
 class RegistryError(Exception):
@@ -105,6 +115,29 @@ class Registry:
         return f"Registry({str(self.root)!r})"
 
     # ---- reading ------------------------------------------------------------------------
+    def require_folder(self) -> None:
+        """Raise RegistryError when the registry folder does not exist (a typo should not read as empty)."""
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise RegistryError(f"model registry folder {self.root} {what}")
+
+    def resolve(self, version: str) -> str:
+        """Return the version id `version` names: ``current``, ``latest`` (the newest written) or an id as is.
+
+        Raises ModelLoadError when an alias names nothing (no promoted version, an empty registry).
+        """
+        if version == "current":
+            cur = self.current()
+            if cur is None:
+                raise ModelLoadError(f"registry {self.root} has no current model version")
+            return cur
+        if version == "latest":
+            versions = self.versions()
+            if not versions:
+                raise ModelLoadError(f"registry {self.root} has no model version")
+            return versions[-1]
+        return version
+
     def versions(self) -> list[str]:
         """Return the version ids in the registry, oldest first."""
         if not self.root.is_dir():
@@ -134,7 +167,8 @@ class Registry:
         return list(data) if isinstance(data, list) else []
 
     def manifest(self, version: str) -> dict[str, Any]:
-        """Return a version's manifest; raises ModelLoadError when missing or malformed."""
+        """Return a version's manifest (`version` may be an alias); raises ModelLoadError when missing or malformed."""
+        version = self.resolve(version)
         folder = self._folder(version)
         path = folder / MANIFEST_FILE
         try:
@@ -148,6 +182,7 @@ class Registry:
         return data
 
     def _folder(self, version: str) -> Path:
+        version = self.resolve(version)
         if not version or "/" in version or version.startswith("."):
             raise ModelLoadError(f"{version!r} is not a model version id")
         folder = self.root / version
@@ -161,6 +196,7 @@ class Registry:
             version = self.current()
             if version is None:
                 raise ModelLoadError(f"registry {self.root} has no current model version")
+        version = self.resolve(version)
         folder = self._folder(version)
         manifest = self.manifest(version)
         onnx_path = folder / MODEL_FILE
@@ -222,8 +258,8 @@ class Registry:
         return version
 
     def promote(self, version: str) -> None:
-        """Make `version` current (after verifying it loads) and record it in the history."""
-        self.load(version)
+        """Make `version` (an id or alias) current after verifying it loads, and record it in the history."""
+        version = self.load(version).version
         hist = self.history()
         if not hist or hist[-1].get("version") != version:
             hist.append({"version": version, "at": datetime.now(UTC).isoformat(timespec="seconds")})
@@ -250,6 +286,25 @@ class Registry:
         return target
 
 
+    def prune(self, keep: int, *, protect: tuple[str | None, ...] = ()) -> list[str]:
+        """Delete all but the newest `keep` versions; return the ids deleted, oldest first.
+
+        The current version and every id in `protect` (a shadow version) are never deleted and do
+        not count toward `keep`'s newest. A version is renamed away before it is removed, so a reader
+        never sees half a version. Raises RegistryError when `keep` < 0.
+        """
+        if keep < 0:
+            raise RegistryError(f"--keep must be 0 or more, not {keep}")
+        kept = {v for v in (self.current(), *protect) if v}
+        candidates = [v for v in self.versions() if v not in kept]
+        doomed = candidates[: max(0, len(candidates) - keep)]
+        for version in doomed:
+            tmp = self.root / f".del-{version}"
+            os.rename(self.root / version, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return doomed
+
+
 def is_version_id(text: str) -> bool:
     """Return True when `text` has the shape of a version id made by :func:`new_version_id`."""
     return bool(_VERSION_RE.match(text))
@@ -262,5 +317,6 @@ __all__ = [
     "RegistryError",
     "is_version_id",
     "new_version_id",
+    "registry_spec",
     "sha256_file",
 ]

@@ -28,6 +28,7 @@ from models.data_files import APPLE_FALLBACK_POLICY
 from serving.catalog import Catalog, CatalogMessage
 from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
+from serving.logs import refusals
 from serving.metrics import Metrics
 from serving.offers import OfferSigner
 from serving.offload import Offloader
@@ -228,7 +229,13 @@ class RetentionService:
         now = time.monotonic()
         if now >= self._kill_checked_at:
             self._kill_checked_at = now + 1.0
-            self._kill_file_present = self.kill_switch_file.exists()
+            present = self.kill_switch_file.exists()
+            if present != self._kill_file_present:
+                if present:
+                    log.warning("kill switch on (%s exists): every request gets the rule policy", self.kill_switch_file)
+                else:
+                    log.warning("kill switch off (%s removed): the model serves again", self.kill_switch_file)
+            self._kill_file_present = present
         return self._kill_file_present
 
     # ---- the request path ---------------------------------------------------------
@@ -272,6 +279,7 @@ class RetentionService:
 
     def _refuse(self, code: str, detail: str) -> tuple[int, bytes]:
         self.metrics.verification_failure(code)
+        refusals.note(code, detail)
         return _error(code, detail)
 
     @staticmethod
@@ -607,6 +615,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
         return Response(content=content, status_code=200, media_type=ctype)
 
     def on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
+        refusals.note(exc.code, exc.detail)
         return _error_response(exc.code, exc.detail)
 
     def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -643,6 +652,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
         lifespan=[lifespan],
         openapi_config=None,
+        logging_config=None,  # Litestar's lines go through the server's one format (serving/logs.py)
         debug=False,
     )
     app.state.service = svc

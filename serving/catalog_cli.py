@@ -19,8 +19,9 @@ def main(argv: list[str]) -> int:
     for name, help_ in (("validate", "load and validate the catalog; print a summary"),
                         ("coverage", "list products and locales that have no default message")):
         sp = sub.add_parser(name, help=help_)
+        sp.add_argument("file", nargs="?", default=None, metavar="FILE", help="catalog JSON (same as --catalog)")
         sp.add_argument("--catalog", default=os.environ.get("RETENTION_CATALOG", str(DEMO_CATALOG)),
-                        help="catalog JSON [env RETENTION_CATALOG]")
+                        help="catalog JSON [env RETENTION_CATALOG; default the demo catalog]")
         if name == "coverage":
             sp.add_argument("--locales", default=None,
                             help="comma-separated locales served in real time (default: every locale the catalog names)")
@@ -31,6 +32,8 @@ def main(argv: list[str]) -> int:
         return _sync(args)
     if args.cmd in ("plan", "apply"):
         return _apply(args)
+    if args.file is not None:
+        args.catalog = args.file
     try:
         catalog = Catalog.load(args.catalog)
     except CatalogError as exc:

@@ -956,7 +956,7 @@ def export_decisions(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="decision", desc="export", file=sys.stderr, disable=total < 50_000)
+        bar = tqdm(total=total, unit="decision", desc="export", file=sys.stderr, disable=True if total < 50_000 else None)
     written = 0
     writer: Any = None
     try:

@@ -30,6 +30,7 @@ import msgspec
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import ERROR_STATUS
+from serving.logs import refusals
 from serving.tls_config import Tls12Config
 
 log = logging.getLogger("retention.http")
@@ -66,7 +67,6 @@ class RequestLimitsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            log.warning("more than %d open connections: one refused", self.max_connections)
             self._close_with("too_many_connections",
                              f"The server holds its maximum of {self.max_connections} connections; try again.")
             return
@@ -119,6 +119,7 @@ class RequestLimitsProtocol(HttpToolsProtocol):
                              f"The request did not arrive whole within {self.request_timeout_s:g} s.")
 
     def _close_with(self, code: str, detail: str) -> None:
+        refusals.note(code, detail)  # one log line per code per interval, however many connections
         self.transport.write(_raw_response(code, detail))
         self.transport.close()
 

@@ -20,6 +20,7 @@ from litestar import MediaType, Response
 
 from models.data_files import event_for_notification
 from serving.errors import VerificationError
+from serving.logs import refusals
 from serving.schemas import RealtimeRequestBody
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Outcome:
 
 
 def _error(code: str, detail: str, status: int) -> Response[bytes]:
+    refusals.note(code, detail)
     return Response(content=_encode({"error": code, "detail": detail}), status_code=status, media_type=MediaType.JSON)
 
 

@@ -163,17 +163,15 @@ def _read_table(src: Path) -> Any:
 
     if not src.is_file():
         raise ValueError(f"profile file {str(src)!r} does not exist")
+    if src.stat().st_size == 0:
+        raise ValueError(f"profile file {str(src)!r} is empty: it needs a header row with {KEY} and one row per subscriber")
     suffix = src.suffix.lower()
+    is_csv = suffix in (".csv", ".txt", ".gz") or src.name.lower().endswith(".csv.gz")
+    if suffix not in (".parquet", ".pq") and not is_csv:
+        raise ValueError(f"profile file {str(src)!r} must be Parquet (.parquet) or CSV (.csv)")
     try:
-        if suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(src)
-        elif suffix in (".csv", ".txt", ".gz") or src.name.lower().endswith(".csv.gz"):
-            df = pd.read_csv(src, dtype={KEY: str}, keep_default_na=True)
-        else:
-            raise ValueError(f"profile file {str(src)!r} must be Parquet (.parquet) or CSV (.csv)")
-    except ValueError:
-        raise
-    except Exception as exc:
+        df = pd.read_csv(src, dtype={KEY: str}, keep_default_na=True) if is_csv else pd.read_parquet(src)
+    except Exception as exc:  # pandas' and pyarrow's errors do not name the file: this line does
         raise ValueError(
             f"cannot read the profile file {str(src)!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
@@ -255,7 +253,7 @@ def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = Fa
             if progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=len(df), unit="profile", desc="import", file=sys.stderr, disable=len(df) < 50_000)
+                bar = tqdm(total=len(df), unit="profile", desc="import", file=sys.stderr, disable=True if len(df) < 50_000 else None)
             for start in range(0, len(df), _CHUNK):
                 part = df.iloc[start : start + _CHUNK]
                 columns = [keys.iloc[start : start + _CHUNK].tolist()]

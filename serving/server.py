@@ -8,14 +8,21 @@ worker processes through the environment, so every worker builds the same app wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import logging
+import logging.config
 import os
 import shutil
+import socket
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from serving.settings import Settings, SettingsError
+from models.registry import RegistryError
+from serving.logs import logging_config
+from serving.settings import DEMO_CATALOG, Settings, SettingsError
 
 log = logging.getLogger("retention.server")
 
@@ -42,10 +49,24 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def preflight(settings: Settings) -> None:
-    """Raise SettingsError with one clear sentence when the server cannot start with `settings`."""
+@dataclasses.dataclass(frozen=True)
+class Startup:
+    """What :func:`preflight` found: the facts the start-up banner reports."""
+
+    root_fingerprints: tuple[str, ...]
+    catalog_sha256: str
+    model_version: str | None  # None: no model yet, the rule policy serves
+    shadow_version: str | None
+
+
+def preflight(settings: Settings) -> Startup:
+    """Return what the server will serve with; raise SettingsError when it cannot start with `settings`.
+
+    The error's message is one line per problem (Production lists all its missing settings at once).
+    """
+    from models.registry import DEFAULT_REGISTRY, ModelLoadError, Registry
     from serving.catalog import Catalog
-    from serving.verify import has_apple_root_g3, load_roots
+    from serving.verify import fingerprint_sha256, has_apple_root_g3, load_roots
 
     if not settings.root_certs:
         raise SettingsError(
@@ -54,6 +75,20 @@ def preflight(settings: Settings) -> None:
         )
     if settings.app_apple_id is None:
         raise SettingsError("no app id configured: set RETENTION_APP_APPLE_ID (or --app-apple-id) to your appAppleId")
+    registry, pinned = Registry.parse(settings.model)
+    if settings.environment == "Production":
+        problems = []
+        if Path(settings.catalog).resolve() == DEMO_CATALOG.resolve():
+            problems.append("Production needs your catalog: set RETENTION_CATALOG (or --catalog); the default is "
+                            "the demo catalog, whose message ids Apple does not know")
+        if registry.root.resolve() == DEFAULT_REGISTRY.resolve():
+            problems.append("Production needs a model registry: set RETENTION_MODEL (or --model) to its folder; "
+                            "the default is the checkout's demo registry")
+        if not Path(settings.data_dir).is_absolute():
+            problems.append(f"Production needs an absolute data folder: RETENTION_DATA_DIR (or --data-dir) is "
+                            f"{settings.data_dir!r}, relative to wherever the server is started")
+        if problems:
+            raise SettingsError("\n".join(problems))
     try:
         roots = load_roots(settings.root_certs)
     except ValueError as exc:
@@ -64,12 +99,85 @@ def preflight(settings: Settings) -> None:
             "warning: Production, but no configured root is Apple Root CA - G3; Apple's requests will be refused",
             file=sys.stderr,
         )
-    Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
+    _check_tls_files(settings)
+    catalog = Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
+    model_version = shadow_version = None
+    try:
+        if pinned is not None or registry.root.resolve() != DEFAULT_REGISTRY.resolve():
+            registry.require_folder()  # a typo in an explicit registry must not start on the rules
+        if pinned is not None:
+            model_version = registry.load(pinned).version  # a pinned version must load now, not fail every reload
+        elif registry.root.is_dir():
+            model_version = registry.current()
+    except (ModelLoadError, RegistryError) as exc:
+        raise SettingsError(f"model (--model, RETENTION_MODEL): {exc}") from None
+    if settings.shadow_model:
+        try:
+            shadow_version = registry.load(settings.shadow_model).version
+        except (ModelLoadError, RegistryError) as exc:
+            raise SettingsError(f"shadow model (--shadow-model, RETENTION_SHADOW_MODEL): {exc}") from None
     if settings.challenger:
         from serving.state import start_experiment
 
         start_experiment(settings.model.split("@", 1)[0], settings.challenger, settings.challenger_share,
                          settings.experiment_id)  # raises ExperimentError (a ValueError) in one sentence
+    return Startup(tuple(fingerprint_sha256(r) for r in roots), catalog.sha256, model_version, shadow_version)
+
+
+def _check_tls_files(settings: Settings) -> None:
+    if settings.ssl_certfile is None or settings.ssl_keyfile is None:
+        return
+    import ssl
+
+    for flag, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
+        if not Path(path).is_file():
+            raise SettingsError(f"TLS file {path} ({flag}) does not exist")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingsError(
+            f"TLS certificate {settings.ssl_certfile} with key {settings.ssl_keyfile} cannot be used: "
+            f"{getattr(exc, 'reason', None) or exc}"
+        ) from None
+
+
+def banner(settings: Settings, startup: Startup) -> str:
+    """Return the one start-up line: version, identity, files and their hashes, model, roots, workers, exploration."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("retention-endpoint")
+    except PackageNotFoundError:
+        ours = "unknown"
+    if settings.exploration == "softmax":
+        exploration = f"softmax temperature={settings.temperature:g}"
+    else:
+        exploration = f"epsilon-greedy epsilon={settings.epsilon:g}"
+    model = startup.model_version or "none (the rule policy serves until one is promoted)"
+    roots = ",".join(fp[:16] for fp in startup.root_fingerprints)
+    return (
+        f"retention-endpoint {ours} starting: environment={settings.environment} app_apple_id={settings.app_apple_id} "
+        f"bundle_id={settings.bundle_id or '-'} catalog={settings.catalog} catalog_sha256={startup.catalog_sha256[:16]} "
+        f"model={model} registry={settings.model} shadow={startup.shadow_version or '-'} "
+        f"data_dir={Path(settings.data_dir).resolve()} root_sha256={roots} workers={settings.workers} "
+        f"exploration={exploration} holdout={settings.holdout:g} kill_switch={'on' if settings.kill_switch else 'off'} "
+        f"listen={'https' if settings.ssl_certfile else 'http'}://{settings.host}:{settings.port}"
+    )
+
+
+def bind(settings: Settings) -> socket.socket:
+    """Return the listening socket for `settings`; raise SettingsError in one line when the port is taken."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+        raise SettingsError(f"port {settings.port} on {settings.host} {why}: set --port (RETENTION_PORT)") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _uvicorn_config(settings: Settings) -> Any:
@@ -88,15 +196,16 @@ def _uvicorn_config(settings: Settings) -> Any:
         loop="uvloop",
         lifespan="on",
         log_level=settings.log_level,
-        access_log=False,
+        log_config=logging_config(settings.log_level, settings.log_format, settings.access_log),
+        access_log=settings.access_log,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
         timeout_graceful_shutdown=10,
     )
 
 
-def serve(settings: Settings) -> None:
-    """Run the server until SIGINT/SIGTERM (which flush the decision log before exit)."""
+def serve(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Run the server on `sock` (else a socket bound here) until SIGINT/SIGTERM, which flush the decision log."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -113,13 +222,14 @@ def serve(settings: Settings) -> None:
     config = _uvicorn_config(settings)
     ensure_fd_limit(settings.max_connections)  # before the workers start: they inherit it
     server = uvicorn.Server(config)
+    sock = sock if sock is not None else bind(settings)
     try:
         if settings.workers > 1:
-            sock = config.bind_socket()
             Multiprocess(config, sockets=[sock]).run()
         else:
-            server.run()
+            server.run(sockets=[sock])
     finally:
+        sock.close()
         if made_metrics_dir is not None:  # the workers are gone: their sample files go with them
             shutil.rmtree(made_metrics_dir, ignore_errors=True)
 
@@ -131,10 +241,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)
-        preflight(settings)
-    except ValueError as exc:  # SettingsError, CatalogError and bad values: one line, exit 2
-        print(f"retention serve: {exc}", file=sys.stderr)
+        startup = preflight(settings)
+        sock = bind(settings)  # a port in use is one line now, not a traceback after "startup complete"
+    except ValueError as exc:  # SettingsError, CatalogError and bad values: one line each, exit 2
+        for line in str(exc).splitlines():
+            print(f"retention serve: {line}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(settings)
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format, settings.access_log))
+    log.info("%s", banner(settings, startup))
+    serve(settings, sock)
     return 0

@@ -59,6 +59,8 @@ class Settings:
         1000,
         "Open connections per worker process; one more is answered 503 too_many_connections and closed at once.",
     )
+    log_format: str = _f("text", "Log line format on stderr: text, or json (one object per line, for log shippers).")
+    access_log: bool = _f(False, "Log one line per HTTP request (client, method, path, status).")
     # ---- policy ----
     epsilon: float = _f(0.05, "Exploration: share of requests answered uniformly at random among eligible candidates.")
     exploration: str = _f("epsilon", "Exploration scheme: epsilon (epsilon-greedy) or softmax.")
@@ -163,6 +165,10 @@ class Settings:
             raise ValueError(f"log_writer must be process or thread, not {self.log_writer!r}")
         if self.verify_with not in ("process", "thread"):
             raise ValueError(f"verify_with must be process or thread, not {self.verify_with!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be 1 or more, not {self.workers}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.verify_threads < 0:
             raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
         if not 0.0 < self.challenger_share < 1.0:

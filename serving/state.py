@@ -96,11 +96,14 @@ def load_bundle(registry_spec: str, catalog: Catalog, version: str | None = None
 
 
 def current_pointer(registry_spec: str) -> str | None:
-    """Return the version the registry's `current` pointer names (the pinned one for DIR@VERSION)."""
+    """Return the version the registry's `current` pointer names (the pinned one for DIR@VERSION).
+
+    A pin may be an alias: ``DIR@current`` follows promotions, ``DIR@latest`` the newest version written.
+    """
     from models.registry import Registry
 
     registry, pinned = Registry.parse(registry_spec)
-    return pinned or registry.current()
+    return registry.resolve(pinned) if pinned else registry.current()
 
 
 def start_experiment(registry_root: str, challenger: str, share: float, experiment_id: str | None = None) -> Experiment:

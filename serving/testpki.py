@@ -489,6 +489,72 @@ class TestPKI:
         return json.dumps({"signedPayload": self.signed_request(**kwargs)}).encode()
 
 
+    def notification_payload(
+        self,
+        notification_type: str,
+        subtype: str | None = None,
+        *,
+        app_apple_id: int | None = 1234567890,
+        bundle_id: str = "com.example.app",
+        environment: str = "Sandbox",
+        product_id: str = "com.example.premium.monthly",
+        original_transaction_id: str | None = None,
+        transaction_id: str | None = None,
+        notification_uuid: str | None = None,
+        signed_date_ms: int | None = None,
+        transaction: dict[str, Any] | None = None,
+        renewal: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        with_transaction: bool = True,
+        with_renewal: bool = True,
+    ) -> dict[str, Any]:
+        """Return a decoded App Store Server Notification V2 payload whose nested JWS this CA signs.
+
+        ``data.signedTransactionInfo`` (a JWSTransactionDecodedPayload of an auto-renewable subscription
+        bought 30 days ago, expiring in one) and ``data.signedRenewalInfo`` (JWSRenewalInfoDecodedPayload;
+        ``autoRenewStatus`` 0 for the subtype AUTO_RENEW_DISABLED, else 1) are signed compact JWS;
+        `transaction`, `renewal` and `data` add or replace fields of each (offerType, offerIdentifier,
+        offerDiscountType, transactionReason, ...). Any notificationType and subtype is taken as is.
+        https://developer.apple.com/documentation/appstoreservernotifications/responsebodyv2decodedpayload
+        """
+        signed = int(time.time() * 1000) if signed_date_ms is None else signed_date_ms
+        otid = original_transaction_id or f"2000000{secrets.randbelow(10**9):09d}"
+        day = 86_400_000
+        body: dict[str, Any] = {"environment": environment, "bundleId": bundle_id, "bundleVersion": "1", "status": 1}
+        if app_apple_id is not None:
+            body["appAppleId"] = app_apple_id
+        if with_transaction:
+            tx: dict[str, Any] = {
+                "originalTransactionId": otid, "transactionId": transaction_id or f"{otid}9", "productId": product_id,
+                "bundleId": bundle_id, "purchaseDate": signed - 30 * day, "originalPurchaseDate": signed - 30 * day,
+                "expiresDate": signed + day, "type": "Auto-Renewable Subscription", "inAppOwnershipType": "PURCHASED",
+                "environment": environment, "signedDate": signed,
+            }
+            body["signedTransactionInfo"] = self.sign({**tx, **(transaction or {})})
+        if with_renewal:
+            rn: dict[str, Any] = {
+                "originalTransactionId": otid, "autoRenewProductId": product_id, "productId": product_id,
+                "autoRenewStatus": 0 if subtype == "AUTO_RENEW_DISABLED" else 1, "environment": environment,
+                "recentSubscriptionStartDate": signed - 30 * day, "renewalDate": signed + day, "signedDate": signed,
+            }
+            body["signedRenewalInfo"] = self.sign({**rn, **(renewal or {})})
+        body.update(data or {})
+        payload: dict[str, Any] = {
+            "notificationType": notification_type,
+            "notificationUUID": notification_uuid or str(uuid.uuid4()),
+            "data": body,
+            "version": "2.0",
+            "signedDate": signed,
+        }
+        if subtype:
+            payload["subtype"] = subtype
+        return payload
+
+    def signed_notification_body(self, notification_type: str, subtype: str | None = None, **kwargs: Any) -> bytes:
+        """Return the POST body ``{"signedPayload": "..."}`` of :meth:`notification_payload`."""
+        return json.dumps({"signedPayload": self.sign(self.notification_payload(notification_type, subtype, **kwargs))}).encode()
+
+
 def _ski_of(cert: x509.Certificate) -> bytes:
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
 

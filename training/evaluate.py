@@ -283,7 +283,7 @@ def evaluate(
     needed = list(versions)
     if cfg.reward_model not in ("own", *needed):
         needed.append(cfg.reward_model)
-    steps = tqdm(total=5 + len(needed), desc="evaluate", unit="step", file=sys.stderr, disable=not cfg.progress)
+    steps = tqdm(total=5 + len(needed), desc="evaluate", unit="step", file=sys.stderr, disable=None if cfg.progress else True)
 
     all_logged, dropped = prepare_logged(inputs.decisions, catalog)
     if all_logged.n == 0:

@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--outcomes", required=True, type=Path, help="outcome events file (.parquet or .csv)")
     p.add_argument("--profiles", type=Path, help="subscriber profiles file (as used in training)")
     p.add_argument("--catalog", required=True, type=Path, help="catalog JSON (values and costs of the messages)")
-    p.add_argument("--registry", required=True, type=Path, help="model registry folder")
+    p.add_argument("--registry", help="model registry folder [env RETENTION_MODEL; default models/registry in the "
+                   "checkout]")
     p.add_argument("--versions", default=None, help="comma-separated version ids (also 'current', 'latest'), or "
                    "'all'; default: the current and the latest version")
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default ./evaluation)")
@@ -83,11 +84,13 @@ def main(argv: list[str]) -> int:
     if args.temperature is not None and args.temperature <= 0:
         print("retention evaluate: error: --temperature must be > 0", file=sys.stderr)
         return 2
+    from models.registry import Registry, registry_spec
+
+    args.registry = Registry.parse(registry_spec(args.registry))[0].root
     if not args.registry.is_dir():
         print(f"retention evaluate: error: registry {args.registry} is not a folder", file=sys.stderr)
         return 2
 
-    from models.registry import Registry
     from training.data_io import read_table
 
     base = Exploration.from_serving_settings()

@@ -1,8 +1,10 @@
 """``retention models``: list, show, promote and roll back model versions in a registry.
 
 The registry folder is ``--registry``, else ``$RETENTION_MODEL`` (a ``DIR@VERSION`` pin is
-ignored here), else ``models/registry`` in the checkout. A running server picks up a
-promotion or rollback within its reload interval, without restart.
+ignored here), else ``models/registry`` in the checkout; a folder that does not exist is an
+error, not an empty registry. Wherever a version is taken, ``current`` (the promoted one) and
+``latest`` (the newest written) are accepted too. A running server picks up a promotion or
+rollback within its reload interval, without restart.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from models.registry import ModelLoadError, Registry
-
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry"
+from models.registry import ModelLoadError, Registry, registry_spec
 
 
 def _registry(arg: str | None) -> Registry:
-    spec = arg or os.environ.get("RETENTION_MODEL") or str(DEFAULT_REGISTRY)
-    return Registry.parse(spec)[0]
+    registry = Registry.parse(registry_spec(arg))[0]
+    registry.require_folder()
+    return registry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,11 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--registry", help="model registry folder")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("list", parents=[reg], help="list versions, newest last; * marks the current one")
-    s = sub.add_parser("show", parents=[reg], help="print a version's manifest (JSON) and model card")
-    s.add_argument("version", help="version id, or 'current'")
-    s.add_argument("--json", action="store_true", help="print only the manifest JSON")
+    s = sub.add_parser("show", parents=[reg], help="print a version's model card (its manifest JSON with --json)")
+    s.add_argument("version", help="version id, 'current' or 'latest'")
+    s.add_argument("--json", action="store_true", help="print the manifest JSON instead of the model card")
     pr = sub.add_parser("promote", parents=[reg], help="make a version current")
-    pr.add_argument("version", help="version id")
+    pr.add_argument("version", help="version id, or 'latest'")
     pr.add_argument("--if-better", action="store_true",
                     help="promote only if the off-policy gate says it beats the current version on logged data")
     pr.add_argument("--decisions", type=Path, help="decisions file (with --if-better)")
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--profiles", type=Path, help="profiles file (optional, with --if-better)")
     pr.add_argument("--catalog", type=Path, help="catalog JSON (with --if-better)")
     sub.add_parser("rollback", parents=[reg], help="make the previously promoted version current again")
+    pn = sub.add_parser("prune", parents=[reg],
+                        help="delete all but the newest N versions; never the current or the shadow version")
+    pn.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest versions to keep")
+    pn.add_argument("--shadow", default=os.environ.get("RETENTION_SHADOW_MODEL"),
+                    help="a shadow version to keep as well [env RETENTION_SHADOW_MODEL]")
+    pn.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
     return p
 
 
@@ -83,6 +90,26 @@ def _list(registry: Registry) -> int:
     return 0
 
 
+def _prune(registry: Registry, args: argparse.Namespace) -> int:
+    if args.keep < 0:
+        print("retention models prune: error: --keep must be 0 or more", file=sys.stderr)
+        return 2
+    pinned = Registry.parse(os.environ.get("RETENTION_MODEL", ""))[1]
+    protect = tuple(registry.resolve(v) for v in (args.shadow, pinned) if v)
+    if args.dry_run:
+        kept = {v for v in (registry.current(), *protect) if v}
+        candidates = [v for v in registry.versions() if v not in kept]
+        doomed = candidates[: max(0, len(candidates) - args.keep)]
+    else:
+        doomed = registry.prune(args.keep, protect=protect)
+    for v in doomed:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {v}")
+    left = len(registry.versions()) - (len(doomed) if args.dry_run else 0)
+    print(f"{len(doomed)} version(s) {'to delete' if args.dry_run else 'deleted'}; {left} left "
+          f"(current {registry.current() or 'none'} kept)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run ``retention models``; return the exit status."""
     args = _parser().parse_args(argv)
@@ -90,23 +117,26 @@ def main(argv: list[str]) -> int:
     if args.action == "list":
         return _list(registry)
     if args.action == "show":
-        version = registry.current() if args.version == "current" else args.version
-        if version is None:
-            raise ModelLoadError(f"registry {registry.root} has no current model version")
+        version = registry.resolve(args.version)
         manifest = registry.manifest(version)
-        print(json.dumps(manifest, indent=2))
-        if not args.json:
-            card = registry.root / version / "model_card.md"
-            if card.is_file():
-                print()
-                print(card.read_text().rstrip())
+        if args.json:
+            print(json.dumps(manifest, indent=2))
+            return 0
+        card = registry.root / version / "model_card.md"
+        if card.is_file():
+            print(card.read_text().rstrip())
+        else:
+            print(f"model {version}: no model card; the manifest is `retention models show {version} --json`")
         return 0
+    if args.action == "prune":
+        return _prune(registry, args)
     if args.action == "promote":
         if args.if_better:
             need = [f"--{n}" for n in ("decisions", "outcomes", "catalog") if getattr(args, n) is None]
             if need:
                 print(f"retention models: error: --if-better needs {', '.join(need)}", file=sys.stderr)
                 return 2
+            args.version = registry.resolve(args.version)
             registry.load(args.version)  # refuse an unloadable candidate before any evaluation
             from training.gate import promotion_gate  # written by the evaluation side; imported only here
 
@@ -119,8 +149,9 @@ def main(argv: list[str]) -> int:
                       file=sys.stderr)
                 return 1
         before = registry.current()
-        registry.promote(args.version)
-        print(f"promoted {args.version} (was {before or 'none'})")
+        version = registry.resolve(args.version)
+        registry.promote(version)
+        print(f"promoted {version} (was {before or 'none'})")
         return 0
     if args.action == "rollback":
         before = registry.current()

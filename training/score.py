@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Batch-score logged requests with a model version: one row per request with the greedy "
         "message among its own candidates and its expected value.",
     )
-    p.add_argument("--registry", required=True, help="model registry folder (or DIR@VERSION)")
-    p.add_argument("--version", help="model version (default: the registry's current one)")
+    p.add_argument("--registry", help="model registry folder (or DIR@VERSION) [env RETENTION_MODEL; default "
+                   "models/registry in the checkout]")
+    p.add_argument("--version", help="model version, 'current' or 'latest' (default: the registry's current one)")
     p.add_argument("--catalog", required=True, type=Path, help="catalog JSON")
     p.add_argument("--input", required=True, type=Path, help="decisions file (.parquet or .csv)")
     p.add_argument("--profiles", type=Path, help="subscriber profiles file, keyed by original_transaction_id")
@@ -73,11 +74,12 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from tqdm import tqdm
 
-    from models.registry import Registry
+    from models.registry import Registry, registry_spec
     from serving.catalog import Catalog
     from training.data_io import read_profiles, read_table, write_table
 
-    registry, pinned = Registry.parse(args.registry)
+    registry, pinned = Registry.parse(registry_spec(args.registry))
+    registry.require_folder()
     model = registry.load(args.version or pinned)
     catalog = Catalog.load(args.catalog)
     decisions = read_table(args.input)
@@ -98,7 +100,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     profiles = read_profiles(args.profiles) if args.profiles else None
-    with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False, disable=None) as bar:
         out = score_frame(decisions, profiles, catalog, model)
         bar.update()
         write_table(out, args.output)

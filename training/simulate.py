@@ -555,7 +555,7 @@ def simulate(
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
     from tqdm import tqdm
 
-    bar = tqdm(total=5, desc="simulate", unit="step", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=5, desc="simulate", unit="step", file=sys.stderr, disable=None if progress else True)
     catalog = catalog if catalog is not None else Catalog.load(DEMO_CATALOG)
     rng = np.random.default_rng(seed)
     products = list(catalog.products)
@@ -699,7 +699,7 @@ def write_world(world: World, out_dir: Path, fmt: str = "parquet", *, progress: 
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     names = ("decisions", "outcomes", "profiles", "ground_truth")
-    for name in tqdm(names, desc="write", unit="file", file=sys.stderr, disable=not progress):
+    for name in tqdm(names, desc="write", unit="file", file=sys.stderr, disable=None if progress else True):
         p = out / f"{name}.{fmt}"
         write_table(getattr(world, name), p)
         paths[name] = p

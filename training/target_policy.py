@@ -306,7 +306,7 @@ def score_candidates(
                     if len(p) else pd.Series([None] * len(cell_pos))
     out = np.full(logged.valid.shape, np.nan)
     cells = len(r_idx)
-    with tqdm(total=cells, desc=desc, unit="row", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=cells, desc=desc, unit="row", file=sys.stderr, disable=None if progress else True) as bar:
         for s in range(0, cells, _CHUNK_CELLS):
             e = min(cells, s + _CHUNK_CELLS)
             X = featurizer.matrix_batch(

@@ -28,7 +28,7 @@ import pandas as pd
 
 from models import data_files
 from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build_schema, category_key
-from models.registry import Registry
+from models.registry import Registry, registry_spec
 from training.fit import (
     MODELS,
     FitInfo,
@@ -352,7 +352,7 @@ def train_frames(
         raise TrainError("every labelled decision has the same outcome (all retained or all churned): nothing to learn")
     timings["label"] = time.perf_counter() - t
     steps = ["featurize", "fit", "export", "parity"] + (["ground truth"] if ground_truth is not None else [])
-    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=None if progress else True, leave=False)
 
     def step(name: str) -> None:
         bar.set_postfix_str(name)
@@ -734,7 +734,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--outcomes", required=True, type=Path, help="outcome events file (.parquet or .csv)")
     p.add_argument("--profiles", type=Path, help="subscriber profiles file, keyed by original_transaction_id")
     p.add_argument("--catalog", required=True, type=Path, help="catalog JSON")
-    p.add_argument("--registry", required=True, type=Path, help="model registry folder (created if absent)")
+    p.add_argument("--registry", help="model registry folder, created if absent [env RETENTION_MODEL; default "
+                   "models/registry in the checkout]")
     p.add_argument("--ground-truth", type=Path, help="simulator ground truth: also print the share of the gap captured")
     p.add_argument("--model", choices=MODELS, default="hgb", help="hgb (default) or logreg")
     p.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
@@ -793,6 +794,7 @@ def main(argv: list[str]) -> int:
     )
     if result.data_summary.get("no_exploration"):
         print(f"retention train: warning: {NO_EXPLORATION_WARNING}", file=sys.stderr)
+    args.registry = Registry.parse(registry_spec(args.registry))[0].root
     version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
     print(summary_table(result))
     print(f"{'registry':<12}  {args.registry} ({'now current' if promoted else 'not promoted'})")

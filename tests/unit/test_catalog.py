@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,18 @@ def test_catalog_cli_validate_and_coverage(tmp_path: Path) -> None:
     cov = subprocess.run([sys.executable, "-m", "retention", "catalog", "coverage", "--catalog", str(DEMO_CATALOG),
                           "--locales", "en-US,pt-BR"], capture_output=True, text=True)
     assert cov.returncode == 1 and f"no default: {PM} pt-BR" in cov.stdout
+
+
+def test_catalog_validate_takes_the_file_as_an_argument(tmp_path: Path) -> None:
+    d = demo()
+    d["messages"][0]["kind"] = "banner"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    # the argument wins over RETENTION_CATALOG (which names a valid catalog here)
+    env = {**os.environ, "RETENTION_CATALOG": str(DEMO_CATALOG)}
+    r = subprocess.run([sys.executable, "-m", "retention", "catalog", "validate", str(bad)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "unknown kind" in r.stderr and "Traceback" not in r.stderr
+    ok = subprocess.run([sys.executable, "-m", "retention", "catalog", "validate", str(DEMO_CATALOG)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and f"catalog {DEMO_CATALOG}: valid" in ok.stdout

@@ -149,3 +149,12 @@ def test_cli_import_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert retention.main(["profiles", "import", str(tmp_path / "missing.csv"), "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("retention profiles: error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.parquet"])
+def test_importing_an_empty_file_names_the_file(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / name
+    empty.write_bytes(b"")
+    assert retention.main(["profiles", "import", str(empty), "--data-dir", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(empty) in err[0] and "is empty" in err[0]

@@ -175,3 +175,59 @@ def test_models_cli(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, ca
     assert len(err) == 1 and "no such version" in err[0]
     assert retention.main(["models", "promote", a, "--if-better"]) == 2
     assert "--if-better needs --decisions" in capsys.readouterr().err
+
+
+def test_models_show_prints_the_card_first_and_json_only_when_asked(
+    tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg = Registry(tmp_path)
+    a = write(reg, onnx_bytes, schema)
+    reg.promote(a)
+    capsys.readouterr()
+    assert retention.main(["models", "show", "current", "--registry", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"# Model {a}" and "{" not in out  # the card, no JSON
+    assert retention.main(["models", "show", "latest", "--registry", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == a  # JSON only: it parses whole
+
+
+def test_current_and_latest_are_version_aliases(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    reg = Registry(tmp_path)
+    a, b = write(reg, onnx_bytes, schema), write(reg, onnx_bytes, schema)
+    reg.promote(a)
+    assert reg.load("current").version == a and reg.load("latest").version == b
+    assert reg.manifest("latest")["version"] == b
+    assert retention.main(["models", "promote", "latest", "--registry", str(tmp_path)]) == 0
+    assert reg.current() == b and f"promoted {b}" in capsys.readouterr().out
+    empty = Registry(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no model version"):
+        empty.load("latest")
+
+
+def test_models_prune_keeps_the_newest_and_never_current_or_shadow(
+    tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RETENTION_MODEL", raising=False)
+    reg = Registry(tmp_path)
+    a, b, c, d, e = (write(reg, onnx_bytes, schema) for _ in range(5))
+    reg.promote(a)
+    assert retention.main(["models", "prune", "--keep", "1", "--registry", str(tmp_path), "--shadow", b,
+                           "--dry-run"]) == 0
+    assert reg.versions() == [a, b, c, d, e] and f"would delete {c}" in capsys.readouterr().out
+    assert retention.main(["models", "prune", "--keep", "1", "--registry", str(tmp_path), "--shadow", b]) == 0
+    assert reg.versions() == [a, b, e]  # current a, shadow b, newest e
+    assert reg.load().version == a
+    assert retention.main(["models", "prune", "--keep", "0", "--registry", str(tmp_path)]) == 0
+    assert reg.versions() == [a]
+    assert retention.main(["models", "prune", "--keep", "-1", "--registry", str(tmp_path)]) == 2
+
+
+def test_models_list_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "typo"
+    assert retention.main(["models", "list", "--registry", str(missing)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and str(missing) in err[0] and captured.out == ""

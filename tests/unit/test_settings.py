@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from serving.server import preflight, settings_to_env
-from serving.settings import Settings, SettingsError, parse_settings
+from serving.settings import DEMO_CATALOG, Settings, SettingsError, parse_settings
 
 
 def test_env_then_flags_override_defaults() -> None:
@@ -46,10 +46,61 @@ def test_preflight_refuses_without_roots_or_app_id(pki_dir: Path) -> None:
         preflight(parse_settings(["--root-certs", str(pki_dir / "absent.pem"), "--app-apple-id", "1"]))
 
 
-def test_production_without_apple_root_warns(pki_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def explicit(registry: Path, tmp_path: Path) -> list[str]:
+    """Return the flags Production requires: a catalog of one's own, a registry, an absolute data folder."""
+    catalog = tmp_path / "catalog.json"
+    catalog.write_bytes(DEMO_CATALOG.read_bytes())
+    return ["--catalog", str(catalog), "--model", str(registry), "--data-dir", str(tmp_path / "data")]
+
+
+def test_production_without_apple_root_warns(pki_dir: Path, trained_registry: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1",
-                              "--environment", "Production"]))
+                              "--environment", "Production", *explicit(trained_registry, tmp_path)]))
     assert "Apple Root CA - G3" in capsys.readouterr().err
     preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1",
                               "--environment", "Sandbox"]))
     assert capsys.readouterr().err == ""
+
+
+def test_production_refuses_the_demo_catalog_the_checkout_registry_and_a_relative_data_folder(
+    pki_dir: Path, trained_registry: Path, tmp_path: Path
+) -> None:
+    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Production"]
+    with pytest.raises(SettingsError) as caught:
+        preflight(parse_settings(base))
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 3
+    assert "RETENTION_CATALOG" in lines[0] and "RETENTION_MODEL" in lines[1] and "RETENTION_DATA_DIR" in lines[2]
+    with pytest.raises(SettingsError, match="absolute data folder") as caught:
+        preflight(parse_settings([*base, *explicit(trained_registry, tmp_path), "--data-dir", "data"]))
+    assert len(str(caught.value).splitlines()) == 1
+    startup = preflight(parse_settings([*base, *explicit(trained_registry, tmp_path)]))
+    assert startup.model_version is not None
+    # Sandbox keeps the demo defaults working
+    preflight(parse_settings([*base[:-1], "Sandbox"]))
+
+
+def test_a_pinned_or_shadow_version_that_does_not_exist_refuses_to_start(pki_dir: Path, trained_registry: Path,
+                                                                          tmp_path: Path) -> None:
+    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Sandbox"]
+    with pytest.raises(SettingsError, match="nosuchversion"):
+        preflight(parse_settings([*base, "--model", f"{trained_registry}@nosuchversion"]))
+    with pytest.raises(SettingsError, match=r"shadow model.*nosuchversion"):
+        preflight(parse_settings([*base, "--model", str(trained_registry), "--shadow-model", "nosuchversion"]))
+    with pytest.raises(SettingsError, match="does not exist"):
+        preflight(parse_settings([*base, "--model", str(tmp_path / "typo")]))
+    startup = preflight(parse_settings([*base, "--model", f"{trained_registry}@latest", "--shadow-model", "current"]))
+    assert startup.model_version == startup.shadow_version and startup.model_version is not None
+
+
+def test_workers_zero_and_missing_tls_files_are_named(pki_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="workers must be 1 or more"):
+        parse_settings(["--workers", "0"])
+    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Sandbox"]
+    key = tmp_path / "tls.key"
+    key.write_text("not a key")
+    with pytest.raises(SettingsError, match=f"TLS file {tmp_path / 'absent.pem'} \\(--ssl-certfile\\) does not exist"):
+        preflight(parse_settings([*base, "--ssl-certfile", str(tmp_path / "absent.pem"), "--ssl-keyfile", str(key)]))
+    with pytest.raises(SettingsError, match="cannot be used"):
+        preflight(parse_settings([*base, "--ssl-certfile", str(pki_dir / "root.pem"), "--ssl-keyfile", str(key)]))

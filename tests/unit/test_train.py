@@ -357,3 +357,22 @@ def test_score_refuses_a_profile_model_without_profiles_unless_allowed(
     assert not (tmp_path / "o.csv").exists()
     assert retention.main([*base, "--allow-missing-profiles"]) == 0
     assert (tmp_path / "o.csv").exists()
+
+
+def test_train_score_and_evaluate_read_the_registry_from_retention_model(
+    small_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = tmp_path / "from-env"
+    monkeypatch.setenv("RETENTION_MODEL", str(registry))
+    no_registry = [a for a in train_args(small_files, registry) if a not in ("--registry", str(registry))]
+    assert retention.main(no_registry) == 0
+    version = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Registry(registry).current() == version
+    out = tmp_path / "scored.csv"
+    assert retention.main(["score", "--catalog", str(small_files["catalog"]), "--input", str(small_files["decisions"]),
+                           "--profiles", str(small_files["profiles"]), "--output", str(out)]) == 0
+    assert f"with model {version}" in capsys.readouterr().out and out.is_file()
+    assert retention.main(["evaluate", "--decisions", str(small_files["decisions"]), "--outcomes",
+                           str(small_files["outcomes"]), "--catalog", str(small_files["catalog"]),
+                           "--out", str(tmp_path / "ev"), "--versions", "latest"]) == 0
+    assert version in capsys.readouterr().out

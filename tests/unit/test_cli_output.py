@@ -1,0 +1,50 @@
+"""What the ``retention`` commands write when their output goes to a pipe, a log file or a terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+
+def test_output_piped_into_head_ends_without_a_broken_pipe_error(pki_dir: Path) -> None:
+    r = subprocess.run(f"{sys.executable} -m retention sign --ca {pki_dir} --count 3000 | head -n 1",
+                       shell=True, capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith('{"signedPayload"') and len(r.stdout.splitlines()) == 1
+    assert "Broken pipe" not in r.stderr and "BrokenPipeError" not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr == ""
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "retention", "simulate", "--n", "2000", "--seed", "0"]
+    with open(tmp_path / "log", "w+b") as log_file:
+        r = subprocess.run([*argv, "--out", str(tmp_path / "a")], stdout=subprocess.DEVNULL, stderr=log_file,
+                           timeout=120)
+        log_file.seek(0)
+        logged = log_file.read()
+    assert r.returncode == 0
+    assert b"\r" not in logged and b"\x1b[" not in logged  # no bar redraws, no escape codes in a log file
+    # on a terminal the bar is drawn
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    try:
+        proc = subprocess.Popen([*argv, "--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        drawn = b""
+        while True:  # read while it runs, so a full terminal buffer never blocks the child
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child is gone and everything it wrote was read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        returncode = proc.wait(timeout=120)
+    finally:
+        os.close(leader)
+    assert returncode == 0 and b"simulate" in drawn and b"\r" in drawn
