@@ -14,7 +14,8 @@ In-App Purchase key so offers are signed) on 127.0.0.1. Each round, alternating:
   baseline: a server saturated by legitimate work);
 * ``paced + forged flood``: the same paced client while wrk floods the server with forged chains.
 
-Prints requests/s of valid and forged (the goal: forged >= 0.60 of valid, same run), the paced client's
+With ``--baseline-root DIR`` a second server runs from another checkout (``git archive main | tar -x -C DIR``)
+through the same phases, alternating with this one. Prints requests/s of valid and forged (the goal: forged >= 0.60 of valid, same run), the paced client's
 p50/p99 alone and during each flood, and how the forged requests were refused (``untrusted_chain`` after
 their signature check, ``chain_check_busy`` when the bound of concurrent first-time chain checks was full).
 """
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--pace", type=float, default=100.0, help="requests per second of the paced valid client")
     ap.add_argument("--max-rps", type=int, default=6000, help="bodies written per second of wrk run (default 6000)")
     ap.add_argument("--env", default="", help="extra server settings: space-separated RETENTION_*=VALUE pairs")
+    ap.add_argument("--baseline-root", default=None,
+                    help="another checkout (e.g. of main) whose server runs the same phases, alternating, as a baseline")
     args = ap.parse_args()
 
     from cryptography.hazmat.primitives import serialization
@@ -122,12 +125,10 @@ def main() -> None:
     p8 = tmp / "key.p8"
     p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()))
-    port = free_port()
     env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
                RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
-               RETENTION_DATA_DIR=str(tmp / "data"), RETENTION_PORT=str(port), RETENTION_LOG_LEVEL="warning",
-               RETENTION_MAX_AGE_S="3600", RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
-               RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
+               RETENTION_LOG_LEVEL="warning", RETENTION_MAX_AGE_S="3600", RETENTION_OFFER_KEY_FILE=str(p8),
+               RETENTION_OFFER_KEY_ID="BENCH", RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
     env.update(dict(kv.split("=", 1) for kv in args.env.split()))
 
     def valid(i: int) -> bytes:
@@ -139,73 +140,85 @@ def main() -> None:
 
     per_run = args.max_rps * args.duration
     print(f"writing {per_run:,} bodies per wrk run...", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT)
-    res: dict[str, list[dict[str, float]]] = {"valid": [], "forged": []}
-    paced_ms: dict[str, list[float]] = {"alone": [], "valid flood": [], "forged flood": []}
-    paced_codes: list[int] = []
-    next_valid, next_forged = 0, 0
+    roots = {"this": ROOT, **({"baseline": Path(args.baseline_root).resolve()} if args.baseline_root else {})}
+    servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    for name, where in roots.items():
+        port = free_port()
+        servers[name] = (port, subprocess.Popen(
+            [sys.executable, "-m", "retention", "serve"], cwd=where,
+            env=dict(env, RETENTION_PORT=str(port), RETENTION_DATA_DIR=str(tmp / f"data-{name}"))))
+    res: dict[str, dict[str, list[dict[str, float]]]] = {n: {"valid": [], "forged": []} for n in servers}
+    paced_ms = {n: {"alone": [], "valid flood": [], "forged flood": []} for n in servers}
+    paced_codes: dict[str, list[int]] = {n: [] for n in servers}
+    refused: dict[str, dict[str, float]] = {}
+    counter = {"valid": 0, "forged": 0}
+
+    def bodies_file(kind: str, n: int) -> Path:
+        path = tmp / f"{kind}.txt"
+        write_bodies(path, valid if kind == "valid" else forged, counter[kind], n)
+        counter[kind] += n
+        return path
+
     try:
-        wait(f"http://127.0.0.1:{port}/health", server)
-        warm = tmp / "warm.txt"
-        write_bodies(warm, valid, 0, 2 * args.max_rps)
-        next_valid = 2 * args.max_rps
-        run_wrk(port, warm, 2, args.connections)
+        for port, proc in servers.values():
+            wait(f"http://127.0.0.1:{port}/health", proc)
+            run_wrk(port, bodies_file("valid", 2 * args.max_rps), 2, args.connections)  # warm-up
         n_paced = int(args.pace * args.duration) + 10
         for r in range(args.rounds):
-            f_valid, f_forged = tmp / "valid.txt", tmp / "forged.txt"
-            write_bodies(f_valid, valid, next_valid, per_run)
-            next_valid += per_run
-            res["valid"].append(run_wrk(port, f_valid, args.duration, args.connections))
-            write_bodies(f_forged, forged, next_forged, per_run)
-            next_forged += per_run
-            res["forged"].append(run_wrk(port, f_forged, args.duration, args.connections))
-            # the paced client alone, then during a flood of valid requests, then of never-seen forged chains
-            for phase, sink in paced_ms.items():
-                bodies = [valid(next_valid + i) for i in range(n_paced)]
-                next_valid += n_paced
-                if phase == "valid flood":
-                    write_bodies(f_valid, valid, next_valid, per_run)
-                    next_valid += per_run
-                elif phase == "forged flood":
-                    write_bodies(f_forged, forged, next_forged, per_run)
-                    next_forged += per_run
-                stop = threading.Event()
-                t = threading.Thread(target=paced, args=(port, bodies, args.pace, stop, sink, paced_codes))
-                t.start()
-                if phase == "alone":
-                    time.sleep(args.duration)
-                else:
-                    run_wrk(port, f_valid if phase == "valid flood" else f_forged, args.duration, args.connections)
-                stop.set()
-                t.join()
-            print(f"round {r + 1}: valid {res['valid'][-1]['rps']:.0f} rps, forged {res['forged'][-1]['rps']:.0f} rps",
-                  flush=True)
-        refused = refusals(port)
+            for name, (port, _) in servers.items():
+                out = res[name]
+                out["valid"].append(run_wrk(port, bodies_file("valid", per_run), args.duration, args.connections))
+                out["forged"].append(run_wrk(port, bodies_file("forged", per_run), args.duration, args.connections))
+                # the paced client alone, then during a flood of valid requests, then of never-seen forged chains
+                for phase, sink in paced_ms[name].items():
+                    paced_bodies = [valid(counter["valid"] + i) for i in range(n_paced)]
+                    counter["valid"] += n_paced
+                    flood = None if phase == "alone" else bodies_file(phase.split()[0], per_run)
+                    stop = threading.Event()
+                    t = threading.Thread(target=paced, args=(port, paced_bodies, args.pace, stop, sink, paced_codes[name]))
+                    t.start()
+                    if flood is None:
+                        time.sleep(args.duration)
+                    else:
+                        run_wrk(port, flood, args.duration, args.connections)
+                    stop.set()
+                    t.join()
+                print(f"round {r + 1}, {name}: valid {out['valid'][-1]['rps']:.0f} rps, "
+                      f"forged {out['forged'][-1]['rps']:.0f} rps", flush=True)
+        for name, (port, _) in servers.items():
+            refused[name] = refusals(port)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        for _, proc in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for _, proc in servers.values():
+            proc.wait(timeout=30)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in res[name])
+    def med(name: str, kind: str, key: str) -> float:
+        return statistics.median(x[key] for x in res[name][kind])
 
     def pct(xs: list[float], q: int) -> float:
         return statistics.quantiles(xs, n=100)[q - 1]
 
     print()
-    print(f"| load | req/s (median of {args.rounds}) | wrk p99 ms | non-2xx | bodies reused |")
+    print(f"| server | load | req/s (median of {args.rounds}) | wrk p99 ms | non-2xx | bodies reused |")
+    print("|---|---|---|---|---|---|")
+    for name in servers:
+        for kind in ("valid", "forged"):
+            print(f"| {name} | {kind} | {med(name, kind, 'rps'):.0f} | {med(name, kind, 'p99_ms'):.2f} | "
+                  f"{sum(x['non2xx'] for x in res[name][kind]):.0f} | {sum(x['reused'] for x in res[name][kind]):.0f} |")
+    print(f"\n| server | paced valid client ({args.pace:g}/s, one connection) | requests | p50 ms | p99 ms |")
     print("|---|---|---|---|---|")
-    for name in res:
-        print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p99_ms'):.2f} | "
-              f"{sum(x['non2xx'] for x in res[name]):.0f} | {sum(x['reused'] for x in res[name]):.0f} |")
-    ratio = med("forged", "rps") / med("valid", "rps")
-    print(f"\nforged / valid requests per second: {ratio:.2f} (goal >= 0.60) -> {'met' if ratio >= 0.6 else 'MISSED'}")
-    print(f"\n| paced valid client ({args.pace:g}/s, one connection) | requests | p50 ms | p99 ms |")
-    print("|---|---|---|---|")
-    for phase, xs in paced_ms.items():
-        print(f"| {phase} | {len(xs)} | {pct(xs, 50):.2f} | {pct(xs, 99):.2f} |")
-    print(f"paced client's non-200 answers: {sum(c != 200 for c in paced_codes)}; p99 during the forged flood / during "
-          f"the valid flood: {pct(paced_ms['forged flood'], 99) / pct(paced_ms['valid flood'], 99):.2f}")
-    print("forged requests refused, by code: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(refused.items())))
+    for name in servers:
+        for phase, xs in paced_ms[name].items():
+            print(f"| {name} | {phase} | {len(xs)} | {pct(xs, 50):.2f} | {pct(xs, 99):.2f} |")
+    for name in servers:
+        ratio = med(name, "forged", "rps") / med(name, "valid", "rps")
+        p = paced_ms[name]
+        print(f"\n{name}: forged / valid requests per second {ratio:.2f} (goal >= 0.60: {'met' if ratio >= 0.6 else 'MISSED'}); "
+              f"paced p99 during the forged flood / during the valid flood "
+              f"{pct(p['forged flood'], 99) / pct(p['valid flood'], 99):.2f}; "
+              f"paced non-200 answers {sum(c != 200 for c in paced_codes[name])}")
+        print(f"{name}: refusals by code: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(refused[name].items())))
 
 
 if __name__ == "__main__":

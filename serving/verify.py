@@ -584,7 +584,7 @@ class RequestVerifier:
         thread, so the replay memory sees requests in the order they are verified.
         """
         with _unforeseen_as_malformed:
-            payload_seg, found, signing_input, signature = self._parse(signed_payload)
+            payload_seg, found, signing_input, signature = self._parse(signed_payload, bounded=True)
         if isinstance(found, _PendingChain):
             chain = await self._check_pending(found, offload)
         else:
@@ -627,11 +627,13 @@ class RequestVerifier:
             raise _bad_signature()
         return payload_seg, chain
 
-    def _parse(self, token: str | bytes) -> tuple[bytes, VerifiedChain | _PendingChain, bytes, bytes]:
+    def _parse(self, token: str | bytes, *, bounded: bool = False) -> tuple[bytes, VerifiedChain | _PendingChain, bytes, bytes]:
         """Return (payload segment, chain, signing input, raw signature): every check but the signatures'.
 
         The chain is a :class:`_PendingChain` when it was never seen: its certificate signatures are left
-        to check (:meth:`_check_pending`, or :func:`_check_signatures` then :meth:`_settle`).
+        to check (:meth:`_check_pending`, or :func:`_check_signatures` then :meth:`_settle`). `bounded`:
+        a never-seen chain while ``chain_checks`` are running is refused (``chain_check_busy``) before its
+        certificates are even parsed.
         """
         if isinstance(token, str):
             try:
@@ -646,7 +648,7 @@ class RequestVerifier:
         if len(parts) != 3:
             raise _fail("malformed_jws", f"the JWS has {len(parts)} dot-separated parts instead of 3.")
         header_seg, payload_seg, sig_seg = parts
-        chain = self._chain_for_header(header_seg)
+        chain = self._chain_for_header(header_seg, bounded)
         try:
             signature = b64url_decode(sig_seg)
         except (ValueError, binascii.Error):
@@ -655,7 +657,7 @@ class RequestVerifier:
             raise _fail("bad_signature", f"the JWS signature is {len(signature)} bytes, not the 64-byte r||s form ES256 uses.")
         return payload_seg, chain, token[: len(header_seg) + 1 + len(payload_seg)], signature
 
-    def _chain_for_header(self, header_seg: bytes) -> VerifiedChain | _PendingChain:
+    def _chain_for_header(self, header_seg: bytes, bounded: bool = False) -> VerifiedChain | _PendingChain:
         # Apple signs with few leaf certificates at a time: most requests carry the previous request's header.
         # Comparing ~3 kB of bytes costs less than hashing them for the LRU under its lock.
         last = self._last_header
@@ -670,10 +672,11 @@ class RequestVerifier:
         if bad is not None:
             raise _fail(*bad)
         try:
-            found = self._check_header(header_seg)
+            found = self._check_header(header_seg, bounded)
         except VerificationError as exc:
-            with self._lock:
-                self._bad_headers.put(header_seg, (exc.code, exc.detail))
+            if exc.code != "chain_check_busy":  # a verdict on the chain, not on the load
+                with self._lock:
+                    self._bad_headers.put(header_seg, (exc.code, exc.detail))
             raise
         if isinstance(found, VerifiedChain):
             with self._lock:
@@ -681,7 +684,7 @@ class RequestVerifier:
             self._last_header = (header_seg, found)
         return found
 
-    def _check_header(self, header_seg: bytes) -> VerifiedChain | _PendingChain:
+    def _check_header(self, header_seg: bytes, bounded: bool = False) -> VerifiedChain | _PendingChain:
         try:
             header = _decode_any(b64url_decode(header_seg))
         except (ValueError, binascii.Error, msgspec.DecodeError):
@@ -713,6 +716,8 @@ class RequestVerifier:
             return good
         if bad is not None:
             raise _fail(*bad)
+        if bounded and self._chain_checks_running >= self.chain_checks:
+            raise self._busy()
         try:
             return self._prepare(key)
         except VerificationError as exc:
@@ -739,10 +744,7 @@ class RequestVerifier:
     async def _check_pending(self, pending: _PendingChain, offload: Offload | None) -> VerifiedChain:
         """Check a never-seen chain's certificate signatures through `offload`, at most ``chain_checks`` at once."""
         if self._chain_checks_running >= self.chain_checks:
-            raise _fail(
-                "chain_check_busy",
-                f"{self._chain_checks_running} never-seen certificate chains are being checked already; retry later.",
-            )
+            raise self._busy()
         self._chain_checks_running += 1
         try:
             if offload is None:
@@ -752,6 +754,12 @@ class RequestVerifier:
         finally:
             self._chain_checks_running -= 1
         return self._settle(pending, result)
+
+    def _busy(self) -> VerificationError:
+        return _fail(
+            "chain_check_busy",
+            f"{self._chain_checks_running} never-seen certificate chains are being checked already; retry later.",
+        )
 
     def _settle(self, pending: _PendingChain, result: tuple[VerifiedChain | _Refusal, x509.Certificate | None]) -> VerifiedChain:
         """Remember the verdict of :func:`_check_signatures` on `pending`; return the chain or raise its refusal."""

@@ -753,6 +753,8 @@ def test_a_flood_of_distinct_forged_chains_checks_at_most_the_bound_at_once_and_
     before = len(signature_spy.calls)
     checked = forged[codes.index("untrusted_chain")]
     assert code_of(v, checked) == "untrusted_chain" and len(signature_spy.calls) == before
+    # a busy refusal is a verdict on the load, not on the chain: sent again, the chain is checked
+    assert code_of(v, forged[codes.index("chain_check_busy")]) == "untrusted_chain"
 
 
 def test_forged_chains_push_no_good_chain_out_of_the_caches(pki: TestPKI, signature_spy: _SignatureSpy) -> None:
