@@ -132,7 +132,7 @@ class SQLiteReplayMemory:
     Cost per call: bench/building_blocks.py ("replay memory").
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 50, open_timeout_s: float = 10.0) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 100, open_timeout_s: float = 10.0) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._next_sweep = 0.0
@@ -200,6 +200,10 @@ class LayeredReplayMemory:
     def remember(self, request_id: str, expires_at: float, now: float) -> bool:
         if not self.front.remember(request_id, expires_at, now):
             return False  # replayed to this worker: no need to ask the shared store
+        return self.remember_shared(request_id, expires_at, now)
+
+    def remember_shared(self, request_id: str, expires_at: float, now: float) -> bool:
+        """The shared store's half of :meth:`remember` (thread-safe: the server calls it on its offload thread)."""
         store = self.store
         if store is None:
             return True

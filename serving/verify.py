@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from serving.errors import VerificationError
-from serving.replay import InProcessReplayMemory, ReplayMemory
+from serving.replay import InProcessReplayMemory, LayeredReplayMemory, ReplayMemory
 from serving.schemas import DecodedRealtimeRequestBody
 
 if TYPE_CHECKING:
@@ -592,7 +592,10 @@ class RequestVerifier:
         if not await check(chain, signing_input, signature):
             raise _bad_signature()
         with _unforeseen_as_malformed:
-            return self._check_request(payload_seg, chain)
+            body, now = self._check_payload(payload_seg, chain)
+        if self.check_replay:
+            await self._remember_async(body.requestIdentifier.lower(), now, offload)
+        return body
 
     def verify_signed_data(self, token: str | bytes) -> dict[str, Any]:
         """Return the verified payload of any App Store JWS (notifications, transactions) as a dict.
@@ -781,6 +784,13 @@ class RequestVerifier:
 
     def _check_request(self, payload_seg: bytes, chain: VerifiedChain) -> DecodedRealtimeRequestBody:
         """Decode and check an authenticated payload: fields, chain validity, app, environment, freshness, replay."""
+        body, now = self._check_payload(payload_seg, chain)
+        if self.check_replay:
+            self._remember(body.requestIdentifier.lower(), now)
+        return body
+
+    def _check_payload(self, payload_seg: bytes, chain: VerifiedChain) -> tuple[DecodedRealtimeRequestBody, float]:
+        """Decode and check an authenticated payload, replay aside; return it and the time it was checked at."""
         try:
             raw = b64url_decode(payload_seg)
         except (ValueError, binascii.Error):
@@ -808,9 +818,7 @@ class RequestVerifier:
             raise _fail(
                 "stale_request", f"the request is signed {signed_s - now:.0f} s in the future, more than {self.max_skew_s:g} s."
             )
-        if self.check_replay:
-            self._remember(body.requestIdentifier.lower(), now)
-        return body
+        return body, now
 
     def _remember(self, request_id: str, now: float) -> None:
         """Record `request_id` in the replay memory, or raise replayed_request when it holds it already.
@@ -819,6 +827,19 @@ class RequestVerifier:
         so after now + max_age_s + max_skew_s a replay is refused as stale anyway: the id is forgotten then.
         """
         if not self.replay.remember(request_id, now + self.max_age_s + self.max_skew_s, now):
+            raise _fail("replayed_request", "this requestIdentifier was already answered.")
+
+    async def _remember_async(self, request_id: str, now: float, offload: Offload | None) -> None:
+        """:meth:`_remember`; with a shared store behind an in-process front, the store's write goes through
+        `offload` (SQLite releases the GIL while it writes), and the front answers on the event loop first."""
+        replay = self.replay
+        if offload is None or not isinstance(replay, LayeredReplayMemory):
+            self._remember(request_id, now)
+            return
+        expires_at = now + self.max_age_s + self.max_skew_s
+        if not replay.front.remember(request_id, expires_at, now) or not await offload(
+            replay.remember_shared, request_id, expires_at, now
+        ):
             raise _fail("replayed_request", "this requestIdentifier was already answered.")
 
 

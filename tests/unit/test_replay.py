@@ -92,7 +92,7 @@ def test_a_replay_store_that_cannot_write_is_answered_counted_and_shown_on_ready
     headers = {"content-type": "application/json"}
     body = pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox")
     with _client(make_settings) as c:
-        # another process holds the store's write lock past the worker's wait (50 ms): its write fails
+        # another process holds the store's write lock past the worker's wait (100 ms): its write fails
         holder = sqlite3.connect(Path(settings.data_dir) / REPLAY_FILE, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         try:
