@@ -15,10 +15,13 @@ with our own few lines over ``cryptography`` and ``msgspec``, stricter than Appl
 * the chain must be valid at the payload's ``signedDate``;
 * the ES256 signature is 64 raw bytes r||s (a DER signature is refused) over ``header.payload``;
 * the payload has all seven fields with the right types and a UUID ``requestIdentifier``; ``appAppleId``
-  and ``environment`` equal ours; ``signedDate`` is fresh; a ``requestIdentifier`` is answered once.
+  and ``environment`` equal ours; ``signedDate`` is fresh; a ``requestIdentifier`` is answered once (the
+  replay memory of ``serving.replay``).
 
 Verified chains are cached (bounded LRU) by the header bytes and by the x5c certificates, so a request on a
-known chain costs one P-256 signature check, one payload decode and a date comparison (~0.15 ms).
+known chain costs one P-256 signature check, one payload decode and a date comparison (~0.15 ms). A
+never-seen chain is checked cheapest first, its CA signatures last, off the event loop and a bounded number
+at a time (:class:`RequestVerifier`; docs/security.md, "Replay protection and certificate chains").
 """
 
 from __future__ import annotations
