@@ -25,13 +25,14 @@ The PostgreSQL store of a fleet (issue 19) implements the same :class:`ReplayMem
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 __all__ = [
     "REPLAY_FILE",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("retention.replay")
+
+#: Runs ``fn(*args)`` somewhere and returns its result (``serving.offload.Offloader``).
+Offload = Callable[..., Awaitable[Any]]
 
 #: The shared store's file name inside the data folder.
 REPLAY_FILE: Final = "replay.sqlite"
@@ -58,6 +62,11 @@ class ReplayMemory(Protocol):
         An id whose earlier entry expired at or before `now` counts as new (and is held again until
         `expires_at`). Raises on a store failure (``sqlite3.Error``, ``OSError``): the caller decides.
         """
+        ...
+
+    def remember_many(self, items: Sequence[tuple[str, float, float]]) -> list[bool]:
+        """:meth:`remember` for each ``(request_id, expires_at, now)`` of `items`, in order, in one go (one
+        transaction, one round trip); all or nothing on a store failure."""
         ...
 
     def __len__(self) -> int:
@@ -101,6 +110,9 @@ class InProcessReplayMemory:
             seen.pop(request_id, None)  # an expired id seen again goes to the end, in expiry order
             seen[request_id] = expires_at
             return True
+
+    def remember_many(self, items: Sequence[tuple[str, float, float]]) -> list[bool]:
+        return [self.remember(*item) for item in items]
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -159,6 +171,28 @@ class SQLiteReplayMemory:
                 conn.execute(_SWEEP, (now,))
             return conn.execute(_REMEMBER, (request_id, expires_at, now)).rowcount == 1
 
+    def remember_many(self, items: Sequence[tuple[str, float, float]]) -> list[bool]:
+        """One transaction for all `items` (the commit is most of a write's cost: bench/building_blocks.py)."""
+        if len(items) == 1:
+            return [self.remember(*items[0])]
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise sqlite3.ProgrammingError("the replay store is closed")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                now = max(item[2] for item in items)
+                if now >= self._next_sweep:
+                    self._next_sweep = now + _SWEEP_EVERY_S
+                    conn.execute(_SWEEP, (min(item[2] for item in items),))
+                first = [conn.execute(_REMEMBER, (rid, exp, at)).rowcount == 1 for rid, exp, at in items]
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return first
+
     def __len__(self) -> int:
         with self._lock:
             if self._conn is None:
@@ -190,6 +224,8 @@ class LayeredReplayMemory:
         self.healthy = True
         self.last_error: str | None = None
         self._last_logged = -_LOG_EVERY_S
+        self._batch: list[tuple[str, float, float, asyncio.Future[bool]]] = []  # writes waiting for this loop turn
+        self._writing: set[asyncio.Task[None]] = set()
         self.store: ReplayMemory | None
         try:
             self.store = open_store()
@@ -201,6 +237,58 @@ class LayeredReplayMemory:
         if not self.front.remember(request_id, expires_at, now):
             return False  # replayed to this worker: no need to ask the shared store
         return self.remember_shared(request_id, expires_at, now)
+
+    async def remember_async(self, request_id: str, expires_at: float, now: float, offload: Offload) -> bool:
+        """:meth:`remember` for the event loop: the front answers now; the store's write goes through `offload`
+        (the server's signature thread: SQLite releases the GIL while it writes), together with the writes of
+        every other request that reached this point in the same turn of the loop (one transaction for all).
+        """
+        if not self.front.remember(request_id, expires_at, now):
+            return False
+        if self.store is None:
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._batch.append((request_id, expires_at, now, fut))
+        if len(self._batch) == 1:  # the task starts once the loop's current turn is over
+            task = loop.create_task(self._write_batch(offload))
+            self._writing.add(task)  # a reference, so the task is not collected mid-write
+            task.add_done_callback(self._writing.discard)
+        return await fut
+
+    async def _write_batch(self, offload: Offload) -> None:
+        batch, self._batch = self._batch, []
+        items = [(rid, exp, at) for rid, exp, at, _ in batch]
+        try:
+            first = await offload(self.remember_shared_many, items)
+        except BaseException as exc:  # cancelled at shutdown: every waiting request hears of it
+            for *_, fut in batch:
+                if not fut.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.cancel()
+                    else:
+                        fut.set_exception(exc)
+            return
+        for (*_, fut), ok in zip(batch, first, strict=True):
+            if not fut.done():
+                fut.set_result(ok)
+
+    def remember_shared_many(self, items: Sequence[tuple[str, float, float]]) -> list[bool]:
+        """The shared store's half of :meth:`remember` for several ids at once (thread-safe); fails open."""
+        store = self.store
+        if store is None:
+            return [True] * len(items)
+        try:
+            first = store.remember_many(items)
+        except (sqlite3.Error, OSError) as exc:
+            for _ in items:
+                self._failed(exc)
+            return [True] * len(items)  # the documented policy: answer on the in-process memory's word
+        self.healthy = True
+        return first
+
+    def remember_many(self, items: Sequence[tuple[str, float, float]]) -> list[bool]:
+        return [self.remember(*item) for item in items]
 
     def remember_shared(self, request_id: str, expires_at: float, now: float) -> bool:
         """The shared store's half of :meth:`remember` (thread-safe: the server calls it on its offload thread)."""

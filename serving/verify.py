@@ -26,6 +26,7 @@ at a time (:class:`RequestVerifier`; docs/security.md, "Replay protection and ce
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -530,7 +531,8 @@ class RequestVerifier:
         self._last_header: tuple[bytes, VerifiedChain] | None = None  # the last good header, checked first
         self.replay: ReplayMemory = replay if replay is not None else InProcessReplayMemory()
         self.chain_checks = chain_checks
-        self._chain_checks_running = 0  # touched on the event loop's thread only
+        self._chain_checks_running = 0  # touched on the event loop's thread only, as is the next one
+        self._in_flight: dict[tuple[str, str], asyncio.Future[VerifiedChain | _Refusal]] = {}  # chains being checked
         self._lock = threading.Lock()
 
     @classmethod
@@ -722,7 +724,7 @@ class RequestVerifier:
             return good
         if bad is not None:
             raise _fail(*bad)
-        if bounded and self._chain_checks_running >= self.chain_checks:
+        if bounded and self._chain_checks_running >= self.chain_checks and key not in self._in_flight:
             raise self._busy()
         try:
             return self._prepare(key)
@@ -748,17 +750,34 @@ class RequestVerifier:
         return _PendingChain(key, leaf, intermediate, fingerprint, root, candidates)
 
     async def _check_pending(self, pending: _PendingChain, offload: Offload | None) -> VerifiedChain:
-        """Check a never-seen chain's certificate signatures through `offload`, at most ``chain_checks`` at once."""
+        """Check a never-seen chain's certificate signatures through `offload`, at most ``chain_checks`` at once.
+
+        Requests on a chain whose check is under way wait for that check (Apple's first requests after a
+        start all carry the same new chain): they neither count against the bound nor repeat the work.
+        """
+        under_way = self._in_flight.get(pending.key)
+        if under_way is not None:
+            verdict = await asyncio.shield(under_way)
+            if isinstance(verdict, VerifiedChain):
+                return verdict
+            raise _fail(*verdict)
         if self._chain_checks_running >= self.chain_checks:
             raise self._busy()
         self._chain_checks_running += 1
+        done: asyncio.Future[VerifiedChain | _Refusal] = asyncio.get_running_loop().create_future()
+        self._in_flight[pending.key] = done
         try:
             if offload is None:
                 result = _check_signatures(pending)
             else:
                 result = await offload(_check_signatures, pending)
+        except BaseException:
+            done.cancel()  # cancelled (shutdown): the waiting requests are too
+            raise
         finally:
             self._chain_checks_running -= 1
+            del self._in_flight[pending.key]
+        done.set_result(result[0])
         return self._settle(pending, result)
 
     def _busy(self) -> VerificationError:
@@ -833,16 +852,13 @@ class RequestVerifier:
             raise _fail("replayed_request", "this requestIdentifier was already answered.")
 
     async def _remember_async(self, request_id: str, now: float, offload: Offload | None) -> None:
-        """:meth:`_remember`; with a shared store behind an in-process front, the store's write goes through
-        `offload` (SQLite releases the GIL while it writes), and the front answers on the event loop first."""
+        """:meth:`_remember`; with a shared store behind an in-process front, the front answers on the event
+        loop and the store's write goes through `offload` (``LayeredReplayMemory.remember_async``)."""
         replay = self.replay
         if offload is None or not isinstance(replay, LayeredReplayMemory):
             self._remember(request_id, now)
             return
-        expires_at = now + self.max_age_s + self.max_skew_s
-        if not replay.front.remember(request_id, expires_at, now) or not await offload(
-            replay.remember_shared, request_id, expires_at, now
-        ):
+        if not await replay.remember_async(request_id, now + self.max_age_s + self.max_skew_s, now, offload):
             raise _fail("replayed_request", "this requestIdentifier was already answered.")
 
 

@@ -111,3 +111,57 @@ def test_a_replay_store_that_cannot_write_is_answered_counted_and_shown_on_ready
         c.post("/retention/message", content=pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"),
                headers=headers)
         assert c.get("/ready").json()["replay_store"]["ok"] is True  # the store answers again
+
+
+def test_a_batch_is_one_transaction_that_answers_each_id(tmp_path: Path) -> None:
+    store = SQLiteReplayMemory(tmp_path / REPLAY_FILE)
+    now = time.time()
+    assert store.remember(RID, now + 360, now)
+    other = RID.replace("6f", "71")
+    assert store.remember_many([(other, now + 360, now), (RID, now + 360, now), (other.upper(), now + 360, now)]) == [
+        True, False, True]
+    assert SQLiteReplayMemory(tmp_path / REPLAY_FILE).remember_many([(other, now + 361, now + 1)]) == [False]
+    store.close()
+
+
+def test_requests_verified_in_one_loop_turn_share_one_write_and_each_gets_its_own_answer(tmp_path: Path) -> None:
+    import asyncio
+
+    from serving.offload import Offloader
+    from serving.verify import RequestVerifier, offloaded_check
+
+    pki = TestPKI.mint()
+    batches: list[int] = []
+
+    class CountingStore(SQLiteReplayMemory):
+        def remember_many(self, items: Any) -> list[bool]:
+            batches.append(len(items))
+            return super().remember_many(items)
+
+    def verifier() -> RequestVerifier:
+        layer = LayeredReplayMemory(lambda: CountingStore(tmp_path / REPLAY_FILE))
+        return RequestVerifier([pki.root_cert], app_apple_id=APP_ID, environment="Sandbox", replay=layer)
+
+    tokens = [pki.signed_request(app_apple_id=APP_ID, environment="Sandbox") for _ in range(12)]
+    worker_a, worker_b = verifier(), verifier()
+    off = Offloader(1)
+    off.start()
+
+    async def send(v: RequestVerifier, token: str) -> str:
+        try:
+            await v.verify_async(token, offloaded_check(off), off)
+        except Exception as exc:
+            return getattr(exc, "code", repr(exc))
+        return "ok"
+
+    async def main() -> tuple[list[str], list[str]]:
+        first = await asyncio.gather(*(send(worker_a, t) for t in tokens))
+        again = await asyncio.gather(*(send(worker_b, t) for t in tokens))  # the other worker, same bodies
+        return list(first), list(again)
+
+    try:
+        first, again = asyncio.run(main())
+    finally:
+        off.stop()
+    assert first == ["ok"] * 12 and again == ["replayed_request"] * 12
+    assert sum(batches) == 24 and max(batches) > 1  # fewer transactions than requests

@@ -776,3 +776,34 @@ def test_cheap_checks_refuse_before_any_signature_check(pki: TestPKI, signature_
     impostor_leaf = [other.x5c[0], *pki.x5c[1:]]  # a leaf another intermediate issued
     assert code_of(v, pki.sign(payload(), x5c=impostor_leaf)) == "untrusted_chain"
     assert signature_spy.calls == []
+
+
+def test_concurrent_first_requests_on_one_new_chain_are_all_answered_after_one_check(
+    pki: TestPKI, signature_spy: _SignatureSpy
+) -> None:
+    import asyncio
+
+    from serving.offload import Offloader
+
+    signature_spy.hold_s = 0.005
+    v = make(pki, chain_checks=1)  # a worker just started: Apple's first requests all carry one unseen chain
+    tokens = [pki.signed_request() for _ in range(20)]
+    off = Offloader(1)
+    off.start()
+
+    async def send(token: str) -> str | None:
+        try:
+            await v.verify_async(token, offloaded_check(off), off)
+        except VerificationError as exc:
+            return exc.code
+        return None
+
+    async def burst() -> list[str | None]:
+        return list(await asyncio.gather(*(send(t) for t in tokens)))
+
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        off.stop()
+    assert codes == [None] * 20
+    assert len(signature_spy.calls) == 2  # the intermediate's and the leaf's signatures, once
