@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def bench_replay_memory() -> None:
 
 
 _REPLAY_WRITER = """
-import sqlite3, sys, time
+import sqlite3, sys, time, uuid
 sys.path.insert(0, {repo!r})
 from serving.replay import SQLiteReplayMemory
 store = SQLiteReplayMemory({path!r})
@@ -267,7 +268,7 @@ t0 = time.perf_counter()
 for i in range(n):
     now = 1_800_000_000.0 + i / 2000
     try:
-        assert store.remember(f"{{tag}}{{i:07x}}-0000-4000-8000-{{i:012x}}", now + 360.0, now)
+        assert store.remember(str(uuid.uuid4()), now + 360.0, now)
     except sqlite3.OperationalError:
         locked += 1
 print((time.perf_counter() - t0) / n * 1e6, locked)
@@ -290,13 +291,13 @@ def bench_replay_store(tmp: Path) -> None:
     con.execute("CREATE INDEX replay_expiry ON replay (expires_at)")
     start = 1_800_000_000.0
     con.executemany("INSERT INTO replay VALUES (?, ?)",
-                    ((f"h{i:07x}-0000-4000-8000-{i:012x}", start + 360.0 + i / 2000) for i in range(held)))
+                    ((str(uuid.uuid4()), start + 360.0 + i / 2000) for i in range(held)))
     con.commit()
     con.close()
     t_end = start + held / 2000
 
-    def ids(tag: str, k: int) -> list[tuple[str, float]]:
-        return [(f"{tag}{i:07x}-0000-4000-8000-{i:012x}", t_end + i / 2000) for i in range(k)]
+    def ids(tag: str, k: int) -> list[tuple[str, float]]:  # random UUIDs, as Apple's requestIdentifiers are
+        return [(str(uuid.uuid4()), t_end + i / 2000) for i in range(k)]
 
     def timed(memory: object, batch: list[tuple[str, float]]) -> float:
         rem = memory.remember  # type: ignore[attr-defined]
@@ -305,18 +306,31 @@ def bench_replay_store(tmp: Path) -> None:
             rem(rid, now + 360.0, now)
         return (time.perf_counter() - t0) / len(batch) * 1e6
 
-    results: dict[str, list[float]] = {"memory": [], "sqlite": [], "layered": []}
+    def timed_batches(store: SQLiteReplayMemory, batch: list[tuple[str, float]], size: int) -> float:
+        items = [(rid, now + 360.0, now) for rid, now in batch]
+        t0 = time.perf_counter()
+        for i in range(0, len(items), size):
+            store.remember_many(items[i : i + size])
+        return (time.perf_counter() - t0) / len(items) * 1e6
+
+    results: dict[str, list[float]] = {"memory": [], "sqlite": [], "layered": [], "batch4": [], "batch16": []}
     sqlite_store = SQLiteReplayMemory(path)
     layered = LayeredReplayMemory(lambda: SQLiteReplayMemory(path))
     in_process = InProcessReplayMemory()
+    last_layered: list[tuple[str, float]] = []
     for r in range(ROUNDS):  # alternating, each round on new ids
         results["memory"].append(timed(in_process, ids(f"m{r}", n)))
         results["sqlite"].append(timed(sqlite_store, ids(f"s{r}", n)))
-        results["layered"].append(timed(layered, ids(f"l{r}", n)))
+        last_layered = ids(f"l{r}", n)
+        results["layered"].append(timed(layered, last_layered))
+        results["batch4"].append(timed_batches(sqlite_store, ids(f"b{r}", n), 4))
+        results["batch16"].append(timed_batches(sqlite_store, ids(f"c{r}", n), 16))
     base = statistics.median(results["memory"])
-    replay_again = [(rid, now + 1) for rid, now in ids(f"l{ROUNDS - 1}", n)]
+    replay_again = [(rid, now + 1) for rid, now in last_layered]
     for name, us in (("replay store (SQLite), new id", statistics.median(results["sqlite"])),
                      ("replay front + store, new id", statistics.median(results["layered"])),
+                     ("replay store, batches of 4", statistics.median(results["batch4"])),
+                     ("replay store, batches of 16", statistics.median(results["batch16"])),
                      ("replay front + store, a replay", timed(layered, replay_again))):
         print(f"{name:<34} {us:9.2f} us   baseline {'in-process memory (dict), new id':<44} {base:9.2f} us   "
               f"+{us - base:.2f} us")
