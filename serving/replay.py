@@ -5,7 +5,8 @@ request stays acceptable for the freshness window (``max_age_s + max_skew_s`` af
 ``serving.verify``). Within that window a second copy must be refused (``replayed_request``); after it, the
 copy is refused as ``stale_request`` anyway, so nothing older than the window needs to be remembered.
 
-One small interface, :class:`ReplayMemory` (``remember(id, expires_at, now) -> bool``), with three stores:
+One small interface, :class:`ReplayMemory` (``remember(id, expires_at, now) -> bool``, and
+``remember_many`` for several ids in one transaction or round trip), with three stores:
 
 * :class:`InProcessReplayMemory`: a dict in the worker's memory; fast, but each worker has its own and a
   restart forgets it (``--replay-store memory``).
@@ -14,7 +15,9 @@ One small interface, :class:`ReplayMemory` (``remember(id, expires_at, now) -> b
   ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`` per request, whose change count says first time
   or replay. Expired ids are deleted at most once a second (an index on the expiry).
 * :class:`LayeredReplayMemory`: the in-process memory in front of a shared store (the default). A replay to
-  the same worker is refused without touching the file; a new id is written to both. When the shared store
+  the same worker is refused without touching the file; a new id is written to both (on the event loop,
+  :meth:`LayeredReplayMemory.remember_async` writes the ids of one loop turn to the store in one go, through
+  the server's signature thread). When the shared store
   fails (a full or read-only disk, a lock held too long), the request is answered on the in-process
   memory's word alone: counted (``retention_replay_store_errors``), logged (at most once a minute), and shown
   on ``/ready`` (``replay_store``). This is the documented policy (docs/security.md, "Replay protection and
