@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.experiment import aipw_terms, confidence_sequence  # noqa: E402
+from training.experiment import aipw_terms, confidence_sequence
 
 VALUE = 59.88  # a year of a 4.99 monthly plan, the demo catalog's value
 WORLDS = {
