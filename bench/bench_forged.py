@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -192,6 +193,7 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
         for _, proc in servers.values():
             proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def med(name: str, kind: str, key: str) -> float:
         return statistics.median(x[key] for x in res[name][kind])
