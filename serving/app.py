@@ -43,6 +43,7 @@ from serving.policy import (
     shadow_pick,
 )
 from serving.profiles import ProfileStore
+from serving.replay import REPLAY_FILE, LayeredReplayMemory, SQLiteReplayMemory
 from serving.schemas import (
     AlternateProduct,
     DecodedRealtimeRequestBody,
@@ -148,7 +149,15 @@ class RetentionService:
     def __init__(self, settings: Settings, *, verifier: RequestVerifier | None = None, clock: Any = time.time) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.verifier = verifier or RequestVerifier.from_settings(settings, clock=clock)
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # the replay memory every worker of the host shares (docs/security.md); None: each verifier's own
+        self.replay: LayeredReplayMemory | None = None
+        if verifier is None and settings.replay_store == "sqlite":
+            self.replay = LayeredReplayMemory(
+                lambda: SQLiteReplayMemory(data_dir / REPLAY_FILE), on_error=lambda _: self.metrics.replay_store_error()
+            )
+        self.verifier = verifier or RequestVerifier.from_settings(settings, clock=clock, replay=self.replay)
         self.runtime = Runtime(
             catalog_path=settings.catalog,
             registry_spec=settings.model,
@@ -160,8 +169,6 @@ class RetentionService:
             on_model_version=self.metrics.set_model_version,
         )
         self.runtime.load()
-        data_dir = Path(settings.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
         self.decision_log = DecisionLog(
             data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
             writer=settings.log_writer,
@@ -208,6 +215,8 @@ class RetentionService:
         self.offload.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.decision_log.close()
+        if self.replay is not None:
+            self.replay.close()
         self.metrics.close()
 
     def ready(self) -> tuple[bool, str]:
@@ -247,7 +256,7 @@ class RetentionService:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return self._refuse("malformed_body", "The body must be a JSON object with a string signedPayload.")
         try:
-            request = await self.verifier.verify_async(outer.signedPayload, self.check_signature)
+            request = await self.verifier.verify_async(outer.signedPayload, self.check_signature, self.offload)
         except VerificationError as exc:
             return self._refuse(exc.code, exc.detail)
         snap = self.runtime.snapshot
@@ -606,6 +615,8 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
             "detail": why,
             "model_version": snap.model.version if snap and snap.model else None,
             "catalog_sha256": snap.catalog.sha256 if snap else None,
+            # the shared replay store's state; its failures do not make the worker unready (docs/security.md)
+            "replay_store": svc.replay.status() if svc.replay is not None else {"shared": False},
         }
         return Response(content=_encode(body), status_code=200 if ok else 503, media_type=MediaType.JSON)
 

@@ -24,6 +24,7 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "no_eligible_message": 404,
     "request_timeout": 408,  # the request did not arrive whole in time (serving/http_limits.py)
     "too_many_connections": 503,  # the worker holds its maximum of connections (serving/http_limits.py)
+    "chain_check_busy": 503,
 }
 
 

@@ -121,6 +121,11 @@ class Metrics:
             "Times the signature process died and was started again (its jobs were done in the server meanwhile).",
             registry=reg,
         )
+        self._replay_store_errors = Counter(
+            "retention_replay_store_errors",
+            "Requests whose id the shared replay store could not record (answered on the worker's own replay memory).",
+            registry=reg,
+        )
         self._lock = threading.Lock()
         self._answer_children: dict[tuple[str, str], Any] = {}
         self._fallback_children: dict[str, Any] = {}
@@ -240,6 +245,10 @@ class Metrics:
     def signature_process_restart(self) -> None:
         """Count one death of the signature process."""
         self._sigproc_restarts.inc()
+
+    def replay_store_error(self) -> None:
+        """Count one request the shared replay store could not record."""
+        self._replay_store_errors.inc()
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text body (every worker's samples in multiprocess mode) and its content type."""

@@ -97,6 +97,17 @@ class Settings:
         "How long Apple waits for an answer (its responseTimeThreshold); a decision that took longer, or was "
         "answered 404, is logged with policy apple_fallback: Apple showed its own message.",
     )
+    chain_checks: int = _f(
+        2,
+        "Never-seen certificate chains checked at once per worker (their CA signatures, on the signature thread); "
+        "one more is refused at once with chain_check_busy (503). Known chains are not counted.",
+    )
+    replay_store: str = _f(
+        "sqlite",
+        "Where answered requestIdentifiers are remembered: sqlite (replay.sqlite in the data folder, shared by "
+        "every worker of the host and kept across restarts, behind each worker's in-process memory) or memory "
+        "(each worker's own, forgotten on restart).",
+    )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
     log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")
@@ -169,6 +180,10 @@ class Settings:
             raise ValueError(f"workers must be 1 or more, not {self.workers}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.replay_store not in ("sqlite", "memory"):
+            raise ValueError(f"replay_store must be sqlite or memory, not {self.replay_store!r}")
+        if self.chain_checks < 1:
+            raise ValueError(f"chain_checks must be >= 1, not {self.chain_checks}")
         if self.verify_threads < 0:
             raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
         if not 0.0 < self.challenger_share < 1.0:

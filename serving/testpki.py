@@ -414,6 +414,20 @@ class TestPKI:
         """Return the header's x5c: standard base64 DER of leaf, intermediate and root."""
         return [base64.b64encode(_der(c)).decode("ascii") for c in (self.leaf_cert, self.intermediate_cert, self.root_cert)]
 
+    def x5c_with_forged_leaf(self, variant: int = 0) -> list[str]:
+        """Return :attr:`x5c` with the leaf's signature changed: one byte for `variant` < 10,200, two beyond
+        (each `variant` below 52 million gives another certificate).
+
+        The certificate still parses and names the right issuer; only its signature no longer holds, so a
+        verifier finds out by checking it (the attack of a never-seen forged chain).
+        """
+        der = bytearray(_der(self.leaf_cert))
+        der[len(der) - 2 - variant % 40] ^= 1 + (variant // 40) % 255  # a byte of the signature's s
+        more = variant // 10_200
+        if more:
+            der[len(der) - 60 - more % 20] ^= 1 + (more // 20) % 255  # and one of its r
+        return [base64.b64encode(bytes(der)).decode("ascii"), *self.x5c[1:]]
+
     def sign(
         self,
         payload: dict[str, Any] | bytes,

@@ -15,14 +15,18 @@ with our own few lines over ``cryptography`` and ``msgspec``, stricter than Appl
 * the chain must be valid at the payload's ``signedDate``;
 * the ES256 signature is 64 raw bytes r||s (a DER signature is refused) over ``header.payload``;
 * the payload has all seven fields with the right types and a UUID ``requestIdentifier``; ``appAppleId``
-  and ``environment`` equal ours; ``signedDate`` is fresh; a ``requestIdentifier`` is answered once.
+  and ``environment`` equal ours; ``signedDate`` is fresh; a ``requestIdentifier`` is answered once (the
+  replay memory of ``serving.replay``).
 
 Verified chains are cached (bounded LRU) by the header bytes and by the x5c certificates, so a request on a
-known chain costs one P-256 signature check, one payload decode and a date comparison (~0.15 ms).
+known chain costs one P-256 signature check, one payload decode and a date comparison (~0.15 ms). A
+never-seen chain is checked cheapest first, its CA signatures last, off the event loop and a bounded number
+at a time (:class:`RequestVerifier`; docs/security.md, "Replay protection and certificate chains").
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -46,6 +50,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from serving.errors import VerificationError
+from serving.replay import InProcessReplayMemory, LayeredReplayMemory, ReplayMemory
 from serving.schemas import DecodedRealtimeRequestBody
 
 if TYPE_CHECKING:
@@ -273,17 +278,29 @@ def _check_cert_shape(cert: x509.Certificate, role: str, *, ca: bool) -> None:
             raise _fail("untrusted_chain", f"the {role} certificate's key usage does not allow digital signatures.")
 
 
-def _check_issued(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    """Return True when `parent` issued `child`: same name, matching key identifiers, valid signature."""
-    if child.signature_algorithm_oid not in _CERT_SIG_ALGS:
-        return False
+def _names_match(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Return True when `child` names `parent` as its issuer (name, and key identifiers when both have one)."""
     if child.issuer != parent.subject:
         return False
     aki = _ext(child, ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
     ski = _ext(parent, ExtensionOID.SUBJECT_KEY_IDENTIFIER)
-    if aki is not None and aki.key_identifier is not None and ski is not None and aki.key_identifier != ski.digest:
+    return aki is None or aki.key_identifier is None or ski is None or aki.key_identifier == ski.digest
+
+
+def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Return True when `parent`'s key signed `child` (the costly step: an ECDSA check, P-384 for Apple's CAs).
+
+    The ECDSA check runs first through the key object, which releases the GIL while OpenSSL works (the
+    event loop keeps running when this is called on the offload thread); only a signature that holds is
+    then checked again by ``verify_directly_issued_by``, which also compares the inner and outer signature
+    algorithms. A forged certificate therefore costs one check that holds no lock.
+    """
+    key = parent.public_key()
+    hash_alg = child.signature_hash_algorithm
+    if not isinstance(key, ec.EllipticCurvePublicKey) or hash_alg is None:
         return False
     try:
+        key.verify(child.signature, child.tbs_certificate_bytes, ec.ECDSA(hash_alg))
         child.verify_directly_issued_by(parent)
     except (InvalidSignature, ValueError, TypeError):
         return False
@@ -297,47 +314,106 @@ def _window(certs: Sequence[x509.Certificate]) -> tuple[float, float]:
     )
 
 
-def _parse_cert(b64: object, index: int) -> x509.Certificate:
+def _cert_der(b64: object, index: int) -> bytes:
     if not isinstance(b64, str):
         raise _fail("malformed_jws", f"x5c[{index}] is not a string.")
     try:
-        der = base64.b64decode(b64, validate=True)
+        return base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise _fail("malformed_jws", f"x5c[{index}] is not standard base64.") from None
+
+
+def _load_cert(der: bytes, index: int) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
     except ValueError:
         raise _fail("malformed_jws", f"x5c[{index}] is not a DER X.509 certificate.") from None
 
 
-def _build_chain(leaf: x509.Certificate, intermediate: x509.Certificate, roots: Sequence[x509.Certificate]) -> VerifiedChain:
-    """Return the chain of `leaf` and `intermediate` to one of `roots`, dates aside; raise VerificationError."""
-    if intermediate.signature_algorithm_oid not in _CERT_SIG_ALGS:
+@dataclass(frozen=True, slots=True)
+class _PendingChain:
+    """A chain whose every check but the certificate signatures passed: what is left to do off the event loop.
+
+    ``root`` is set when the intermediate is already known good (then only the leaf's signature is left);
+    otherwise ``candidates`` are the configured roots whose name and key identifier the intermediate names.
+    """
+
+    key: tuple[str, str]  # (x5c[0], x5c[1]) as sent
+    leaf: x509.Certificate
+    intermediate: x509.Certificate
+    intermediate_sha256: bytes
+    root: x509.Certificate | None
+    candidates: tuple[x509.Certificate, ...]
+
+
+#: (code, detail) of a chain refused for good (it is cached: a chain's verdict does not depend on the time).
+_Refusal = tuple[str, str]
+
+
+def _precheck(
+    leaf: x509.Certificate, intermediate: x509.Certificate, root: x509.Certificate | None, roots: Sequence[x509.Certificate]
+) -> tuple[x509.Certificate, ...]:
+    """Run every check of the chain that needs no signature; return the candidate roots (none when `root` is known).
+
+    Raises VerificationError (untrusted_chain, missing_apple_oid). Order: signature algorithms, issuer names
+    and key identifiers, the roots' and intermediate's CA shape, the leaf's shape, Apple's two OIDs.
+    """
+    candidates: tuple[x509.Certificate, ...] = ()
+    if root is None and intermediate.signature_algorithm_oid not in _CERT_SIG_ALGS:
         raise _fail("untrusted_chain", "the intermediate certificate is not signed with ECDSA and SHA-256 or SHA-384.")
     if leaf.signature_algorithm_oid not in _CERT_SIG_ALGS:
         raise _fail("untrusted_chain", "the leaf certificate is not signed with ECDSA and SHA-256 or SHA-384.")
-    root = next((r for r in roots if _check_issued(intermediate, r)), None)
     if root is None:
-        raise _fail("untrusted_chain", "the intermediate certificate is not issued by any configured root certificate.")
-    if not _check_issued(leaf, intermediate):
+        candidates = tuple(r for r in roots if _names_match(intermediate, r))
+        if not candidates:
+            raise _fail("untrusted_chain", "the intermediate certificate is not issued by any configured root certificate.")
+    if not _names_match(leaf, intermediate):
         raise _fail("untrusted_chain", "the leaf certificate is not issued by the intermediate certificate.")
-    _check_cert_shape(root, "root", ca=True)
-    root_bc = _ext(root, ExtensionOID.BASIC_CONSTRAINTS)
-    if root_bc.path_length is not None and root_bc.path_length < 1:
-        raise _fail("untrusted_chain", "the root certificate's path length forbids an intermediate CA.")
-    _check_cert_shape(intermediate, "intermediate", ca=True)
+    if root is None:
+        for r in candidates:
+            _check_cert_shape(r, "root", ca=True)
+            root_bc = _ext(r, ExtensionOID.BASIC_CONSTRAINTS)
+            if root_bc.path_length is not None and root_bc.path_length < 1:
+                raise _fail("untrusted_chain", "the root certificate's path length forbids an intermediate CA.")
+        _check_cert_shape(intermediate, "intermediate", ca=True)
     _check_cert_shape(leaf, "leaf", ca=False)
     if _ext(leaf, LEAF_OID) is None:
         raise _fail("missing_apple_oid", f"the leaf certificate lacks Apple's extension {LEAF_OID.dotted_string}.")
-    if _ext(intermediate, INTERMEDIATE_OID) is None:
+    if root is None and _ext(intermediate, INTERMEDIATE_OID) is None:
         raise _fail(
             "missing_apple_oid", f"the intermediate certificate lacks Apple's extension {INTERMEDIATE_OID.dotted_string}."
         )
-    key = leaf.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)  # _check_cert_shape made sure
-    nb, na = _window((leaf, intermediate, root))
-    point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-    return VerifiedChain(leaf, intermediate, root, key, point, nb, na)
+    return candidates
+
+
+def _check_signatures(pending: _PendingChain) -> tuple[VerifiedChain | _Refusal, x509.Certificate | None]:
+    """Check the certificate signatures of `pending`: (the chain or a refusal, the intermediate's root when
+    it was learnt here). Pure and thread-safe: the verifier runs it on the offload thread."""
+    root, learnt = pending.root, None
+    try:
+        if root is None:
+            root = learnt = next((r for r in pending.candidates if _signed_by(pending.intermediate, r)), None)
+            if root is None:
+                return ("untrusted_chain", "the intermediate certificate is not issued by any configured root certificate."), None
+        if not _signed_by(pending.leaf, pending.intermediate):
+            return ("untrusted_chain", "the leaf certificate is not issued by the intermediate certificate."), learnt
+        key = pending.leaf.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)  # _precheck made sure
+        nb, na = _window((pending.leaf, pending.intermediate, root))
+        point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        return VerifiedChain(pending.leaf, pending.intermediate, root, key, point, nb, na), learnt
+    except Exception as exc:  # a malformed field surfaces only when read
+        return ("untrusted_chain", f"the certificate chain could not be read ({type(exc).__name__})."), None
+
+
+def _build_chain(leaf: x509.Certificate, intermediate: x509.Certificate, roots: Sequence[x509.Certificate]) -> VerifiedChain:
+    """Return the chain of `leaf` and `intermediate` to one of `roots`, dates aside; raise VerificationError."""
+    candidates = _precheck(leaf, intermediate, None, roots)
+    der = intermediate.public_bytes(Encoding.DER)
+    result, _ = _check_signatures(_PendingChain(("", ""), leaf, intermediate, hashlib.sha256(der).digest(), None, candidates))
+    if isinstance(result, VerifiedChain):
+        return result
+    raise _fail(*result)
 
 
 def validate_chain(
@@ -397,7 +473,17 @@ class _LRU:
 class RequestVerifier:
     """Verifies Apple's signed requests against the configured roots, app and environment.
 
-    One instance per worker process: its chain caches and replay memory live in that process.
+    One instance per worker process: its chain caches live in that process; the replay memory is the
+    `replay` given (``serving.replay``; by default one private to the process).
+
+    Certificate chains are checked cheapest first (docs/security.md, "Replay protection and certificate
+    chains"): the header and the x5c entries' shape; a chain known good (by its x5c strings) or known bad is
+    answered from memory; an intermediate known good (by the SHA-256 of its DER) is not checked again; then
+    every check that needs no signature (names, key identifiers, CA flags, keys, Apple's OIDs); last, the
+    certificate signatures (P-384 for Apple's CAs). In :meth:`verify_async` that last step runs through the
+    given offload (the signature thread), at most `chain_checks` at a time: one more is refused at once with
+    ``chain_check_busy`` (503). Known-good chains, known-bad chains and known-good intermediates are kept in
+    three separate bounded caches, so a flood of never-seen forged chains evicts no good one.
     """
 
     def __init__(
@@ -412,6 +498,8 @@ class RequestVerifier:
         clock: Callable[[], float] = time.time,
         check_replay: bool = True,
         cache_size: int = _CACHE_SIZE,
+        replay: ReplayMemory | None = None,
+        chain_checks: int = 2,
     ) -> None:
         if not roots:
             raise ValueError("no root certificate is configured, so no request could ever be trusted")
@@ -421,6 +509,8 @@ class RequestVerifier:
             raise ValueError(f"app_apple_id must be an integer, not {app_apple_id!r}")
         if max_age_s <= 0 or max_skew_s < 0:
             raise ValueError("max_age_s must be > 0 and max_skew_s >= 0")
+        if chain_checks < 1:
+            raise ValueError("chain_checks must be >= 1")
         self.roots: tuple[x509.Certificate, ...] = tuple(roots)
         self.app_apple_id = app_apple_id
         self.environment = environment
@@ -429,18 +519,28 @@ class RequestVerifier:
         self.max_skew_s = float(max_skew_s)
         self.clock = clock
         self.check_replay = check_replay
-        # header segment bytes -> VerifiedChain | (code, detail); and (x5c[0], x5c[1]) -> the same.
-        # Failures are cached too (they do not depend on time), so a repeated bad chain costs no P-384 check.
+        # header segment bytes -> VerifiedChain, and (x5c[0], x5c[1]) -> VerifiedChain: the good chains.
         self._by_header = _LRU(cache_size)
         self._by_x5c = _LRU(cache_size)
+        # the same keys -> (code, detail): refused chains (a verdict that does not depend on the time), kept
+        # apart so that never-seen bad chains, however many, never push a good chain out.
+        self._bad_headers = _LRU(cache_size)
+        self._bad_x5c = _LRU(cache_size)
+        # SHA-256 of an intermediate's DER -> (intermediate, root): intermediates whose checks all passed.
+        self._intermediates = _LRU(max(8, cache_size // 8))
         self._last_header: tuple[bytes, VerifiedChain] | None = None  # the last good header, checked first
-        self._seen: dict[str, float] = {}  # requestIdentifier -> expiry, in expiry order (see _remember)
-        self._next_sweep = 0.0
+        self.replay: ReplayMemory = replay if replay is not None else InProcessReplayMemory()
+        self.chain_checks = chain_checks
+        self._chain_checks_running = 0  # touched on the event loop's thread only, as is the next one
+        self._in_flight: dict[tuple[str, str], asyncio.Future[VerifiedChain | _Refusal]] = {}  # chains being checked
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, clock: Callable[[], float] = time.time) -> RequestVerifier:
-        """Return a verifier configured from `settings`; ValueError when no root or no app_apple_id is set."""
+    def from_settings(
+        cls, settings: Settings, clock: Callable[[], float] = time.time, replay: ReplayMemory | None = None
+    ) -> RequestVerifier:
+        """Return a verifier configured from `settings` (and `replay`, default: in-process); ValueError when no
+        root or no app_apple_id is set."""
         if not settings.root_certs:
             raise ValueError("no root certificate is configured: set RETENTION_ROOT_CERTS (or --root-certs)")
         if settings.app_apple_id is None:
@@ -453,19 +553,21 @@ class RequestVerifier:
             max_age_s=settings.max_age_s,
             max_skew_s=settings.max_skew_s,
             clock=clock,
+            chain_checks=settings.chain_checks,
+            replay=replay,
         )
 
     def clear_caches(self) -> None:
         """Forget every cached chain (benchmarks use it to measure the uncached cost)."""
         with self._lock:
             self._last_header = None
-            self._by_header.clear()
-            self._by_x5c.clear()
+            for cache in (self._by_header, self._by_x5c, self._bad_headers, self._bad_x5c, self._intermediates):
+                cache.clear()
 
     @property
     def replay_entries(self) -> int:
         """Return how many request identifiers the replay memory holds now."""
-        return len(self._seen)
+        return len(self.replay)
 
     # ---- public entry points ------------------------------------------------------------------------
     def verify(self, signed_payload: str | bytes) -> DecodedRealtimeRequestBody:
@@ -476,18 +578,29 @@ class RequestVerifier:
         with _unforeseen_as_malformed:
             return self._verify_request(signed_payload)
 
-    async def verify_async(self, signed_payload: str | bytes, check: SignatureCheck) -> DecodedRealtimeRequestBody:
-        """:meth:`verify`, with the one costly step, the P-256 signature check, awaited from `check`.
+    async def verify_async(
+        self, signed_payload: str | bytes, check: SignatureCheck, offload: Offload | None = None
+    ) -> DecodedRealtimeRequestBody:
+        """:meth:`verify`, with the costly steps awaited: the P-256 signature check from `check`, and a
+        never-seen chain's certificate signatures from `offload` (``serving.offload.Offloader``; None runs
+        them inline), at most ``chain_checks`` at a time (beyond: ``chain_check_busy``).
 
         Everything else (parsing, the cached chain, the payload's checks, replay) runs on the caller's
         thread, so the replay memory sees requests in the order they are verified.
         """
         with _unforeseen_as_malformed:
-            payload_seg, chain, signing_input, signature = self._parse(signed_payload)
+            payload_seg, found, signing_input, signature = self._parse(signed_payload, bounded=True)
+        if isinstance(found, _PendingChain):
+            chain = await self._check_pending(found, offload)
+        else:
+            chain = found
         if not await check(chain, signing_input, signature):
             raise _bad_signature()
         with _unforeseen_as_malformed:
-            return self._check_request(payload_seg, chain)
+            body, now = self._check_payload(payload_seg, chain)
+        if self.check_replay:
+            await self._remember_async(body.requestIdentifier.lower(), now, offload)
+        return body
 
     def verify_signed_data(self, token: str | bytes) -> dict[str, Any]:
         """Return the verified payload of any App Store JWS (notifications, transactions) as a dict.
@@ -516,13 +629,20 @@ class RequestVerifier:
     # ---- steps ----------------------------------------------------------------------------------------
     def _authenticate(self, token: str | bytes) -> tuple[bytes, VerifiedChain]:
         """Return (payload segment, chain) of a token whose header, chain and signature hold."""
-        payload_seg, chain, signing_input, signature = self._parse(token)
+        payload_seg, found, signing_input, signature = self._parse(token)
+        chain = self._settle(found, _check_signatures(found)) if isinstance(found, _PendingChain) else found
         if not verify_es256(chain.leaf_key, signing_input, signature):
             raise _bad_signature()
         return payload_seg, chain
 
-    def _parse(self, token: str | bytes) -> tuple[bytes, VerifiedChain, bytes, bytes]:
-        """Return (payload segment, chain, signing input, raw signature): every check but the signature's."""
+    def _parse(self, token: str | bytes, *, bounded: bool = False) -> tuple[bytes, VerifiedChain | _PendingChain, bytes, bytes]:
+        """Return (payload segment, chain, signing input, raw signature): every check but the signatures'.
+
+        The chain is a :class:`_PendingChain` when it was never seen: its certificate signatures are left
+        to check (:meth:`_check_pending`, or :func:`_check_signatures` then :meth:`_settle`). `bounded`:
+        a never-seen chain while ``chain_checks`` are running is refused (``chain_check_busy``) before its
+        certificates are even parsed.
+        """
         if isinstance(token, str):
             try:
                 token = token.encode("ascii")
@@ -536,7 +656,7 @@ class RequestVerifier:
         if len(parts) != 3:
             raise _fail("malformed_jws", f"the JWS has {len(parts)} dot-separated parts instead of 3.")
         header_seg, payload_seg, sig_seg = parts
-        chain = self._chain_for_header(header_seg)
+        chain = self._chain_for_header(header_seg, bounded)
         try:
             signature = b64url_decode(sig_seg)
         except (ValueError, binascii.Error):
@@ -545,27 +665,34 @@ class RequestVerifier:
             raise _fail("bad_signature", f"the JWS signature is {len(signature)} bytes, not the 64-byte r||s form ES256 uses.")
         return payload_seg, chain, token[: len(header_seg) + 1 + len(payload_seg)], signature
 
-    def _chain_for_header(self, header_seg: bytes) -> VerifiedChain:
+    def _chain_for_header(self, header_seg: bytes, bounded: bool = False) -> VerifiedChain | _PendingChain:
         # Apple signs with few leaf certificates at a time: most requests carry the previous request's header.
         # Comparing ~3 kB of bytes costs less than hashing them for the LRU under its lock.
         last = self._last_header
         if last is not None and last[0] == header_seg:
             return last[1]
         with self._lock:
-            cached = self._by_header.get(header_seg)
-        if cached is None:
-            try:
-                cached = self._check_header(header_seg)
-            except VerificationError as exc:
-                cached = (exc.code, exc.detail)
+            good = self._by_header.get(header_seg)
+            bad = None if good is not None else self._bad_headers.get(header_seg)
+        if good is not None:
+            self._last_header = (header_seg, good)
+            return good
+        if bad is not None:
+            raise _fail(*bad)
+        try:
+            found = self._check_header(header_seg, bounded)
+        except VerificationError as exc:
+            if exc.code != "chain_check_busy":  # a verdict on the chain, not on the load
+                with self._lock:
+                    self._bad_headers.put(header_seg, (exc.code, exc.detail))
+            raise
+        if isinstance(found, VerifiedChain):
             with self._lock:
-                self._by_header.put(header_seg, cached)
-        if isinstance(cached, VerifiedChain):
-            self._last_header = (header_seg, cached)
-            return cached
-        raise _fail(*cached)
+                self._by_header.put(header_seg, found)
+            self._last_header = (header_seg, found)
+        return found
 
-    def _check_header(self, header_seg: bytes) -> VerifiedChain:
+    def _check_header(self, header_seg: bytes, bounded: bool = False) -> VerifiedChain | _PendingChain:
         try:
             header = _decode_any(b64url_decode(header_seg))
         except (ValueError, binascii.Error, msgspec.DecodeError):
@@ -591,21 +718,87 @@ class RequestVerifier:
         if not isinstance(key[0], str) or not isinstance(key[1], str):
             raise _fail("malformed_jws", "an x5c entry is not a string.")
         with self._lock:
-            cached = self._by_x5c.get(key)
-        if cached is None:
-            try:
-                leaf = _parse_cert(x5c[0], 0)
-                intermediate = _parse_cert(x5c[1], 1)
-                cached = _build_chain(leaf, intermediate, self.roots)
-            except VerificationError as exc:
-                cached = (exc.code, exc.detail)
-            except Exception as exc:  # a malformed extension surfaces only when read
-                cached = ("untrusted_chain", f"the certificate chain could not be read ({type(exc).__name__}).")
+            good = self._by_x5c.get(key)
+            bad = None if good is not None else self._bad_x5c.get(key)
+        if good is not None:
+            return good
+        if bad is not None:
+            raise _fail(*bad)
+        if bounded and self._chain_checks_running >= self.chain_checks and key not in self._in_flight:
+            raise self._busy()
+        try:
+            return self._prepare(key)
+        except VerificationError as exc:
             with self._lock:
-                self._by_x5c.put(key, cached)
-        if isinstance(cached, VerifiedChain):
-            return cached
-        raise _fail(*cached)
+                self._bad_x5c.put(key, (exc.code, exc.detail))
+            raise
+
+    def _prepare(self, key: tuple[str, str]) -> _PendingChain:
+        """Parse a never-seen (leaf, intermediate) and run every check that needs no signature (cheap first)."""
+        leaf_der, intermediate_der = _cert_der(key[0], 0), _cert_der(key[1], 1)
+        fingerprint = hashlib.sha256(intermediate_der).digest()
+        with self._lock:
+            known = self._intermediates.get(fingerprint)
+        intermediate, root = known if known is not None else (_load_cert(intermediate_der, 1), None)
+        leaf = _load_cert(leaf_der, 0)
+        try:
+            candidates = _precheck(leaf, intermediate, root, self.roots)
+        except VerificationError:
+            raise
+        except Exception as exc:  # a malformed extension surfaces only when read
+            raise _fail("untrusted_chain", f"the certificate chain could not be read ({type(exc).__name__}).") from None
+        return _PendingChain(key, leaf, intermediate, fingerprint, root, candidates)
+
+    async def _check_pending(self, pending: _PendingChain, offload: Offload | None) -> VerifiedChain:
+        """Check a never-seen chain's certificate signatures through `offload`, at most ``chain_checks`` at once.
+
+        Requests on a chain whose check is under way wait for that check (Apple's first requests after a
+        start all carry the same new chain): they neither count against the bound nor repeat the work.
+        """
+        under_way = self._in_flight.get(pending.key)
+        if under_way is not None:
+            verdict = await asyncio.shield(under_way)
+            if isinstance(verdict, VerifiedChain):
+                return verdict
+            raise _fail(*verdict)
+        if self._chain_checks_running >= self.chain_checks:
+            raise self._busy()
+        self._chain_checks_running += 1
+        done: asyncio.Future[VerifiedChain | _Refusal] = asyncio.get_running_loop().create_future()
+        self._in_flight[pending.key] = done
+        try:
+            if offload is None:
+                result = _check_signatures(pending)
+            else:
+                result = await offload(_check_signatures, pending)
+        except BaseException:
+            done.cancel()  # cancelled (shutdown): the waiting requests are too
+            raise
+        finally:
+            self._chain_checks_running -= 1
+            del self._in_flight[pending.key]
+        done.set_result(result[0])
+        return self._settle(pending, result)
+
+    def _busy(self) -> VerificationError:
+        return _fail(
+            "chain_check_busy",
+            f"{self._chain_checks_running} never-seen certificate chains are being checked already; retry later.",
+        )
+
+    def _settle(self, pending: _PendingChain, result: tuple[VerifiedChain | _Refusal, x509.Certificate | None]) -> VerifiedChain:
+        """Remember the verdict of :func:`_check_signatures` on `pending`; return the chain or raise its refusal."""
+        chain, learnt_root = result
+        with self._lock:
+            if learnt_root is not None:
+                self._intermediates.put(pending.intermediate_sha256, (pending.intermediate, learnt_root))
+            if isinstance(chain, VerifiedChain):
+                self._by_x5c.put(pending.key, chain)
+            else:
+                self._bad_x5c.put(pending.key, chain)
+        if isinstance(chain, VerifiedChain):
+            return chain
+        raise _fail(*chain)
 
     def _verify_request(self, signed_payload: str | bytes) -> DecodedRealtimeRequestBody:
         payload_seg, chain = self._authenticate(signed_payload)
@@ -613,6 +806,13 @@ class RequestVerifier:
 
     def _check_request(self, payload_seg: bytes, chain: VerifiedChain) -> DecodedRealtimeRequestBody:
         """Decode and check an authenticated payload: fields, chain validity, app, environment, freshness, replay."""
+        body, now = self._check_payload(payload_seg, chain)
+        if self.check_replay:
+            self._remember(body.requestIdentifier.lower(), now)
+        return body
+
+    def _check_payload(self, payload_seg: bytes, chain: VerifiedChain) -> tuple[DecodedRealtimeRequestBody, float]:
+        """Decode and check an authenticated payload, replay aside; return it and the time it was checked at."""
         try:
             raw = b64url_decode(payload_seg)
         except (ValueError, binascii.Error):
@@ -640,37 +840,26 @@ class RequestVerifier:
             raise _fail(
                 "stale_request", f"the request is signed {signed_s - now:.0f} s in the future, more than {self.max_skew_s:g} s."
             )
-        if self.check_replay:
-            self._remember(body.requestIdentifier.lower(), now)
-        return body
+        return body, now
 
     def _remember(self, request_id: str, now: float) -> None:
-        """Record `request_id`, or raise replayed_request when it was answered within the freshness window.
+        """Record `request_id` in the replay memory, or raise replayed_request when it holds it already.
 
-        The memory is one dict of id -> expiry, kept in expiry order by insertion (every entry expires the
-        same window after it is written, and a rewritten id moves to the end). It holds only strings and
-        floats, so the cyclic GC never tracks it: a few minutes of traffic (hundreds of thousands of ids)
-        cost a full collection nothing, where a deque of (expiry, id) tuples was walked by every one of them
-        (16-17 ms at 720,000 ids: bench/building_blocks.py). Expired ids are swept from the front at most once
-        a second.
+        A request signed at t passes the freshness check until t + max_age_s, and t <= now + max_skew_s,
+        so after now + max_age_s + max_skew_s a replay is refused as stale anyway: the id is forgotten then.
         """
-        with self._lock:
-            seen = self._seen
-            if now >= self._next_sweep:
-                self._next_sweep = now + 1.0
-                expired = []
-                for old, expiry in seen.items():
-                    if expiry > now:
-                        break  # the rest expire later (a clock stepped back only keeps a few a little longer)
-                    expired.append(old)
-                for old in expired:
-                    del seen[old]
-            if seen.get(request_id, 0.0) > now:
-                raise _fail("replayed_request", "this requestIdentifier was already answered.")
-            # A request signed at t passes the freshness check until t + max_age_s, and t <= now + max_skew_s,
-            # so after now + max_age_s + max_skew_s a replay is refused as stale anyway: forget it then.
-            seen.pop(request_id, None)  # an expired id seen again goes to the end, in expiry order
-            seen[request_id] = now + self.max_age_s + self.max_skew_s
+        if not self.replay.remember(request_id, now + self.max_age_s + self.max_skew_s, now):
+            raise _fail("replayed_request", "this requestIdentifier was already answered.")
+
+    async def _remember_async(self, request_id: str, now: float, offload: Offload | None) -> None:
+        """:meth:`_remember`; with a shared store behind an in-process front, the front answers on the event
+        loop and the store's write goes through `offload` (``LayeredReplayMemory.remember_async``)."""
+        replay = self.replay
+        if offload is None or not isinstance(replay, LayeredReplayMemory):
+            self._remember(request_id, now)
+            return
+        if not await replay.remember_async(request_id, now + self.max_age_s + self.max_skew_s, now, offload):
+            raise _fail("replayed_request", "this requestIdentifier was already answered.")
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:

@@ -199,3 +199,33 @@ def test_two_workers_aggregate_metrics(server_env: dict[str, str], tmp_path: Pat
     finally:
         s.stop()
     assert len(logged_rows(tmp_path / "data")) == n
+
+
+def test_one_body_is_answered_once_across_two_workers_and_a_restart(server_env: dict[str, str], tmp_path: Path,
+                                                                    pki: Any) -> None:
+    env = dict(server_env, RETENTION_WORKERS="2")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    body = pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox")
+    s = Server(env, tmp_path / "data")
+    try:
+        s.wait_ready()
+        statuses, codes = [], []
+        for _ in range(20):
+            with httpx.Client(base_url=s.base) as http:  # a new connection each time: both workers get some
+                r = http.post("/retention/message", content=body)
+                statuses.append(r.status_code)
+                if r.status_code != 200:
+                    codes.append(r.json()["error"])
+        assert statuses.count(200) == 1 and codes == ["replayed_request"] * 19
+    finally:
+        s.stop()
+    s = Server(env, tmp_path / "data")  # restarted on the same data folder
+    try:
+        s.wait_ready()
+        for _ in range(4):
+            with httpx.Client(base_url=s.base) as http:
+                r = http.post("/retention/message", content=body)
+                assert r.status_code == 409 and r.json()["error"] == "replayed_request"
+    finally:
+        s.stop()
+    assert len(logged_rows(tmp_path / "data")) == 1

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import random
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from serving.errors import ERROR_STATUS, VerificationError
+from serving.replay import InProcessReplayMemory
 from serving.schemas import DecodedRealtimeRequestBody
 from serving.settings import Settings
 from serving.testpki import (
@@ -31,8 +33,10 @@ from serving.testpki import (
 from serving.verify import RequestVerifier, has_apple_root_g3, load_roots, offloaded_check, validate_chain
 
 APP_ID = 1234567890
+# chain_check_busy depends on load, not on the token: test_a_flood_of_forged_chains_... reaches it
 VERIFICATION_CODES = set(ERROR_STATUS) - {
-    "malformed_body", "payload_too_large", "no_eligible_message", "request_timeout", "too_many_connections"
+    "malformed_body", "payload_too_large", "no_eligible_message", "request_timeout", "too_many_connections",
+    "chain_check_busy",
 }
 
 
@@ -507,15 +511,17 @@ def test_replay_memory_is_never_walked_by_the_garbage_collector_and_sweeps_in_ex
         v._remember(f"{i:08x}-0000-4000-8000-000000000000", clock[0] + i * 0.01)
     assert v.replay_entries == 5000
     # only strings and floats: no container the cyclic GC walks holds the 5,000 entries
-    walked = [name for name, x in vars(v).items() if gc.is_tracked(x) and hasattr(x, "__len__") and len(x) >= 5000]
-    assert walked == [] and not gc.is_tracked(v._seen)
+    memory = v.replay
+    assert isinstance(memory, InProcessReplayMemory)
+    walked = [name for name, x in vars(memory).items() if gc.is_tracked(x) and hasattr(x, "__len__") and len(x) >= 5000]
+    assert walked == [] and not gc.is_tracked(memory._seen)
     # 370 s on, the ids written in the first 10 s (i = 0 ... 1000) are past their 360 s window, and only those
     clock[0] += 360 + 10.0
     v._remember("ffffffff-0000-4000-8000-000000000000", clock[0])
     assert v.replay_entries == 5000 - 1001 + 1
     # an id answered again after its window is accepted and, written again, expires last
     v._remember("00000000-0000-4000-8000-000000000000", clock[0])
-    assert list(v._seen)[-1] == "00000000-0000-4000-8000-000000000000"
+    assert list(memory._seen)[-1] == "00000000-0000-4000-8000-000000000000"
     with pytest.raises(VerificationError) as exc:
         v._remember("00000000-0000-4000-8000-000000000000", clock[0] + 1)
     assert exc.value.code == "replayed_request"
@@ -651,3 +657,153 @@ def test_validate_chain_takes_der_and_a_date(pki: TestPKI) -> None:
     with pytest.raises(VerificationError) as e:
         validate_chain(b"junk", inter, [pki.root_cert])
     assert e.value.code == "malformed_jws"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Never-seen forged chains: cheap checks first, CA signatures off the event loop and bounded
+# ---------------------------------------------------------------------------------------------------------
+class _SignatureSpy:
+    """Stands in for serving.verify._signed_by: records the threads and the concurrency of the CA signature checks."""
+
+    def __init__(self, real: Any, hold_s: float = 0.0) -> None:
+        self.real, self.hold_s = real, hold_s
+        self.calls: list[int] = []  # thread ids
+        self.running = self.max_running = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, child: Any, parent: Any) -> bool:
+        with self._lock:
+            self.calls.append(threading.get_ident())
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            if self.hold_s:
+                time.sleep(self.hold_s)  # keep the check running so that the flood's requests overlap it
+            return bool(self.real(child, parent))
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def signature_spy(monkeypatch: pytest.MonkeyPatch) -> _SignatureSpy:
+    import serving.verify as verify_module
+
+    spy = _SignatureSpy(verify_module._signed_by)
+    monkeypatch.setattr(verify_module, "_signed_by", spy)
+    return spy
+
+
+def test_a_leaf_with_one_byte_changed_is_refused_as_untrusted_on_both_paths(pki: TestPKI) -> None:
+    import asyncio
+
+    from serving.offload import Offloader
+
+    token = pki.sign(payload(), x5c=pki.x5c_with_forged_leaf(3))
+    assert code_of(make(pki), token) == "untrusted_chain"
+    off = Offloader(1)
+    off.start()
+    try:
+        with pytest.raises(VerificationError) as exc:
+            asyncio.run(make(pki).verify_async(token, offloaded_check(off), off))
+    finally:
+        off.stop()
+    assert exc.value.code == "untrusted_chain" and ERROR_STATUS[exc.value.code] == 401
+
+
+def test_a_flood_of_distinct_forged_chains_checks_at_most_the_bound_at_once_and_never_on_the_loop(
+    pki: TestPKI, signature_spy: _SignatureSpy
+) -> None:
+    import asyncio
+
+    from serving.offload import Offloader
+
+    signature_spy.hold_s = 0.005
+    v = make(pki, chain_checks=2)
+    assert code_of(v, pki.signed_request()) is None  # the good chain is known, its intermediate too
+    signature_spy.calls.clear()
+    forged = [pki.sign(payload(), x5c=pki.x5c_with_forged_leaf(i)) for i in range(60)]
+    off = Offloader(2)
+    off.start()
+
+    async def flood() -> tuple[int, list[str]]:
+        loop_thread = threading.get_ident()
+
+        async def one(token: str) -> str:
+            try:
+                await v.verify_async(token, offloaded_check(off), off)
+            except VerificationError as exc:
+                return exc.code
+            return "accepted"
+
+        return loop_thread, list(await asyncio.gather(*(one(t) for t in forged)))
+
+    try:
+        loop_thread, codes = asyncio.run(flood())
+    finally:
+        off.stop()
+    assert set(codes) <= {"untrusted_chain", "chain_check_busy"} and "untrusted_chain" in codes
+    assert "chain_check_busy" in codes  # beyond the bound, refused at once (503), not queued
+    assert ERROR_STATUS["chain_check_busy"] == 503
+    assert signature_spy.max_running <= 2
+    # the intermediate is known good: one CA signature check (the leaf's) per chain checked, none on the loop
+    assert len(signature_spy.calls) == codes.count("untrusted_chain")
+    assert loop_thread not in signature_spy.calls
+    # a refused chain is remembered: the same forged chain again costs no signature check
+    before = len(signature_spy.calls)
+    checked = forged[codes.index("untrusted_chain")]
+    assert code_of(v, checked) == "untrusted_chain" and len(signature_spy.calls) == before
+    # a busy refusal is a verdict on the load, not on the chain: sent again, the chain is checked
+    assert code_of(v, forged[codes.index("chain_check_busy")]) == "untrusted_chain"
+
+
+def test_forged_chains_push_no_good_chain_out_of_the_caches(pki: TestPKI, signature_spy: _SignatureSpy) -> None:
+    v = make(pki, cache_size=8)
+    good = pki.with_leaf()
+    assert code_of(v, good.signed_request()) is None and code_of(v, pki.signed_request()) is None
+    for i in range(50):  # many more never-seen forged chains than the caches hold
+        assert code_of(v, pki.sign(payload(), x5c=pki.x5c_with_forged_leaf(i))) == "untrusted_chain"
+    signature_spy.calls.clear()
+    assert code_of(v, good.signed_request()) is None and code_of(v, pki.signed_request()) is None
+    assert signature_spy.calls == []  # both good chains answered from memory
+
+
+def test_cheap_checks_refuse_before_any_signature_check(pki: TestPKI, signature_spy: _SignatureSpy) -> None:
+    v = make(pki)
+    other = TestPKI.mint()  # same names, other keys: refused by the key identifiers alone
+    assert code_of(v, other.signed_request()) == "untrusted_chain"
+    assert code_of(v, pki.with_leaf(leaf_oid=False).signed_request()) == "missing_apple_oid"
+    impostor_leaf = [other.x5c[0], *pki.x5c[1:]]  # a leaf another intermediate issued
+    assert code_of(v, pki.sign(payload(), x5c=impostor_leaf)) == "untrusted_chain"
+    assert signature_spy.calls == []
+
+
+def test_concurrent_first_requests_on_one_new_chain_are_all_answered_after_one_check(
+    pki: TestPKI, signature_spy: _SignatureSpy
+) -> None:
+    import asyncio
+
+    from serving.offload import Offloader
+
+    signature_spy.hold_s = 0.005
+    v = make(pki, chain_checks=1)  # a worker just started: Apple's first requests all carry one unseen chain
+    tokens = [pki.signed_request() for _ in range(20)]
+    off = Offloader(1)
+    off.start()
+
+    async def send(token: str) -> str | None:
+        try:
+            await v.verify_async(token, offloaded_check(off), off)
+        except VerificationError as exc:
+            return exc.code
+        return None
+
+    async def burst() -> list[str | None]:
+        return list(await asyncio.gather(*(send(t) for t in tokens)))
+
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        off.stop()
+    assert codes == [None] * 20
+    assert len(signature_spy.calls) == 2  # the intermediate's and the leaf's signatures, once
