@@ -23,6 +23,8 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -30,8 +32,10 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -49,7 +53,7 @@ from serving import children, log_writer
 
 log = logging.getLogger("retention.decision_log")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: request_id unique (a batch written twice adds nothing)
 #: Where rows are written: a thread of this process, or a child process (``serving/log_writer.py``).
 WRITERS: tuple[str, ...] = ("thread", "process")
 #: The DESIGN.md decisions columns, in order; the export adds the server's extra columns after them.
@@ -189,6 +193,7 @@ _INSERT_OUTCOME = (
     "received_at, offer_type, offer_identifier, offer_discount_type, transaction_reason) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_UNIQUE_REQUEST_ID = "CREATE UNIQUE INDEX IF NOT EXISTS decisions_request_id ON decisions (request_id)"
 _INSERT_SCHEMA = "INSERT OR IGNORE INTO feature_schemas VALUES (?, ?)"
 
 
@@ -288,23 +293,26 @@ _ROWS_PER_STATEMENT = 256  # 29 parameters a row: well under SQLite's 32,766-var
 @functools.lru_cache(maxsize=64)
 def _multi_insert_sql(rows: int) -> str:
     one = "(" + ", ".join("?" * _N_DECISION_COLUMNS) + ")"
-    return f"INSERT INTO decisions ({_DECISION_COLUMNS_SQL}) VALUES " + ", ".join([one] * rows)
+    # OR IGNORE: a batch sent again (the writer restarted before confirming it) adds nothing twice
+    return f"INSERT OR IGNORE INTO decisions ({_DECISION_COLUMNS_SQL}) VALUES " + ", ".join([one] * rows)
 
 
 _INSERT_DECISION = _multi_insert_sql(1)  # one row (the benchmark's per-decision baseline)
 
 
-def _insert_decisions(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert rows with one multi-row statement per 256 rows.
+def _insert_decisions(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Insert rows with one multi-row statement per 256 rows; return how many were new (by request_id).
 
     Python's sqlite3 releases and re-takes the GIL around every step: executemany would do that once per
     row, and each re-take waits for the event loop thread to yield the GIL (measured: the endpoint served
     ~1/3 fewer requests per second with per-row inserts). One statement per chunk takes the GIL a few times
     per batch instead.
     """
+    new = 0
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(_multi_insert_sql(len(chunk)), [v for row in chunk for v in row])
+        new += max(conn.execute(_multi_insert_sql(len(chunk)), [v for row in chunk for v in row]).rowcount, 0)
+    return new
 
 
 def _commit_rows(
@@ -312,15 +320,20 @@ def _commit_rows(
     decisions: list[tuple[Any, ...]],
     outcomes: list[tuple[Any, ...]],
     schemas: list[tuple[str, str]],
-) -> int:
-    """Write one batch in one transaction; return how many outcomes were new (repeats are ignored).
+    *,
+    durable: bool = False,
+) -> tuple[int, int]:
+    """Write one batch in one transaction; return how many decisions and outcomes were new (repeats are ignored).
 
-    Raises on failure after rolling back, so the caller counts the whole batch as lost.
+    `durable` (a batch with outcomes, which are answered 200 only once stored) commits with
+    ``synchronous=FULL``: the WAL is fsynced, so the row survives a power loss, not only a killed process.
+    Raises on failure after rolling back.
     """
+    if durable:
+        conn.execute("PRAGMA synchronous=FULL")
     conn.execute("BEGIN")
     try:
-        if decisions:
-            _insert_decisions(conn, decisions)
+        new_decisions = _insert_decisions(conn, decisions) if decisions else 0
         new_outcomes = max(conn.executemany(_INSERT_OUTCOME, outcomes).rowcount, 0) if outcomes else 0
         if schemas:
             conn.executemany(_INSERT_SCHEMA, schemas)
@@ -329,7 +342,31 @@ def _commit_rows(
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    return new_outcomes
+    finally:
+        if durable:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous=NORMAL")
+    return new_decisions, new_outcomes
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a log file to :data:`SCHEMA_VERSION`: tables, then ``request_id`` unique (version 1 had no index).
+
+    A version-1 file that holds one request_id twice keeps its first row. Later versions add their
+    steps here (``ALTER TABLE ... ADD COLUMN``); readers take the columns a file has.
+    """
+    conn.executescript(_DDL)
+    _add_columns(conn)
+    try:
+        conn.execute(_UNIQUE_REQUEST_ID)
+    except sqlite3.IntegrityError:
+        conn.execute(
+            "DELETE FROM decisions WHERE request_id IS NOT NULL AND id NOT IN "
+            "(SELECT min(id) FROM decisions WHERE request_id IS NOT NULL GROUP BY request_id)"
+        )
+        conn.execute(_UNIQUE_REQUEST_ID)
+    conn.execute("INSERT OR REPLACE INTO log_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('created_at_ms', ?)", (str(int(time.time() * 1000)),))
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
@@ -344,18 +381,239 @@ def _add_columns(conn: sqlite3.Connection) -> None:
 def _connect_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(_DDL)
-    _add_columns(conn)
-    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('created_at_ms', ?)", (str(int(time.time() * 1000)),))
+    try:
+        if not conn.execute("PRAGMA application_id").fetchone()[0]:
+            # a random mark in the file's header: a file overwritten in place no longer has it (LogFile.check)
+            conn.execute(f"PRAGMA application_id={secrets.randbelow(2**31 - 1) + 1}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
+        conn.execute("PRAGMA busy_timeout=5000")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
+# -- the log file: checked around every batch, started afresh when deleted, replaced or corrupt ------------
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: What can happen to a log file under a running writer (the ``reason`` of ``on_fault`` and of the metric).
+FILE_FAULTS: tuple[str, ...] = ("deleted", "replaced", "corrupt")
+#: Seconds between two attempts to write while the log cannot be written (disk full, read-only, writer down).
+RETRY_S = 1.0
+
+
+class LogUnavailableError(Exception):
+    """Rows cannot be written now (disk full, read-only folder, I/O error); the message says why, in one line."""
+
+
+def _why(exc: BaseException) -> str:
+    """Return what an error from SQLite or the file system means for the operator, in a few words and the error."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    code = getattr(exc, "errno", None)
+    if name.startswith("SQLITE_FULL") or code == errno.ENOSPC:
+        return f"disk full ({exc})"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")) or code in (
+        errno.EROFS, errno.EACCES, errno.EPERM,
+    ):  # fmt: skip
+        return f"not writable ({exc})"
+    return f"write failed ({exc})"
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text
+
+
+def _is_unavailable(exc: sqlite3.Error) -> bool:
+    """True for errors that pass (the disk, the folder, a lock), as opposed to a row SQLite cannot bind."""
+    return isinstance(exc, sqlite3.OperationalError) or not isinstance(
+        exc, sqlite3.InterfaceError | sqlite3.ProgrammingError | sqlite3.IntegrityError | sqlite3.DataError
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class LogFile:
+    """One writer's SQLite log file at a fixed path, checked before and after every batch it commits.
+
+    A file that was deleted, replaced by another file, overwritten in place (its header's mark is
+    gone) or that SQLite finds corrupt is closed and a fresh file is started at the same path; a
+    replaced or corrupt file is first moved aside as ``<name>.<reason>-<ms>.sqlite`` (export still
+    reads what it can of it). ``on_fault(reason, line)`` says so, and the batch is written to the fresh
+    file: no row that was not yet confirmed is lost. Rows confirmed before the fault went with the file.
+
+    While open, the file is held with a shared ``flock``: ``retention decisions compact`` merges only
+    files that no live writer holds. Raises :class:`LogUnavailableError` when rows cannot be written now.
+    """
+
+    def __init__(self, path: str | Path, *, on_fault: Callable[[str, str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.conn: sqlite3.Connection | None = None
+        self._on_fault = on_fault
+        self._fd = -1
+        self._ident: tuple[int, int] | None = None
+        self._mark: bytes | None = None
+
+    def open(self) -> None:
+        """Open (or create) the file; raises LogUnavailableError (one line) when it cannot be."""
+        path = self.path
+        try:
+            created = not path.exists()
+            conn = _connect_writer(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise LogUnavailableError(f"cannot open the decision log {path}: {_why(exc)}") from None
+        try:
+            with contextlib.suppress(sqlite3.Error):  # the header on disk now holds the mark (a v1 file gets one)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            conn.close()
+            raise LogUnavailableError(f"cannot open the decision log {path}: {_why(exc)}") from None
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        st = os.fstat(fd)
+        head = os.pread(fd, 100, 0)
+        app_id = struct.pack(">i", conn.execute("PRAGMA application_id").fetchone()[0])
+        self._mark = app_id if head[:16] == _SQLITE_MAGIC and head[68:72] == app_id else None
+        self.conn, self._fd, self._ident = conn, fd, (st.st_dev, st.st_ino)
+        if created:
+            _fsync_dir(path.parent)
+
+    def check(self) -> tuple[str, str] | None:
+        """Return (reason, what happened) when the file at the path is no longer the one open, else None."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "deleted", f"{self.path} was deleted"
+        except OSError:
+            return None  # cannot tell; the commit will say
+        if (st.st_dev, st.st_ino) != self._ident:
+            return "replaced", f"{self.path} was replaced by another file"
+        head = os.pread(self._fd, 100, 0)
+        if head[:16] != _SQLITE_MAGIC or (self._mark is not None and head[68:72] != self._mark):
+            return "replaced", f"{self.path} was overwritten"
+        return None
+
+    def commit(
+        self, decisions: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]], schemas: list[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """Commit one batch to a file that still exists (fresh when needed); return (new decisions, new outcomes).
+
+        Raises LogUnavailableError (rows kept by the caller), or the SQLite error of a batch that cannot be bound.
+        """
+        for _ in range(3):
+            if self.conn is None:
+                self.open()
+            fault = self.check()
+            if fault is not None:
+                self._restart(*fault)
+                continue
+            assert self.conn is not None
+            try:
+                result = _commit_rows(self.conn, decisions, outcomes, schemas, durable=bool(outcomes))
+            except sqlite3.Error as exc:
+                if _is_corrupt(exc):
+                    self._restart("corrupt", f"{self.path} is corrupt ({exc})")
+                    continue
+                if _is_unavailable(exc):
+                    raise LogUnavailableError(f"cannot write the decision log {self.path}: {_why(exc)}") from None
+                raise
+            fault = self.check()  # committed to a file deleted meanwhile: write the batch again, to a fresh one
+            if fault is not None:
+                self._restart(*fault)
+                continue
+            return result
+        raise LogUnavailableError(f"the decision log {self.path} keeps being deleted or replaced")
+
+    def close(self) -> None:
+        """Checkpoint and close (idempotent)."""
+        if self.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._close()
+
+    def _close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        if self._fd >= 0:  # after the connection: closing another descriptor of the file drops SQLite's locks
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    def _restart(self, reason: str, what: str) -> None:
+        self._close()
+        path = self.path
+        aside: Path | None = None
+        try:
+            if reason != "deleted" and path.exists():
+                aside = path.with_name(f"{path.stem}.{reason}-{int(time.time() * 1000)}.sqlite")
+                os.rename(path, aside)
+            for suffix in ("-wal", "-shm"):  # ours, or the corrupt file's: never pair them with the fresh file
+                side = Path(f"{path}{suffix}")
+                if reason == "corrupt" and aside is not None and side.exists():
+                    os.rename(side, f"{aside}{suffix}")
+                else:
+                    side.unlink(missing_ok=True)
+        except OSError as exc:
+            self._report(reason, f"decision log: {what}, and it cannot be set aside: {_why(exc)}")
+            raise LogUnavailableError(f"cannot start a fresh decision log at {path}: {_why(exc)}") from None
+        kept = f" (the old one kept as {aside.name})" if aside is not None else ""
+        self._report(reason, f"decision log: {what}; writing to a fresh file {path}{kept}")
+        self.open()
+
+    def _report(self, reason: str, line: str) -> None:
+        if self._on_fault is not None:
+            with contextlib.suppress(Exception):
+                self._on_fault(reason, line)
+
+
+class _Waiter:
+    """A :meth:`DecisionLog.flush` point in the queue: done(True) once everything before it is committed."""
+
+    __slots__ = ("event", "ok")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ok = False
+
+    def done(self, ok: bool) -> None:
+        if not self.event.is_set():
+            self.ok = ok
+            self.event.set()
+
+
+class _Shipped:
+    """A batch sent to the writer process, kept until it confirms the batch's marker (sent again otherwise)."""
+
+    __slots__ = ("data", "failed", "records", "waiters")
+
+    def __init__(self, data: bytes, records: int, waiters: list[_Waiter]) -> None:
+        self.data = data
+        self.records = records
+        self.waiters = waiters
+        self.failed = False
+
+
 class DecisionLog:
-    """Queue of decisions and outcomes written to one SQLite file by a background thread, in batches."""
+    """Queue of decisions and outcomes written to one SQLite file by a background writer, in batches.
+
+    Nothing is dropped silently: a batch is kept (in memory, counted against `max_queue`) until its
+    writer confirms it, re-sent to a restarted writer, and retried every :data:`RETRY_S` while the file
+    cannot be written; :meth:`health` says why meanwhile (``/ready`` answers 503 with it). Only records
+    past `max_queue` are dropped, counted by `on_drop` and logged. `on_fault(reason)` counts a file
+    deleted, replaced or corrupt (:data:`FILE_FAULTS`), ``unavailable`` and ``writer_died``.
+    """
 
     def __init__(
         self,
@@ -365,6 +623,7 @@ class DecisionLog:
         max_queue: int = 100_000,
         on_drop: Callable[[int], None] | None = None,
         writer: str = "thread",
+        on_fault: Callable[[str], None] | None = None,
     ) -> None:
         if writer not in WRITERS:
             raise ValueError(f"the decision log writer must be one of {', '.join(WRITERS)}, not {writer!r}")
@@ -376,6 +635,7 @@ class DecisionLog:
         self.batch_s = batch_ms / 1000.0
         self.max_queue = max_queue
         self._on_drop = on_drop
+        self._on_fault = on_fault
         self._q: collections.deque[Any] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -391,11 +651,20 @@ class DecisionLog:
         self._batches = 0
         self._write_errors = 0
         self.writer = writer
-        # process writer: the child, its acks, and the running totals of children that came before it
+        # rows not yet confirmed by the writer, kept to be written again: counted against max_queue
+        self._held_records = 0
+        self._unavailable: str | None = None  # why rows cannot be written now (None: they can)
+        self._retry_at = 0.0
+        # thread writer: its file and the rows it could not write yet
+        self._file: LogFile | None = None
+        self._held: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str, str]]] = ([], [], [])
+        # process writer: the child, the batches it has not confirmed, and the running totals of children before it
         self._proc: subprocess.Popen[bytes] | None = None
         self._ack_thread: threading.Thread | None = None
-        self._markers: dict[int, threading.Event] = {}
+        self._ack_lock = threading.Lock()
+        self._unacked: dict[int, _Shipped] = {}
         self._marker_ids = itertools.count(1)
+        self._spawn_at = 0.0
         self._child_totals = (0, 0, 0, 0, 0)
         self._base_totals = (0, 0, 0, 0, 0)
 
@@ -403,11 +672,13 @@ class DecisionLog:
     def log(self, record: DecisionRecord) -> None:
         """Queue one decision; returns at once, never raises, counts a drop when the queue is full."""
         try:
-            if len(self._q) >= self.max_queue or self._closed:
+            if len(self._q) + self._held_records >= self.max_queue or self._closed:
                 self._drop(1)
                 if self._closed:  # no writer left to report it: say so here (shutdown, not the hot path)
                     self._report_drops()
                 return
+            if not record.answered_at:  # fixed now, so a batch written twice holds the same row twice
+                record.answered_at = int(time.time() * 1000)
             self._q.append(record)
         except Exception:  # never into the request path
             self._drop(1)
@@ -449,7 +720,7 @@ class DecisionLog:
             offer_discount_type,
             transaction_reason,
         )
-        if self._closed or len(self._q) >= self.max_queue:
+        if self._closed or len(self._q) + self._held_records >= self.max_queue:
             self._drop(1)
             return
         self._q.append(outcome)
@@ -467,29 +738,39 @@ class DecisionLog:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the file (WAL) and start the writer thread; raises if the file cannot be opened."""
+        """Open the file (WAL) and start the writer; raises OSError (one line) if the file cannot be opened."""
         if self._thread is not None:
             return
-        conn: sqlite3.Connection | None = None
         if self.writer == "process":
             self._spawn()  # fails here, at start-up, when the file cannot be opened
         else:
-            conn = _connect_writer(self.path)  # fail here, at start-up, not silently in the thread
-        self._thread = threading.Thread(target=self._run, args=(conn,), name="decision-log-writer", daemon=True)
+            self._file = LogFile(self.path, on_fault=self._file_fault)
+            try:
+                self._file.open()  # fail here, at start-up, not silently in the thread
+            except LogUnavailableError as exc:
+                raise OSError(str(exc)) from None
+        self._thread = threading.Thread(target=self._run, name="decision-log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Return True once everything queued before this call is committed (False on timeout or no writer)."""
+        """Return True once everything queued before this call is committed to a file that still exists.
+
+        False on timeout, with no writer, or when the batch could not be written (it stays queued and
+        is retried, but the caller should not confirm it: a notification answers 503 so Apple resends).
+        """
         if self._thread is None or not self._thread.is_alive():
-            return not self._q
-        marker = threading.Event()
-        self._q.append(marker)
+            return not self._q and not self._held_records
+        waiter = _Waiter()
+        self._q.append(waiter)
         self._wake.set()
-        return marker.wait(timeout)
+        return waiter.event.wait(timeout) and waiter.ok
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write everything still queued and stop the writer (graceful shutdown); idempotent."""
+        """Write everything still queued and stop the writer (graceful shutdown); idempotent.
+
+        Rows that still cannot be written when `timeout` runs out are counted as dropped and logged.
+        """
         self._closed = True
         thread = self._thread
         if thread is None:
@@ -504,13 +785,26 @@ class DecisionLog:
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
+    def health(self) -> tuple[bool, str]:
+        """Return (True, "ok") while decisions can be written, else (False, why) in one line (for ``/ready``)."""
+        if self._closed:
+            return False, "decision log closed"
+        if self._thread is None or not self._thread.is_alive():
+            return False, "decision log writer not running"
+        why = self._unavailable
+        if why is not None:
+            return False, f"decisions cannot be written: {why}; {self._held_records} rows kept, retrying"
+        return True, "ok"
+
     def stats(self) -> dict[str, int]:
-        """Return counts: queued (waiting), written (decisions), outcomes (new ones), batches, dropped, write_errors, writer_alive."""
+        """Return counts: queued, unconfirmed (kept until written), written (new decisions), outcomes (new ones),
+        batches, dropped, write_errors, writer_alive."""
         alive = self._thread is not None and self._thread.is_alive()
         if self.writer == "process":
             alive = alive and self._proc is not None and self._proc.poll() is None
         return {
             "queued": len(self._q),
+            "unconfirmed": self._held_records,
             "written": self._written,
             "outcomes": self._outcomes_written,
             "batches": self._batches,
@@ -520,27 +814,126 @@ class DecisionLog:
         }
 
     # -- writer thread ---------------------------------------------------------------------
-    def _run(self, conn: sqlite3.Connection | None) -> None:
+    def _run(self) -> None:
+        deadline: float | None = None
         try:
             while True:
                 stopping = self._stop.is_set()
                 if not stopping:
                     self._wake.wait(self.batch_s)
                     self._wake.clear()
-                if conn is None:
+                elif self._unavailable is not None:
+                    time.sleep(min(self.batch_s, 0.1))  # closing while the file cannot be written: a few retries
+                if self.writer == "process":
                     self._ship_batch()
                 else:
-                    self._write_batch(conn)
+                    self._write_batch()
                 self._report_drops()
-                if stopping and not self._q:
-                    break
+                if stopping:
+                    if not self._q and not self._held_records:
+                        break
+                    deadline = deadline or time.monotonic() + 5.0
+                    if time.monotonic() > deadline:
+                        self._give_up()
+                        break
         finally:
-            if conn is None:
+            if self.writer == "process":
                 self._end_child()
-            else:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                conn.close()
+            elif self._file is not None:
+                self._file.close()
+
+    def _give_up(self) -> None:
+        """At close, rows that still cannot be written: counted as dropped and logged, never silent."""
+        with self._ack_lock:
+            n = self._held_records
+            self._held_records = 0
+            self._held = ([], [], [])
+            for b in self._unacked.values():
+                for w in b.waiters:
+                    w.done(False)
+            self._unacked.clear()
+        if n:
+            log.error("decision log: closing with %d rows that could not be written (%s)", n, self._unavailable)
+            self._drop(n)
+
+    def _file_fault(self, reason: str, line: str) -> None:
+        log.error("%s", line)
+        self._fault(reason)
+
+    def _fault(self, reason: str) -> None:
+        if self._on_fault is not None:
+            with contextlib.suppress(Exception):
+                self._on_fault(reason)
+
+    def _set_unavailable(self, why: str | None) -> None:
+        """Record whether rows can be written; log the change (one line each way) and count a new outage."""
+        before, self._unavailable = self._unavailable, why
+        if why is not None and before is None:
+            log.error(
+                "decision log: %s; keeping the rows in memory (up to %d) and retrying every %.0f s; /ready answers 503",
+                why, self.max_queue, RETRY_S,
+            )  # fmt: skip
+            self._fault("unavailable")
+        elif why is None and before is not None:
+            log.warning("decision log: writing again to %s", self.path)
+
+    def _write_batch(self) -> None:
+        q = self._q
+        n = len(q)
+        items = [q.popleft() for _ in range(n)]
+        now_ms = int(time.time() * 1000)
+        decisions, outcomes, schemas = self._held
+        waiters: list[_Waiter] = []
+        bad = 0
+        for it in items:
+            if isinstance(it, DecisionRecord):
+                try:
+                    decisions.append(_decision_row(it, now_ms))
+                except Exception:
+                    bad += 1
+            elif isinstance(it, _Outcome):
+                outcomes.append(msgspec.structs.astuple(it))
+            elif isinstance(it, _Schema):
+                schemas.append((it.sha, _json(it.names).decode()))
+            elif isinstance(it, _Waiter):
+                waiters.append(it)
+        if bad:
+            log.error("decision log: %d records could not be encoded and were dropped", bad)
+            self._drop(bad)
+        self._held = (decisions, outcomes, schemas)
+        self._held_records = len(decisions) + len(outcomes)
+        if not (decisions or outcomes or schemas):
+            for w in waiters:
+                w.done(True)
+            return
+        if self._unavailable is not None and time.monotonic() < self._retry_at:
+            for w in waiters:  # not now: the caller (a notification) answers 503 at once
+                w.done(False)
+            return
+        assert self._file is not None
+        try:
+            new_decisions, new_outcomes = self._file.commit(decisions, outcomes, schemas)
+        except LogUnavailableError as exc:
+            self._write_errors += 1
+            self._retry_at = time.monotonic() + RETRY_S
+            self._set_unavailable(str(exc))
+            for w in waiters:
+                w.done(False)
+            return
+        except Exception as exc:  # rows SQLite cannot take (a bug, not the disk): counted and logged
+            self._write_errors += 1
+            log.error("decision log: a batch of %d rows cannot be written (%s) and is dropped", self._held_records, exc)
+            self._drop(self._held_records)
+            new_decisions = new_outcomes = 0
+        else:
+            self._batches += 1
+            self._set_unavailable(None)
+        self._written += new_decisions
+        self._outcomes_written += new_outcomes
+        self._held = ([], [], [])
+        self._held_records = 0
+        for w in waiters:
+            w.done(True)
 
     # -- process writer (serving/log_writer.py) ---------------------------------------------
     def _spawn(self) -> None:
@@ -565,8 +958,6 @@ class DecisionLog:
             proc.wait(timeout=10)
             raise OSError(str(msgs[0][1]))
         with contextlib.suppress(OSError):  # a bigger pipe: one batch rarely waits for the writer
-            import fcntl
-
             fcntl.fcntl(proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         self._base_totals = tuple(a + b for a, b in zip(self._base_totals, self._child_totals, strict=True))  # type: ignore[assignment]
         self._child_totals = (0, 0, 0, 0, 0)
@@ -579,37 +970,55 @@ class DecisionLog:
     def _read_acks(self, proc: subprocess.Popen[bytes], buf: bytearray) -> None:
         assert proc.stdout is not None
         while True:
-            chunk = os.read(proc.stdout.fileno(), 65536)
+            try:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+            except OSError:
+                return
             if not chunk:
                 return
             buf += chunk
             for msg in log_writer.read_frames(buf):
-                if msg[0] != "ack":
-                    continue
-                markers, *totals = msg[1]
-                bad_before = self._child_totals[4]
-                self._child_totals = tuple(totals)
-                base = self._base_totals
-                self._written = base[0] + totals[0]
-                self._outcomes_written = base[1] + totals[1]
-                self._batches = base[2] + totals[2]
-                self._write_errors = base[3] + totals[3]
-                if totals[4] > bad_before:
-                    log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
-                    self._drop(totals[4] - bad_before)
-                for mid in markers:
-                    ev = self._markers.pop(mid, None)
-                    if ev is not None:
-                        ev.set()
+                if msg[0] == "fault":
+                    self._file_fault(str(msg[1][0]), str(msg[1][1]))
+                elif msg[0] == "ack":
+                    self._take_ack(msg[1])
+
+    def _take_ack(self, payload: list[Any]) -> None:
+        ok, failed, unavailable, *totals = payload
+        with self._ack_lock:
+            for mid in ok:
+                b = self._unacked.pop(mid, None)
+                if b is not None:
+                    self._held_records -= b.records
+                    for w in b.waiters:
+                        w.done(True)
+            for mid in failed:
+                b = self._unacked.get(mid)
+                if b is not None:
+                    b.failed = True
+                    for w in b.waiters:
+                        w.done(False)
+        if failed:
+            self._retry_at = time.monotonic() + RETRY_S
+        bad_before = self._child_totals[4]
+        self._child_totals = tuple(totals)
+        base = self._base_totals
+        self._written = base[0] + totals[0]
+        self._outcomes_written = base[1] + totals[1]
+        self._batches = base[2] + totals[2]
+        self._write_errors = base[3] + totals[3]
+        if totals[4] > bad_before:
+            log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
+            self._drop(totals[4] - bad_before)
+        self._set_unavailable(unavailable)
 
     def _ship_batch(self) -> None:
-        """Send everything queued to the writer process in one write (its pipe holds 1 MiB)."""
+        """Send everything queued to the writer process as one batch ending in its marker; keep it until confirmed."""
         q = self._q
         n = len(q)
-        if n == 0:
-            return
         items = [q.popleft() for _ in range(n)]
         frames: list[bytes] = []
+        waiters: list[_Waiter] = []
         records = bad = 0
         for it in items:
             try:
@@ -621,36 +1030,88 @@ class DecisionLog:
                     records += 1
                 elif isinstance(it, _Schema):
                     frames.append(log_writer.frame("s", [it.sha, it.names]))
-                elif isinstance(it, threading.Event):
-                    mid = next(self._marker_ids)
-                    self._markers[mid] = it
-                    frames.append(log_writer.frame("m", mid))
+                elif isinstance(it, _Waiter):
+                    waiters.append(it)
             except Exception:
                 bad += 1
         if bad:
             log.error("decision log: %d records could not be encoded and were dropped", bad)
             self._drop(bad)
-        data = b"".join(frames)
-        for attempt in (1, 2):
-            proc = self._proc
-            try:
-                if proc is None or proc.stdin is None or proc.poll() is not None:
-                    raise BrokenPipeError("the writer process is not running")
-                proc.stdin.write(data)
-                proc.stdin.flush()
-                return
-            except (OSError, ValueError) as exc:
-                log.error("decision log: the writer process failed (%s); starting a new one", exc)
-                self._write_errors += 1
-                try:
-                    self._end_child(timeout=5.0)
-                    self._spawn()
-                except Exception as exc2:
-                    log.error("decision log: cannot start a new writer process: %s", exc2)
-                    break
-                if attempt == 2:
-                    break
-        self._drop(records)  # a batch that reached no writer is lost: counted, never silent
+        batch: _Shipped | None = None
+        if frames or waiters:
+            mid = next(self._marker_ids)
+            frames.append(log_writer.frame("m", mid))
+            batch = _Shipped(b"".join(frames), records, waiters)
+            with self._ack_lock:
+                self._unacked[mid] = batch
+                self._held_records += records
+        self._send(batch)
+
+    def _send(self, batch: _Shipped | None) -> None:
+        """Send `batch` (and failed batches when due); start a new writer, sending it every unconfirmed batch, when needed."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._restart_child()
+            return
+        with self._ack_lock:
+            due = self._unavailable is None or time.monotonic() >= self._retry_at
+            out = [b for b in self._unacked.values() if b.failed and due]
+            if batch is not None and not batch.failed:
+                out.append(batch)
+            for b in out:
+                b.failed = False
+        if not out:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"".join(b.data for b in out))
+            proc.stdin.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            self._restart_child()
+
+    def _restart_child(self) -> None:
+        """The writer process is gone: start another and send it every batch not yet confirmed, in order."""
+        proc = self._proc
+        if proc is not None:
+            code = proc.poll()
+            self._write_errors += 1
+            log.error(
+                "decision log: the writer process exited (status %s); starting a new one and sending it the %d "
+                "rows it had not confirmed",
+                code, self._held_records,
+            )  # fmt: skip
+            self._fault("writer_died")
+            self._end_child(timeout=5.0)
+        now = time.monotonic()
+        if now < self._spawn_at:
+            return
+        try:
+            self._spawn()
+        except Exception as exc:
+            self._spawn_at = now + RETRY_S
+            self._set_unavailable(f"the writer process cannot start ({str(exc).strip().splitlines()[0]})")
+            with self._ack_lock:
+                for b in self._unacked.values():
+                    for w in b.waiters:
+                        w.done(False)
+            return
+        self._set_unavailable(None)
+        new = self._proc
+        assert new is not None and new.stdin is not None
+        with self._ack_lock:
+            out = list(self._unacked.values())
+            for b in out:
+                b.failed = False
+        try:
+            if out:
+                new.stdin.write(b"".join(b.data for b in out))
+                new.stdin.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                new.kill()  # the next batch window starts another
 
     def _end_child(self, timeout: float = 30.0) -> None:
         """Close the writer's stdin (it writes what it has, then exits) and wait for it and its acks."""
@@ -669,51 +1130,6 @@ class DecisionLog:
         if self._ack_thread is not None:
             self._ack_thread.join(5.0)
             self._ack_thread = None
-
-    def _write_batch(self, conn: sqlite3.Connection) -> None:
-        q = self._q
-        n = len(q)
-        if n == 0:
-            return
-        items = [q.popleft() for _ in range(n)]
-        now_ms = int(time.time() * 1000)
-        decisions: list[tuple[Any, ...]] = []
-        outcomes: list[tuple[Any, ...]] = []
-        schemas: list[tuple[str, str]] = []
-        markers: list[threading.Event] = []
-        bad = 0
-        for it in items:
-            if isinstance(it, DecisionRecord):
-                try:
-                    decisions.append(_decision_row(it, now_ms))
-                except Exception:
-                    bad += 1
-            elif isinstance(it, _Outcome):
-                outcomes.append(msgspec.structs.astuple(it))
-            elif isinstance(it, _Schema):
-                schemas.append((it.sha, _json(it.names).decode()))
-            elif isinstance(it, threading.Event):
-                markers.append(it)
-        if bad:
-            log.error("decision log: %d records could not be encoded and were dropped", bad)
-            self._drop(bad)
-        try:
-            if decisions or outcomes or schemas:
-                new_outcomes = _commit_rows(conn, decisions, outcomes, schemas)
-                self._written += len(decisions)
-                self._outcomes_written += new_outcomes
-                self._batches += 1
-        except Exception as exc:  # rolled back by _commit_rows
-            self._write_errors += 1
-            log.error(
-                "decision log: writing a batch of %d rows to %s failed (%s); the batch is dropped",
-                len(decisions) + len(outcomes),
-                self.path,
-                exc,
-            )
-            self._drop(len(decisions) + len(outcomes))
-        for m in markers:
-            m.set()
 
     def _report_drops(self) -> None:
         with self._report_lock:
