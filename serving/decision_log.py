@@ -665,6 +665,7 @@ class DecisionLog:
         self._unacked: dict[int, _Shipped] = {}
         self._marker_ids = itertools.count(1)
         self._spawn_at = 0.0
+        self._writer_deaths = 0
         self._child_totals = (0, 0, 0, 0, 0)
         self._base_totals = (0, 0, 0, 0, 0)
 
@@ -906,10 +907,8 @@ class DecisionLog:
             for w in waiters:
                 w.done(True)
             return
-        if self._unavailable is not None and time.monotonic() < self._retry_at:
-            for w in waiters:  # not now: the caller (a notification) answers 503 at once
-                w.done(False)
-            return
+        if self._unavailable is not None and time.monotonic() < self._retry_at and not waiters:
+            return  # retried every RETRY_S, or at once for a caller waiting (a notification)
         assert self._file is not None
         try:
             new_decisions, new_outcomes = self._file.commit(decisions, outcomes, schemas)
@@ -1006,7 +1005,7 @@ class DecisionLog:
         self._written = base[0] + totals[0]
         self._outcomes_written = base[1] + totals[1]
         self._batches = base[2] + totals[2]
-        self._write_errors = base[3] + totals[3]
+        self._write_errors = base[3] + totals[3] + self._writer_deaths
         if totals[4] > bad_before:
             log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
             self._drop(totals[4] - bad_before)
@@ -1077,6 +1076,7 @@ class DecisionLog:
         proc = self._proc
         if proc is not None:
             code = proc.poll()
+            self._writer_deaths += 1
             self._write_errors += 1
             log.error(
                 "decision log: the writer process exited (status %s); starting a new one and sending it the %d "

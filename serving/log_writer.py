@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     _send(out_fd, "ready")
     written = outcomes_new = batches = write_errors = bad = 0
     unavailable: str | None = None
-    # True when the batch still open (its marker not read yet) had rows in a transaction that failed
+    # True when the batch still open (its marker not read yet) had rows in a transaction that failed:
+    # its marker is then answered as failed, and the server sends the whole batch again
     tainted = False
     buf = bytearray()
     eof = False
@@ -140,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         decisions: list[tuple[Any, ...]] = []
         outcomes: list[tuple[Any, ...]] = []
         schemas: list[tuple[str, str]] = []
-        markers: list[int] = []
+        markers: list[tuple[int, bool]] = []  # (marker id, its batch had rows in this transaction)
+        rows = False  # rows read since the last marker
         for kind, payload in msgs:
             try:
+                if kind in ("d", "o"):
+                    rows = True
                 if kind == "d":
                     decisions.append(_decision_row(DecisionRecord(**dict(zip(fields, payload, strict=True))), now_ms))
                 elif kind == "o":
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif kind == "s":
                     schemas.append((payload[0], _json(payload[1]).decode()))
                 elif kind == "m":
-                    markers.append(int(payload))
+                    markers.append((int(payload), rows))
+                    rows = False
             except Exception:
                 bad += 1
         committed = True
@@ -171,12 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"decision log writer: a batch of {len(decisions) + len(outcomes)} rows failed: {exc}", file=sys.stderr)
         ok: list[int] = []
         failed: list[int] = []
-        for i, mid in enumerate(markers):
-            (ok if committed and not (i == 0 and tainted) else failed).append(mid)
-        if markers:
-            tainted = False
-        if not committed:
-            tainted = True
+        for i, (mid, had_rows) in enumerate(markers):
+            (failed if (i == 0 and tainted) or (had_rows and not committed) else ok).append(mid)
+        tainted = (tainted and not markers) or (rows and not committed)
         with contextlib.suppress(OSError):  # the server is gone: keep writing what is left to read
             _send(out_fd, "ack", ok, failed, unavailable, written, outcomes_new, batches, write_errors, bad)
     log_file.close()
