@@ -442,6 +442,21 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _lock_shared(fd: int, wait_s: float = 10.0) -> bool:
+    """Take a shared flock on `fd` (a writer's mark on its file), waiting out a compaction; False if it never ends."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        except OSError:
+            return True  # a file system without flock: nothing to coordinate with
+
+
 class LogFile:
     """One writer's SQLite log file at a fixed path, checked before and after every batch it commits.
 
@@ -478,8 +493,10 @@ class LogFile:
         except OSError as exc:
             conn.close()
             raise LogUnavailableError(f"cannot open the decision log {path}: {_why(exc)}") from None
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if not _lock_shared(fd):
+            os.close(fd)
+            conn.close()
+            raise LogUnavailableError(f"the decision log {path} is held by a compaction (retention decisions compact)")
         st = os.fstat(fd)
         head = os.pread(fd, 100, 0)
         app_id = struct.pack(">i", conn.execute("PRAGMA application_id").fetchone()[0])
@@ -1191,14 +1208,34 @@ def _decode_decision(row: sqlite3.Row) -> dict[str, Any]:
     return d
 
 
-def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 5000) -> Iterator[dict[str, Any]]:
+#: Told (path, why) about a log file that cannot be read (fully); without one, such a file raises ValueError.
+OnBadFile = Callable[[Path, str], None]
+
+
+def _bad(path: Path, exc: BaseException, on_bad_file: OnBadFile | None) -> None:
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if on_bad_file is None:
+        raise ValueError(f"cannot read the decision log {str(path)!r}: {why}") from None
+    on_bad_file(path, why)
+
+
+def read_decisions(
+    paths: str | Path | Iterable[str | Path], *, batch: int = 5000, on_bad_file: OnBadFile | None = None
+) -> Iterator[dict[str, Any]]:
     """Yield every logged decision of the given log files as a dict, in answered_at order across files.
 
     Vectors are lists, ``policy_params`` a dict, ``features`` a float32 K x F numpy array (or None).
+    A decision held by several files (an archive and the file it came from, a batch written again
+    after a fault) is yielded once. With `on_bad_file`, a file that cannot be read is reported and
+    what could be read of it before the error is kept; without, ValueError names the file.
     """
 
     def one(path: Path) -> Iterator[dict[str, Any]]:
-        conn = _open_ro(path)
+        try:
+            conn = _open_ro(path)
+        except ValueError as exc:
+            _bad(path, exc, on_bad_file)
+            return
         conn.row_factory = sqlite3.Row
         try:
             cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
@@ -1206,10 +1243,23 @@ def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 500
             while rows := cur.fetchmany(batch):
                 for row in rows:
                     yield _decode_decision(row)
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            _bad(path, exc, on_bad_file)
         finally:
             conn.close()
 
-    yield from heapq.merge(*(one(p) for p in _as_paths(paths)), key=lambda d: d["answered_at"])
+    last_at: Any = None
+    seen: set[str] = set()
+    for d in heapq.merge(*(one(p) for p in _as_paths(paths)), key=lambda d: d["answered_at"]):
+        rid = d["request_id"]
+        if d["answered_at"] != last_at:  # copies of one decision share its answered_at: a bounded set
+            last_at = d["answered_at"]
+            seen.clear()
+        if rid is not None:
+            if rid in seen:
+                continue
+            seen.add(rid)
+        yield d
 
 
 def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[dict[str, Any]]:
@@ -1224,41 +1274,56 @@ def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[d
             rows += reversed(
                 [_decode_decision(r) for r in conn.execute(sql, (n,))]
             )  # oldest first, so ties keep log order
+        except sqlite3.DatabaseError as exc:
+            _bad(path, exc, None)
         finally:
             conn.close()
     rows.sort(key=lambda d: d["answered_at"])
     return rows[-n:] if n > 0 else []
 
 
-def read_outcomes(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
-    seen: dict[str, dict[str, Any]] = {}
+def _query_each(
+    paths: str | Path | Iterable[str | Path], sql: str | Callable[[sqlite3.Connection], str], on_bad_file: OnBadFile | None
+) -> Iterator[sqlite3.Row]:
+    """Yield the rows of `sql` (or of ``sql(conn)``) in each file; a file that fails is reported (rows read before kept)."""
     for path in _as_paths(paths):
-        conn = _open_ro(path)
+        try:
+            conn = _open_ro(path)
+        except ValueError as exc:
+            _bad(path, exc, on_bad_file)
+            continue
         conn.row_factory = sqlite3.Row
         try:
-            cols = _columns_sql(conn, "outcomes", ", ".join(OUTCOME_COLUMNS))
-            for row in conn.execute(f"SELECT {cols} FROM outcomes"):
-                d = dict(row)
-                prev = seen.get(d["notification_uuid"])
-                if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
-                    seen[d["notification_uuid"]] = d
+            yield from conn.execute(sql if isinstance(sql, str) else sql(conn))
+        except sqlite3.DatabaseError as exc:
+            _bad(path, exc, on_bad_file)
         finally:
             conn.close()
+
+
+def read_outcomes(
+    paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None
+) -> list[dict[str, Any]]:
+    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
+    seen: dict[str, dict[str, Any]] = {}
+    def sql(conn: sqlite3.Connection) -> str:  # a file made earlier lacks the added columns
+        return f"SELECT {_columns_sql(conn, 'outcomes', ', '.join(OUTCOME_COLUMNS))} FROM outcomes"
+
+    for row in _query_each(paths, sql, on_bad_file):
+        d = dict(row)
+        prev = seen.get(d["notification_uuid"])
+        if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
+            seen[d["notification_uuid"]] = d
     return sorted(seen.values(), key=lambda d: (d["at"], d["notification_uuid"]))
 
 
-def feature_schemas(paths: str | Path | Iterable[str | Path]) -> dict[str, list[str]]:
+def feature_schemas(
+    paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None
+) -> dict[str, list[str]]:
     """Return {feature_names_sha: feature names} recorded in the given log files."""
-    out: dict[str, list[str]] = {}
-    for path in _as_paths(paths):
-        conn = _open_ro(path)
-        try:
-            for sha, names in conn.execute("SELECT sha, names FROM feature_schemas"):
-                out[sha] = _unjson(names)
-        finally:
-            conn.close()
-    return out
+    return {
+        row["sha"]: _unjson(row["names"]) for row in _query_each(paths, "SELECT sha, names FROM feature_schemas", on_bad_file)
+    }
 
 
 def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
@@ -1269,27 +1334,14 @@ def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
     return pd.DataFrame(rows, columns=list(REQUIRED_DECISION_COLUMNS + EXTRA_DECISION_COLUMNS))
 
 
-def _count(paths: list[Path], table: str) -> int:
-    total = 0
-    for p in paths:
-        conn = _open_ro(p)
-        try:
-            total += int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-        finally:
-            conn.close()
-    return total
+def _count(paths: list[Path], table: str, on_bad_file: OnBadFile | None = None) -> int:
+    return sum(int(r[0]) for r in _query_each(paths, f"SELECT count(*) FROM {table}", on_bad_file))
 
 
-def count_unanswered(paths: str | Path | Iterable[str | Path]) -> int:
+def count_unanswered(paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None) -> int:
     """Return how many logged requests of the given log files were answered with no message (404)."""
-    total = 0
-    for p in _as_paths(paths):
-        conn = _open_ro(p)
-        try:
-            total += int(conn.execute("SELECT count(*) FROM decisions WHERE message_id IS NULL").fetchone()[0])
-        finally:
-            conn.close()
-    return total
+    sql = "SELECT count(*) FROM decisions WHERE message_id IS NULL"
+    return sum(int(r[0]) for r in _query_each(paths, sql, on_bad_file))
 
 
 def _out_format(out: Path) -> str:
@@ -1344,6 +1396,7 @@ def export_decisions(
     progress: bool = False,
     chunk: int = 20_000,
     shown_only: bool = False,
+    on_bad_file: OnBadFile | None = None,
 ) -> int:
     """Return the number of decisions written from the log files `db_paths` to `out` (Parquet or CSV by suffix).
 
@@ -1352,6 +1405,8 @@ def export_decisions(
     Parquet file's metadata holds the feature names of every ``feature_names_sha`` seen.
     `shown_only` leaves out the requests answered with no message (404 no_eligible_message): they
     have no candidate and no shown message, and the training files require one.
+    With `on_bad_file`, a log file that cannot be read (corrupt, not a log) is reported and the rest
+    exported (with what could be read of it); without, ValueError names it and nothing is written.
     """
     import pandas as pd
     import pyarrow as pa
@@ -1362,10 +1417,10 @@ def export_decisions(
     paths = _as_paths(db_paths)
     if not paths:
         raise ValueError("no decision log files to export (looked for decisions-*.sqlite)")
-    total = _count(paths, "decisions")
+    total = _count(paths, "decisions", on_bad_file)
     schema = _decisions_arrow_schema()
     names = [f.name for f in schema]
-    schemas = feature_schemas(paths)
+    schemas = feature_schemas(paths, on_bad_file=on_bad_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     bar = None
@@ -1382,7 +1437,7 @@ def export_decisions(
                 b"retention.schema_version": str(SCHEMA_VERSION).encode(),
             }
             writer = pq.ParquetWriter(tmp, schema.with_metadata(meta))
-        rows_iter = read_decisions(paths)
+        rows_iter = read_decisions(paths, on_bad_file=on_bad_file)
         first = True
         while True:
             raw = list(itertools.islice(rows_iter, chunk))
@@ -1426,13 +1481,15 @@ def export_decisions(
     return written
 
 
-def export_outcomes(db_paths: Sequence[str | Path], out: str | Path) -> int:
+def export_outcomes(
+    db_paths: Sequence[str | Path], out: str | Path, *, on_bad_file: OnBadFile | None = None
+) -> int:
     """Return the number of outcomes written from the log files `db_paths` to `out` (Parquet or CSV), one per notification."""
     import pandas as pd
 
     out = Path(out)
     fmt = _out_format(out)
-    rows = read_outcomes(db_paths)
+    rows = read_outcomes(db_paths, on_bad_file=on_bad_file)
     frame = pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
     frame["at"] = frame["at"].astype("int64")
     frame["offer_type"] = frame["offer_type"].astype("Int64")  # Apple's raw integer; missing stays missing
@@ -1467,3 +1524,114 @@ def read_decisions_file(path: str | Path) -> Any:
         if n in frame.columns:
             frame[n] = [None if not isinstance(v, str) else _unjson(v) for v in frame[n]]
     return frame
+
+
+# -- compaction ---------------------------------------------------------------------------------
+#: The file that ``retention decisions compact`` merges retired log files into (export reads it like any log file).
+ARCHIVE_NAME = "decisions-archive.sqlite"
+
+
+class Compaction(msgspec.Struct, frozen=True):
+    """What :func:`compact_logs` did: files merged (and deleted), files left to live writers, rows added."""
+
+    archive: Path
+    merged: list[Path]
+    live: list[Path]
+    decisions: int
+    outcomes: int
+
+
+def _columns(conn: sqlite3.Connection, schema: str, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA {schema}.table_info({table})")]
+
+
+def compact_logs(data_dir: str | Path, *, on_bad_file: OnBadFile | None = None) -> Compaction:
+    """Merge every log file of `data_dir` that no live writer holds into ``decisions-archive.sqlite``; delete them.
+
+    Idempotent: decisions are unique by ``request_id``, outcomes by ``notificationUUID`` and feature
+    schemas by their hash, so a file merged twice (a compaction stopped before its deletes) adds
+    nothing. A file is deleted only after its rows are committed (``synchronous=FULL``) in the archive.
+    A live writer holds its file with a shared ``flock``, and such a file is left alone. A file that
+    cannot be read is reported to `on_bad_file` and left in place (without one, ValueError names it).
+    Raises ValueError when another compaction of the folder is running.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"data folder {str(folder)!r} does not exist")
+    archive = folder / ARCHIVE_NAME
+    conn = _connect_writer(archive)
+    lock_fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
+    merged: list[tuple[Path, int]] = []
+    live: list[Path] = []
+    added_decisions = added_outcomes = 0
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another compaction of {str(folder)!r} is running") from None
+        for src in log_files(folder):
+            if src.name == ARCHIVE_NAME:
+                continue
+            try:
+                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                _bad(src, exc, on_bad_file)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.append(src)  # a running server's file
+                os.close(fd)
+                continue
+            try:
+                d, o = _merge_into(conn, src)
+            except (sqlite3.DatabaseError, ValueError) as exc:
+                os.close(fd)
+                _bad(src, exc, on_bad_file)
+                continue
+            added_decisions += d
+            added_outcomes += o
+            merged.append((src, fd))
+        for src, _fd in merged:  # every merged row is committed and fsynced: the sources can go
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{src}{suffix}").unlink(missing_ok=True)
+        _fsync_dir(folder)
+    finally:
+        for _src, fd in merged:
+            os.close(fd)
+        conn.close()
+        os.close(lock_fd)
+    return Compaction(archive, [p for p, _ in merged], live, added_decisions, added_outcomes)
+
+
+def _merge_into(conn: sqlite3.Connection, src: Path) -> tuple[int, int]:
+    """Copy one log file's rows into the archive connection in one fsynced transaction; return rows added."""
+    conn.execute("ATTACH DATABASE ? AS src", (str(src),))
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM src.sqlite_master WHERE type = 'table'")}
+        if "decisions" not in tables:
+            raise ValueError("not a decision log (no decisions table)")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN")
+        try:
+            added = []
+            for table in ("decisions", "outcomes", "feature_schemas"):
+                if table not in tables:
+                    added.append(0)
+                    continue
+                theirs = set(_columns(conn, "src", table))
+                cols = ", ".join(f'"{c}"' for c in _columns(conn, "main", table) if c in theirs and c != "id")
+                order = " ORDER BY id" if table == "decisions" else ""
+                cur = conn.execute(f"INSERT OR IGNORE INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}{order}")
+                added.append(max(cur.rowcount, 0))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        conn.execute("DETACH DATABASE src")
+    return added[0], added[1]

@@ -412,3 +412,78 @@ def _record(i: int) -> DecisionRecord:
         propensity=0.5,
         answered_at=1_700_000_000_000 + i,
     )
+
+
+# ---- export reads what it can; compaction retires old files without losing a row -----------------------------
+def _write_log(path: Path, ids: range, outcomes: tuple[str, ...] = ()) -> None:
+    dlog = DecisionLog(path, batch_ms=5.0)
+    dlog.start()
+    for i in ids:
+        dlog.log(_record(i))
+    for n in outcomes:
+        dlog.log_outcome(n, f"otid-{n}", "renewed", 1_700_000_000_000)
+    dlog.close()
+
+
+def _damage(path: Path) -> None:
+    """Overwrite the file past its first page: SQLite reads the header, then finds the pages malformed."""
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(os.urandom(size - 4096))
+
+
+def test_export_reads_the_good_files_names_each_bad_one_and_fails_only_when_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import retention
+    from serving.decision_log import read_decisions_file
+
+    data = tmp_path / "data"
+    _write_log(data / "decisions-a-1.sqlite", range(0, 50), ("n-1",))
+    _write_log(data / "decisions-b-2.sqlite", range(50, 3000))
+    _damage(data / "decisions-b-2.sqlite")
+    (data / "decisions-c-3.sqlite").write_bytes(b"this is not a database" * 100)
+    out = tmp_path / "d.parquet"
+    args = ["decisions", "export", "--data-dir", str(data), "--out", str(out), "--outcomes-out", str(tmp_path / "o.csv")]
+    assert retention.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "decisions-b-2.sqlite" in line] and len(
+        [line for line in err if "decisions-c-3.sqlite" in line]
+    ) == 1, err
+    assert all(line.startswith("retention decisions: cannot read") for line in err), err
+    ids = set(read_decisions_file(out)["request_id"])
+    assert {f"req-{i}" for i in range(50)} <= ids
+    assert retention.main([*args, "--strict"]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_compact_merges_retired_files_keeps_the_live_one_and_export_sees_every_row_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serving.decisions_cli import main as decisions_main
+
+    data = tmp_path / "data"
+    _write_log(data / "decisions-h-1.sqlite", range(0, 100), ("n-1", "n-2"))
+    _write_log(data / "decisions-h-2.sqlite", range(90, 200), ("n-2", "n-3"))  # a batch written to two files
+    live = DecisionLog(data / "decisions-h-3.sqlite", batch_ms=5.0, writer="process")
+    live.start()
+    for i in range(200, 220):
+        live.log(_record(i))
+    assert live.flush()
+    before = stored(data)
+    assert decisions_main(["compact", "--data-dir", str(data)]) == 0
+    assert "compacted 2 log file(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in data.glob("decisions-*.sqlite")) == ["decisions-archive.sqlite", "decisions-h-3.sqlite"]
+    after = stored(data)
+    assert sorted(after[0]) == sorted(before[0]) and len(after[0]) == 220 and sorted(after[1]) == sorted(before[1])
+    assert decisions_main(["compact", "--data-dir", str(data)]) == 0  # again: nothing to add, nothing lost
+    assert stored(data) == after
+    live.log(_record(220))  # the live server goes on writing its own file
+    live.close()
+    assert decisions_main(["compact", "--data-dir", str(data)]) == 0
+    assert [p.name for p in data.glob("decisions-*.sqlite")] == ["decisions-archive.sqlite"]
+    assert len(stored(data)[0]) == 221
+    with sqlite3.connect(data / "decisions-archive.sqlite") as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT request_id) FROM decisions").fetchone() == (221, 221)
+        assert conn.execute("SELECT count(*) FROM outcomes").fetchone()[0] == 3
