@@ -240,14 +240,16 @@ def test_a_version_1_log_file_is_read_migrated_and_written_without_duplicates(tm
     conn.execute(decision_log._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
     conn.commit()
     conn.close()
-    assert [d["request_id"] for d in read_decisions(path)] == ["req-1", "req-1"]  # readable as it is
+    assert [d["request_id"] for d in read_decisions(path)] == ["req-1"]  # readable as it is, each decision once
     dlog = DecisionLog(path, batch_ms=5.0)
     dlog.start()
     dlog.log(_record(1))
     dlog.log(_record(2))
     assert dlog.flush()
     dlog.close()
-    assert [d["request_id"] for d in read_decisions(path)] == ["req-1", "req-2"]
+    with sqlite3.connect(path) as conn:  # migrated: one row per request_id, the re-sent one not added
+        assert [r[0] for r in conn.execute("SELECT request_id FROM decisions ORDER BY id")] == ["req-1", "req-2"]
+        assert conn.execute("SELECT value FROM log_meta WHERE key = 'schema_version'").fetchone()[0] == "2"
 
 
 # ---- an outcome is durable before its 200 ----------------------------------------------------------------------
