@@ -833,15 +833,16 @@ class DecisionLog:
 
     # -- writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        deadline: float | None = None
+        give_up_at: float | None = None
         try:
             while True:
                 stopping = self._stop.is_set()
                 if not stopping:
                     self._wake.wait(self.batch_s)
                     self._wake.clear()
-                elif self._unavailable is not None:
-                    time.sleep(min(self.batch_s, 0.1))  # closing while the file cannot be written: a few retries
+                elif self._unavailable is not None or (self.writer == "process" and not self._q):
+                    self._wake.wait(0.05)  # closing: wait for the writer's confirmations, or retry, without spinning
+                    self._wake.clear()
                 if self.writer == "process":
                     self._ship_batch()
                 else:
@@ -850,10 +851,13 @@ class DecisionLog:
                 if stopping:
                     if not self._q and not self._held_records:
                         break
-                    deadline = deadline or time.monotonic() + 5.0
-                    if time.monotonic() > deadline:
-                        self._give_up()
-                        break
+                    if self._unavailable is None:
+                        give_up_at = None
+                    else:  # closing while nothing can be written: a few retries, then count what is left
+                        give_up_at = give_up_at or time.monotonic() + 5.0
+                        if time.monotonic() > give_up_at:
+                            self._give_up()
+                            break
         finally:
             if self.writer == "process":
                 self._end_child()
@@ -993,11 +997,17 @@ class DecisionLog:
             if not chunk:
                 return
             buf += chunk
-            for msg in log_writer.read_frames(buf):
-                if msg[0] == "fault":
-                    self._file_fault(str(msg[1][0]), str(msg[1][1]))
-                elif msg[0] == "ack":
-                    self._take_ack(msg[1])
+            try:
+                for msg in log_writer.read_frames(buf):
+                    if msg[0] == "fault":
+                        self._file_fault(str(msg[1][0]), str(msg[1][1]))
+                    elif msg[0] == "ack":
+                        self._take_ack(msg[1])
+            except Exception as exc:  # not our protocol (another version's writer?): replace it
+                log.error("decision log: the writer process sent what this server cannot read (%r); stopping it", exc)
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                return
 
     def _take_ack(self, payload: list[Any]) -> None:
         ok, failed, unavailable, *totals = payload
@@ -1008,6 +1018,8 @@ class DecisionLog:
                     self._held_records -= b.records
                     for w in b.waiters:
                         w.done(True)
+            if not self._unacked:
+                self._wake.set()  # a closing log waits for this
             for mid in failed:
                 b = self._unacked.get(mid)
                 if b is not None:
