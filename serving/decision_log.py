@@ -1082,10 +1082,18 @@ class DecisionLog:
             self._restart_child()
             return
         with self._ack_lock:
-            due = self._unavailable is None or time.monotonic() >= self._retry_at
-            out = [b for b in self._unacked.values() if b.failed and due]
-            if batch is not None and not batch.failed:
-                out.append(batch)
+            # while the file cannot be written, what is held is tried again every RETRY_S (all of it), and a
+            # new batch goes at once only when a caller waits for it (a notification): no resend every window
+            out: list[_Shipped] = []
+            if self._unavailable is None or time.monotonic() >= self._retry_at:
+                out = [b for b in self._unacked.values() if b.failed]
+                if self._unavailable is not None:
+                    self._retry_at = time.monotonic() + RETRY_S
+            if batch is not None:
+                if self._unavailable is None or batch.waiters:
+                    out.append(batch)
+                else:
+                    batch.failed = True  # held for the next retry
             for b in out:
                 b.failed = False
         if not out:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 written += new_decisions
                 outcomes_new += new
                 batches += 1
-            unavailable = None
+                unavailable = None  # (a transaction without rows tells nothing about the file)
         except LogUnavailableError as exc:  # the server keeps the batch and sends it again
             committed = False
             write_errors += 1
