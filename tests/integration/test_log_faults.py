@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import APP_ID
 from tests.integration.test_server import Server, logged_rows, server_env  # noqa: F401  (server_env: a fixture)
@@ -42,9 +43,9 @@ def _writer_pids(server_pid: int) -> list[int]:
 
 
 def test_killing_the_writer_under_load_loses_no_answered_decision(
-    server_env: dict[str, str], tmp_path: Path, pki: Any
+    request: pytest.FixtureRequest, tmp_path: Path, pki: Any
 ) -> None:
-    server = Server(server_env, tmp_path / "data")
+    server = Server(request.getfixturevalue("server_env"), tmp_path / "data")
     server.wait_ready()
     answered: list[str] = []
     lock = threading.Lock()
