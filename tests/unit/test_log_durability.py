@@ -264,7 +264,7 @@ def test_an_outcome_batch_is_committed_with_synchronous_full(tmp_path: Path) -> 
     dlog.log_outcome("uuid-9", "otid-9", "renewed", 1_700_000_000_000)
     assert dlog.flush()
     dlog.close()
-    sync = [s.split(" VALUES")[0] for s in statements
+    sync = [" ".join(s.split()[:5]) for s in statements
             if s.startswith(("PRAGMA synchronous", "BEGIN", "COMMIT", "INSERT OR IGNORE INTO outcomes"))]
     # decisions alone: WAL + NORMAL (a killed process keeps them); the outcome's commit is fsynced first
     assert sync[:2] == ["BEGIN", "COMMIT"]
