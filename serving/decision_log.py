@@ -8,9 +8,18 @@ itself (``writer="thread"``) or by shipping it, msgpack-encoded, to a child proc
 a committed batch survives a killed process, so a SIGKILL loses at most the decisions answered
 within the last batch window, and ``close()`` (graceful shutdown) writes them all.
 
+Nothing is lost silently (docs/failure-modes.md): every batch is kept until its writer confirms
+it, and sent again to a restarted writer or retried while the file cannot be written (disk full,
+read-only), with :meth:`DecisionLog.health` (``/ready``) saying why meanwhile. Decisions are unique
+by ``request_id`` and outcomes by ``notificationUUID`` (``INSERT OR IGNORE``), so a batch written
+twice is stored once. :class:`LogFile` checks the file around every transaction and starts a fresh
+one when it was deleted, replaced, overwritten or found corrupt. A batch holding an outcome is
+committed with ``synchronous=FULL``. Only what exceeds ``max_queue`` is dropped, counted and logged.
+
 Each server process writes its own file, ``DATA_DIR/decisions-<host>-<pid>.sqlite`` (SQLite has
 one writer per file; one file per process needs no locking between workers or replicas). The
-export reads them all and writes the DESIGN.md decisions file that ``retention train`` reads.
+export reads them all (what it can of a damaged one) and writes the DESIGN.md decisions file that
+``retention train`` reads; :func:`compact_logs` merges the files no running writer holds into one archive.
 
 Arrays are stored compactly: candidates, scores, values, probabilities and policy parameters as
 JSON text; the feature matrix as float32 bytes with its shape (what the ONNX model was fed).
@@ -352,8 +361,8 @@ def _commit_rows(
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a log file to :data:`SCHEMA_VERSION`: tables, then ``request_id`` unique (version 1 had no index).
 
-    A version-1 file that holds one request_id twice keeps its first row. Later versions add their
-    steps here (``ALTER TABLE ... ADD COLUMN``); readers take the columns a file has.
+    A version-1 file that holds one request_id twice keeps its first row. Columns added later are in
+    :data:`_ADDED_COLUMNS` (``ALTER TABLE ... ADD COLUMN``); readers take the columns a file has.
     """
     conn.executescript(_DDL)
     _add_columns(conn)
