@@ -487,7 +487,7 @@ class LogFile:
         self._ident: tuple[int, int] | None = None
         self._mark: bytes | None = None
 
-    def open(self) -> None:
+    def open(self, *, _retry: bool = False) -> None:
         """Open (or create) the file; raises LogUnavailableError (one line) when it cannot be."""
         path = self.path
         try:
@@ -502,11 +502,14 @@ class LogFile:
         except OSError as exc:
             conn.close()
             raise LogUnavailableError(f"cannot open the decision log {path}: {_why(exc)}") from None
-        if not _lock_shared(fd):
-            os.close(fd)
-            conn.close()
-            raise LogUnavailableError(f"the decision log {path} is held by a compaction (retention decisions compact)")
+        locked = _lock_shared(fd)
         st = os.fstat(fd)
+        if not locked or st.st_nlink == 0:  # a compaction held it, and merged and deleted it meanwhile
+            conn.close()
+            os.close(fd)  # after the connection: closing another descriptor of the file drops SQLite's locks
+            if locked and not _retry:
+                return self.open(_retry=True)  # a fresh file at the path
+            raise LogUnavailableError(f"the decision log {path} is held by a compaction (retention decisions compact)")
         head = os.pread(fd, 100, 0)
         app_id = struct.pack(">i", conn.execute("PRAGMA application_id").fetchone()[0])
         self._mark = app_id if head[:16] == _SQLITE_MAGIC and head[68:72] == app_id else None

@@ -489,3 +489,26 @@ def test_compact_merges_retired_files_keeps_the_live_one_and_export_sees_every_r
     with sqlite3.connect(data / "decisions-archive.sqlite") as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT request_id) FROM decisions").fetchone() == (221, 221)
         assert conn.execute("SELECT count(*) FROM outcomes").fetchone()[0] == 3
+
+
+def test_a_writer_starting_during_a_compaction_of_its_file_waits_and_writes_to_a_fresh_one(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    path = tmp_path / "decisions-h-9.sqlite"
+    _write_log(path, range(0, 5))  # a file of an earlier process with the same name (a reused pid)
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what compact holds while it merges the file
+    faults: list[str] = []
+    dlog = DecisionLog(path, batch_ms=5.0, on_fault=faults.append)
+    starting = threading.Thread(target=dlog.start)
+    starting.start()
+    time.sleep(0.3)
+    assert starting.is_alive()  # the writer waits for the compaction
+    path.unlink()  # the compaction merged the file and deletes it
+    os.close(fd)
+    starting.join(10)
+    dlog.log(_record(7))
+    assert dlog.flush()
+    dlog.close()
+    assert [d["request_id"] for d in read_decisions(path)] == ["req-7"] and faults == []
