@@ -171,7 +171,7 @@ class RetentionService:
         self.runtime.load()
         self.decision_log = DecisionLog(
             data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
-            writer=settings.log_writer,
+            writer=settings.log_writer, on_fault=self.metrics.decision_log_fault,
         )
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)
@@ -220,13 +220,13 @@ class RetentionService:
         self.metrics.close()
 
     def ready(self) -> tuple[bool, str]:
-        """Return (ready, reason): ready when the catalog and a model are loaded."""
+        """Return (ready, reason): ready when the catalog and a model are loaded and decisions can be written."""
         snap = self.runtime.snapshot
         if snap is None:
             return False, "catalog not loaded"
         if snap.model is None:
             return False, f"no model: {snap.model_error}"
-        return True, "ok"
+        return self.decision_log.health()
 
     def kill_switch_on(self) -> bool:
         """Return True when every request goes to the rule policy (setting, or the kill-switch file).

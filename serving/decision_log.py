@@ -8,9 +8,18 @@ itself (``writer="thread"``) or by shipping it, msgpack-encoded, to a child proc
 a committed batch survives a killed process, so a SIGKILL loses at most the decisions answered
 within the last batch window, and ``close()`` (graceful shutdown) writes them all.
 
+Nothing is lost silently (docs/failure-modes.md): every batch is kept until its writer confirms
+it, and sent again to a restarted writer or retried while the file cannot be written (disk full,
+read-only), with :meth:`DecisionLog.health` (``/ready``) saying why meanwhile. Decisions are unique
+by ``request_id`` and outcomes by ``notificationUUID`` (``INSERT OR IGNORE``), so a batch written
+twice is stored once. :class:`LogFile` checks the file around every transaction and starts a fresh
+one when it was deleted, replaced, overwritten or found corrupt. A batch holding an outcome is
+committed with ``synchronous=FULL``. Only what exceeds ``max_queue`` is dropped, counted and logged.
+
 Each server process writes its own file, ``DATA_DIR/decisions-<host>-<pid>.sqlite`` (SQLite has
 one writer per file; one file per process needs no locking between workers or replicas). The
-export reads them all and writes the DESIGN.md decisions file that ``retention train`` reads.
+export reads them all (what it can of a damaged one) and writes the DESIGN.md decisions file that
+``retention train`` reads; :func:`compact_logs` merges the files no running writer holds into one archive.
 
 Arrays are stored compactly: candidates, scores, values, probabilities and policy parameters as
 JSON text; the feature matrix as float32 bytes with its shape (what the ONNX model was fed).
@@ -23,6 +32,8 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -30,8 +41,10 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -49,7 +62,7 @@ from serving import children, log_writer
 
 log = logging.getLogger("retention.decision_log")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: request_id unique (a batch written twice adds nothing)
 #: Where rows are written: a thread of this process, or a child process (``serving/log_writer.py``).
 WRITERS: tuple[str, ...] = ("thread", "process")
 #: The DESIGN.md decisions columns, in order; the export adds the server's extra columns after them.
@@ -189,6 +202,7 @@ _INSERT_OUTCOME = (
     "received_at, offer_type, offer_identifier, offer_discount_type, transaction_reason) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_UNIQUE_REQUEST_ID = "CREATE UNIQUE INDEX IF NOT EXISTS decisions_request_id ON decisions (request_id)"
 _INSERT_SCHEMA = "INSERT OR IGNORE INTO feature_schemas VALUES (?, ?)"
 
 
@@ -288,23 +302,26 @@ _ROWS_PER_STATEMENT = 256  # 29 parameters a row: well under SQLite's 32,766-var
 @functools.lru_cache(maxsize=64)
 def _multi_insert_sql(rows: int) -> str:
     one = "(" + ", ".join("?" * _N_DECISION_COLUMNS) + ")"
-    return f"INSERT INTO decisions ({_DECISION_COLUMNS_SQL}) VALUES " + ", ".join([one] * rows)
+    # OR IGNORE: a batch sent again (the writer restarted before confirming it) adds nothing twice
+    return f"INSERT OR IGNORE INTO decisions ({_DECISION_COLUMNS_SQL}) VALUES " + ", ".join([one] * rows)
 
 
 _INSERT_DECISION = _multi_insert_sql(1)  # one row (the benchmark's per-decision baseline)
 
 
-def _insert_decisions(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert rows with one multi-row statement per 256 rows.
+def _insert_decisions(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Insert rows with one multi-row statement per 256 rows; return how many were new (by request_id).
 
     Python's sqlite3 releases and re-takes the GIL around every step: executemany would do that once per
     row, and each re-take waits for the event loop thread to yield the GIL (measured: the endpoint served
     ~1/3 fewer requests per second with per-row inserts). One statement per chunk takes the GIL a few times
     per batch instead.
     """
+    new = 0
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(_multi_insert_sql(len(chunk)), [v for row in chunk for v in row])
+        new += max(conn.execute(_multi_insert_sql(len(chunk)), [v for row in chunk for v in row]).rowcount, 0)
+    return new
 
 
 def _commit_rows(
@@ -312,15 +329,20 @@ def _commit_rows(
     decisions: list[tuple[Any, ...]],
     outcomes: list[tuple[Any, ...]],
     schemas: list[tuple[str, str]],
-) -> int:
-    """Write one batch in one transaction; return how many outcomes were new (repeats are ignored).
+    *,
+    durable: bool = False,
+) -> tuple[int, int]:
+    """Write one batch in one transaction; return how many decisions and outcomes were new (repeats are ignored).
 
-    Raises on failure after rolling back, so the caller counts the whole batch as lost.
+    `durable` (a batch with outcomes, which are answered 200 only once stored) commits with
+    ``synchronous=FULL``: the WAL is fsynced, so the row survives a power loss, not only a killed process.
+    Raises on failure after rolling back.
     """
+    if durable:
+        conn.execute("PRAGMA synchronous=FULL")
     conn.execute("BEGIN")
     try:
-        if decisions:
-            _insert_decisions(conn, decisions)
+        new_decisions = _insert_decisions(conn, decisions) if decisions else 0
         new_outcomes = max(conn.executemany(_INSERT_OUTCOME, outcomes).rowcount, 0) if outcomes else 0
         if schemas:
             conn.executemany(_INSERT_SCHEMA, schemas)
@@ -329,7 +351,31 @@ def _commit_rows(
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    return new_outcomes
+    finally:
+        if durable:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous=NORMAL")
+    return new_decisions, new_outcomes
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a log file to :data:`SCHEMA_VERSION`: tables, then ``request_id`` unique (version 1 had no index).
+
+    A version-1 file that holds one request_id twice keeps its first row. Columns added later are in
+    :data:`_ADDED_COLUMNS` (``ALTER TABLE ... ADD COLUMN``); readers take the columns a file has.
+    """
+    conn.executescript(_DDL)
+    _add_columns(conn)
+    try:
+        conn.execute(_UNIQUE_REQUEST_ID)
+    except sqlite3.IntegrityError:
+        conn.execute(
+            "DELETE FROM decisions WHERE request_id IS NOT NULL AND id NOT IN "
+            "(SELECT min(id) FROM decisions WHERE request_id IS NOT NULL GROUP BY request_id)"
+        )
+        conn.execute(_UNIQUE_REQUEST_ID)
+    conn.execute("INSERT OR REPLACE INTO log_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('created_at_ms', ?)", (str(int(time.time() * 1000)),))
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
@@ -344,18 +390,259 @@ def _add_columns(conn: sqlite3.Connection) -> None:
 def _connect_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(_DDL)
-    _add_columns(conn)
-    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    conn.execute("INSERT OR IGNORE INTO log_meta VALUES ('created_at_ms', ?)", (str(int(time.time() * 1000)),))
+    try:
+        if not conn.execute("PRAGMA application_id").fetchone()[0]:
+            # a random mark in the file's header: a file overwritten in place no longer has it (LogFile.check)
+            conn.execute(f"PRAGMA application_id={secrets.randbelow(2**31 - 1) + 1}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a killed process
+        conn.execute("PRAGMA busy_timeout=5000")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
+# -- the log file: checked around every batch, started afresh when deleted, replaced or corrupt ------------
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: What can happen to a log file under a running writer (the ``reason`` of ``on_fault`` and of the metric).
+FILE_FAULTS: tuple[str, ...] = ("deleted", "replaced", "corrupt")
+#: Seconds between two attempts to write while the log cannot be written (disk full, read-only, writer down).
+RETRY_S = 1.0
+
+
+class LogUnavailableError(Exception):
+    """Rows cannot be written now (disk full, read-only folder, I/O error); the message says why, in one line."""
+
+
+def _why(exc: BaseException) -> str:
+    """Return what an error from SQLite or the file system means for the operator, in a few words and the error."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    code = getattr(exc, "errno", None)
+    if name.startswith("SQLITE_FULL") or code == errno.ENOSPC:
+        return f"disk full ({exc})"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")) or code in (
+        errno.EROFS, errno.EACCES, errno.EPERM,
+    ):  # fmt: skip
+        return f"not writable ({exc})"
+    return f"write failed ({exc})"
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text
+
+
+def _is_unavailable(exc: sqlite3.Error) -> bool:
+    """True for errors that pass (the disk, the folder, a lock), as opposed to a row SQLite cannot bind."""
+    return isinstance(exc, sqlite3.OperationalError) or not isinstance(
+        exc, sqlite3.InterfaceError | sqlite3.ProgrammingError | sqlite3.IntegrityError | sqlite3.DataError
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _lock_shared(fd: int, wait_s: float = 10.0) -> bool:
+    """Take a shared flock on `fd` (a writer's mark on its file), waiting out a compaction; False if it never ends."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        except OSError:
+            return True  # a file system without flock: nothing to coordinate with
+
+
+class LogFile:
+    """One writer's SQLite log file at a fixed path, checked before and after every batch it commits.
+
+    A file that was deleted, replaced by another file, overwritten in place (its header's mark is
+    gone) or that SQLite finds corrupt is closed and a fresh file is started at the same path; a
+    replaced or corrupt file is first moved aside as ``<name>.<reason>-<ms>.sqlite`` (export still
+    reads what it can of it). ``on_fault(reason, line)`` says so, and the batch is written to the fresh
+    file: no row that was not yet confirmed is lost. Rows confirmed before the fault went with the file.
+
+    While open, the file is held with a shared ``flock``: ``retention decisions compact`` merges only
+    files that no live writer holds. Raises :class:`LogUnavailableError` when rows cannot be written now.
+    """
+
+    def __init__(self, path: str | Path, *, on_fault: Callable[[str, str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.conn: sqlite3.Connection | None = None
+        self._on_fault = on_fault
+        self._fd = -1
+        self._ident: tuple[int, int] | None = None
+        self._mark: bytes | None = None
+
+    def open(self, *, _retry: bool = False) -> None:
+        """Open (or create) the file; raises LogUnavailableError (one line) when it cannot be."""
+        path = self.path
+        try:
+            created = not path.exists()
+            conn = _connect_writer(path)
+        except (sqlite3.Error, OSError) as exc:
+            raise LogUnavailableError(f"cannot open the decision log {path}: {_why(exc)}") from None
+        try:
+            with contextlib.suppress(sqlite3.Error):  # the header on disk now holds the mark (a v1 file gets one)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            conn.close()
+            raise LogUnavailableError(f"cannot open the decision log {path}: {_why(exc)}") from None
+        locked = _lock_shared(fd)
+        st = os.fstat(fd)
+        if not locked or st.st_nlink == 0:  # a compaction held it, and merged and deleted it meanwhile
+            conn.close()
+            os.close(fd)  # after the connection: closing another descriptor of the file drops SQLite's locks
+            if locked and not _retry:
+                return self.open(_retry=True)  # a fresh file at the path
+            raise LogUnavailableError(f"the decision log {path} is held by a compaction (retention decisions compact)")
+        head = os.pread(fd, 100, 0)
+        app_id = struct.pack(">i", conn.execute("PRAGMA application_id").fetchone()[0])
+        self._mark = app_id if head[:16] == _SQLITE_MAGIC and head[68:72] == app_id else None
+        self.conn, self._fd, self._ident = conn, fd, (st.st_dev, st.st_ino)
+        if created:
+            _fsync_dir(path.parent)
+
+    def check(self) -> tuple[str, str] | None:
+        """Return (reason, what happened) when the file at the path is no longer the one open, else None."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "deleted", f"{self.path} was deleted"
+        except OSError:
+            return None  # cannot tell; the commit will say
+        if (st.st_dev, st.st_ino) != self._ident:
+            return "replaced", f"{self.path} was replaced by another file"
+        head = os.pread(self._fd, 100, 0)
+        if head[:16] != _SQLITE_MAGIC or (self._mark is not None and head[68:72] != self._mark):
+            return "replaced", f"{self.path} was overwritten"
+        return None
+
+    def commit(
+        self, decisions: list[tuple[Any, ...]], outcomes: list[tuple[Any, ...]], schemas: list[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """Commit one batch to a file that still exists (fresh when needed); return (new decisions, new outcomes).
+
+        Raises LogUnavailableError (rows kept by the caller), or the SQLite error of a batch that cannot be bound.
+        """
+        for _ in range(3):
+            if self.conn is None:
+                self.open()
+            fault = self.check()
+            if fault is not None:
+                self._restart(*fault)
+                continue
+            assert self.conn is not None
+            try:
+                result = _commit_rows(self.conn, decisions, outcomes, schemas, durable=bool(outcomes))
+            except sqlite3.Error as exc:
+                if _is_corrupt(exc):
+                    self._restart("corrupt", f"{self.path} is corrupt ({exc})")
+                    continue
+                if _is_unavailable(exc):
+                    raise LogUnavailableError(f"cannot write the decision log {self.path}: {_why(exc)}") from None
+                raise
+            fault = self.check()  # committed to a file deleted meanwhile: write the batch again, to a fresh one
+            if fault is not None:
+                self._restart(*fault)
+                continue
+            return result
+        raise LogUnavailableError(f"the decision log {self.path} keeps being deleted or replaced")
+
+    def close(self) -> None:
+        """Checkpoint and close (idempotent)."""
+        if self.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self._close()
+
+    def _close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        if self._fd >= 0:  # after the connection: closing another descriptor of the file drops SQLite's locks
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    def _restart(self, reason: str, what: str) -> None:
+        self._close()
+        path = self.path
+        aside: Path | None = None
+        try:
+            if reason != "deleted" and path.exists():
+                aside = path.with_name(f"{path.stem}.{reason}-{int(time.time() * 1000)}.sqlite")
+                os.rename(path, aside)
+            for suffix in ("-wal", "-shm"):  # ours, or the corrupt file's: never pair them with the fresh file
+                side = Path(f"{path}{suffix}")
+                if reason == "corrupt" and aside is not None and side.exists():
+                    os.rename(side, f"{aside}{suffix}")
+                else:
+                    side.unlink(missing_ok=True)
+        except OSError as exc:
+            self._report(reason, f"decision log: {what}, and it cannot be set aside: {_why(exc)}")
+            raise LogUnavailableError(f"cannot start a fresh decision log at {path}: {_why(exc)}") from None
+        kept = f" (the old one kept as {aside.name})" if aside is not None else ""
+        self._report(reason, f"decision log: {what}; writing to a fresh file {path}{kept}")
+        self.open()
+
+    def _report(self, reason: str, line: str) -> None:
+        if self._on_fault is not None:
+            with contextlib.suppress(Exception):
+                self._on_fault(reason, line)
+
+
+class _Waiter:
+    """A :meth:`DecisionLog.flush` point in the queue: done(True) once everything before it is committed."""
+
+    __slots__ = ("event", "ok")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ok = False
+
+    def done(self, ok: bool) -> None:
+        if not self.event.is_set():
+            self.ok = ok
+            self.event.set()
+
+
+class _Shipped:
+    """A batch sent to the writer process, kept until it confirms the batch's marker (sent again otherwise)."""
+
+    __slots__ = ("data", "failed", "records", "waiters")
+
+    def __init__(self, data: bytes, records: int, waiters: list[_Waiter]) -> None:
+        self.data = data
+        self.records = records
+        self.waiters = waiters
+        self.failed = False
+
+
 class DecisionLog:
-    """Queue of decisions and outcomes written to one SQLite file by a background thread, in batches."""
+    """Queue of decisions and outcomes written to one SQLite file by a background writer, in batches.
+
+    Nothing is dropped silently: a batch is kept (in memory, counted against `max_queue`) until its
+    writer confirms it, re-sent to a restarted writer, and retried every :data:`RETRY_S` while the file
+    cannot be written; :meth:`health` says why meanwhile (``/ready`` answers 503 with it). Only records
+    past `max_queue` are dropped, counted by `on_drop` and logged. `on_fault(reason)` counts a file
+    deleted, replaced or corrupt (:data:`FILE_FAULTS`), ``unavailable`` and ``writer_died``.
+    """
 
     def __init__(
         self,
@@ -365,6 +652,7 @@ class DecisionLog:
         max_queue: int = 100_000,
         on_drop: Callable[[int], None] | None = None,
         writer: str = "thread",
+        on_fault: Callable[[str], None] | None = None,
     ) -> None:
         if writer not in WRITERS:
             raise ValueError(f"the decision log writer must be one of {', '.join(WRITERS)}, not {writer!r}")
@@ -376,6 +664,7 @@ class DecisionLog:
         self.batch_s = batch_ms / 1000.0
         self.max_queue = max_queue
         self._on_drop = on_drop
+        self._on_fault = on_fault
         self._q: collections.deque[Any] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -391,11 +680,21 @@ class DecisionLog:
         self._batches = 0
         self._write_errors = 0
         self.writer = writer
-        # process writer: the child, its acks, and the running totals of children that came before it
+        # rows not yet confirmed by the writer, kept to be written again: counted against max_queue
+        self._held_records = 0
+        self._unavailable: str | None = None  # why rows cannot be written now (None: they can)
+        self._retry_at = 0.0
+        # thread writer: its file and the rows it could not write yet
+        self._file: LogFile | None = None
+        self._held: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str, str]]] = ([], [], [])
+        # process writer: the child, the batches it has not confirmed, and the running totals of children before it
         self._proc: subprocess.Popen[bytes] | None = None
         self._ack_thread: threading.Thread | None = None
-        self._markers: dict[int, threading.Event] = {}
+        self._ack_lock = threading.Lock()
+        self._unacked: dict[int, _Shipped] = {}
         self._marker_ids = itertools.count(1)
+        self._spawn_at = 0.0
+        self._writer_deaths = 0
         self._child_totals = (0, 0, 0, 0, 0)
         self._base_totals = (0, 0, 0, 0, 0)
 
@@ -403,11 +702,13 @@ class DecisionLog:
     def log(self, record: DecisionRecord) -> None:
         """Queue one decision; returns at once, never raises, counts a drop when the queue is full."""
         try:
-            if len(self._q) >= self.max_queue or self._closed:
+            if len(self._q) + self._held_records >= self.max_queue or self._closed:
                 self._drop(1)
                 if self._closed:  # no writer left to report it: say so here (shutdown, not the hot path)
                     self._report_drops()
                 return
+            if not record.answered_at:  # fixed now, so a batch written twice holds the same row twice
+                record.answered_at = int(time.time() * 1000)
             self._q.append(record)
         except Exception:  # never into the request path
             self._drop(1)
@@ -449,7 +750,7 @@ class DecisionLog:
             offer_discount_type,
             transaction_reason,
         )
-        if self._closed or len(self._q) >= self.max_queue:
+        if self._closed or len(self._q) + self._held_records >= self.max_queue:
             self._drop(1)
             return
         self._q.append(outcome)
@@ -467,29 +768,39 @@ class DecisionLog:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the file (WAL) and start the writer thread; raises if the file cannot be opened."""
+        """Open the file (WAL) and start the writer; raises OSError (one line) if the file cannot be opened."""
         if self._thread is not None:
             return
-        conn: sqlite3.Connection | None = None
         if self.writer == "process":
             self._spawn()  # fails here, at start-up, when the file cannot be opened
         else:
-            conn = _connect_writer(self.path)  # fail here, at start-up, not silently in the thread
-        self._thread = threading.Thread(target=self._run, args=(conn,), name="decision-log-writer", daemon=True)
+            self._file = LogFile(self.path, on_fault=self._file_fault)
+            try:
+                self._file.open()  # fail here, at start-up, not silently in the thread
+            except LogUnavailableError as exc:
+                raise OSError(str(exc)) from None
+        self._thread = threading.Thread(target=self._run, name="decision-log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Return True once everything queued before this call is committed (False on timeout or no writer)."""
+        """Return True once everything queued before this call is committed to a file that still exists.
+
+        False on timeout, with no writer, or when the batch could not be written (it stays queued and
+        is retried, but the caller should not confirm it: a notification answers 503 so Apple resends).
+        """
         if self._thread is None or not self._thread.is_alive():
-            return not self._q
-        marker = threading.Event()
-        self._q.append(marker)
+            return not self._q and not self._held_records
+        waiter = _Waiter()
+        self._q.append(waiter)
         self._wake.set()
-        return marker.wait(timeout)
+        return waiter.event.wait(timeout) and waiter.ok
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write everything still queued and stop the writer (graceful shutdown); idempotent."""
+        """Write everything still queued and stop the writer (graceful shutdown); idempotent.
+
+        Rows that still cannot be written when `timeout` runs out are counted as dropped and logged.
+        """
         self._closed = True
         thread = self._thread
         if thread is None:
@@ -504,13 +815,26 @@ class DecisionLog:
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 
+    def health(self) -> tuple[bool, str]:
+        """Return (True, "ok") while decisions can be written, else (False, why) in one line (for ``/ready``)."""
+        if self._closed:
+            return False, "decision log closed"
+        if self._thread is None or not self._thread.is_alive():
+            return False, "decision log writer not running"
+        why = self._unavailable
+        if why is not None:
+            return False, f"decisions cannot be written: {why}; {self._held_records} rows kept, retrying"
+        return True, "ok"
+
     def stats(self) -> dict[str, int]:
-        """Return counts: queued (waiting), written (decisions), outcomes (new ones), batches, dropped, write_errors, writer_alive."""
+        """Return counts: queued, unconfirmed (kept until written), written (new decisions), outcomes (new ones),
+        batches, dropped, write_errors, writer_alive."""
         alive = self._thread is not None and self._thread.is_alive()
         if self.writer == "process":
             alive = alive and self._proc is not None and self._proc.poll() is None
         return {
             "queued": len(self._q),
+            "unconfirmed": self._held_records,
             "written": self._written,
             "outcomes": self._outcomes_written,
             "batches": self._batches,
@@ -520,27 +844,128 @@ class DecisionLog:
         }
 
     # -- writer thread ---------------------------------------------------------------------
-    def _run(self, conn: sqlite3.Connection | None) -> None:
+    def _run(self) -> None:
+        give_up_at: float | None = None
         try:
             while True:
                 stopping = self._stop.is_set()
                 if not stopping:
                     self._wake.wait(self.batch_s)
                     self._wake.clear()
-                if conn is None:
+                elif self._unavailable is not None or (self.writer == "process" and not self._q):
+                    self._wake.wait(0.05)  # closing: wait for the writer's confirmations, or retry, without spinning
+                    self._wake.clear()
+                if self.writer == "process":
                     self._ship_batch()
                 else:
-                    self._write_batch(conn)
+                    self._write_batch()
                 self._report_drops()
-                if stopping and not self._q:
-                    break
+                if stopping:
+                    if not self._q and not self._held_records:
+                        break
+                    if self._unavailable is None:
+                        give_up_at = None
+                    else:  # closing while nothing can be written: a few retries, then count what is left
+                        give_up_at = give_up_at or time.monotonic() + 5.0
+                        if time.monotonic() > give_up_at:
+                            self._give_up()
+                            break
         finally:
-            if conn is None:
+            if self.writer == "process":
                 self._end_child()
-            else:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                conn.close()
+            elif self._file is not None:
+                self._file.close()
+
+    def _give_up(self) -> None:
+        """At close, rows that still cannot be written: counted as dropped and logged, never silent."""
+        with self._ack_lock:
+            n = self._held_records
+            self._held_records = 0
+            self._held = ([], [], [])
+            for b in self._unacked.values():
+                for w in b.waiters:
+                    w.done(False)
+            self._unacked.clear()
+        if n:
+            log.error("decision log: closing with %d rows that could not be written (%s)", n, self._unavailable)
+            self._drop(n)
+
+    def _file_fault(self, reason: str, line: str) -> None:
+        log.error("%s", line)
+        self._fault(reason)
+
+    def _fault(self, reason: str) -> None:
+        if self._on_fault is not None:
+            with contextlib.suppress(Exception):
+                self._on_fault(reason)
+
+    def _set_unavailable(self, why: str | None) -> None:
+        """Record whether rows can be written; log the change (one line each way) and count a new outage."""
+        before, self._unavailable = self._unavailable, why
+        if why is not None and before is None:
+            log.error(
+                "decision log: %s; keeping the rows in memory (up to %d) and retrying every %.0f s; /ready answers 503",
+                why, self.max_queue, RETRY_S,
+            )  # fmt: skip
+            self._fault("unavailable")
+        elif why is None and before is not None:
+            log.warning("decision log: writing again to %s", self.path)
+
+    def _write_batch(self) -> None:
+        q = self._q
+        n = len(q)
+        items = [q.popleft() for _ in range(n)]
+        now_ms = int(time.time() * 1000)
+        decisions, outcomes, schemas = self._held
+        waiters: list[_Waiter] = []
+        bad = 0
+        for it in items:
+            if isinstance(it, DecisionRecord):
+                try:
+                    decisions.append(_decision_row(it, now_ms))
+                except Exception:
+                    bad += 1
+            elif isinstance(it, _Outcome):
+                outcomes.append(msgspec.structs.astuple(it))
+            elif isinstance(it, _Schema):
+                schemas.append((it.sha, _json(it.names).decode()))
+            elif isinstance(it, _Waiter):
+                waiters.append(it)
+        if bad:
+            log.error("decision log: %d records could not be encoded and were dropped", bad)
+            self._drop(bad)
+        self._held = (decisions, outcomes, schemas)
+        self._held_records = len(decisions) + len(outcomes)
+        if not (decisions or outcomes or schemas):
+            for w in waiters:
+                w.done(True)
+            return
+        if self._unavailable is not None and time.monotonic() < self._retry_at and not waiters:
+            return  # retried every RETRY_S, or at once for a caller waiting (a notification)
+        assert self._file is not None
+        try:
+            new_decisions, new_outcomes = self._file.commit(decisions, outcomes, schemas)
+        except LogUnavailableError as exc:
+            self._write_errors += 1
+            self._retry_at = time.monotonic() + RETRY_S
+            self._set_unavailable(str(exc))
+            for w in waiters:
+                w.done(False)
+            return
+        except Exception as exc:  # rows SQLite cannot take (a bug, not the disk): counted and logged
+            self._write_errors += 1
+            log.error("decision log: a batch of %d rows cannot be written (%s) and is dropped", self._held_records, exc)
+            self._drop(self._held_records)
+            new_decisions = new_outcomes = 0
+        else:
+            self._batches += 1
+            self._set_unavailable(None)
+        self._written += new_decisions
+        self._outcomes_written += new_outcomes
+        self._held = ([], [], [])
+        self._held_records = 0
+        for w in waiters:
+            w.done(True)
 
     # -- process writer (serving/log_writer.py) ---------------------------------------------
     def _spawn(self) -> None:
@@ -565,8 +990,6 @@ class DecisionLog:
             proc.wait(timeout=10)
             raise OSError(str(msgs[0][1]))
         with contextlib.suppress(OSError):  # a bigger pipe: one batch rarely waits for the writer
-            import fcntl
-
             fcntl.fcntl(proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         self._base_totals = tuple(a + b for a, b in zip(self._base_totals, self._child_totals, strict=True))  # type: ignore[assignment]
         self._child_totals = (0, 0, 0, 0, 0)
@@ -579,37 +1002,63 @@ class DecisionLog:
     def _read_acks(self, proc: subprocess.Popen[bytes], buf: bytearray) -> None:
         assert proc.stdout is not None
         while True:
-            chunk = os.read(proc.stdout.fileno(), 65536)
+            try:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+            except OSError:
+                return
             if not chunk:
                 return
             buf += chunk
-            for msg in log_writer.read_frames(buf):
-                if msg[0] != "ack":
-                    continue
-                markers, *totals = msg[1]
-                bad_before = self._child_totals[4]
-                self._child_totals = tuple(totals)
-                base = self._base_totals
-                self._written = base[0] + totals[0]
-                self._outcomes_written = base[1] + totals[1]
-                self._batches = base[2] + totals[2]
-                self._write_errors = base[3] + totals[3]
-                if totals[4] > bad_before:
-                    log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
-                    self._drop(totals[4] - bad_before)
-                for mid in markers:
-                    ev = self._markers.pop(mid, None)
-                    if ev is not None:
-                        ev.set()
+            try:
+                for msg in log_writer.read_frames(buf):
+                    if msg[0] == "fault":
+                        self._file_fault(str(msg[1][0]), str(msg[1][1]))
+                    elif msg[0] == "ack":
+                        self._take_ack(msg[1])
+            except Exception as exc:  # not our protocol (another version's writer?): replace it
+                log.error("decision log: the writer process sent what this server cannot read (%r); stopping it", exc)
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                return
+
+    def _take_ack(self, payload: list[Any]) -> None:
+        ok, failed, unavailable, *totals = payload
+        with self._ack_lock:
+            for mid in ok:
+                b = self._unacked.pop(mid, None)
+                if b is not None:
+                    self._held_records -= b.records
+                    for w in b.waiters:
+                        w.done(True)
+            if not self._unacked:
+                self._wake.set()  # a closing log waits for this
+            for mid in failed:
+                b = self._unacked.get(mid)
+                if b is not None:
+                    b.failed = True
+                    for w in b.waiters:
+                        w.done(False)
+        if failed:
+            self._retry_at = time.monotonic() + RETRY_S
+        bad_before = self._child_totals[4]
+        self._child_totals = tuple(totals)
+        base = self._base_totals
+        self._written = base[0] + totals[0]
+        self._outcomes_written = base[1] + totals[1]
+        self._batches = base[2] + totals[2]
+        self._write_errors = base[3] + totals[3] + self._writer_deaths
+        if totals[4] > bad_before:
+            log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
+            self._drop(totals[4] - bad_before)
+        self._set_unavailable(unavailable)
 
     def _ship_batch(self) -> None:
-        """Send everything queued to the writer process in one write (its pipe holds 1 MiB)."""
+        """Send everything queued to the writer process as one batch ending in its marker; keep it until confirmed."""
         q = self._q
         n = len(q)
-        if n == 0:
-            return
         items = [q.popleft() for _ in range(n)]
         frames: list[bytes] = []
+        waiters: list[_Waiter] = []
         records = bad = 0
         for it in items:
             try:
@@ -621,36 +1070,97 @@ class DecisionLog:
                     records += 1
                 elif isinstance(it, _Schema):
                     frames.append(log_writer.frame("s", [it.sha, it.names]))
-                elif isinstance(it, threading.Event):
-                    mid = next(self._marker_ids)
-                    self._markers[mid] = it
-                    frames.append(log_writer.frame("m", mid))
+                elif isinstance(it, _Waiter):
+                    waiters.append(it)
             except Exception:
                 bad += 1
         if bad:
             log.error("decision log: %d records could not be encoded and were dropped", bad)
             self._drop(bad)
-        data = b"".join(frames)
-        for attempt in (1, 2):
-            proc = self._proc
-            try:
-                if proc is None or proc.stdin is None or proc.poll() is not None:
-                    raise BrokenPipeError("the writer process is not running")
-                proc.stdin.write(data)
-                proc.stdin.flush()
-                return
-            except (OSError, ValueError) as exc:
-                log.error("decision log: the writer process failed (%s); starting a new one", exc)
-                self._write_errors += 1
-                try:
-                    self._end_child(timeout=5.0)
-                    self._spawn()
-                except Exception as exc2:
-                    log.error("decision log: cannot start a new writer process: %s", exc2)
-                    break
-                if attempt == 2:
-                    break
-        self._drop(records)  # a batch that reached no writer is lost: counted, never silent
+        batch: _Shipped | None = None
+        if frames or waiters:
+            mid = next(self._marker_ids)
+            frames.append(log_writer.frame("m", mid))
+            batch = _Shipped(b"".join(frames), records, waiters)
+            with self._ack_lock:
+                self._unacked[mid] = batch
+                self._held_records += records
+        self._send(batch)
+
+    def _send(self, batch: _Shipped | None) -> None:
+        """Send `batch` (and failed batches when due); start a new writer, sending it every unconfirmed batch, when needed."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._restart_child()
+            return
+        with self._ack_lock:
+            # while the file cannot be written, what is held is tried again every RETRY_S (all of it), and a
+            # new batch goes at once only when a caller waits for it (a notification): no resend every window
+            out: list[_Shipped] = []
+            if self._unavailable is None or time.monotonic() >= self._retry_at:
+                out = [b for b in self._unacked.values() if b.failed]
+                if self._unavailable is not None:
+                    self._retry_at = time.monotonic() + RETRY_S
+            if batch is not None:
+                if self._unavailable is None or batch.waiters:
+                    out.append(batch)
+                else:
+                    batch.failed = True  # held for the next retry
+            for b in out:
+                b.failed = False
+        if not out:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"".join(b.data for b in out))
+            proc.stdin.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            self._restart_child()
+
+    def _restart_child(self) -> None:
+        """The writer process is gone: start another and send it every batch not yet confirmed, in order."""
+        proc = self._proc
+        if proc is not None:
+            code = proc.poll()
+            self._writer_deaths += 1
+            self._write_errors += 1
+            log.error(
+                "decision log: the writer process exited (status %s); starting a new one and sending it the %d "
+                "rows it had not confirmed",
+                code, self._held_records,
+            )  # fmt: skip
+            self._fault("writer_died")
+            self._end_child(timeout=5.0)
+        now = time.monotonic()
+        if now < self._spawn_at:
+            return
+        try:
+            self._spawn()
+        except Exception as exc:
+            self._spawn_at = now + RETRY_S
+            self._set_unavailable(f"the writer process cannot start ({str(exc).strip().splitlines()[0]})")
+            with self._ack_lock:
+                for b in self._unacked.values():
+                    for w in b.waiters:
+                        w.done(False)
+            return
+        self._set_unavailable(None)
+        new = self._proc
+        assert new is not None and new.stdin is not None
+        with self._ack_lock:
+            out = list(self._unacked.values())
+            for b in out:
+                b.failed = False
+        try:
+            if out:
+                new.stdin.write(b"".join(b.data for b in out))
+                new.stdin.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                new.kill()  # the next batch window starts another
 
     def _end_child(self, timeout: float = 30.0) -> None:
         """Close the writer's stdin (it writes what it has, then exits) and wait for it and its acks."""
@@ -669,51 +1179,6 @@ class DecisionLog:
         if self._ack_thread is not None:
             self._ack_thread.join(5.0)
             self._ack_thread = None
-
-    def _write_batch(self, conn: sqlite3.Connection) -> None:
-        q = self._q
-        n = len(q)
-        if n == 0:
-            return
-        items = [q.popleft() for _ in range(n)]
-        now_ms = int(time.time() * 1000)
-        decisions: list[tuple[Any, ...]] = []
-        outcomes: list[tuple[Any, ...]] = []
-        schemas: list[tuple[str, str]] = []
-        markers: list[threading.Event] = []
-        bad = 0
-        for it in items:
-            if isinstance(it, DecisionRecord):
-                try:
-                    decisions.append(_decision_row(it, now_ms))
-                except Exception:
-                    bad += 1
-            elif isinstance(it, _Outcome):
-                outcomes.append(msgspec.structs.astuple(it))
-            elif isinstance(it, _Schema):
-                schemas.append((it.sha, _json(it.names).decode()))
-            elif isinstance(it, threading.Event):
-                markers.append(it)
-        if bad:
-            log.error("decision log: %d records could not be encoded and were dropped", bad)
-            self._drop(bad)
-        try:
-            if decisions or outcomes or schemas:
-                new_outcomes = _commit_rows(conn, decisions, outcomes, schemas)
-                self._written += len(decisions)
-                self._outcomes_written += new_outcomes
-                self._batches += 1
-        except Exception as exc:  # rolled back by _commit_rows
-            self._write_errors += 1
-            log.error(
-                "decision log: writing a batch of %d rows to %s failed (%s); the batch is dropped",
-                len(decisions) + len(outcomes),
-                self.path,
-                exc,
-            )
-            self._drop(len(decisions) + len(outcomes))
-        for m in markers:
-            m.set()
 
     def _report_drops(self) -> None:
         with self._report_lock:
@@ -775,14 +1240,34 @@ def _decode_decision(row: sqlite3.Row) -> dict[str, Any]:
     return d
 
 
-def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 5000) -> Iterator[dict[str, Any]]:
+#: Told (path, why) about a log file that cannot be read (fully); without one, such a file raises ValueError.
+OnBadFile = Callable[[Path, str], None]
+
+
+def _bad(path: Path, exc: BaseException, on_bad_file: OnBadFile | None) -> None:
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if on_bad_file is None:
+        raise ValueError(f"cannot read the decision log {str(path)!r}: {why}") from None
+    on_bad_file(path, why)
+
+
+def read_decisions(
+    paths: str | Path | Iterable[str | Path], *, batch: int = 5000, on_bad_file: OnBadFile | None = None
+) -> Iterator[dict[str, Any]]:
     """Yield every logged decision of the given log files as a dict, in answered_at order across files.
 
     Vectors are lists, ``policy_params`` a dict, ``features`` a float32 K x F numpy array (or None).
+    A decision held by several files (an archive and the file it came from, a batch written again
+    after a fault) is yielded once. With `on_bad_file`, a file that cannot be read is reported and
+    what could be read of it before the error is kept; without, ValueError names the file.
     """
 
     def one(path: Path) -> Iterator[dict[str, Any]]:
-        conn = _open_ro(path)
+        try:
+            conn = _open_ro(path)
+        except ValueError as exc:
+            _bad(path, exc, on_bad_file)
+            return
         conn.row_factory = sqlite3.Row
         try:
             cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
@@ -790,10 +1275,23 @@ def read_decisions(paths: str | Path | Iterable[str | Path], *, batch: int = 500
             while rows := cur.fetchmany(batch):
                 for row in rows:
                     yield _decode_decision(row)
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            _bad(path, exc, on_bad_file)
         finally:
             conn.close()
 
-    yield from heapq.merge(*(one(p) for p in _as_paths(paths)), key=lambda d: d["answered_at"])
+    last_at: Any = None
+    seen: set[str] = set()
+    for d in heapq.merge(*(one(p) for p in _as_paths(paths)), key=lambda d: d["answered_at"]):
+        rid = d["request_id"]
+        if d["answered_at"] != last_at:  # copies of one decision share its answered_at: a bounded set
+            last_at = d["answered_at"]
+            seen.clear()
+        if rid is not None:
+            if rid in seen:
+                continue
+            seen.add(rid)
+        yield d
 
 
 def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[dict[str, Any]]:
@@ -808,41 +1306,56 @@ def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[d
             rows += reversed(
                 [_decode_decision(r) for r in conn.execute(sql, (n,))]
             )  # oldest first, so ties keep log order
+        except sqlite3.DatabaseError as exc:
+            _bad(path, exc, None)
         finally:
             conn.close()
     rows.sort(key=lambda d: d["answered_at"])
     return rows[-n:] if n > 0 else []
 
 
-def read_outcomes(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
-    seen: dict[str, dict[str, Any]] = {}
+def _query_each(
+    paths: str | Path | Iterable[str | Path], sql: str | Callable[[sqlite3.Connection], str], on_bad_file: OnBadFile | None
+) -> Iterator[sqlite3.Row]:
+    """Yield the rows of `sql` (or of ``sql(conn)``) in each file; a file that fails is reported (rows read before kept)."""
     for path in _as_paths(paths):
-        conn = _open_ro(path)
+        try:
+            conn = _open_ro(path)
+        except ValueError as exc:
+            _bad(path, exc, on_bad_file)
+            continue
         conn.row_factory = sqlite3.Row
         try:
-            cols = _columns_sql(conn, "outcomes", ", ".join(OUTCOME_COLUMNS))
-            for row in conn.execute(f"SELECT {cols} FROM outcomes"):
-                d = dict(row)
-                prev = seen.get(d["notification_uuid"])
-                if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
-                    seen[d["notification_uuid"]] = d
+            yield from conn.execute(sql if isinstance(sql, str) else sql(conn))
+        except sqlite3.DatabaseError as exc:
+            _bad(path, exc, on_bad_file)
         finally:
             conn.close()
+
+
+def read_outcomes(
+    paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None
+) -> list[dict[str, Any]]:
+    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
+    seen: dict[str, dict[str, Any]] = {}
+    def sql(conn: sqlite3.Connection) -> str:  # a file made earlier lacks the added columns
+        return f"SELECT {_columns_sql(conn, 'outcomes', ', '.join(OUTCOME_COLUMNS))} FROM outcomes"
+
+    for row in _query_each(paths, sql, on_bad_file):
+        d = dict(row)
+        prev = seen.get(d["notification_uuid"])
+        if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
+            seen[d["notification_uuid"]] = d
     return sorted(seen.values(), key=lambda d: (d["at"], d["notification_uuid"]))
 
 
-def feature_schemas(paths: str | Path | Iterable[str | Path]) -> dict[str, list[str]]:
+def feature_schemas(
+    paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None
+) -> dict[str, list[str]]:
     """Return {feature_names_sha: feature names} recorded in the given log files."""
-    out: dict[str, list[str]] = {}
-    for path in _as_paths(paths):
-        conn = _open_ro(path)
-        try:
-            for sha, names in conn.execute("SELECT sha, names FROM feature_schemas"):
-                out[sha] = _unjson(names)
-        finally:
-            conn.close()
-    return out
+    return {
+        row["sha"]: _unjson(row["names"]) for row in _query_each(paths, "SELECT sha, names FROM feature_schemas", on_bad_file)
+    }
 
 
 def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
@@ -853,27 +1366,14 @@ def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
     return pd.DataFrame(rows, columns=list(REQUIRED_DECISION_COLUMNS + EXTRA_DECISION_COLUMNS))
 
 
-def _count(paths: list[Path], table: str) -> int:
-    total = 0
-    for p in paths:
-        conn = _open_ro(p)
-        try:
-            total += int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-        finally:
-            conn.close()
-    return total
+def _count(paths: list[Path], table: str, on_bad_file: OnBadFile | None = None) -> int:
+    return sum(int(r[0]) for r in _query_each(paths, f"SELECT count(*) FROM {table}", on_bad_file))
 
 
-def count_unanswered(paths: str | Path | Iterable[str | Path]) -> int:
+def count_unanswered(paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None) -> int:
     """Return how many logged requests of the given log files were answered with no message (404)."""
-    total = 0
-    for p in _as_paths(paths):
-        conn = _open_ro(p)
-        try:
-            total += int(conn.execute("SELECT count(*) FROM decisions WHERE message_id IS NULL").fetchone()[0])
-        finally:
-            conn.close()
-    return total
+    sql = "SELECT count(*) FROM decisions WHERE message_id IS NULL"
+    return sum(int(r[0]) for r in _query_each(paths, sql, on_bad_file))
 
 
 def _out_format(out: Path) -> str:
@@ -928,6 +1428,7 @@ def export_decisions(
     progress: bool = False,
     chunk: int = 20_000,
     shown_only: bool = False,
+    on_bad_file: OnBadFile | None = None,
 ) -> int:
     """Return the number of decisions written from the log files `db_paths` to `out` (Parquet or CSV by suffix).
 
@@ -936,6 +1437,8 @@ def export_decisions(
     Parquet file's metadata holds the feature names of every ``feature_names_sha`` seen.
     `shown_only` leaves out the requests answered with no message (404 no_eligible_message): they
     have no candidate and no shown message, and the training files require one.
+    With `on_bad_file`, a log file that cannot be read (corrupt, not a log) is reported and the rest
+    exported (with what could be read of it); without, ValueError names it and nothing is written.
     """
     import pandas as pd
     import pyarrow as pa
@@ -946,10 +1449,10 @@ def export_decisions(
     paths = _as_paths(db_paths)
     if not paths:
         raise ValueError("no decision log files to export (looked for decisions-*.sqlite)")
-    total = _count(paths, "decisions")
+    total = _count(paths, "decisions", on_bad_file)
     schema = _decisions_arrow_schema()
     names = [f.name for f in schema]
-    schemas = feature_schemas(paths)
+    schemas = feature_schemas(paths, on_bad_file=on_bad_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     bar = None
@@ -966,7 +1469,7 @@ def export_decisions(
                 b"retention.schema_version": str(SCHEMA_VERSION).encode(),
             }
             writer = pq.ParquetWriter(tmp, schema.with_metadata(meta))
-        rows_iter = read_decisions(paths)
+        rows_iter = read_decisions(paths, on_bad_file=on_bad_file)
         first = True
         while True:
             raw = list(itertools.islice(rows_iter, chunk))
@@ -1010,13 +1513,15 @@ def export_decisions(
     return written
 
 
-def export_outcomes(db_paths: Sequence[str | Path], out: str | Path) -> int:
+def export_outcomes(
+    db_paths: Sequence[str | Path], out: str | Path, *, on_bad_file: OnBadFile | None = None
+) -> int:
     """Return the number of outcomes written from the log files `db_paths` to `out` (Parquet or CSV), one per notification."""
     import pandas as pd
 
     out = Path(out)
     fmt = _out_format(out)
-    rows = read_outcomes(db_paths)
+    rows = read_outcomes(db_paths, on_bad_file=on_bad_file)
     frame = pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
     frame["at"] = frame["at"].astype("int64")
     frame["offer_type"] = frame["offer_type"].astype("Int64")  # Apple's raw integer; missing stays missing
@@ -1051,3 +1556,114 @@ def read_decisions_file(path: str | Path) -> Any:
         if n in frame.columns:
             frame[n] = [None if not isinstance(v, str) else _unjson(v) for v in frame[n]]
     return frame
+
+
+# -- compaction ---------------------------------------------------------------------------------
+#: The file that ``retention decisions compact`` merges retired log files into (export reads it like any log file).
+ARCHIVE_NAME = "decisions-archive.sqlite"
+
+
+class Compaction(msgspec.Struct, frozen=True):
+    """What :func:`compact_logs` did: files merged (and deleted), files left to live writers, rows added."""
+
+    archive: Path
+    merged: list[Path]
+    live: list[Path]
+    decisions: int
+    outcomes: int
+
+
+def _columns(conn: sqlite3.Connection, schema: str, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA {schema}.table_info({table})")]
+
+
+def compact_logs(data_dir: str | Path, *, on_bad_file: OnBadFile | None = None) -> Compaction:
+    """Merge every log file of `data_dir` that no live writer holds into ``decisions-archive.sqlite``; delete them.
+
+    Idempotent: decisions are unique by ``request_id``, outcomes by ``notificationUUID`` and feature
+    schemas by their hash, so a file merged twice (a compaction stopped before its deletes) adds
+    nothing. A file is deleted only after its rows are committed (``synchronous=FULL``) in the archive.
+    A live writer holds its file with a shared ``flock``, and such a file is left alone. A file that
+    cannot be read is reported to `on_bad_file` and left in place (without one, ValueError names it).
+    Raises ValueError when another compaction of the folder is running.
+    """
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"data folder {str(folder)!r} does not exist")
+    archive = folder / ARCHIVE_NAME
+    conn = _connect_writer(archive)
+    lock_fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
+    merged: list[tuple[Path, int]] = []
+    live: list[Path] = []
+    added_decisions = added_outcomes = 0
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another compaction of {str(folder)!r} is running") from None
+        for src in log_files(folder):
+            if src.name == ARCHIVE_NAME:
+                continue
+            try:
+                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                _bad(src, exc, on_bad_file)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.append(src)  # a running server's file
+                os.close(fd)
+                continue
+            try:
+                d, o = _merge_into(conn, src)
+            except (sqlite3.DatabaseError, ValueError) as exc:
+                os.close(fd)
+                _bad(src, exc, on_bad_file)
+                continue
+            added_decisions += d
+            added_outcomes += o
+            merged.append((src, fd))
+        for src, _fd in merged:  # every merged row is committed and fsynced: the sources can go
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{src}{suffix}").unlink(missing_ok=True)
+        _fsync_dir(folder)
+    finally:
+        for _src, fd in merged:
+            os.close(fd)
+        conn.close()
+        os.close(lock_fd)
+    return Compaction(archive, [p for p, _ in merged], live, added_decisions, added_outcomes)
+
+
+def _merge_into(conn: sqlite3.Connection, src: Path) -> tuple[int, int]:
+    """Copy one log file's rows into the archive connection in one fsynced transaction; return rows added."""
+    conn.execute("ATTACH DATABASE ? AS src", (str(src),))
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM src.sqlite_master WHERE type = 'table'")}
+        if "decisions" not in tables:
+            raise ValueError("not a decision log (no decisions table)")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN")
+        try:
+            added = []
+            for table in ("decisions", "outcomes", "feature_schemas"):
+                if table not in tables:
+                    added.append(0)
+                    continue
+                theirs = set(_columns(conn, "src", table))
+                cols = ", ".join(f'"{c}"' for c in _columns(conn, "main", table) if c in theirs and c != "id")
+                order = " ORDER BY id" if table == "decisions" else ""
+                cur = conn.execute(f"INSERT OR IGNORE INTO main.{table} ({cols}) SELECT {cols} FROM src.{table}{order}")
+                added.append(max(cur.rowcount, 0))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        conn.execute("DETACH DATABASE src")
+    return added[0], added[1]

@@ -1,8 +1,13 @@
-"""``retention decisions``: export the server's decision and outcome logs, or show the latest decisions.
+"""``retention decisions``: export the server's decision and outcome logs, show the latest, compact old files.
 
 ``retention decisions export --data-dir DIR --out decisions.parquet [--outcomes-out outcomes.parquet]``
 reads every process's ``decisions-*.sqlite`` in DIR (several workers, or replicas' files copied
-together) and writes the DESIGN.md decisions file that ``retention train`` reads.
+together, and the archive of ``compact``) and writes the decisions file that ``retention train``
+reads. A file that cannot be read is named in one line on stderr and the rest exported; ``--strict``
+makes that an error (exit 1).
+
+``retention decisions compact --data-dir DIR`` merges the files no running server holds into
+``decisions-archive.sqlite`` and deletes them (docs/failure-modes.md).
 """
 
 from __future__ import annotations
@@ -13,7 +18,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.decision_log import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
+from serving.decision_log import (
+    compact_logs,
+    count_unanswered,
+    export_decisions,
+    export_outcomes,
+    latest_decisions,
+    log_files,
+)
 
 
 def _data_dirs(args: argparse.Namespace) -> list[Path]:
@@ -30,7 +42,7 @@ def _files(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run ``retention decisions export|show``; return the exit status."""
+    """Run ``retention decisions export|show|compact``; return the exit status."""
     parser = argparse.ArgumentParser(prog="retention decisions", description="Work with the server's decision log.")
     sub = parser.add_subparsers(dest="command", required=True)
     data_help = "data folder of the server; repeat for several replicas [env RETENTION_DATA_DIR; default 'data']"
@@ -41,23 +53,46 @@ def main(argv: Sequence[str]) -> int:
     exp.add_argument("--include-unanswered", action="store_true",
                      help="keep the requests answered with no message (404): no candidates, so retention train "
                      "and retention evaluate refuse such a file; for counting them only")
+    exp.add_argument("--strict", action="store_true",
+                     help="exit 1 when a log file cannot be read (default: name it on stderr, export the rest)")
+    comp = sub.add_parser("compact", help="merge the log files no running server holds into decisions-archive.sqlite")
+    comp.add_argument("--data-dir", help="data folder of the server [env RETENTION_DATA_DIR; default 'data']")
+    comp.add_argument("--strict", action="store_true", help="exit 1 when a log file cannot be read (it is left in place)")
     show = sub.add_parser("show", help="print the latest decisions: candidates, scores, probabilities, chosen message")
     show.add_argument("--data-dir", action="append", help=data_help)
     show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
     args = parser.parse_args(list(argv))
-    files = _files(args)
+    bad: dict[Path, str] = {}
 
+    def on_bad_file(path: Path, why: str) -> None:
+        if path not in bad:
+            bad[path] = why
+            print(f"retention decisions: cannot read {path}: {why} (skipped)", file=sys.stderr)
+
+    if args.command == "compact":
+        folder = Path(args.data_dir or os.environ.get("RETENTION_DATA_DIR") or "data")
+        done = compact_logs(folder, on_bad_file=on_bad_file)
+        print(
+            f"compacted {len(done.merged)} log file(s) into {done.archive}: {done.decisions} decisions and "
+            f"{done.outcomes} outcomes added; {len(done.live)} file(s) left to running servers"
+        )
+        return 1 if bad and args.strict else 0
+
+    files = _files(args)
     if args.command == "export":
-        n = export_decisions(files, args.out, progress=True, shown_only=not args.include_unanswered)
-        print(f"exported {n} decisions from {len(files)} log file(s) to {args.out}")
+        n = export_decisions(
+            files, args.out, progress=True, shown_only=not args.include_unanswered, on_bad_file=on_bad_file
+        )
+        unread = f" ({len(bad)} not read in full)" if bad else ""
+        print(f"exported {n} decisions from {len(files)} log file(s){unread} to {args.out}")
         if not args.include_unanswered:
-            left_out = count_unanswered(files)
+            left_out = count_unanswered(files, on_bad_file=on_bad_file)
             if left_out:
                 print(f"left out {left_out} request(s) answered with no message (404); --include-unanswered keeps them")
         if args.outcomes_out:
-            m = export_outcomes(files, args.outcomes_out)
+            m = export_outcomes(files, args.outcomes_out, on_bad_file=on_bad_file)
             print(f"exported {m} outcomes to {args.outcomes_out}")
-        return 0
+        return 1 if bad and args.strict else 0
 
     if args.last < 1:
         print("retention decisions: --last must be at least 1", file=sys.stderr)

@@ -13,12 +13,19 @@ bytes to a pipe; rows are built and inserted in this process, on its own GIL.
 Protocol (both directions): frames of a 4-byte little-endian length and a msgpack body.
 - in:  ``["d", record fields in order]`` a decision, ``["o", outcome fields]``, ``["s", [sha, names]]``,
   ``["m", marker id]`` (ack me once everything before me is committed).
-- out: ``["ready"]`` or ``["error", message]`` once at start; then after each committed batch
-  ``["ack", [marker ids], written, new outcomes, batches, write errors, bad records]`` (running totals).
+- out: ``["ready"]`` or ``["error", message]`` once at start; then after each transaction
+  ``["ack", [marker ids committed], [marker ids not committed], why not or None, written, new outcomes,
+  batches, write errors, bad records]`` (running totals), and ``["fault", reason, line]`` when the file
+  was deleted, replaced or corrupt and a fresh one started (the server logs the line and counts it).
+
+The server keeps every batch until its marker is confirmed, and sends it again (to this process
+after a failed transaction, or to a new one after this one died): rows are unique by ``request_id``
+and ``notificationUUID`` and inserted with ``OR IGNORE``, so a batch written twice is stored once.
 
 The process ignores SIGINT and SIGTERM: it ends when its stdin closes (the server closed it, or the
 server died, SIGKILL included), after writing everything it has read. So a killed server loses only
-what it had not yet shipped, at most one batch window.
+what it had not yet shipped, at most one batch window; a killed writer loses nothing (the server sends
+its unconfirmed batches to the next one).
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ def _send(fd: int, kind: str, *payload: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the writer for the SQLite file named by the one argument; returns the exit status."""
-    from serving.decision_log import DecisionRecord, _commit_rows, _connect_writer, _decision_row, _json
+    from serving.decision_log import DecisionRecord, LogFile, LogUnavailableError, _decision_row, _json
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -101,13 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     out_fd = sys.stdout.fileno()
     in_fd = sys.stdin.fileno()
+
+    def on_fault(reason: str, line: str) -> None:
+        with contextlib.suppress(OSError):
+            _send(out_fd, "fault", reason, line)
+
+    log_file = LogFile(Path(args[0]), on_fault=on_fault)
     try:
-        conn = _connect_writer(Path(args[0]))
+        log_file.open()
     except Exception as exc:
-        _send(out_fd, "error", f"cannot open the decision log {args[0]!r}: {exc}")
+        _send(out_fd, "error", str(exc))
         return 1
     _send(out_fd, "ready")
     written = outcomes_new = batches = write_errors = bad = 0
+    unavailable: str | None = None
+    # True when the batch still open (its marker not read yet) had rows in a transaction that failed:
+    # its marker is then answered as failed, and the server sends the whole batch again
+    tainted = False
     buf = bytearray()
     eof = False
     fields = DecisionRecord.__struct_fields__
@@ -124,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         decisions: list[tuple[Any, ...]] = []
         outcomes: list[tuple[Any, ...]] = []
         schemas: list[tuple[str, str]] = []
-        markers: list[int] = []
+        markers: list[tuple[int, bool]] = []  # (marker id, its batch had rows in this transaction)
+        rows = False  # rows read since the last marker
         for kind, payload in msgs:
             try:
+                if kind in ("d", "o"):
+                    rows = True
                 if kind == "d":
                     decisions.append(_decision_row(DecisionRecord(**dict(zip(fields, payload, strict=True))), now_ms))
                 elif kind == "o":
@@ -134,24 +154,34 @@ def main(argv: list[str] | None = None) -> int:
                 elif kind == "s":
                     schemas.append((payload[0], _json(payload[1]).decode()))
                 elif kind == "m":
-                    markers.append(int(payload))
+                    markers.append((int(payload), rows))
+                    rows = False
             except Exception:
                 bad += 1
+        committed = True
         try:
             if decisions or outcomes or schemas:
-                outcomes_new += _commit_rows(conn, decisions, outcomes, schemas)
-                written += len(decisions)
+                new_decisions, new = log_file.commit(decisions, outcomes, schemas)
+                written += new_decisions
+                outcomes_new += new
                 batches += 1
-        except Exception as exc:
+                unavailable = None  # (a transaction without rows tells nothing about the file)
+        except LogUnavailableError as exc:  # the server keeps the batch and sends it again
+            committed = False
+            write_errors += 1
+            unavailable = str(exc)
+        except Exception as exc:  # rows SQLite cannot take (a bug, not the disk): counted as dropped
             write_errors += 1
             bad += len(decisions) + len(outcomes)
             print(f"decision log writer: a batch of {len(decisions) + len(outcomes)} rows failed: {exc}", file=sys.stderr)
+        ok: list[int] = []
+        failed: list[int] = []
+        for i, (mid, had_rows) in enumerate(markers):
+            (failed if (i == 0 and tainted) or (had_rows and not committed) else ok).append(mid)
+        tainted = (tainted and not markers) or (rows and not committed)
         with contextlib.suppress(OSError):  # the server is gone: keep writing what is left to read
-            _send(out_fd, "ack", markers, written, outcomes_new, batches, write_errors, bad)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    finally:
-        conn.close()
+            _send(out_fd, "ack", ok, failed, unavailable, written, outcomes_new, batches, write_errors, bad)
+    log_file.close()
     return 0
 
 

@@ -12,7 +12,10 @@ Series:
 - ``retention_verification_failures_total{code}``;
 - ``retention_model_version_info{version}`` 1 for the version a worker serves (max over workers);
 - ``retention_reload_failures_total{what}``;
-- ``retention_decision_log_dropped_total``;
+- ``retention_decision_log_dropped_total`` (rows the log could not keep: queue full, or unwritable at shutdown);
+- ``retention_decision_log_faults_total{reason}`` (a log file deleted, replaced or corrupt and a fresh one
+  started; ``unavailable``: writing began to fail, disk full or read-only; ``writer_died``: the writer
+  process was started again);
 - ``retention_signature_process_restarts_total`` (the child that checks request signatures died;
   the server checked them itself until it started again).
 
@@ -114,7 +117,16 @@ class Metrics:
             registry=reg,
         )
         self._dropped = Counter(
-            "retention_decision_log_dropped", "Decisions not written to the log (queue full).", registry=reg
+            "retention_decision_log_dropped",
+            "Decisions and outcomes the log could not keep (queue full, or still unwritable at shutdown).",
+            registry=reg,
+        )
+        self._log_faults = Counter(
+            "retention_decision_log_faults",
+            "Decision log faults by reason: deleted, replaced, corrupt (a fresh file was started), "
+            "unavailable (writes began to fail), writer_died (the writer process was started again).",
+            ["reason"],
+            registry=reg,
         )
         self._sigproc_restarts = Counter(
             "retention_signature_process_restarts",
@@ -241,6 +253,10 @@ class Metrics:
         """Count `n` decisions the log could not keep."""
         if n > 0:
             self._dropped.inc(n)
+
+    def decision_log_fault(self, reason: str) -> None:
+        """Count one decision log fault (deleted, replaced, corrupt, unavailable, writer_died)."""
+        self._log_faults.labels(reason).inc()
 
     def signature_process_restart(self) -> None:
         """Count one death of the signature process."""

@@ -164,7 +164,8 @@ def _read_table(src: Path) -> Any:
     if not src.is_file():
         raise ValueError(f"profile file {str(src)!r} does not exist")
     if src.stat().st_size == 0:
-        raise ValueError(f"profile file {str(src)!r} is empty: it needs a header row with {KEY} and one row per subscriber")
+        raise ValueError(f"profile file {str(src)!r} is empty: it needs a header row with {KEY} and one row per "
+                         "subscriber; the profile store was kept")
     suffix = src.suffix.lower()
     is_csv = suffix in (".csv", ".txt", ".gz") or src.name.lower().endswith(".csv.gz")
     if suffix not in (".parquet", ".pq") and not is_csv:
@@ -190,8 +191,9 @@ def _column_values(series: Any, numeric: bool) -> list[Any]:
 def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = False) -> int:
     """Return the number of profiles imported from `src` into `db_path`, replacing the store atomically.
 
-    Raises ValueError (one sentence) for a file without ``original_transaction_id``, with an empty or
-    duplicated key, or that cannot be read.
+    Raises ValueError (one sentence) for a file without ``original_transaction_id``, with no rows (empty,
+    or a header only: importing it would empty the live store), with an empty or duplicated key, or that
+    cannot be read. On any error the store is left as it was.
     """
     import pandas as pd
 
@@ -201,6 +203,8 @@ def import_profiles(src: str | Path, db_path: str | Path, *, progress: bool = Fa
         raise ValueError(
             f"profile file {str(src)!r} has no {KEY} column (columns: {', '.join(map(str, df.columns[:10]))})"
         )
+    if len(df) == 0:
+        raise ValueError(f"profile file {str(src)!r} has no rows (a header only); the profile store was kept")
     names = [str(c) for c in df.columns]
     if len(set(names)) != len(names):
         raise ValueError(f"profile file {str(src)!r} has duplicate column names")

@@ -158,3 +158,22 @@ def test_importing_an_empty_file_names_the_file(tmp_path: Path, name: str, capsy
     assert retention.main(["profiles", "import", str(empty), "--data-dir", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(empty) in err[0] and "is empty" in err[0]
+
+@pytest.mark.parametrize("content", ["original_transaction_id,tenure_days\n", "original_transaction_id\n", ""])
+def test_a_file_without_rows_is_refused_and_the_live_store_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    data = tmp_path / "d"
+    good = tmp_path / "good.csv"
+    _frame(5, 0).to_csv(good, index=False)
+    assert main(["import", str(good), "--data-dir", str(data)]) == 0
+    capsys.readouterr()
+    empty = tmp_path / "empty.csv"
+    empty.write_text(content)
+    assert retention.main(["profiles", "import", str(empty), "--data-dir", str(data)]) == 1
+    captured = capsys.readouterr()
+    assert "imported" not in captured.out
+    assert captured.err.count("\n") == 1 and str(empty) in captured.err, captured.err
+    assert "kept" in captured.err
+    store = ProfileStore(data / "profiles.sqlite")
+    assert len(store) == 5 and store.get("0000000000001003") is not None
