@@ -204,12 +204,13 @@ def main() -> None:
     if args.profiles:
         _write_profiles(tmp, n_bodies, [data_dir, tmp / "data-baseline"] if args.baseline_config else [data_dir])
     env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
+               RETENTION_BUNDLE_ID="com.example.app",
                RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
                RETENTION_DATA_DIR=str(data_dir), RETENTION_PORT=str(port_app), RETENTION_LOG_LEVEL="warning",
                RETENTION_MAX_AGE_S="3600")
     if not args.no_offers:
         env.update(RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
-                   RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
+                   RETENTION_OFFER_ISSUER_ID="bench-issuer")
     servers = {"endpoint": (port_app, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT))}
     if args.baseline_config:
         base_env = dict(env, **dict(kv.split("=", 1) for kv in args.baseline_env.split()),

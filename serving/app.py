@@ -30,6 +30,7 @@ from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
 from serving.logs import refusals
 from serving.metrics import Metrics
+from serving.notifications import configured_bundle_id, receive_notification
 from serving.offers import OfferSigner
 from serving.offload import Offloader
 from serving.policy import (
@@ -79,6 +80,7 @@ _Scored = tuple[
 ]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_INTERNAL_DETAIL = "The server could not handle this request now; it was logged. Send it again later."
 _NO_ELIGIBLE = _error(
     "no_eligible_message", "No approved message is eligible and the catalog has no default for this product and locale."
 )
@@ -148,6 +150,7 @@ class RetentionService:
 
     def __init__(self, settings: Settings, *, verifier: RequestVerifier | None = None, clock: Any = time.time) -> None:
         self.settings = settings
+        configured_bundle_id(settings)  # notifications are served: refuse to start without the app's bundle id
         self.metrics = Metrics()
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +256,7 @@ class RetentionService:
         t0 = time.perf_counter()
         try:
             outer = _decode_body(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except Exception:  # whatever the bytes make the decoder raise (UnicodeDecodeError too) is the sender's fault
             return self._refuse("malformed_body", "The body must be a JSON object with a string signedPayload.")
         try:
             request = await self.verifier.verify_async(outer.signedPayload, self.check_signature, self.offload)
@@ -591,15 +594,14 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
 
     @post(settings.notifications_path, status_code=200)
     async def notifications(request: Request[Any, Any, Any]) -> Response[bytes]:
-        from serving.notifications import receive_notification
-
         try:
             body = await request.body()
-        except HTTPException as exc:
+        except HTTPException as exc:  # too large, a bad Content-Length, or the client left mid-body
             if exc.status_code == 413:
                 status, payload = svc._refuse("payload_too_large", too_large)
-                return Response(content=payload, status_code=status, media_type=MediaType.JSON)
-            raise
+            else:
+                status, payload = svc._refuse("malformed_body", "The body could not be read in full.")
+            return Response(content=payload, status_code=status, media_type=MediaType.JSON)
         return await receive_notification(svc, body)
 
     @get("/health", sync_to_thread=False)
@@ -631,7 +633,13 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
 
     def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         if exc.status_code == 413:
-            return _error_response("payload_too_large", f"The body is larger than {settings.max_body_bytes} bytes.")
+            return _error_response("payload_too_large", too_large)
+        if exc.status_code in (404, 405):
+            code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+            return _error_response(code, str(exc.detail))
+        if exc.status_code >= 500:  # the framework's own 5xx: the same stable answer as any unforeseen fault
+            log.error("HTTP %d raised by the framework: %s", exc.status_code, exc.detail)
+            return _error_response("internal_error", _INTERNAL_DETAIL)
         return Response(
             content=_encode({"error": "http_error", "detail": str(exc.detail)}),
             status_code=exc.status_code,
@@ -639,12 +647,18 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
         )
 
     def on_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        # A fault nobody foresaw: its traceback is what the operator needs. The caller gets a 503 with a
+        # stable code (Apple shows its default message, or retries a notification later), never a 500.
         log.exception("unexpected error", exc_info=exc)
-        return Response(
-            content=_encode({"error": "internal_error", "detail": "The server failed to handle this request."}),
-            status_code=500,
-            media_type=MediaType.JSON,
-        )
+        return _error_response("internal_error", _INTERNAL_DETAIL)
+
+    routes = {settings.message_path, settings.notifications_path, "/health", "/ready", "/metrics"}
+
+    async def count_5xx(message: Any, scope: Any) -> None:
+        # every answer the app sends passes here, whoever built it (our routes, the handlers above, the framework)
+        if message["type"] == "http.response.start" and message["status"] >= 500:
+            path = scope.get("path")
+            svc.metrics.http_5xx(path if path in routes else "other", message["status"])
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -661,6 +675,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
         route_handlers=[retention_message, notifications, health, ready, metrics],
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
+        before_send=[count_5xx],
         lifespan=[lifespan],
         openapi_config=None,
         logging_config=None,  # Litestar's lines go through the server's one format (serving/logs.py)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-# code -> HTTP status. The codes are a public contract (DESIGN.md): never rename one.
+# code -> HTTP status. The codes are a public contract (docs/http-api.md): never rename one.
 ERROR_STATUS: Final[dict[str, int]] = {
     "malformed_body": 400,
     "malformed_jws": 400,
@@ -25,6 +25,11 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "request_timeout": 408,  # the request did not arrive whole in time (serving/http_limits.py)
     "too_many_connections": 503,  # the worker holds its maximum of connections (serving/http_limits.py)
     "chain_check_busy": 503,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "http_error": 400,  # another HTTP-level refusal by the framework; the answer carries its own status
+    "outcome_not_stored": 503,
+    "internal_error": 503,  # a fault nobody foresaw: logged with its traceback, counted, never a 500
 }
 
 

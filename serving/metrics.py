@@ -16,6 +16,8 @@ Series:
 - ``retention_decision_log_faults_total{reason}`` (a log file deleted, replaced or corrupt and a fresh one
   started; ``unavailable``: writing began to fail, disk full or read-only; ``writer_died``: the writer
   process was started again);
+- ``retention_http_5xx_total{path, status}`` every answer with a 5xx status the app sent (``path`` is one of
+  the app's routes, or ``other``);
 - ``retention_signature_process_restarts_total`` (the child that checks request signatures died;
   the server checked them itself until it started again).
 
@@ -131,6 +133,12 @@ class Metrics:
         self._sigproc_restarts = Counter(
             "retention_signature_process_restarts",
             "Times the signature process died and was started again (its jobs were done in the server meanwhile).",
+            registry=reg,
+        )
+        self._http_5xx = Counter(
+            "retention_http_5xx",
+            "Answers sent with a 5xx status, by route path and status (a 503 /ready or outcome_not_stored included).",
+            ["path", "status"],
             registry=reg,
         )
         self._replay_store_errors = Counter(
@@ -257,6 +265,10 @@ class Metrics:
     def decision_log_fault(self, reason: str) -> None:
         """Count one decision log fault (deleted, replaced, corrupt, unavailable, writer_died)."""
         self._log_faults.labels(reason).inc()
+
+    def http_5xx(self, path: str, status: int) -> None:
+        """Count one answer sent with a 5xx `status` on route `path` (keep `path` to a bounded set)."""
+        self._http_5xx.labels(path, str(status)).inc()
 
     def signature_process_restart(self) -> None:
         """Count one death of the signature process."""

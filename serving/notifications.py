@@ -1,7 +1,9 @@
 """``POST /apple/notifications``: App Store Server Notifications V2 recorded as outcomes.
 
 Verified with the same trust roots and chain rules as realtime requests (validity at the
-notification's signedDate, no freshness window: Apple retries notifications for days).
+notification's signedDate, no freshness window: Apple retries notifications for days), and only
+for our app: ``bundleId``, ``appAppleId`` and ``environment`` checked as Apple's library does
+(:func:`check_identity`).
 Idempotent by ``notificationUUID``: a retry is acknowledged and stored once.
 
 A 200 tells Apple to stop retrying, so an outcome is committed to the log before the answer
@@ -13,7 +15,7 @@ https://developer.apple.com/documentation/appstoreservernotifications/responding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from litestar import MediaType, Response
@@ -22,11 +24,20 @@ from models.data_files import event_for_notification
 from serving.errors import VerificationError
 from serving.logs import refusals
 from serving.schemas import RealtimeRequestBody
+from serving.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from serving.app import RetentionService
 
-__all__ = ["Outcome", "handle_notification", "parse_notification", "receive_notification"]
+__all__ = [
+    "CONTAINERS",
+    "Outcome",
+    "check_identity",
+    "configured_bundle_id",
+    "handle_notification",
+    "parse_notification",
+    "receive_notification",
+]
 
 _encode = msgspec.json.Encoder().encode
 # The outer body has the same shape as a realtime request's: {"signedPayload": "<JWS>"}.
@@ -73,11 +84,76 @@ def _invalid(detail: str) -> VerificationError:
     return VerificationError("invalid_payload", detail)
 
 
+def configured_bundle_id(settings: Settings) -> str:
+    """Return the bundle id notifications are checked against; SettingsError (one sentence) when none is set."""
+    if not settings.bundle_id:
+        raise SettingsError(
+            "no bundle id configured: set RETENTION_BUNDLE_ID (or --bundle-id) to your app's bundle id; "
+            "App Store Server Notifications are accepted only for it"
+        )
+    return settings.bundle_id
+
+
+#: The containers a notification names its app in, in the order Apple's SignedDataVerifier reads them.
+CONTAINERS: Final = ("data", "summary", "externalPurchaseToken", "appData")
+
+
+def check_identity(settings: Settings, payload: dict[str, Any]) -> None:
+    """Raise VerificationError (``wrong_app``, ``wrong_environment``) unless the notification is for our app.
+
+    As ``SignedDataVerifier.verify_and_decode_notification`` of Apple's app-store-server-library does:
+    the first container present among :data:`CONTAINERS` must carry our ``bundleId``; in Production
+    also our ``appAppleId`` (Apple leaves it out in Sandbox, where a different one is still refused unless
+    ``relax_app_id_in_sandbox``); its ``environment`` (for ``externalPurchaseToken``: Sandbox when
+    ``externalPurchaseId`` starts with ``SANDBOX``, else Production) must equal ours. A notification
+    with no container names no app and is refused as ``wrong_app``.
+    https://developer.apple.com/documentation/appstoreservernotifications/responsebodyv2decodedpayload
+    """
+    container: Any = None
+    for key in CONTAINERS:
+        container = payload.get(key)
+        if container is not None:
+            if not isinstance(container, dict):
+                raise _invalid(f"the notification's {key} is not a JSON object.")
+            break
+    c: dict[str, Any] = container or {}
+    if key == "externalPurchaseToken" and container is not None:
+        purchase_id = c.get("externalPurchaseId")
+        env = "Sandbox" if isinstance(purchase_id, str) and purchase_id.startswith("SANDBOX") else "Production"
+    else:
+        env = c.get("environment")
+    if c.get("bundleId") != configured_bundle_id(settings):
+        raise VerificationError("wrong_app", "The notification is for another app (its bundleId is not ours).")
+    app_id = c.get("appAppleId")
+    if settings.environment == "Production" or app_id is not None:
+        relaxed = settings.relax_app_id_in_sandbox and settings.environment == "Sandbox"
+        if (type(app_id) is not int or app_id != settings.app_apple_id) and not relaxed:
+            raise VerificationError("wrong_app", "The notification is for another app (its appAppleId is not ours).")
+    _check_environment(settings, env, "notification")
+
+
+def _check_environment(settings: Settings, env: Any, what: str) -> None:
+    if env != settings.environment:
+        shown = repr(env)[:40] if isinstance(env, str) else "no environment"
+        raise VerificationError("wrong_environment", f"The {what} is for {shown}, not {settings.environment}.")
+
+
+def _check_nested(settings: Settings, key: str, nested: dict[str, Any]) -> None:
+    """Raise VerificationError unless a nested transaction (bundleId, environment) or renewal info (environment) is ours.
+
+    As Apple's ``verify_and_decode_signed_transaction`` and ``verify_and_decode_renewal_info`` do
+    (a renewal info carries no bundleId).
+    """
+    if key == "signedTransactionInfo" and nested.get("bundleId") != settings.bundle_id:
+        raise VerificationError("wrong_app", f"The notification's {key} is for another app (its bundleId is not ours).")
+    _check_environment(settings, nested.get("environment"), f"notification's {key}")
+
+
 def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | None:
     """Return the outcome a signed notification carries, None when it carries none; raise VerificationError.
 
-    Checks the outer JWS and each nested one (chain valid at its signedDate), the environment and
-    the app (only when the payload names them: Apple leaves ``appAppleId`` out in Sandbox).
+    Checks the outer JWS and each nested one (chain valid at its signedDate) and that the notification
+    and its nested transaction and renewal info are for our app and environment (:func:`check_identity`).
     """
     payload: dict[str, Any] = svc.verifier.verify_signed_data(signed_payload)
     ntype = payload.get("notificationType")
@@ -90,19 +166,11 @@ def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | 
     subtype = payload.get("subtype")
     if subtype is not None and not isinstance(subtype, str):
         raise _invalid("the notification's subtype is not a string.")
+    settings = svc.settings
+    check_identity(settings, payload)
     data = payload.get("data")
     if data is None:  # summary notifications carry "summary" instead; none of them is an outcome
         data = {}
-    if not isinstance(data, dict):
-        raise _invalid("the notification's data is not a JSON object.")
-    settings = svc.settings
-    env = data.get("environment")
-    if env is not None and env != settings.environment:
-        raise VerificationError("wrong_environment", f"The notification is for {str(env)[:40]!r}, not {settings.environment}.")
-    app_id = data.get("appAppleId")
-    relaxed = settings.relax_app_id_in_sandbox and settings.environment == "Sandbox"
-    if app_id is not None and settings.app_apple_id is not None and app_id != settings.app_apple_id and not relaxed:
-        raise VerificationError("wrong_app", "The notification is for another app.")
     event = event_for_notification(ntype, subtype)
     if event is None:
         return None  # TEST: nothing to record, its nested tokens (if any) are not worth verifying
@@ -120,10 +188,9 @@ def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | 
             offer["transaction_reason"] = _string(info, "transactionReason", key)
         if "offer_type" not in offer and info.get("offerType") is not None:
             offer.update(_offer_fields(info, key))
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value:
+        if value is not None and (not isinstance(value, str) or not value):
             raise _invalid(f"the originalTransactionId in {key} is not a non-empty string.")
+        _check_nested(settings, key, info)
         otid = otid or value
     if otid is None:
         return None
@@ -158,7 +225,8 @@ def _verify(svc: RetentionService, body: bytes) -> Response[bytes] | Outcome:
     """Return the answer for a body that is refused or records nothing, else the outcome to store."""
     try:
         outer = _decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except Exception:  # whatever the bytes make the decoder raise (UnicodeDecodeError too) is the sender's fault
+        svc.metrics.verification_failure("malformed_body")
         return _error("malformed_body", "The body must be a JSON object with a string signedPayload.", 400)
     try:
         outcome = parse_notification(svc, outer.signedPayload)

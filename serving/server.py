@@ -66,6 +66,7 @@ def preflight(settings: Settings) -> Startup:
     """
     from models.registry import DEFAULT_REGISTRY, ModelLoadError, Registry
     from serving.catalog import Catalog
+    from serving.notifications import configured_bundle_id
     from serving.verify import fingerprint_sha256, has_apple_root_g3, load_roots
 
     if not settings.root_certs:
@@ -75,6 +76,7 @@ def preflight(settings: Settings) -> Startup:
         )
     if settings.app_apple_id is None:
         raise SettingsError("no app id configured: set RETENTION_APP_APPLE_ID (or --app-apple-id) to your appAppleId")
+    configured_bundle_id(settings)
     registry, pinned = Registry.parse(settings.model)
     if settings.environment == "Production":
         problems = []

@@ -119,7 +119,11 @@ class Settings:
     offer_key_file: str | None = _f(None, "In-App Purchase private key (.p8 file) that signs promotional offers.")
     offer_key_id: str | None = _f(None, "Key id of the In-App Purchase key.")
     offer_issuer_id: str | None = _f(None, "Issuer id of the In-App Purchase key.")
-    bundle_id: str | None = _f(None, "Your app's bundle id (the bid claim of offer signatures).")
+    bundle_id: str | None = _f(
+        None,
+        "Your app's bundle id (required): a notification for another bundle id is refused (wrong_app); "
+        "also the bid claim of offer signatures.",
+    )
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -164,8 +168,10 @@ class Settings:
         return cls.from_env(environ, **overrides)
 
     def __post_init__(self) -> None:
-        if self.environment not in ("Sandbox", "Production", "Xcode", "LocalTesting"):
-            raise ValueError(f"environment must be Sandbox or Production, not {self.environment!r}")
+        if self.environment not in ("Sandbox", "Production"):  # Xcode and LocalTesting data is not signed by Apple
+            raise SettingsError(
+                f"environment (RETENTION_ENVIRONMENT, --environment) must be Sandbox or Production, not {self.environment!r}"
+            )
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be within [0, 1], not {self.epsilon}")
         if not 0.0 <= self.holdout <= 1.0:

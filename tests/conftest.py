@@ -11,6 +11,7 @@ import pytest
 from serving.settings import DEMO_CATALOG, Settings
 
 APP_ID = 1234567890
+BUNDLE_ID = "com.example.app"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -52,6 +53,7 @@ def make_settings(pki_dir: Path, trained_registry: Path, tmp_path: Path) -> Call
         base: dict[str, Any] = {
             "root_certs": (str(next(p for p in pki_dir.iterdir() if p.name.startswith("root") and p.suffix == ".pem")),),
             "app_apple_id": APP_ID,
+            "bundle_id": BUNDLE_ID,
             "environment": "Sandbox",
             "catalog": str(DEMO_CATALOG),
             "model": str(trained_registry),

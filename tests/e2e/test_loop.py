@@ -24,7 +24,7 @@ import pytest
 
 from models.registry import Registry
 from serving.settings import DEMO_CATALOG
-from tests.conftest import APP_ID
+from tests.conftest import APP_ID, BUNDLE_ID
 from tests.integration.test_server import Server, free_port
 from tests.unit.test_notifications import notification_body
 
@@ -50,6 +50,7 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
         **os.environ,
         "RETENTION_ROOT_CERTS": str(root),
         "RETENTION_APP_APPLE_ID": str(APP_ID),
+        "RETENTION_BUNDLE_ID": BUNDLE_ID,
         "RETENTION_ENVIRONMENT": "Sandbox",
         "RETENTION_CATALOG": str(DEMO_CATALOG),
         "RETENTION_MODEL": str(registry),

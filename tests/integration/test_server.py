@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from serving.settings import DEMO_CATALOG
-from tests.conftest import APP_ID
+from tests.conftest import APP_ID, BUNDLE_ID
 
 
 def free_port() -> int:
@@ -77,6 +77,7 @@ def server_env(pki_dir: Path, trained_registry: Path, tmp_path: Path) -> dict[st
     env.update({
         "RETENTION_ROOT_CERTS": str(root),
         "RETENTION_APP_APPLE_ID": str(APP_ID),
+        "RETENTION_BUNDLE_ID": BUNDLE_ID,
         "RETENTION_ENVIRONMENT": "Sandbox",
         "RETENTION_CATALOG": str(DEMO_CATALOG),
         "RETENTION_MODEL": str(trained_registry),

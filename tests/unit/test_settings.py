@@ -9,6 +9,7 @@ import pytest
 
 from serving.server import preflight, settings_to_env
 from serving.settings import DEMO_CATALOG, Settings, SettingsError, parse_settings
+from tests.conftest import BUNDLE_ID
 
 
 def test_env_then_flags_override_defaults() -> None:
@@ -43,7 +44,7 @@ def test_preflight_refuses_without_roots_or_app_id(pki_dir: Path) -> None:
     with pytest.raises(SettingsError, match="no app id"):
         preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem")]))
     with pytest.raises(SettingsError):
-        preflight(parse_settings(["--root-certs", str(pki_dir / "absent.pem"), "--app-apple-id", "1"]))
+        preflight(parse_settings(["--root-certs", str(pki_dir / "absent.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID]))
 
 
 def explicit(registry: Path, tmp_path: Path) -> list[str]:
@@ -55,10 +56,10 @@ def explicit(registry: Path, tmp_path: Path) -> list[str]:
 
 def test_production_without_apple_root_warns(pki_dir: Path, trained_registry: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1",
+    preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID,
                               "--environment", "Production", *explicit(trained_registry, tmp_path)]))
     assert "Apple Root CA - G3" in capsys.readouterr().err
-    preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1",
+    preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID,
                               "--environment", "Sandbox"]))
     assert capsys.readouterr().err == ""
 
@@ -66,7 +67,7 @@ def test_production_without_apple_root_warns(pki_dir: Path, trained_registry: Pa
 def test_production_refuses_the_demo_catalog_the_checkout_registry_and_a_relative_data_folder(
     pki_dir: Path, trained_registry: Path, tmp_path: Path
 ) -> None:
-    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Production"]
+    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID, "--environment", "Production"]
     with pytest.raises(SettingsError) as caught:
         preflight(parse_settings(base))
     lines = str(caught.value).splitlines()
@@ -83,7 +84,7 @@ def test_production_refuses_the_demo_catalog_the_checkout_registry_and_a_relativ
 
 def test_a_pinned_or_shadow_version_that_does_not_exist_refuses_to_start(pki_dir: Path, trained_registry: Path,
                                                                           tmp_path: Path) -> None:
-    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Sandbox"]
+    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID, "--environment", "Sandbox"]
     with pytest.raises(SettingsError, match="nosuchversion"):
         preflight(parse_settings([*base, "--model", f"{trained_registry}@nosuchversion"]))
     with pytest.raises(SettingsError, match=r"shadow model.*nosuchversion"):
@@ -97,7 +98,7 @@ def test_a_pinned_or_shadow_version_that_does_not_exist_refuses_to_start(pki_dir
 def test_workers_zero_and_missing_tls_files_are_named(pki_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers must be 1 or more"):
         parse_settings(["--workers", "0"])
-    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--environment", "Sandbox"]
+    base = ["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID, "--environment", "Sandbox"]
     key = tmp_path / "tls.key"
     key.write_text("not a key")
     with pytest.raises(SettingsError, match=f"TLS file {tmp_path / 'absent.pem'} \\(--ssl-certfile\\) does not exist"):
