@@ -117,6 +117,7 @@ def check_identity(settings: Settings, payload: dict[str, Any]) -> None:
                 raise _invalid(f"the notification's {key} is not a JSON object.")
             break
     c: dict[str, Any] = container or {}
+    env: Any
     if key == "externalPurchaseToken" and container is not None:
         purchase_id = c.get("externalPurchaseId")
         env = "Sandbox" if isinstance(purchase_id, str) and purchase_id.startswith("SANDBOX") else "Production"
