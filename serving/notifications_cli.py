@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
     if since >= until:
         print("retention notifications: error: --since must be before --until", file=sys.stderr)
         return 2
-    overrides: dict[str, Any] = {"environment": args.environment}
+    overrides: dict[str, Any] = {"environment": args.environment, "bundle_id": args.bundle_id}
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
     if args.root_certs:
