@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from serving.settings import DEMO_CATALOG
-from tests.conftest import APP_ID
+from tests.conftest import APP_ID, BUNDLE_ID
 from tests.integration.test_server import Server, free_port
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: \S")
@@ -31,6 +31,7 @@ def env(pki_dir: Path, trained_registry: Path, tmp_path: Path) -> dict[str, str]
     out.update({
         "RETENTION_ROOT_CERTS": str(pki_dir / "root.pem"),
         "RETENTION_APP_APPLE_ID": str(APP_ID),
+        "RETENTION_BUNDLE_ID": BUNDLE_ID,
         "RETENTION_ENVIRONMENT": "Sandbox",
         "RETENTION_CATALOG": str(catalog),
         "RETENTION_MODEL": str(trained_registry),
