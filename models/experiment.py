@@ -103,12 +103,19 @@ class Experiment:
             raw = json.loads(data)
             if not isinstance(raw, dict):
                 raise TypeError("not a JSON object")
+            fields: dict[str, type | tuple[type, ...]] = {
+                "experiment_id": str, "challenger": str, "share": (int, float), "active": bool, "started_at_ms": int,
+            }
+            for name, kind in fields.items():
+                if name in raw and (not isinstance(raw[name], kind) or (kind is int and isinstance(raw[name], bool))
+                                    or (name == "share" and isinstance(raw[name], bool))):
+                    raise TypeError(f"{name} is {type(raw[name]).__name__} {raw[name]!r}")
             return cls(
-                experiment_id=str(raw["experiment_id"]),
-                challenger=str(raw["challenger"]),
+                experiment_id=raw["experiment_id"],
+                challenger=raw["challenger"],
                 share=float(raw["share"]),
-                active=bool(raw.get("active", True)),
-                started_at_ms=int(raw.get("started_at_ms", 0)),
+                active=raw.get("active", True),
+                started_at_ms=raw.get("started_at_ms", 0),
             )
         except ExperimentError as exc:
             raise ExperimentError(f"{where}: {exc}") from None

@@ -74,7 +74,9 @@ class Settings:
         "originalTransactionId). Written to the registry's experiment.json, which every server hot-reloads; "
         "'retention experiment share|stop' change it later.",
     )
-    challenger_share: float = _f(0.5, "Share of subscribers in the challenger arm, in (0, 1), with --challenger.")
+    challenger_share: float | None = _f(
+        None, "Share of subscribers in the challenger arm, in (0, 1), with --challenger (default 0.5)."
+    )
     experiment_id: str | None = _f(None, "Experiment id with --challenger (default exp-<challenger version>).")
     budget_ms: float = _f(50.0, "Internal deadline for featurizing and scoring; past it the default message is answered.")
     score_in_thread: bool = _f(
@@ -192,8 +194,10 @@ class Settings:
             raise ValueError(f"chain_checks must be >= 1, not {self.chain_checks}")
         if self.verify_threads < 0:
             raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
-        if not 0.0 < self.challenger_share < 1.0:
+        if self.challenger_share is not None and not 0.0 < self.challenger_share < 1.0:
             raise ValueError(f"challenger_share must be strictly between 0 and 1, not {self.challenger_share}")
+        if self.challenger is None and (self.challenger_share is not None or self.experiment_id is not None):
+            raise ValueError("--challenger-share and --experiment-id start an experiment only with --challenger VERSION")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         if not self.request_timeout_s > 0:

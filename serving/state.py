@@ -106,37 +106,52 @@ def current_pointer(registry_spec: str) -> str | None:
     return registry.resolve(pinned) if pinned else registry.current()
 
 
-def start_experiment(registry_root: str, challenger: str, share: float, experiment_id: str | None = None) -> Experiment:
-    """Return the experiment ``--challenger`` asks for, written to the registry unless it already runs there.
+def start_experiment(
+    registry_root: str, challenger: str, share: float | None = None, experiment_id: str | None = None
+) -> Experiment:
+    """Return the registry's experiment after ``--challenger``: written there unless it is already known.
 
     ``challenger``: a version id, or ``latest`` / ``current``; the id defaults to ``exp-<version>`` so that
-    replicas started with the same flags agree. Raises ExperimentError (one sentence) when the version
-    does not exist or another experiment is running.
+    replicas started with the same flags agree; ``share`` defaults to 0.5. The registry's file wins over
+    the flags for an experiment it already holds: a share changed by ``retention experiment share`` is
+    kept, and an experiment that was stopped (or promoted) stays stopped (a warning says so; start a new
+    one with a new ``--experiment-id``). Raises ExperimentError (one sentence) when the version does not
+    exist or is the current one, or another experiment is running.
     """
     import time
 
-    from models.registry import Registry
+    from models.registry import Registry, RegistryError
 
     registry = Registry(registry_root)
-    version = challenger
-    if version in ("latest", "current"):
-        versions = registry.versions()
-        version = (versions[-1] if versions else "") if version == "latest" else (registry.current() or "")
+    try:
+        version = registry.resolve(challenger)
+    except RegistryError as exc:
+        raise ExperimentError(f"--challenger {challenger}: {exc}") from None
     if version not in registry.versions():
         raise ExperimentError(f"--challenger {challenger}: no such version in the model registry {registry.root}")
-    wanted = Experiment(experiment_id or f"exp-{version}", version, share, True)
+    if version == registry.current():
+        raise ExperimentError(f"--challenger {version} is the current version: a challenger must differ from it")
+    eid = experiment_id or f"exp-{version}"
     running = read_experiment(registry.root)
+    if running is not None and running.experiment_id == eid:
+        if running.challenger != version:
+            raise ExperimentError(f"experiment {eid} has challenger {running.challenger}, not {version}: "
+                                  "give another --experiment-id")
+        if not running.active:
+            log.warning("experiment %s was stopped: serving without it (--challenger ignored; start a new one with "
+                        "another --experiment-id)", eid)
+        elif share is not None and share != running.share:
+            log.warning("experiment %s runs at share %g (set in the registry); --challenger-share %g ignored",
+                        eid, running.share, share)
+        return running
     if running is not None and running.active:
-        if (running.experiment_id, running.challenger, running.share) == (wanted.experiment_id, version, share):
-            return running
         raise ExperimentError(
             f"experiment {running.experiment_id} (challenger {running.challenger}, share {running.share:g}) is running "
             f"in {registry.root}; stop it first (retention experiment stop) or serve without --challenger"
         )
-    wanted = dataclasses.replace(wanted, started_at_ms=int(time.time() * 1000))
+    wanted = Experiment(eid, version, 0.5 if share is None else share, True, int(time.time() * 1000))
     write_experiment(registry.root, wanted)
-    log.info("started experiment %s: challenger %s on %.0f%% of subscribers", wanted.experiment_id, version,
-             100 * share)
+    log.info("started experiment %s: challenger %s on %.0f%% of subscribers", eid, version, 100 * wanted.share)
     return wanted
 
 
@@ -150,7 +165,7 @@ class Runtime:
         registry_spec: str,
         shadow_version: str | None = None,
         challenger: str | None = None,
-        challenger_share: float = 0.5,
+        challenger_share: float | None = None,
         experiment_id: str | None = None,
         on_reload_failure: Callable[[str, str], None] | None = None,
         on_model_version: Callable[[str | None], None] | None = None,
@@ -230,6 +245,11 @@ class Runtime:
             return None, None
         if experiment is None or not experiment.active:
             return None, None
+        if experiment.challenger == self._model_pointer:
+            log.warning("experiment %s: its challenger %s is now the current version, so both arms would get the same "
+                        "model; serving without the experiment (retention experiment stop ends it)",
+                        experiment.experiment_id, experiment.challenger)
+            return None, None
         try:
             challenger = load_bundle(self._registry_root, catalog, experiment.challenger)
         except Exception as exc:
@@ -294,7 +314,7 @@ class Runtime:
             if catalog_changed and self.shadow_version:
                 shadow = self._try_shadow(catalog)
             experiment, challenger = old.experiment, old.challenger
-            if catalog_changed or experiment_changed:
+            if catalog_changed or experiment_changed or model_changed:
                 experiment, challenger = self._try_experiment(catalog)
                 if experiment_changed:
                     log.info("experiment: %s", f"{experiment.experiment_id}, challenger {experiment.challenger} on "

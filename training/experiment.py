@@ -141,14 +141,17 @@ def terms_needed(sd: float, half_width: float, alpha: float, t_star: float, star
 # ---- status ------------------------------------------------------------------------------------
 @dataclass
 class ArmSummary:
-    """One arm: decisions logged, labelled, pending (window open), censored, and mean value per request."""
+    """One arm: decisions logged, labelled, pending (window open), censored, Apple's choices (left out),
+    the model versions that chose, and the mean value per request over the labelled decisions."""
 
     arm: str
     decisions: int
     labelled: int
     pending: int
     censored: int
+    apple_choice: int
     value_per_request: float | None
+    versions: list[str]
 
 
 @dataclass
@@ -159,6 +162,7 @@ class ExperimentStatus:
     challenger: str
     current: str | None
     share: float
+    active: bool
     level: float
     arms: list[ArmSummary]
     difference: float | None
@@ -211,9 +215,10 @@ def experiment_status(
     catalog: Any,
     *,
     experiment_id: str,
-    challenger: str,
-    share: float,
+    challenger: str | None = None,
+    share: float | None = None,
     current: str | None = None,
+    active: bool = True,
     level: float = 0.95,
     horizon_ms: int = 30 * DAY_MS,
     as_of_ms: int | None = None,
@@ -223,55 +228,79 @@ def experiment_status(
 ) -> ExperimentStatus:
     """Return the experiment's status from logged decisions and outcome events.
 
-    ``decisions``: a pandas DataFrame with the decision-file columns plus ``experiment_id`` and ``arm``
-    (rows of other experiments are ignored); ``outcomes``: the outcome events (``original_transaction_id``,
-    ``event``, ``at`` ms); ``catalog``: the catalog the decisions were served with (values and costs).
-    Labels follow ``training.labels`` with ``mature_only``: a decision whose window has not closed is
-    pending. Raises ValueError when no decision belongs to the experiment.
+    ``decisions``: a pandas DataFrame with the decision-file columns and either ``experiment_id``, ``arm``
+    (and ``challenger_share``) columns or the server's ``policy_params`` (rows of other experiments are
+    ignored); ``outcomes``: the outcome events (``original_transaction_id``, ``event``, ``at`` ms, and the
+    offer columns when known); ``catalog``: the catalog the decisions were served with (values, costs and
+    offer identifiers). The challenger version and share default to what the decisions logged. Labels
+    follow ``training.labels`` with ``mature_only``: a decision whose window has not closed is pending.
+    Decisions whose message Apple chose (policy ``apple_fallback``, or an Apple-chosen offer redeemed
+    after them) are counted per arm and left out of the comparison, as in training and evaluation.
+    Raises ValueError when no decision belongs to the experiment.
     """
     import pandas as pd
 
-    from training.labels import label_decisions, reward
+    from training.labels import apple_choice, label_decisions, reward
 
     decisions = with_experiment_columns(decisions)
     d = decisions[decisions["experiment_id"].astype("str") == experiment_id]
     if d.empty:
         raise ValueError(f"no decision was logged for experiment {experiment_id!r}")
-    d = d.sort_values("signed_date", kind="stable")
+    d = d.sort_values("signed_date", kind="stable").reset_index(drop=True)
+    # what the decisions logged wins over what the caller (the registry's file) says
+    if "challenger_version" in d.columns:
+        logged = d["challenger_version"].dropna()
+        challenger = str(logged.iloc[-1]) if len(logged) else challenger
+    logged_shares = (pd.to_numeric(d["challenger_share"], errors="coerce") if "challenger_share" in d.columns
+                     else pd.Series(np.nan, index=d.index))
+    finite = logged_shares.dropna()
+    share = float(finite.iloc[-1]) if len(finite) else share
+    if share is None:
+        raise ValueError(f"experiment {experiment_id!r}: the decisions carry no challenger share")
     labels, _ = label_decisions(d, outcomes, horizon_ms=horizon_ms, as_of_ms=as_of_ms, mature_only=True)
     if as_of_ms is None:
         as_of_ms = int(outcomes["at"].max()) if len(outcomes) else int(d["signed_date"].max())
+    offers = {mid: m.offerIdentifier for mid, m in catalog.messages.items() if getattr(m, "offerIdentifier", None)}
+    apple, _ = apple_choice(d, outcomes, offers)
     window_open = d["signed_date"].to_numpy(np.int64) + horizon_ms > as_of_ms
     values_after = np.array([_value_after(catalog, m, p) for m, p in zip(d["message_id"], d["product_id"], strict=True)])
     y = reward(labels.to_numpy(), values_after)
+    y[apple] = np.nan
     arm = d["arm"].astype("str").to_numpy()
     z = arm == "challenger"
     ok = np.isfinite(y)
+    versions = d["model_version"].astype("str").to_numpy() if "model_version" in d.columns else np.array([""] * len(d))
+    policy = d["policy"].astype("str").to_numpy() if "policy" in d.columns else np.array([""] * len(d))
     arms = []
     for name, mask in (("current", ~z), ("challenger", z)):
         lab = mask & ok
+        chose = mask & ~apple & ~np.char.startswith(policy.astype(str), "fallback:")
         arms.append(ArmSummary(
             arm=name, decisions=int(mask.sum()), labelled=int(lab.sum()),
-            pending=int((mask & ~ok & window_open).sum()), censored=int((mask & ~ok & ~window_open).sum()),
+            pending=int((mask & ~ok & ~apple & window_open).sum()),
+            censored=int((mask & ~ok & ~apple & ~window_open).sum()), apple_choice=int((mask & apple).sum()),
             value_per_request=float(y[lab].mean()) if lab.any() else None,
+            versions=sorted(set(versions[chose].tolist()) - {"None", "nan", ""}),
         ))
     alpha = 1.0 - level
     state = None
     if arms[0].labelled >= MIN_PER_ARM and arms[1].labelled >= MIN_PER_ARM:
-        shares = (pd.to_numeric(d["challenger_share"], errors="coerce").fillna(share).to_numpy(np.float64)
-                  if "challenger_share" in d.columns else np.full(len(d), share))
+        shares = logged_shares.fillna(share).to_numpy(np.float64)
         psi = aipw_terms(z[ok], y[ok], shares[ok])
         state = confidence_sequence(psi, alpha, t_star)[0]
     t = d["signed_date"].to_numpy(np.int64)
     span_days = max((int(t.max()) - int(t.min())) / DAY_MS, 1.0)
     per_day = len(d) / span_days
     decision, reason, days = decide(state, min_difference=min_difference, alpha=alpha, t_star=t_star,
-                                    decisions_per_day=per_day, max_days=max_days)
+                                    decisions_per_day=per_day if active else None, max_days=max_days)
     p_better = None
     if state is not None and state.sd > 0:
         p_better = 0.5 * math.erfc(-state.estimate / (state.sd / math.sqrt(state.n)) / math.sqrt(2.0))
+    current_versions = arms[0].versions
     return ExperimentStatus(
-        experiment_id=experiment_id, challenger=challenger, current=current, share=share, level=level, arms=arms,
+        experiment_id=experiment_id, challenger=challenger or "?",
+        current=current or (", ".join(current_versions) if current_versions else None), share=share, active=active,
+        level=level, arms=arms,
         difference=state.estimate if state else None, lower=state.lower if state else None,
         upper=state.upper if state else None, probability_challenger_better=p_better, decision=decision,
         reason=reason, decisions_per_day=per_day, days_to_decision=days, horizon_days=horizon_ms / DAY_MS,
@@ -304,6 +333,7 @@ def with_experiment_columns(decisions: Any) -> Any:
     out["experiment_id"] = [d.get("experiment_id") for d in p]
     out["arm"] = [d.get("arm") for d in p]
     out["challenger_share"] = [d.get("challenger_share") for d in p]
+    out["challenger_version"] = [d.get("challenger_version") for d in p]
     return out
 
 
@@ -318,12 +348,14 @@ def _value_after(catalog: Any, message_id: Any, product_id: Any) -> float:
 
 def format_status(s: ExperimentStatus) -> str:
     """Return the status as the lines the CLI prints."""
-    lines = [f"experiment {s.experiment_id}: challenger {s.challenger} on {s.share:.0%} of subscribers"
-             + (f", current {s.current}" if s.current else "")]
-    lines.append(f"{'arm':<11} {'decisions':>9} {'labelled':>9} {'pending':>8} {'censored':>8} {'value/request':>13}")
+    lines = [f"experiment {s.experiment_id} ({'running' if s.active else 'stopped'}): challenger {s.challenger} on "
+             f"{s.share:.0%} of subscribers" + (f", current {s.current}" if s.current else "")]
+    lines.append(f"{'arm':<11} {'decisions':>9} {'labelled':>9} {'pending':>8} {'censored':>8} {'Apple chose':>11} "
+                 f"{'value/request':>13}  model versions")
     for a in s.arms:
         v = "-" if a.value_per_request is None else f"{a.value_per_request:.4f}"
-        lines.append(f"{a.arm:<11} {a.decisions:>9} {a.labelled:>9} {a.pending:>8} {a.censored:>8} {v:>13}")
+        lines.append(f"{a.arm:<11} {a.decisions:>9} {a.labelled:>9} {a.pending:>8} {a.censored:>8} {a.apple_choice:>11} "
+                     f"{v:>13}  {', '.join(a.versions) or '-'}")
     if s.difference is not None:
         lines.append(f"difference (challenger - current): {s.difference:+.4f} per request; "
                      f"{s.level:.0%} anytime-valid confidence sequence [{s.lower:+.4f}, {s.upper:+.4f}]")
@@ -332,7 +364,7 @@ def format_status(s: ExperimentStatus) -> str:
         lines.append(f"probability the challenger is better: {s.probability_challenger_better:.1%} "
                      "(normal approximation, flat prior; informative, not anytime-valid)")
     lines.append(f"decision: {s.decision} ({s.reason})")
-    if s.decision == "continue" and s.days_to_decision is not None:
+    if s.decision == "continue" and s.days_to_decision is not None and s.active:
         lines.append(f"expected time to a decision at {s.decisions_per_day:.0f} decisions/day: about "
                      f"{s.days_to_decision:.0f} days of traffic, plus {s.horizon_days:g} days for their labels to close")
     return "\n".join(lines)
@@ -477,34 +509,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    import os
+    from models.registry import Registry, registry_spec
 
-    from models.registry import Registry
-
-    spec = args.registry or os.environ.get("RETENTION_MODEL")
-    if not spec:
-        from serving.settings import DEFAULT_REGISTRY
-
-        spec = str(DEFAULT_REGISTRY)
-    registry, _ = Registry.parse(spec)
+    registry, _ = Registry.parse(registry_spec(args.registry))
     if not Path(registry.root).is_dir():
         raise ValueError(f"model registry {registry.root} does not exist")
     return registry
 
 
-def _resolve(registry: Any, version: str) -> str:
-    if version == "latest":
-        versions = registry.versions()
-        if not versions:
-            raise ValueError(f"model registry {registry.root} has no versions")
-        return str(versions[-1])
-    if version == "current":
-        cur = registry.current()
-        if cur is None:
-            raise ValueError(f"model registry {registry.root} has no current version")
-        return str(cur)
-    registry.manifest(version)  # raises when the version does not exist
-    return version
+def _fraction(name: str, value: float) -> None:
+    if not (0.0 < value < 1.0):
+        raise ValueError(f"{name} {value!r}: a fraction strictly between 0 and 1 (e.g. 0.95)")
+
+
+def _traffic(text: str) -> float:
+    raw = str(text).strip()
+    number = raw.removesuffix("/day").strip()
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"--traffic {raw!r}: decisions per day, as N or N/day (e.g. 1000/day)") from None
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"--traffic {raw!r}: decisions per day must be a positive number")
+    return value
 
 
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -513,62 +540,107 @@ def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
     import pandas as pd
 
     if args.decisions is not None:
-        from training.data_io import read_table
+        from training.data_io import read_decisions, read_outcomes
 
         if args.outcomes is None:
             raise ValueError("--decisions needs --outcomes")
-        return read_table(args.decisions), read_table(args.outcomes)
-    from serving.decision_log import decisions_frame, log_files, read_outcomes
+        return read_decisions(args.decisions), read_outcomes(args.outcomes)
+    from serving.decision_log import OUTCOME_COLUMNS, decisions_frame, log_files
+    from serving.decision_log import read_outcomes as log_outcomes
 
     data_dir = args.data_dir or os.environ.get("RETENTION_DATA_DIR") or "data"
     files = log_files(data_dir)
     if not files:
         raise ValueError(f"no decision log files in {data_dir} (decisions-*.sqlite); give --data-dir or --decisions")
-    outcomes = pd.DataFrame(read_outcomes(files), columns=["original_transaction_id", "event", "at"])
+    outcomes = pd.DataFrame(log_outcomes(files), columns=list(OUTCOME_COLUMNS))
     return decisions_frame(files), outcomes
+
+
+def _stop(registry: Any, exp: Any) -> None:
+    from models.experiment import Experiment, write_experiment
+
+    write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, exp.share, False, exp.started_at_ms))
 
 
 def main(argv: list[str]) -> int:
     """Run ``retention experiment``; bad input is one line on stderr and a non-zero exit."""
     import os
 
+    from models.registry import RegistryError
+
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "plan":
-            traffic = float(str(args.traffic).removesuffix("/day"))
-            print(format_plan(plan_experiment(args.baseline_rate, args.lift, traffic, share=args.share,
+            _fraction("--level", args.level)
+            _fraction("--power", args.power)
+            if not args.horizon_days > 0:
+                raise ValueError(f"--horizon-days {args.horizon_days!r}: must be positive")
+            print(format_plan(plan_experiment(args.baseline_rate, args.lift, _traffic(args.traffic), share=args.share,
                                               level=args.level, power=args.power, horizon_days=args.horizon_days)))
             return 0
-        from models.experiment import Experiment, read_experiment, write_experiment
+        from models.experiment import EXPERIMENT_FILE, Experiment, ExperimentError, read_experiment, write_experiment
 
         registry = _registry(args)
+        if args.cmd == "stop":
+            try:
+                exp = read_experiment(registry.root)
+            except ExperimentError as exc:
+                # an unreadable file cannot be stopped in place: set it aside, so every server drops it
+                path = Path(registry.root) / EXPERIMENT_FILE
+                aside = path.with_name(f"{EXPERIMENT_FILE}.unreadable-{int(time.time() * 1000)}")
+                os.replace(path, aside)
+                print(f"set the unreadable experiment file aside as {aside} ({exc}); every subscriber gets the "
+                      "current model")
+                return 0
+            if exp is None:
+                raise ValueError(f"model registry {registry.root} has no experiment")
+            if not exp.active:
+                print(f"experiment {exp.experiment_id} was already stopped")
+                return 0
+            _stop(registry, exp)
+            print(f"stopped experiment {exp.experiment_id}: every subscriber gets the current model")
+            return 0
         exp = read_experiment(registry.root)
         if args.cmd == "start":
             if exp is not None and exp.active:
                 raise ValueError(f"experiment {exp.experiment_id} is running; stop it first (retention experiment stop)")
-            version = _resolve(registry, args.challenger)
-            if version == registry.current():
+            _fraction("--share", args.share)
+            current = registry.current()
+            if current is None:
+                raise ValueError(f"model registry {registry.root} has no current version: promote one first "
+                                 "(retention models promote VERSION)")
+            try:
+                version = registry.resolve(args.challenger)
+                registry.manifest(version)
+            except RegistryError as exc:
+                raise ValueError(f"--challenger {args.challenger}: {exc}") from None
+            if version == current:
                 raise ValueError(f"{version} is the current version: a challenger must differ from it")
+            if args.experiment_id is not None and not args.experiment_id.strip():
+                raise ValueError("--id is empty: give an experiment id, or leave --id out for exp-<UTC time>")
             eid = args.experiment_id or time.strftime("exp-%Y%m%dT%H%M%SZ", time.gmtime())
+            if exp is not None and exp.experiment_id == eid:
+                raise ValueError(f"experiment {eid} ran before (now stopped): give a new --id, so that its decisions "
+                                 "are not mixed with the old ones")
             new = Experiment(eid, version, args.share, True, int(time.time() * 1000))
             write_experiment(registry.root, new)
             print(f"started experiment {eid}: challenger {version} on {args.share:.0%} of subscribers "
                   f"(servers pick it up within their reload interval)")
             return 0
-        if exp is None:
-            raise ValueError(f"model registry {registry.root} has no experiment (retention experiment start)")
         if args.cmd == "share":
+            if exp is None:
+                raise ValueError(f"model registry {registry.root} has no experiment (retention experiment start)")
             if not exp.active:
                 raise ValueError(f"experiment {exp.experiment_id} is stopped")
+            _fraction("share", args.share)
             write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, args.share, True,
                                                        exp.started_at_ms))
             print(f"experiment {exp.experiment_id}: challenger share now {args.share:.0%}")
             return 0
-        if args.cmd == "stop":
-            write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, exp.share, False,
-                                                       exp.started_at_ms))
-            print(f"stopped experiment {exp.experiment_id}: every subscriber gets the current model")
-            return 0
+        # status and promote
+        _fraction("--level", args.level)
+        if not args.horizon_days > 0:
+            raise ValueError(f"--horizon-days {args.horizon_days!r}: must be positive")
         from serving.catalog import Catalog
 
         catalog_path = args.catalog or os.environ.get("RETENTION_CATALOG")
@@ -577,12 +649,18 @@ def main(argv: list[str]) -> int:
 
             catalog_path = str(DEMO_CATALOG)
         catalog = Catalog.load(catalog_path)
-        eid = args.experiment or exp.experiment_id
+        eid = args.experiment or (exp.experiment_id if exp is not None else None)
+        if eid is None:
+            raise ValueError(f"model registry {registry.root} has no experiment: name one with --experiment ID")
+        registry_exp = exp if exp is not None and exp.experiment_id == eid else None
         decisions, outcomes = _load_data(args)
         status = experiment_status(
-            decisions, outcomes, catalog, experiment_id=eid, challenger=exp.challenger, share=exp.share,
-            current=registry.current(), level=args.level, horizon_ms=int(args.horizon_days * DAY_MS),
-            as_of_ms=args.as_of, min_difference=args.min_difference, max_days=args.max_days,
+            decisions, outcomes, catalog, experiment_id=eid,
+            challenger=registry_exp.challenger if registry_exp else None,
+            share=registry_exp.share if registry_exp else None,
+            active=registry_exp is not None and registry_exp.active, level=args.level,
+            horizon_ms=int(args.horizon_days * DAY_MS), as_of_ms=args.as_of, min_difference=args.min_difference,
+            max_days=args.max_days,
         )
         if args.json:
             import json
@@ -592,13 +670,22 @@ def main(argv: list[str]) -> int:
             print(format_status(status))
         if args.cmd == "status":
             return 0
+        if registry_exp is None:
+            raise ValueError(f"not promoted: experiment {eid} is not the registry's experiment "
+                             f"({exp.experiment_id if exp else 'none'}); promote a version by hand with "
+                             "retention models promote VERSION")
+        if not registry_exp.active:
+            raise ValueError(f"not promoted: experiment {eid} is stopped")
         if status.decision != "challenger wins":
             raise ValueError(f"not promoted: {status.decision} ({status.reason})")
-        registry.promote(exp.challenger)
-        write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, exp.share, False,
-                                                   exp.started_at_ms))
-        print(f"promoted {exp.challenger} to current and stopped experiment {exp.experiment_id}")
+        if status.challenger != registry_exp.challenger:
+            raise ValueError(f"not promoted: the decisions name challenger {status.challenger}, the registry's "
+                             f"experiment {registry_exp.challenger}")
+        registry.promote(registry_exp.challenger)
+        _stop(registry, registry_exp)
+        print(f"promoted {registry_exp.challenger} to current and stopped experiment {eid}")
         return 0
-    except (ValueError, OSError) as exc:
-        print(f"retention experiment {args.cmd}: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RegistryError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"retention experiment {args.cmd}: {text}", file=sys.stderr)
         return 1

@@ -152,6 +152,7 @@ def main(argv: list[str]) -> int:
         version = registry.resolve(args.version)
         registry.promote(version)
         print(f"promoted {version} (was {before or 'none'})")
+        _end_experiment_of(registry, version)
         return 0
     if args.action == "rollback":
         before = registry.current()
@@ -165,3 +166,17 @@ if __name__ == "__main__":
     import retention
 
     sys.exit(retention.main(["models", *sys.argv[1:]]))
+
+
+def _end_experiment_of(registry: Registry, version: str) -> None:
+    """Stop the running experiment whose challenger was just promoted (both arms would get the same model)."""
+    from models.experiment import Experiment, ExperimentError, read_experiment, write_experiment
+
+    try:
+        exp = read_experiment(registry.root)
+    except ExperimentError:
+        return
+    if exp is not None and exp.active and exp.challenger == version:
+        write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, exp.share, False,
+                                                   exp.started_at_ms))
+        print(f"stopped experiment {exp.experiment_id}: its challenger is now the current version")

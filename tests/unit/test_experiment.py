@@ -111,7 +111,8 @@ def test_experiment_file_is_validated(tmp_path: Path) -> None:
         Experiment("no spaces", "v1", 0.5)
 
 
-def _world(catalog: Catalog, *, n: int, lift: float, seed: int, experiment_id: str = "exp-t") -> tuple[pd.DataFrame, pd.DataFrame]:
+def _world(catalog: Catalog, *, n: int, lift: float, seed: int, experiment_id: str = "exp-t",
+           challenger: str = "v2") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decisions of one experiment and their outcomes: the challenger arm keeps `lift` more subscribers."""
     rng = np.random.default_rng(seed)
     product = next(iter(catalog.products))
@@ -124,7 +125,9 @@ def _world(catalog: Catalog, *, n: int, lift: float, seed: int, experiment_id: s
         "user_locale": "en-US", "environment": "Sandbox", "signed_date": t0 + np.arange(n) * 60_000,
         "candidates": [[message.messageIdentifier]] * n, "message_id": message.messageIdentifier,
         "propensity": 1.0, "model_version": "v", "policy": "ml:epsilon-greedy",
-        "experiment_id": experiment_id, "arm": arms,
+        # as the server logs them and the export writes them: JSON text in policy_params
+        "policy_params": [json.dumps({"epsilon": 0.05, "experiment_id": experiment_id, "arm": a,
+                                      "challenger_share": 0.5, "challenger_version": challenger}) for a in arms],
     })
     p = np.where(np.array(arms) == "challenger", 0.3 + lift, 0.3)
     churn = rng.random(n) >= p
@@ -134,6 +137,15 @@ def _world(catalog: Catalog, *, n: int, lift: float, seed: int, experiment_id: s
     out = pd.concat([out, pd.DataFrame({"original_transaction_id": ["someone-else"], "event": ["renewed"],
                                         "at": [t0 + 40 * DAY + n * 60_000]})])
     return dec, out
+
+
+def test_status_leaves_apples_choices_out_of_the_arms() -> None:
+    cat = Catalog.load(DEMO_CATALOG)
+    dec, out = _world(cat, n=400, lift=0.0, seed=2)
+    dec.loc[dec.index[:40], "policy"] = "apple_fallback"
+    s = experiment_status(dec, out, cat, experiment_id="exp-t", challenger="v2", share=0.5)
+    assert sum(a.apple_choice for a in s.arms) == 40
+    assert sum(a.labelled for a in s.arms) == 360
 
 
 def test_status_counts_open_windows_as_pending_not_churn() -> None:
@@ -176,7 +188,7 @@ def test_cli_start_status_promote(tmp_path: Path, trained_registry: Path, capsys
     from training.data_io import write_table
 
     # no real difference: promote refuses, and the registry keeps its current version
-    dec, out = _world(cat, n=600, lift=0.0, seed=5)
+    dec, out = _world(cat, n=600, lift=0.0, seed=5, challenger=challenger)
     write_table(dec, tmp_path / "d0.parquet")
     write_table(out, tmp_path / "o0.parquet")
     args = ["--registry", str(reg_dir), "--decisions", str(tmp_path / "d0.parquet"), "--outcomes",
@@ -188,7 +200,7 @@ def test_cli_start_status_promote(tmp_path: Path, trained_registry: Path, capsys
     assert Registry(reg_dir).current() == cur
 
     # a large true lift: the sequence leaves zero and promote makes the challenger current
-    dec, out = _world(cat, n=3000, lift=0.3, seed=6)
+    dec, out = _world(cat, n=3000, lift=0.3, seed=6, challenger=challenger)
     write_table(dec, tmp_path / "d1.parquet")
     write_table(out, tmp_path / "o1.parquet")
     args = ["--registry", str(reg_dir), "--decisions", str(tmp_path / "d1.parquet"), "--outcomes",
@@ -196,10 +208,24 @@ def test_cli_start_status_promote(tmp_path: Path, trained_registry: Path, capsys
     assert retention.main(["experiment", "status", *args, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["decision"] == "challenger wins" and status["lower"] > 0
+    # an experiment other than the registry's is never promoted, whatever its result
+    assert retention.main(["experiment", "stop", "--registry", str(reg_dir)]) == 0
+    assert retention.main(["experiment", "start", "--registry", str(reg_dir), "--challenger", challenger,
+                           "--id", "exp-new"]) == 0
+    capsys.readouterr()
+    assert retention.main(["experiment", "promote", *args, "--experiment", "exp-t"]) == 1
+    out, err = capsys.readouterr()
+    assert "challenger wins" in out and "is not the registry's experiment (exp-new)" in err
+    assert Registry(reg_dir).current() == cur and read_experiment(reg_dir).active  # type: ignore[union-attr]
+    assert retention.main(["experiment", "stop", "--registry", str(reg_dir)]) == 0
+    (reg_dir / "experiment.json").write_text(Experiment("exp-t", challenger, 0.5).to_json().decode())
     assert retention.main(["experiment", "promote", *args]) == 0
     assert Registry(reg_dir).current() == challenger
     exp = read_experiment(reg_dir)
     assert exp is not None and not exp.active
+    capsys.readouterr()
+    assert retention.main(["experiment", "promote", *args]) == 1  # a second promote: the experiment is stopped
+    assert "is stopped" in capsys.readouterr().err
 
 
 # ---- serving: the challenger on live traffic ---------------------------------------------------
@@ -293,17 +319,113 @@ def test_live_experiment_logs_arms_and_exact_mixture_probabilities(
         assert all("arm" not in d["policy_params"] and d["model_version"] == cur for d in rows)
 
 
-def test_serve_refuses_a_challenger_that_does_not_exist_or_clashes(tmp_path: Path, two_model_registry: Any
+def test_serve_flags_never_resurrect_or_override_what_the_registry_holds(
+    tmp_path: Path, two_model_registry: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     from serving.state import start_experiment
 
-    src, _, challenger = two_model_registry
+    src, cur, challenger = two_model_registry
     reg_dir = tmp_path / "reg"
     shutil.copytree(src, reg_dir)
     with pytest.raises(ExperimentError, match="no such version"):
         start_experiment(str(reg_dir), "20000101T000000Z-nope", 0.5)
-    first = start_experiment(str(reg_dir), challenger, 0.5)
+    with pytest.raises(ExperimentError, match="is the current version"):
+        start_experiment(str(reg_dir), cur, 0.5)
+    first = start_experiment(str(reg_dir), challenger, 0.2)
     assert first.experiment_id == f"exp-{challenger}" and read_experiment(reg_dir) == first
-    assert start_experiment(str(reg_dir), challenger, 0.5) == first  # a second replica with the same flags
+    assert start_experiment(str(reg_dir), challenger, 0.2) == first  # a second replica with the same flags
+    # the share changed at run time: a replica restarted with the old flags keeps the registry's share
+    assert retention.main(["experiment", "share", "--registry", str(reg_dir), "0.5"]) == 0
+    assert start_experiment(str(reg_dir), challenger, 0.2).share == 0.5
+    assert "ignored" in caplog.text
+    # another experiment is running: refused
     with pytest.raises(ExperimentError, match="is running"):
-        start_experiment(str(reg_dir), challenger, 0.2)
+        start_experiment(str(reg_dir), challenger, 0.2, "exp-other")
+    # stopped: a restart with the same flags does not start it again
+    assert retention.main(["experiment", "stop", "--registry", str(reg_dir)]) == 0
+    again = start_experiment(str(reg_dir), challenger, 0.2)
+    assert not again.active and not read_experiment(reg_dir).active  # type: ignore[union-attr]
+    assert "was stopped" in caplog.text
+
+
+def test_settings_refuse_experiment_flags_without_a_challenger() -> None:
+    from serving.settings import Settings
+
+    with pytest.raises(ValueError, match="only with --challenger"):
+        Settings(challenger_share=0.3)
+    with pytest.raises(ValueError, match="only with --challenger"):
+        Settings(experiment_id="exp-x")
+
+
+def test_promoting_the_challenger_by_hand_ends_the_experiment(tmp_path: Path, two_model_registry: Any,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.state import Runtime
+
+    src, cur, challenger = two_model_registry
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(src, reg_dir)
+    assert retention.main(["experiment", "start", "--registry", str(reg_dir), "--challenger", challenger,
+                           "--id", "exp-h"]) == 0
+    rt = Runtime(catalog_path=str(DEMO_CATALOG), registry_spec=str(reg_dir))
+    snap = rt.load()
+    assert snap.experiment is not None and snap.challenger is not None
+    # a server whose current pointer now names the challenger serves no experiment (both arms would be one model)
+    Registry(reg_dir).promote(challenger)
+    rt.check_reload()
+    assert rt.snapshot is not None and rt.snapshot.experiment is None
+    Registry(reg_dir).promote(cur)
+    capsys.readouterr()
+    assert retention.main(["models", "promote", challenger, "--registry", str(reg_dir)]) == 0
+    assert "stopped experiment exp-h" in capsys.readouterr().out
+    exp = read_experiment(reg_dir)
+    assert exp is not None and not exp.active
+
+
+def test_cli_refusals_are_one_line_each(tmp_path: Path, two_model_registry: Any,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    src, _, challenger = two_model_registry
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(src, reg_dir)
+    reg = ["--registry", str(reg_dir)]
+    cases = [
+        (["plan", "--baseline-rate", "0.02", "--lift", "0.01", "--traffic", "1000/week"], "--traffic"),
+        (["plan", "--baseline-rate", "0.02", "--lift", "0.01", "--traffic", "9", "--level", "95"], "--level"),
+        (["plan", "--baseline-rate", "0.02", "--lift", "0.01", "--traffic", "9", "--horizon-days", "-3"], "horizon"),
+        (["start", *reg, "--challenger", challenger, "--id", ""], "--id is empty"),
+        (["start", *reg, "--challenger", "nosuchversion"], "--challenger nosuchversion"),
+        (["stop", *reg], "has no experiment"),
+        (["status", *reg, "--level", "95"], "--level"),
+    ]
+    for argv, words in cases:
+        assert retention.main(["experiment", *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, (argv, err)
+    # a registry with no current version cannot start an experiment (every request would fall back)
+    empty = tmp_path / "empty"
+    shutil.copytree(src, empty)
+    (empty / "current").unlink()
+    assert retention.main(["experiment", "start", "--registry", str(empty), "--challenger", "latest"]) == 1
+    assert "no current version" in capsys.readouterr().err
+
+
+def test_stop_twice_and_an_unreadable_file(tmp_path: Path, two_model_registry: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    src, _, challenger = two_model_registry
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(src, reg_dir)
+    reg = ["--registry", str(reg_dir)]
+    assert retention.main(["experiment", "start", *reg, "--challenger", challenger, "--id", "exp-s"]) == 0
+    assert retention.main(["experiment", "stop", *reg]) == 0
+    capsys.readouterr()
+    assert retention.main(["experiment", "stop", *reg]) == 0
+    assert "already stopped" in capsys.readouterr().out
+    # hand-edited values of the wrong type are refused, not read as true
+    path = reg_dir / "experiment.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "active": "false"}))
+    with pytest.raises(ExperimentError, match="active"):
+        read_experiment(reg_dir)
+    path.write_text("{not json")
+    assert retention.main(["experiment", "stop", *reg]) == 0
+    assert "set the unreadable experiment file aside" in capsys.readouterr().out
+    assert read_experiment(reg_dir) is None
