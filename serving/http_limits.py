@@ -26,17 +26,21 @@ import logging
 import resource
 from typing import Any, Final
 
+import httptools
 import msgspec
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import ERROR_STATUS
 from serving.logs import refusals
+from serving.metrics import connection_refused
 from serving.tls_config import Tls12Config
 
 log = logging.getLogger("retention.http")
 
 DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 DEFAULT_MAX_CONNECTIONS: Final = 1000
+LINGER_S: Final = 2.0  # how long a refused connection is read and dropped, at most, before it is closed
+LINGER_SLOTS: Final = 100  # connections beyond the cap that may linger so; past them a refusal closes at once
 FD_RESERVE: Final = 128  # descriptors a worker needs besides its connections (SQLite, pipes, the model, logs)
 
 
@@ -50,8 +54,23 @@ def _raw_response(code: str, detail: str) -> bytes:
     ])
 
 
+def open_connections(server_state: Any) -> set[object]:
+    """Return the set of this server's open connections."""
+    opened: set[object] | None = getattr(server_state, "open_connections", None)
+    if opened is None:
+        opened = set()
+        server_state.open_connections = opened
+    return opened
+
+
+def _count_refusal(code: str, detail: str) -> None:
+    refusals.note(code, detail)  # one log line per code per interval, however many connections
+    connection_refused(code)  # retention_connections_refused_total{code}
+
+
 class RequestLimitsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol that closes requests not received within the timeout and caps connections.
+    """uvicorn's httptools protocol that closes requests not received within the timeout or with too big a head,
+    and caps connections.
 
     The limits come from the config (:class:`LimitedConfig`); a plain ``uvicorn.Config`` gets the defaults.
     """
@@ -63,10 +82,13 @@ class RequestLimitsProtocol(HttpToolsProtocol):
         self.max_connections: int = getattr(config, "max_connections", DEFAULT_MAX_CONNECTIONS)
         self._request_timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # between a request's first byte and the end of its headers
+        self._refused = False  # answered with an error: whatever else arrives is read and dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        opened = open_connections(self.server_state)
+        opened.add(self)
+        if len(opened) > self.max_connections:
             self._close_with("too_many_connections",
                              f"The server holds its maximum of {self.max_connections} connections; try again.")
             return
@@ -74,19 +96,47 @@ class RequestLimitsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        open_connections(self.server_state).discard(self)
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped, so that closing sends no reset over the answer
+        # uvicorn's data_received, with its 400 for bytes that are not HTTP as one of our refusals (JSON, counted
+        # and rate-limited) rather than a plain-text answer and a warning line per connection
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if not self._refused:
+                self._refuse_request("malformed_request", "The request is not valid HTTP/1.1.")
+
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         self._in_headers = True
         if self._request_timer is None:  # a later request on this connection (the first one's runs from the opening)
             self._arm()
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._in_headers = False
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
         super().on_message_complete()
 
@@ -100,9 +150,13 @@ class RequestLimitsProtocol(HttpToolsProtocol):
             self._request_timer.cancel()
             self._request_timer = None
 
+    def _answering(self) -> bool:
+        """Whether an answer to an earlier request (pipelining) is still being written."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _timed_out(self) -> None:
         self._request_timer = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._refused:
             return
         cycle = self.cycle
         # an answer may be under way: to the previous request (pipelining), or to this one (sent before its body)
@@ -113,15 +167,38 @@ class RequestLimitsProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
         if answering:
+            _count_refusal("request_timeout", f"The request did not arrive whole within {self.request_timeout_s:g} s.")
             self.transport.close()
         else:
             self._close_with("request_timeout",
                              f"The request did not arrive whole within {self.request_timeout_s:g} s.")
 
+    def _refuse_request(self, code: str, detail: str) -> None:
+        """Refuse the request whose head is being parsed; an earlier answer under way is cut (the connection closes)."""
+        if self._answering():
+            assert self.cycle is not None
+            self.cycle.keep_alive = False
+            self._refused = True
+            _count_refusal(code, detail)
+            self.transport.close()
+        else:
+            self._close_with(code, detail)
+
     def _close_with(self, code: str, detail: str) -> None:
-        refusals.note(code, detail)  # one log line per code per interval, however many connections
+        """Answer `code` and close gracefully: end our side, read and drop what the client still sends, close at
+        its end of file or after :data:`LINGER_S`, so the client reads the answer rather than a reset."""
+        _count_refusal(code, detail)
+        self._refused = True
+        self._disarm()
         self.transport.write(_raw_response(code, detail))
-        self.transport.close()
+        if self.flow is not None:
+            self.flow.resume_reading()
+        lingering = len(open_connections(self.server_state)) <= self.max_connections + LINGER_SLOTS
+        if lingering and self.transport.can_write_eof():
+            self.transport.write_eof()  # FIN after the answer; the client's end of file then closes the connection
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:  # TLS: close() sends close_notify after the answer and waits for the client's
+            self.transport.close()
 
 
 class LimitedConfig(Tls12Config):
@@ -140,7 +217,7 @@ def ensure_fd_limit(max_connections: int) -> None:
     Worker processes inherit it. Logs a warning when the hard limit is too low.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max_connections + FD_RESERVE
+    want = max_connections + LINGER_SLOTS + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         try:
@@ -149,4 +226,4 @@ def ensure_fd_limit(max_connections: int) -> None:
             new = soft
         if new < want:
             log.warning("open files limit %d is below --max-connections %d + %d; raise `ulimit -n`",
-                        new, max_connections, FD_RESERVE)
+                        new, max_connections, LINGER_SLOTS + FD_RESERVE)

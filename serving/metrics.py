@@ -18,6 +18,8 @@ Series:
   process was started again);
 - ``retention_http_5xx_total{path, status}`` every answer with a 5xx status the app sent (``path`` is one of
   the app's routes, or ``other``);
+- ``retention_connections_refused_total{code}`` (connections answered and closed by serving/http_limits.py:
+  request_timeout, too_many_connections, request_header_fields_too_large, uri_too_long, malformed_request);
 - ``retention_signature_process_restarts_total`` (the child that checks request signatures died;
   the server checked them itself until it started again).
 
@@ -130,6 +132,13 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self._connections_refused = Counter(
+            "retention_connections_refused",
+            "Connections refused by the HTTP limits, by stable error code (request_timeout, too_many_connections, "
+            "request_header_fields_too_large, uri_too_long, malformed_request).",
+            ["code"],
+            registry=reg,
+        )
         self._sigproc_restarts = Counter(
             "retention_signature_process_restarts",
             "Times the signature process died and was started again (its jobs were done in the server meanwhile).",
@@ -159,6 +168,8 @@ class Metrics:
         self._pending_answers: dict[tuple[str, str], int] = {}
         self._next_flush = time.monotonic() + flush_interval_s
         self._flusher: threading.Thread | None = None
+        global _latest
+        _latest = weakref.ref(self)
 
     # -- request path ------------------------------------------------------------------------------
     def observe_request(self, latency_s: float, kind: str, message_id: str | None) -> None:
@@ -270,6 +281,10 @@ class Metrics:
         """Count one answer sent with a 5xx `status` on route `path` (keep `path` to a bounded set)."""
         self._http_5xx.labels(path, str(status)).inc()
 
+    def connection_refused(self, code: str) -> None:
+        """Count one connection refused by the HTTP limits, by its stable error code."""
+        self._connections_refused.labels(code).inc()
+
     def signature_process_restart(self) -> None:
         """Count one death of the signature process."""
         self._sigproc_restarts.inc()
@@ -286,3 +301,16 @@ class Metrics:
             MultiProcessCollector(registry, path=self._dir)
             return generate_latest(registry), CONTENT_TYPE
         return generate_latest(self._registry), CONTENT_TYPE
+
+
+_latest: weakref.ref[Metrics] | None = None  # the process's Metrics (the app's): the last one made
+
+
+def connection_refused(code: str) -> None:
+    """Count a refused connection on the process's :class:`Metrics` (none yet: not counted).
+
+    The HTTP protocol (serving/http_limits.py) runs below the application and has no reference to its Metrics.
+    """
+    m = _latest() if _latest is not None else None
+    if m is not None:
+        m.connection_refused(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import APP_ID
-from tests.integration.test_server import Server, free_port, logged_rows, server_env  # noqa: F401  (a fixture)
+from tests.integration.test_server import Server, free_port, logged_rows, server_env  # noqa: F401
 
 RETENTION = str(Path(sys.executable).parent / "retention")  # the installed command, as users start it
 
@@ -142,6 +143,57 @@ def test_connections_beyond_the_cap_are_refused_at_once_and_health_answers_again
             raise AssertionError("/health never answered once the held connections were gone")
     finally:
         server.stop()
+
+
+def _refused_count(base: str, code: str, **kw: Any) -> float:
+    text = httpx.get(base + "/metrics", timeout=10, **kw).text
+    m = re.search(rf'^retention_connections_refused_total\{{code="{code}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_refused_client_reads_the_whole_answer_even_with_its_request_unread(
+    server_env: dict[str, str], tmp_path: Path  # noqa: F811
+) -> None:
+    """Beyond the cap, a client that already sent a large request still reads the 503 (no reset over it); bytes
+    that are not HTTP get a JSON 400; every refusal is counted on /metrics by code, and the log says so in one
+    rate-limited line per code, not one per connection."""
+    env = {**server_env, "RETENTION_REQUEST_TIMEOUT_S": "30", "RETENTION_MAX_CONNECTIONS": "5"}
+    server = Server(env, tmp_path / "data")
+    try:
+        server.wait_ready()
+        held = [_open(server.port, b"GET /health HTTP/1.1\r\n") for _ in range(5)]
+        time.sleep(0.5)
+        upload = b"POST /retention/message HTTP/1.1\r\nhost: x\r\ncontent-length: 2000000\r\n\r\n" + b"x" * 2_000_000
+        for _ in range(20):
+            extra = _open(server.port, b"")
+            try:
+                extra.sendall(upload)  # the server reads and drops it after answering
+                assert _error_of(_read_to_close(extra)) == (503, "too_many_connections")
+            finally:
+                extra.close()
+        for s in held:
+            s.close()
+        for _ in range(50):
+            try:
+                if httpx.get(server.base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert _refused_count(server.base, "too_many_connections") == 20
+        for _ in range(20):  # bytes that are not HTTP: a JSON 400, counted, and no warning line each
+            garbage = _open(server.port, b"\x16\x03\x01 not http\r\n\r\n")
+            try:
+                assert _error_of(_read_to_close(garbage)) == (400, "malformed_request")
+            finally:
+                garbage.close()
+        assert _refused_count(server.base, "malformed_request") == 20
+    finally:
+        server.stop()
+    assert server.proc.stdout is not None
+    log = server.proc.stdout.read().decode()
+    assert 1 <= log.count("too_many_connections") <= 2, log
+    assert 1 <= log.count("malformed_request") <= 2 and "Invalid HTTP request" not in log, log
 
 
 class InstalledServer(Server):
