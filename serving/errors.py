@@ -24,7 +24,9 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "no_eligible_message": 404,
     "request_timeout": 408,  # the request did not arrive whole in time (serving/http_limits.py)
     "too_many_connections": 503,  # the worker holds its maximum of connections (serving/http_limits.py)
+    "request_header_fields_too_large": 431,  # request line and headers beyond --max-header-bytes (http_limits.py)
     "malformed_request": 400,  # bytes that are not an HTTP/1.1 request (serving/http_limits.py)
+    "uri_too_long": 414,  # the request's URL beyond 8 KiB (serving/http_limits.py)
     "chain_check_busy": 503,
     "not_found": 404,
     "method_not_allowed": 405,

@@ -39,6 +39,8 @@ log = logging.getLogger("retention.http")
 
 DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 DEFAULT_MAX_CONNECTIONS: Final = 1000
+DEFAULT_MAX_HEADER_BYTES: Final = 16384
+MAX_URL_BYTES: Final = 8192
 LINGER_S: Final = 2.0  # how long a refused connection is read and dropped, at most, before it is closed
 LINGER_SLOTS: Final = 100  # connections beyond the cap that may linger so; past them a refusal closes at once
 FD_RESERVE: Final = 128  # descriptors a worker needs besides its connections (SQLite, pipes, the model, logs)
@@ -80,8 +82,11 @@ class RequestLimitsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.request_timeout_s: float = getattr(config, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)
         self.max_connections: int = getattr(config, "max_connections", DEFAULT_MAX_CONNECTIONS)
+        self.max_header_bytes: int = getattr(config, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
         self._request_timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # between a request's first byte and the end of its headers
+        self._head_read = 0  # bytes received while in a request's headers (bounds what the parser buffers)
+        self._head_bytes = 0  # exact size of this request's line and headers, as parsed
         self._refused = False  # answered with an error: whatever else arrives is read and dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -102,6 +107,8 @@ class RequestLimitsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped, so that closing sends no reset over the answer
+        if self._in_headers:
+            self._head_read += len(data)
         # uvicorn's data_received, with its 400 for bytes that are not HTTP as one of our refusals (JSON, counted
         # and rate-limited) rather than a plain-text answer and a warning line per connection
         self._unset_keepalive_if_required()
@@ -115,19 +122,42 @@ class RequestLimitsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             if not self._refused:
                 self._refuse_request("malformed_request", "The request is not valid HTTP/1.1.")
+            return
+        if self._in_headers and self._head_read > self.max_header_bytes and not self._refused:
+            self._head_too_large()
 
     def on_message_begin(self) -> None:
         if self._refused:
             return
         super().on_message_begin()
         self._in_headers = True
+        self._head_bytes = 0
         if self._request_timer is None:  # a later request on this connection (the first one's runs from the opening)
             self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        if self._refused:
+            return
+        self._head_bytes += len(url)
+        if len(self.url) + len(url) > min(MAX_URL_BYTES, self.max_header_bytes):
+            self._refuse_request("uri_too_long", f"The request's URL is longer than "
+                                 f"{min(MAX_URL_BYTES, self.max_header_bytes)} bytes.")
+            return
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
         self._in_headers = False
+        if self._head_bytes > self.max_header_bytes:
+            self._head_too_large()
+            return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -138,6 +168,7 @@ class RequestLimitsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._disarm()
+        self._head_read = 0
         super().on_message_complete()
 
     def _arm(self) -> None:
@@ -173,6 +204,10 @@ class RequestLimitsProtocol(HttpToolsProtocol):
             self._close_with("request_timeout",
                              f"The request did not arrive whole within {self.request_timeout_s:g} s.")
 
+    def _head_too_large(self) -> None:
+        self._refuse_request("request_header_fields_too_large",
+                             f"The request's line and headers exceed {self.max_header_bytes} bytes.")
+
     def _refuse_request(self, code: str, detail: str) -> None:
         """Refuse the request whose head is being parsed; an earlier answer under way is cut (the connection closes)."""
         if self._answering():
@@ -205,10 +240,12 @@ class LimitedConfig(Tls12Config):
     """The server's uvicorn config: TLS 1.2 or later, and :class:`RequestLimitsProtocol` with these limits."""
 
     def __init__(self, app: Any, *, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: Any) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                 **kwargs: Any) -> None:
         super().__init__(app, http=RequestLimitsProtocol, **kwargs)
         self.request_timeout_s = request_timeout_s
         self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
 
 
 def ensure_fd_limit(max_connections: int) -> None:

@@ -191,6 +191,7 @@ def _uvicorn_config(settings: Settings) -> Any:
         "serving.server:app_factory",
         request_timeout_s=settings.request_timeout_s,
         max_connections=settings.max_connections,
+        max_header_bytes=settings.max_header_bytes,
         factory=True,
         host=settings.host,
         port=settings.port,

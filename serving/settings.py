@@ -59,6 +59,11 @@ class Settings:
         1000,
         "Open connections per worker process; one more is answered 503 too_many_connections and closed at once.",
     )
+    max_header_bytes: int = _f(
+        16384,
+        "Largest request line and headers of a request, in bytes; a larger one is answered 431 "
+        "request_header_fields_too_large (a URL over 8 KiB: 414 uri_too_long) and its connection closed.",
+    )
     log_format: str = _f("text", "Log line format on stderr: text, or json (one object per line, for log shippers).")
     access_log: bool = _f(False, "Log one line per HTTP request (client, method, path, status).")
     # ---- policy ----
@@ -204,6 +209,8 @@ class Settings:
             raise ValueError(f"request_timeout_s must be > 0, not {self.request_timeout_s}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {self.max_connections}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be >= 1024, not {self.max_header_bytes}")
         if self.max_body_bytes < 256:
             raise ValueError("max_body_bytes must be at least 256")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

@@ -196,6 +196,39 @@ def test_a_refused_client_reads_the_whole_answer_even_with_its_request_unread(
     assert 1 <= log.count("malformed_request") <= 2 and "Invalid HTTP request" not in log, log
 
 
+def test_huge_headers_and_urls_are_refused_before_they_are_read_whole(slow_server: Server) -> None:
+    """A 40 MB header is answered 431 after the first 16 KiB or so, a 10 KB URL 414; the server keeps answering."""
+    s = _open(slow_server.port, b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: ")
+    try:
+        sent = 0
+        try:
+            while sent < 40_000_000 and not select.select([s], [], [], 0)[0]:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:
+            pass
+        assert sent < 40_000_000  # answered before the header was sent whole
+        assert _error_of(_read_to_close(s)) == (431, "request_header_fields_too_large")
+    finally:
+        s.close()
+    many = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 100) for i in range(200))  # 20 KB in 200 ordinary headers
+    s = _open(slow_server.port, b"GET /health HTTP/1.1\r\nhost: x\r\n" + many + b"\r\n")
+    try:
+        assert _error_of(_read_to_close(s)) == (431, "request_header_fields_too_large")
+    finally:
+        s.close()
+    s = _open(slow_server.port, b"GET /health?q=" + b"a" * 10_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+    try:
+        assert _error_of(_read_to_close(s)) == (414, "uri_too_long")
+    finally:
+        s.close()
+    with httpx.Client(base_url=slow_server.base, timeout=10) as http:
+        ok = http.get("/health", headers={"x-fine": "v" * 8000})  # within the limit: answered as usual
+        assert ok.status_code == 200
+        assert _refused_count(slow_server.base, "request_header_fields_too_large") == 2
+        assert _refused_count(slow_server.base, "uri_too_long") == 1
+
+
 class InstalledServer(Server):
     """``retention serve`` started as users start it (the installed command), from the folder `cwd`."""
 

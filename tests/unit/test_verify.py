@@ -37,7 +37,7 @@ APP_ID = 1234567890
 VERIFICATION_CODES = set(ERROR_STATUS) - {
     "malformed_body", "payload_too_large", "no_eligible_message", "request_timeout", "too_many_connections",
     "chain_check_busy", "not_found", "method_not_allowed", "http_error", "outcome_not_stored", "internal_error",
-    "malformed_request",
+    "request_header_fields_too_large", "uri_too_long", "malformed_request",
 }
 
 
