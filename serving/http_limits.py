@@ -1,20 +1,34 @@
-"""What one HTTP client may hold of a worker: a request must arrive whole in time, and connections are capped.
+"""What one HTTP client may hold of a worker: a request must arrive whole in time, with a bounded head, and
+connections are capped.
 
 uvicorn has no timeout for receiving a request (its issue 157): a client that sends half a header, or headers
 and then part of the body, keeps its connection, its file descriptor and, once the headers are in, a waiting
 request task for as long as it likes; a few thousand such clients exhaust the process's file descriptors, and
-then even ``/health`` is refused. :class:`RequestLimitsProtocol` is uvicorn's httptools protocol with two
-limits, set by :class:`LimitedConfig` from the settings:
+then even ``/health`` is refused. Nor does it bound a request's headers: httptools keeps a header of any size in
+memory. :class:`RequestLimitsProtocol` is uvicorn's httptools protocol with these limits, set by
+:class:`LimitedConfig` from the settings:
 
-* ``request_timeout_s`` (``--request-timeout-s``, default 10 s): from a connection's opening, and from the
-  first byte of each later request on it, the request line, headers and body must all have arrived within
-  this time. Otherwise the server answers ``408 {"error": "request_timeout", ...}`` (when no answer to that
-  request has begun) and closes the connection; an application waiting for the body sees a disconnect. Idle
-  keep-alive connections are closed by uvicorn's own ``timeout_keep_alive`` (5 s).
-* ``max_connections`` (``--max-connections``, default 1000 per worker): a connection beyond it is answered
-  ``503 {"error": "too_many_connections", ...}`` and closed at once, so open connections (and their file
-  descriptors) never exceed it. :func:`ensure_fd_limit` raises the soft ``RLIMIT_NOFILE`` when it is too
-  low for that many.
+* ``request_timeout_s`` (``--request-timeout-s``, default 10 s): from a connection's accept (a TLS handshake
+  included), and from the first byte of each later request on it, the request line, headers and body must all
+  have arrived within this time. Otherwise the server answers ``408 {"error": "request_timeout", ...}`` (when no
+  answer to that request has begun) and closes the connection; an application waiting for the body sees a
+  disconnect. A TLS handshake not done by then is closed without an answer. Idle keep-alive connections are
+  closed by uvicorn's own ``timeout_keep_alive`` (5 s).
+* ``max_connections`` (``--max-connections``, default 1000 per worker), counted from the accept, TLS handshakes
+  under way included: a connection beyond it is answered ``503 {"error": "too_many_connections", ...}`` (with
+  TLS: closed before its handshake) so open connections (and their file descriptors) never exceed it much.
+  :func:`ensure_fd_limit` raises the soft ``RLIMIT_NOFILE`` when it is too low for that many.
+* ``max_header_bytes`` (``--max-header-bytes``, default 16 KiB): a request line and headers beyond it are
+  answered ``431 {"error": "request_header_fields_too_large", ...}`` once that much has arrived; a URL over
+  :data:`MAX_URL_BYTES` ``414 {"error": "uri_too_long", ...}``. Bytes that are not HTTP/1.1 get
+  ``400 {"error": "malformed_request", ...}``.
+
+Each refusal is logged through :data:`serving.logs.refusals` (one line per code per interval), counted in
+``retention_connections_refused_total{code}``, and closed gracefully: the answer, then our end of the stream,
+then what the client still sends is read and dropped until it closes (at most :data:`LINGER_S`), so that the
+client reads the answer rather than a reset. With TLS, :func:`limited_protocol` wraps the protocol in the event
+loop's own TLS protocol (uvloop's, else asyncio's), made at the accept, with the handshake timeout set to the
+request timeout (the loops' default is 60 s).
 
 In front of the server, a reverse proxy does the same with its own settings (docs/security.md).
 """
@@ -22,12 +36,15 @@ In front of the server, a reverse proxy does the same with its own settings (doc
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import resource
+import ssl
 from typing import Any, Final
 
 import httptools
 import msgspec
+import uvloop
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import ERROR_STATUS
@@ -57,7 +74,7 @@ def _raw_response(code: str, detail: str) -> bytes:
 
 
 def open_connections(server_state: Any) -> set[object]:
-    """Return the set of this server's open connections."""
+    """Return the set of this server's open connections, counted from the accept (TLS ones before their handshake)."""
     opened: set[object] | None = getattr(server_state, "open_connections", None)
     if opened is None:
         opened = set()
@@ -75,6 +92,8 @@ class RequestLimitsProtocol(HttpToolsProtocol):
     and caps connections.
 
     The limits come from the config (:class:`LimitedConfig`); a plain ``uvicorn.Config`` gets the defaults.
+    Made at the connection's accept (by :func:`limited_protocol`), so the first request's time runs from there,
+    TLS handshake included.
     """
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
@@ -83,6 +102,8 @@ class RequestLimitsProtocol(HttpToolsProtocol):
         self.request_timeout_s: float = getattr(config, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)
         self.max_connections: int = getattr(config, "max_connections", DEFAULT_MAX_CONNECTIONS)
         self.max_header_bytes: int = getattr(config, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
+        self.behind_tls = False  # True when a TLS protocol (:class:`CountedTls`) wraps this one and counts it
+        self._opened_at = self.loop.time()  # the accept
         self._request_timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # between a request's first byte and the end of its headers
         self._head_read = 0  # bytes received while in a request's headers (bounds what the parser buffers)
@@ -91,17 +112,20 @@ class RequestLimitsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        opened = open_connections(self.server_state)
-        opened.add(self)
-        if len(opened) > self.max_connections:
-            self._close_with("too_many_connections",
-                             f"The server holds its maximum of {self.max_connections} connections; try again.")
-            return
-        self._arm()
+        if not self.behind_tls:
+            opened = open_connections(self.server_state)
+            opened.add(self)
+            if len(opened) > self.max_connections:
+                self._close_with("too_many_connections",
+                                 f"The server holds its maximum of {self.max_connections} connections; try again.")
+                return
+        # the first request's time runs from the accept (before a TLS handshake)
+        self._request_timer = self.loop.call_at(self._opened_at + self.request_timeout_s, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        open_connections(self.server_state).discard(self)
+        if not self.behind_tls:
+            open_connections(self.server_state).discard(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -236,16 +260,70 @@ class RequestLimitsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class CountedTls:
+    """Mixin for the TLS protocol that wraps :class:`RequestLimitsProtocol`: counts the connection from its accept,
+    before the handshake, and refuses it at once beyond the cap (no answer can be sent before a handshake)."""
+
+    limits: RequestLimitsProtocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        opened = open_connections(self.limits.server_state)
+        opened.add(self)
+        if len(opened) > self.limits.max_connections:
+            _count_refusal("too_many_connections", f"The server holds its maximum of {self.limits.max_connections} "
+                           "connections (refused before the TLS handshake).")
+            transport.close()
+            return
+        super().connection_made(transport)  # type: ignore[misc]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        open_connections(self.limits.server_state).discard(self)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class _UvloopTls(CountedTls, uvloop.loop.SSLProtocol):  # type: ignore[name-defined]
+    pass
+
+
+class _AsyncioTls(CountedTls, asyncio.sslproto.SSLProtocol):
+    pass
+
+
+def limited_protocol(config: Any, server_state: Any, app_state: dict[str, Any],
+                     _loop: asyncio.AbstractEventLoop | None = None) -> asyncio.BaseProtocol:
+    """uvicorn's protocol factory (``http_protocol_class``), called at each accept: a :class:`RequestLimitsProtocol`,
+    wrapped in a TLS protocol with the handshake timeout set to the request timeout when the server terminates TLS."""
+    http = RequestLimitsProtocol(config, server_state, app_state, _loop)
+    tls_context = getattr(config, "tls_context", None)
+    if tls_context is None:
+        return http
+    http.behind_tls = True
+    cls: Any = _UvloopTls if isinstance(http.loop, uvloop.Loop) else _AsyncioTls
+    tls = cls(http.loop, http, tls_context, None, server_side=True,
+                   ssl_handshake_timeout=http.request_timeout_s, ssl_shutdown_timeout=http.request_timeout_s)
+    tls.limits = http
+    return tls
+
+
 class LimitedConfig(Tls12Config):
-    """The server's uvicorn config: TLS 1.2 or later, and :class:`RequestLimitsProtocol` with these limits."""
+    """The server's uvicorn config: TLS 1.2 or later, and :class:`RequestLimitsProtocol` with these limits.
+
+    The TLS context moves from ``ssl`` to ``tls_context``: :func:`limited_protocol` does the handshake itself,
+    so that it counts and times the connection from its accept.
+    """
 
     def __init__(self, app: Any, *, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
                  **kwargs: Any) -> None:
-        super().__init__(app, http=RequestLimitsProtocol, **kwargs)
+        super().__init__(app, http=limited_protocol, **kwargs)  # type: ignore[arg-type]
         self.request_timeout_s = request_timeout_s
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
+        self.tls_context: ssl.SSLContext | None = None
+
+    def load(self) -> None:
+        super().load()
+        self.tls_context, self.ssl = self.ssl, None
 
 
 def ensure_fd_limit(max_connections: int) -> None:

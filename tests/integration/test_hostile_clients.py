@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import APP_ID
-from tests.integration.test_server import Server, free_port, logged_rows, server_env  # noqa: F401
+from tests.integration.test_server import Server, _self_signed, free_port, logged_rows, server_env  # noqa: F401
 
 RETENTION = str(Path(sys.executable).parent / "retention")  # the installed command, as users start it
 
@@ -227,6 +229,46 @@ def test_huge_headers_and_urls_are_refused_before_they_are_read_whole(slow_serve
         assert ok.status_code == 200
         assert _refused_count(slow_server.base, "request_header_fields_too_large") == 2
         assert _refused_count(slow_server.base, "uri_too_long") == 1
+
+
+def test_tls_connections_are_timed_and_counted_from_their_accept(
+    server_env: dict[str, str], tmp_path: Path  # noqa: F811
+) -> None:
+    """With TLS, silent connections and half a ClientHello are closed after the request timeout (not the 60 s TLS
+    handshake default) and count towards the cap: 30 of them with a cap of 10 leave /health refused until they go."""
+    cert, key = _self_signed(tmp_path)
+    env = {**server_env, "RETENTION_SSL_CERTFILE": str(cert), "RETENTION_SSL_KEYFILE": str(key),
+           "RETENTION_REQUEST_TIMEOUT_S": "2", "RETENTION_MAX_CONNECTIONS": "10"}
+    server = Server(env, tmp_path / "data", scheme="https")
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        server.wait_ready(verify=ctx)
+        outgoing = ssl.MemoryBIO()
+        hello = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="127.0.0.1")
+        with pytest.raises(ssl.SSLWantReadError):
+            hello.do_handshake()
+        client_hello = outgoing.read()
+        assert len(client_hello) > 100
+        half_open = [_open(server.port, client_hello[: len(client_hello) // 2] if i % 2 else b"") for i in range(30)]
+        try:
+            time.sleep(0.5)
+            with pytest.raises(httpx.HTTPError):  # over the cap: refused before its handshake
+                httpx.get(server.base + "/health", verify=ctx, timeout=5)
+            for s in half_open:  # closed by the server after the 2 s timeout (the socket timeout is 30 s)
+                s.settimeout(15)  # a TimeoutError fails the test
+                with contextlib.suppress(ConnectionResetError):  # closed with part of a ClientHello unread
+                    _read_to_close(s)
+        finally:
+            for s in half_open:
+                s.close()
+        assert httpx.get(server.base + "/health", verify=ctx, timeout=5).status_code == 200
+        with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:  # a handshake, then nothing: 408
+            tls.settimeout(15)
+            assert _error_of(_read_to_close(tls)) == (408, "request_timeout")
+        assert _refused_count(server.base, "too_many_connections", verify=ctx) >= 1
+    finally:
+        server.stop()
 
 
 class InstalledServer(Server):
