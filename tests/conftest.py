@@ -1,8 +1,8 @@
-"""Shared fixtures: a test PKI minted at test time, a small trained model registry, settings."""
+"""Shared fixtures: a test PKI minted at test time, a small trained model registry, settings, in-process clients."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,26 @@ def make_settings(pki_dir: Path, trained_registry: Path, tmp_path: Path) -> Call
         return Settings(**base)
 
     return make
+
+
+@pytest.fixture
+def client_for(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Any]]:
+    """Return a factory of in-process clients (Litestar's TestClient) of apps built from `make_settings`."""
+    from litestar.testing import TestClient
+
+    from serving.app import create_app
+
+    clients: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        c = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
+        c.__enter__()
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
 
 
 class AppleFixture:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from litestar.testing import TestClient
 
-from serving.app import create_app
 from serving.catalog import Catalog
 from serving.settings import DEMO_CATALOG, Settings
 from serving.state import ModelBundle
@@ -35,20 +34,6 @@ def offer_key(tmp_path: Path) -> tuple[Path, ec.EllipticCurvePublicKey]:
                                      serialization.NoEncryption()))
     return p8, key.public_key()
 
-
-@pytest.fixture
-def client_for(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient[Any]]]:
-    clients: list[TestClient[Any]] = []
-
-    def make(**overrides: Any) -> TestClient[Any]:
-        c = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def decisions(client: TestClient[Any]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,7 @@ import pytest
 from litestar.testing import TestClient
 
 import serving.decision_log as decision_log
-from serving.app import create_app
 from serving.decision_log import DecisionLog, DecisionRecord, log_files, read_decisions, read_outcomes
-from serving.settings import Settings
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID
 from tests.unit.test_notifications import notification_body
@@ -35,20 +33,6 @@ REALTIME = "/retention/message"
 NOTIFICATIONS = "/apple/notifications"
 JSON = {"content-type": "application/json"}
 
-
-@pytest.fixture
-def client_for(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient[Any]]]:
-    clients: list[TestClient[Any]] = []
-
-    def make(**overrides: Any) -> TestClient[Any]:
-        c = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 @pytest.fixture

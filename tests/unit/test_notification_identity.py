@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,20 +93,6 @@ def notification(
     return {"notificationType": ntype, "notificationUUID": str(uuid.uuid4()), container: c, "version": "2.0",
             "signedDate": now}
 
-
-@pytest.fixture
-def client_for(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient[Any]]]:
-    clients: list[TestClient[Any]] = []
-
-    def make(**overrides: Any) -> TestClient[Any]:
-        c = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def post(client: TestClient[Any], pki: TestPKI, payload: dict[str, Any]) -> tuple[int, str]:

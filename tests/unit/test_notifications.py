@@ -6,7 +6,6 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from serving.app import create_app
 from serving.decision_log import export_outcomes, log_files, read_outcomes
-from serving.settings import Settings
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID
 
@@ -84,20 +81,6 @@ def notification_body(pki: TestPKI, notification_type: str, subtype: str | None 
     """Return the POST body Apple sends for one notification."""
     return body_of(pki, notification_payload(pki, notification_type, subtype, **kw))
 
-
-@pytest.fixture
-def client_for(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient[Any]]]:
-    clients: list[TestClient[Any]] = []
-
-    def make(**overrides: Any) -> TestClient[Any]:
-        c = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def send(client: TestClient[Any], body: bytes) -> Any:
