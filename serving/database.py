@@ -97,8 +97,8 @@ def safe_url(url: str) -> str:
         d = conninfo_to_dict(url)
     except Exception:
         return "postgresql://..."
-    host, port, db, user = d.get("host", ""), d.get("port", ""), d.get("dbname", ""), d.get("user", "")
     host, port, db, user = (str(d.get(k, "")) for k in ("host", "port", "dbname", "user"))
+    return f"postgresql://{user + '@' if user else ''}{host}{':' + port if port else ''}/{db}"
 
 
 def connect(url: str, *, timeout_s: float = 5.0, autocommit: bool = True, **kw: Any) -> Any:
@@ -196,10 +196,13 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
     """
     from psycopg_pool import ConnectionPool
 
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     check_url(url)
-    options = f"-c statement_timeout={max(1, int(budget_ms))}"
+    options = str(conninfo_to_dict(url).get("options") or "")  # keep the URL's own (a search_path...)
+    options = f"{options} -c statement_timeout={max(1, int(budget_ms))}".strip()
     p = ConnectionPool(
-        url,
+        make_conninfo(url),
         min_size=1,
         max_size=max_size,
         kwargs={"autocommit": True, "options": options, "connect_timeout": 2},
@@ -450,6 +453,8 @@ def import_profiles(src: str | Path, url: str) -> int:
     with tempfile.TemporaryDirectory(prefix="retention-profiles-") as tmp:
         local = Path(tmp) / profiles.DB_NAME
         n = profiles.import_profiles(src, local)
+        if n == 0:  # never replace the fleet's profiles with none
+            raise ValueError(f"profile file {str(src)!r} has no rows; the stored profiles were kept")
         lite = sqlite3.connect(local)
         try:
             cols = lite.execute("SELECT position, name, kind FROM profile_columns ORDER BY position").fetchall()
