@@ -194,9 +194,8 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
     The pool connects in the background (a server that is down now does not stop the caller) and replaces
     broken connections; ``pool.connection(timeout=...)`` waits at most that long for one.
     """
-    from psycopg_pool import ConnectionPool
-
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg_pool import ConnectionPool
 
     check_url(url)
     options = str(conninfo_to_dict(url).get("options") or "")  # keep the URL's own (a search_path...)
