@@ -188,7 +188,7 @@ def require_schema(url: str, *, run_migrations: bool = False) -> int:
     return version
 
 
-def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retention") -> Any:
+def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retention", extra_options: str = "") -> Any:
     """Return an opened psycopg_pool.ConnectionPool whose statements stop after `budget_ms` on the server.
 
     The pool connects in the background (a server that is down now does not stop the caller) and replaces
@@ -199,7 +199,7 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
 
     check_url(url)
     options = str(conninfo_to_dict(url).get("options") or "")  # keep the URL's own (a search_path...)
-    options = f"{options} -c statement_timeout={max(1, int(budget_ms))}".strip()
+    options = f"{options} -c statement_timeout={max(1, int(budget_ms))} {extra_options}".strip()
     p = ConnectionPool(
         make_conninfo(url),
         min_size=1,
@@ -208,7 +208,6 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
         open=False,
         name=name,
         reconnect_timeout=0,  # never give up: the database may be restarting
-        check=ConnectionPool.check_connection,
     )
     p.open(wait=False)
     return p
@@ -242,7 +241,11 @@ class PostgresReplayMemory:
     def __init__(self, url: str, *, budget_ms: float = 20.0, max_size: int = 4) -> None:
         self.url = url
         self.budget_s = budget_ms / 1000.0
-        self._pool: Any = pool(url, budget_ms=budget_ms, max_size=max_size, name="retention-replay")
+        # synchronous_commit off: a commit does not wait for the WAL flush (several ms on a busy disk); a crash
+        # of the database server can forget the last fraction of a second of ids, never a restart or a failover
+        # that waits for the flush. The freshness window still refuses anything older.
+        self._pool: Any = pool(url, budget_ms=budget_ms, max_size=max_size, name="retention-replay",
+                               extra_options="-c synchronous_commit=off")
         self._next_sweep = 0.0
         self._sweep_lock = threading.Lock()
 
