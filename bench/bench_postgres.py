@@ -175,7 +175,7 @@ def part_endpoint(url: str, tmp: Path, duration: int, rounds: int, conns: int) -
     registry = tmp / "registry"
     train_demo_model(registry, n_decisions=6000, seed=0)
     per_run = 6000 * duration + 50 * conns  # above what one wrk run sends here: each body is answered once
-    bodies = [pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox") for _ in range(per_run * rounds * 3 + per_run)]
+    bodies = [pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox") for _ in range(per_run * (rounds + 1) * 3)]
     base = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
                 RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
                 RETENTION_LOG_LEVEL="warning", RETENTION_MAX_AGE_S="3600")
@@ -198,7 +198,7 @@ def part_endpoint(url: str, tmp: Path, duration: int, rounds: int, conns: int) -
         for port, proc in servers.values():
             wait(f"http://127.0.0.1:{port}/health", proc)
         for name in servers:  # warm-up
-            wrk(f"http://127.0.0.1:{servers[name][0]}", take()[: per_run // 3], 1, conns // 2)
+            wrk(f"http://127.0.0.1:{servers[name][0]}", take(), 1, conns // 2)
         for r in range(rounds):
             res["sqlite"].append(wrk(f"http://127.0.0.1:{servers['sqlite'][0]}", take(), duration, conns))
             two: dict[str, dict[str, float]] = {}

@@ -198,6 +198,8 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
     from psycopg_pool import ConnectionPool
 
     check_url(url)
+    # the pool logs every failed reconnection (one per request during an outage); our callers log it once a minute
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     options = str(conninfo_to_dict(url).get("options") or "")  # keep the URL's own (a search_path...)
     options = f"{options} -c statement_timeout={max(1, int(budget_ms))} {extra_options}".strip()
     p = ConnectionPool(
