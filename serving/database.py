@@ -107,6 +107,10 @@ def connect(url: str, *, timeout_s: float = 5.0, autocommit: bool = True, **kw: 
 
     check_url(url)
     try:
+        # keepalives and a TCP user timeout: a database host that vanishes mid-statement fails the call in
+        # seconds instead of the kernel's minutes of retransmissions
+        kw = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+              "tcp_user_timeout": 15_000, **kw}
         return psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=autocommit, **kw)
     except psycopg.Error as exc:
         raise DatabaseError(f"cannot connect to the database {safe_url(url)}: {_why(exc)}") from None
@@ -212,6 +216,8 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
         reconnect_timeout=0,  # never give up: the database may be restarting
     )
     p.open(wait=False)
+    with contextlib.suppress(Exception):  # a first connection before the first request, if the database answers
+        p.wait(timeout=5.0)
     return p
 
 
