@@ -601,7 +601,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
                 b"retention.schema_version": str(dl.SCHEMA_VERSION).encode(),
             }
             writer = pq.ParquetWriter(tmp, schema.with_metadata(meta))
-        rows_iter = read_decisions(url)
+        rows_iter = read_decisions(url, batch=min(chunk, 5000))
         first = True
         while True:
             raw = list(itertools.islice(rows_iter, chunk))

@@ -274,3 +274,34 @@ def test_decisions_export_from_the_database_and_training_inputs(migrated: str, t
         assert pq.read_table(d).num_rows == 25 and pq.read_table(o).num_rows == 1
     bad = retention("decisions", "export", "--database-url", dead_url(), "--out", str(tmp_path / "x.parquet"))
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_export_memory_is_bounded_by_its_chunk_not_by_the_table(migrated: str, tmp_path: Path) -> None:
+    import tracemalloc
+
+    import numpy as np
+
+    n = 12_000
+    features = np.ones((8, 40), dtype=np.float32)  # 1,280 bytes a decision: 15 MB of features in the table
+    log = pg_log.PostgresDecisionLog(migrated, tmp_path, batch_ms=50)
+    log.start()
+    try:
+        for i in range(n):
+            log.log(record(i, features=features, candidates=[f"m{j}" for j in range(8)]))
+        assert flushed(log)
+    finally:
+        log.close()
+    pg_log.export_decisions(migrated, tmp_path / "warm-up.parquet", chunk=500)  # imports pandas, pyarrow once
+
+    def peak_of(work: Any) -> int:
+        tracemalloc.start()
+        try:
+            work()
+            return int(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+
+    whole = peak_of(lambda: list(pg_log.read_decisions(migrated)))  # the whole table in memory at once
+    export = peak_of(lambda: pg_log.export_decisions(migrated, tmp_path / "all.parquet", chunk=500))
+    assert pq.read_table(tmp_path / "all.parquet").num_rows == n
+    assert export < whole / 3, f"export held {export / 1e6:.1f} MB at its peak; the whole table is {whole / 1e6:.1f} MB"
