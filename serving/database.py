@@ -216,8 +216,10 @@ def pool(url: str, *, budget_ms: float, max_size: int = 4, name: str = "retentio
         reconnect_timeout=0,  # never give up: the database may be restarting
     )
     p.open(wait=False)
-    with contextlib.suppress(Exception):  # a first connection before the first request, if the database answers
-        p.wait(timeout=5.0)
+    # a first connection before the first request, if the database answers (not p.wait(): it closes the pool
+    # when the database is down, and the pool must keep trying)
+    with contextlib.suppress(Exception), p.connection(timeout=2.0):
+        pass
     return p
 
 

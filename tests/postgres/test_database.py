@@ -206,6 +206,34 @@ def test_replay_is_refused_by_another_replica_and_forgotten_after_its_expiry(mig
         b.close()
 
 
+def test_remember_many_is_one_statement_with_the_answer_of_each_id(migrated: str) -> None:
+    a = database.PostgresReplayMemory(migrated, budget_ms=1000)
+    b = database.PostgresReplayMemory(migrated, budget_ms=1000)
+    try:
+        now = time.time()
+        assert a.remember_many([("x", now + 60, now), ("y", now + 60, now), ("x", now + 60, now)]) == [True, True, False]
+        assert b.remember_many([("y", now + 60, now), ("z", now + 60, now)]) == [False, True]
+        assert b.remember_many([]) == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_replica_answers_on_its_own_memory_while_the_database_does_not_answer() -> None:
+    from serving.replay import LayeredReplayMemory
+
+    misses: list[BaseException] = []
+    mem = LayeredReplayMemory(lambda: database.PostgresReplayMemory(dead_url(), budget_ms=20), on_error=misses.append)
+    try:
+        now = time.time()
+        assert mem.remember("r-2", now + 60, now) is True  # answered, the miss counted
+        assert mem.remember("r-2", now + 60, now) is False  # the replica's own memory still refuses a replay
+        assert len(misses) == 1 and isinstance(misses[0], TimeoutError)
+        assert mem.status()["ok"] is False
+    finally:
+        mem.close()
+
+
 def test_an_unreachable_replay_store_fails_as_an_os_error_and_recovers(migrated: str) -> None:
     mem = database.PostgresReplayMemory(dead_url(), budget_ms=20)
     try:
