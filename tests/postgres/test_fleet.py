@@ -297,3 +297,14 @@ def test_a_postgresql_restart_under_load_loses_nothing_and_notifications_wait_fo
     assert len(stored) == len(set(stored))
     assert set(load.answered) <= set(stored), f"{len(set(load.answered) - set(stored))} answered decisions lost"
     assert query(url, "SELECT count(*) FROM outcomes WHERE original_transaction_id LIKE '20000009%'") == [(4,)]
+
+
+def test_serve_refuses_a_schema_newer_than_it_knows_with_one_line(fleet_env: dict[str, str], pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, description) VALUES (%s, 'a newer release')",
+                     (database.SCHEMA_VERSION + 1,))
+    out = subprocess.run([sys.executable, "-m", "retention", "serve"], env=fleet_env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and "newer than this release knows" in lines[0] and "Traceback" not in out.stderr
