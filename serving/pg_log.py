@@ -48,6 +48,8 @@ log = logging.getLogger("retention.pg_log")
 #: Ways of writing a batch of decisions: COPY into a temporary table then one INSERT, or multi-row INSERTs.
 METHODS: Final = ("copy", "insert")
 RETRY_S: Final = 1.0
+#: Spilled rows written to the database per writer wake-up at most (the rest on the next ones).
+DRAIN_ROWS: Final = 20_000
 SPILL_PREFIX: Final = "pg-spill-"
 _LEN = struct.Struct("<I")
 _DECISION_COLS: Final = [c.strip() for c in dl._DECISION_COLUMNS_SQL.split(",")]
@@ -91,6 +93,7 @@ class SpillFile:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.rows = 0
+        self.offset = 0  # bytes already written to the database (the batches before it)
 
     @classmethod
     def open_own(cls, path: Path) -> SpillFile:
@@ -119,10 +122,14 @@ class SpillFile:
         self.size += _LEN.size + len(data)
         self.rows += rows
 
-    def batches(self) -> Iterator[list[Any]]:
-        """Yield the batches in the order they were appended (a torn last one, from a crash, is skipped)."""
+    def batches(self) -> Iterator[tuple[list[Any], int]]:
+        """Yield (batch, offset after it) from :attr:`offset` on, in the order they were appended.
+
+        A torn last batch (a crash while it was written) ends the file: it is skipped, with a log line.
+        """
         with open(os.dup(self.fd), "rb", closefd=True) as fh:
-            fh.seek(0)
+            fh.seek(self.offset)
+            at = self.offset
             while True:
                 head = fh.read(_LEN.size)
                 if len(head) < _LEN.size:
@@ -132,13 +139,15 @@ class SpillFile:
                 if len(data) < n:
                     log.error("spill file %s ends with a torn batch (a crash while writing it); skipped", self.path)
                     return
-                yield _dec(data)
+                at += _LEN.size + n
+                yield _dec(data), at
 
     def clear(self) -> None:
         os.ftruncate(self.fd, 0)
         os.fsync(self.fd)
         self.size = 0
         self.rows = 0
+        self.offset = 0
 
     def close(self, *, remove: bool = False) -> None:
         if remove:
@@ -480,29 +489,43 @@ class PostgresDecisionLog:
             )
 
     def _drain_spills(self) -> bool:
-        """Write the spill files (adopted ones first, then this process's), in order; True when none is left."""
+        """Write the spill files (adopted ones first, then this process's), in order; True when none is left.
+
+        At most :data:`DRAIN_ROWS` rows a call, so new batches keep flowing (behind them, into the spill file)
+        while a long outage's backlog is written: False then, with the database still up.
+        """
+        budget = DRAIN_ROWS
         for orphan in list(self._orphans):
-            if not self._drain(orphan):
+            finished, budget = self._drain(orphan, budget)
+            if not finished:
                 return False
             orphan.close(remove=True)
             self._orphans.remove(orphan)
         spill = self._spill
         if spill is not None and spill.size > 0:
-            if not self._drain(spill):
+            finished, _ = self._drain(spill, budget)
+            if not finished:
                 return False
-            log.warning("decision log: %d spilled records written to the database", spill.rows)
+            log.warning("decision log: the spill file's records are all written to the database")
             spill.clear()
         return True
 
-    def _drain(self, spill: SpillFile) -> bool:
+    def _drain(self, spill: SpillFile, budget: int) -> tuple[bool, int]:
+        """Write `spill`'s batches from its offset on, up to about `budget` rows; return (reached its end, budget left)."""
         try:
-            for batch in spill.batches():
+            for batch, end in spill.batches():
+                if budget <= 0:
+                    return False, 0
                 if not self._commit(*batch):
-                    return False
+                    return False, 0
+                spill.offset = end
+                rows = len(batch[0]) + len(batch[1])
+                spill.rows = max(spill.rows - rows, 0)
+                budget -= rows
         except (OSError, msgspec.DecodeError) as exc:
             log.error("spill file %s cannot be read (%s); it is kept for an operator", spill.path, exc)
-            return False
-        return True
+            return False, 0
+        return True, budget
 
     def _spill_batch(self, decisions: list[Any], outcomes: list[Any], schemas: list[Any]) -> None:
         spill = self._spill

@@ -333,3 +333,23 @@ def test_export_memory_is_bounded_by_its_chunk_not_by_the_table(migrated: str, t
     export = peak_of(lambda: pg_log.export_decisions(migrated, tmp_path / "all.parquet", chunk=500))
     assert pq.read_table(tmp_path / "all.parquet").num_rows == n
     assert export < whole / 3, f"export held {export / 1e6:.1f} MB at its peak; the whole table is {whole / 1e6:.1f} MB"
+
+
+def test_a_long_backlog_is_written_a_slice_at_a_time_in_order_with_new_records_behind_it(
+    migrated: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_log, "DRAIN_ROWS", 5)
+    log = pg_log.PostgresDecisionLog(dead_url(), tmp_path, batch_ms=10)
+    log.start()
+    try:
+        for i in range(40):
+            log.log(record(i))
+            if i % 4 == 3:
+                log.flush()  # ten spilled batches of four
+        log.url = migrated
+        for i in range(40, 45):
+            log.log(record(i))  # arrive while the backlog is being written
+        assert flushed(log)
+    finally:
+        log.close()
+    assert [r["request_id"] for r in pg_log.read_decisions(migrated)] == [f"req-{i}" for i in range(45)]
