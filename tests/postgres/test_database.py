@@ -353,3 +353,34 @@ def test_a_long_backlog_is_written_a_slice_at_a_time_in_order_with_new_records_b
     finally:
         log.close()
     assert [r["request_id"] for r in pg_log.read_decisions(migrated)] == [f"req-{i}" for i in range(45)]
+
+
+def test_train_reads_the_fleets_database_directly(migrated: str, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from serving.settings import DEMO_CATALOG
+
+    sim = retention("simulate", "--n", "3000", "--seed", "2", "--out", str(tmp_path / "world"))
+    assert sim.returncode == 0, sim.stderr
+    decisions = pd.read_parquet(tmp_path / "world" / "decisions.parquet")
+    outcomes = pd.read_parquet(tmp_path / "world" / "outcomes.parquet")
+    log = pg_log.PostgresDecisionLog(migrated, tmp_path, batch_ms=20)
+    log.start()
+    try:
+        for d in decisions.itertuples(index=False):
+            log.log(DecisionRecord(
+                request_id=d.request_id, original_transaction_id=d.original_transaction_id, product_id=d.product_id,
+                user_locale=d.user_locale, environment=d.environment, signed_date=int(d.signed_date),
+                candidates=list(d.candidates), message_id=d.message_id, propensity=float(d.propensity),
+                model_version=d.model_version, policy=d.policy, answered_at=int(d.signed_date),
+            ))
+        for i, o in enumerate(outcomes.itertuples(index=False)):
+            log.log_outcome(f"sim-{i}", o.original_transaction_id, o.event, int(o.at))
+        assert flushed(log)
+    finally:
+        log.close()
+    out = retention("train", "--decisions", migrated, "--outcomes", migrated, "--profiles",
+                    str(tmp_path / "world" / "profiles.parquet"), "--catalog", str(DEMO_CATALOG),
+                    "--registry", str(tmp_path / "registry"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "registry" / "current").is_file()
