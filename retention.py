@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "loadtest": ("serving.loadtest", "run Apple's performance test shape against an endpoint, locally"),
     "decisions": ("serving.decisions_cli", "export the server's decision log to the training file format"),
     "notifications": ("serving.notifications_cli", "record outcomes missed from Apple's notification history"),
+    "db": ("serving.database", "the fleet's PostgreSQL database: migrate the schema, the fleet's kill switch"),
     "profiles": ("serving.profiles", "import the developer's subscriber profiles into the embedded store"),
     "simulate": ("training.simulate", "write a synthetic world's decisions, outcomes and profiles"),
     "train": ("training.train", "fit on decisions joined with outcomes, export ONNX, write a model version"),

@@ -26,6 +26,7 @@ from litestar.exceptions import HTTPException
 
 from models.data_files import APPLE_FALLBACK_POLICY
 from serving.catalog import Catalog, CatalogMessage
+from serving.database import FleetSync, PostgresReplayMemory
 from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
 from serving.logs import refusals
@@ -33,6 +34,7 @@ from serving.metrics import Metrics
 from serving.notifications import configured_bundle_id, receive_notification
 from serving.offers import OfferSigner
 from serving.offload import Offloader
+from serving.pg_log import PostgresDecisionLog
 from serving.policy import (
     Choice,
     ExplorationParams,
@@ -156,7 +158,15 @@ class RetentionService:
         data_dir.mkdir(parents=True, exist_ok=True)
         # the replay memory every worker of the host shares (docs/security.md); None: each verifier's own
         self.replay: LayeredReplayMemory | None = None
-        if verifier is None and settings.replay_store == "sqlite":
+        if verifier is None and settings.database_url is not None:  # the fleet's (docs/deployment-postgresql.md)
+            url, budget_ms = settings.database_url, settings.database_budget_ms
+
+            def replay_miss(_: BaseException) -> None:
+                self.metrics.replay_store_error()
+                self.metrics.database_miss("replay")
+
+            self.replay = LayeredReplayMemory(lambda: PostgresReplayMemory(url, budget_ms=budget_ms), on_error=replay_miss)
+        elif verifier is None and settings.replay_store == "sqlite":
             self.replay = LayeredReplayMemory(
                 lambda: SQLiteReplayMemory(data_dir / REPLAY_FILE), on_error=lambda _: self.metrics.replay_store_error()
             )
@@ -172,10 +182,20 @@ class RetentionService:
             on_model_version=self.metrics.set_model_version,
         )
         self.runtime.load()
-        self.decision_log = DecisionLog(
-            data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
-            writer=settings.log_writer, on_fault=self.metrics.decision_log_fault,
-        )
+        self.fleet: FleetSync | None = None
+        self.decision_log: DecisionLog | PostgresDecisionLog
+        if settings.database_url is not None:  # a fleet sharing PostgreSQL (docs/deployment-postgresql.md)
+            self.decision_log = PostgresDecisionLog(
+                settings.database_url, data_dir, batch_ms=settings.log_batch_ms, method=settings.database_write,
+                spill_max_bytes=settings.spill_max_bytes, on_drop=self.metrics.decision_log_dropped,
+                on_fault=self.metrics.decision_log_fault, on_state=self.metrics.database_state,
+            )
+            self.fleet = FleetSync(settings.database_url, data_dir / "profiles.sqlite")
+        else:
+            self.decision_log = DecisionLog(
+                data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
+                writer=settings.log_writer, on_fault=self.metrics.decision_log_fault,
+            )
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)
         self.params = ExplorationParams(settings.epsilon, settings.exploration, settings.temperature, settings.holdout)
@@ -205,6 +225,8 @@ class RetentionService:
     def start(self) -> None:
         """Start the background log writer and the reload thread."""
         self.decision_log.start()
+        if self.fleet is not None:
+            self.fleet.start()
         self.runtime.start(self.settings.reload_interval_s)
         self.offload.start()
         if self.sigproc is not None:
@@ -220,6 +242,8 @@ class RetentionService:
         self.decision_log.close()
         if self.replay is not None:
             self.replay.close()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.metrics.close()
 
     def ready(self) -> tuple[bool, str]:
@@ -229,6 +253,7 @@ class RetentionService:
             return False, "catalog not loaded"
         if snap.model is None:
             return False, f"no model: {snap.model_error}"
+        # SQLite: 503 while decisions cannot be written; PostgreSQL: ready while they reach it or fit in the spill file
         return self.decision_log.health()
 
     def kill_switch_on(self) -> bool:
@@ -236,7 +261,7 @@ class RetentionService:
 
         The file is looked at no more than once a second, so the request path makes no syscall for it.
         """
-        if self.killed:
+        if self.killed or (self.fleet is not None and self.fleet.kill_switch):
             return True
         now = time.monotonic()
         if now >= self._kill_checked_at:
@@ -620,6 +645,15 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
             # the shared replay store's state; its failures do not make the worker unready (docs/security.md)
             "replay_store": svc.replay.status() if svc.replay is not None else {"shared": False},
         }
+        if svc.fleet is not None:
+            st = svc.decision_log.stats()
+            body["database"] = {
+                "decisions": "written" if st["database_up"] else "spilled",
+                "spilled_records": st["spilled"],
+                "dropped": st["dropped"],
+                "fleet_state": "ok" if svc.fleet.ok else f"stale: {svc.fleet.last_error}",
+                "kill_switch": svc.fleet.kill_switch,
+            }
         return Response(content=_encode(body), status_code=200 if ok else 503, media_type=MediaType.JSON)
 
     @get("/metrics", sync_to_thread=False)

@@ -48,6 +48,9 @@ def main(argv: Sequence[str]) -> int:
     data_help = "data folder of the server; repeat for several replicas [env RETENTION_DATA_DIR; default 'data']"
     exp = sub.add_parser("export", help="write the decisions (and outcomes) files that retention train reads")
     exp.add_argument("--data-dir", action="append", help=data_help)
+    exp.add_argument("--database-url", default=None,
+                     help="read the fleet's PostgreSQL database instead of log files (postgresql:// URL) "
+                     "[env RETENTION_DATABASE_URL]")
     exp.add_argument("--out", required=True, help="decisions file to write (.parquet or .csv)")
     exp.add_argument("--outcomes-out", help="outcomes file to write too (.parquet or .csv)")
     exp.add_argument("--include-unanswered", action="store_true",
@@ -63,6 +66,9 @@ def main(argv: Sequence[str]) -> int:
     show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
     args = parser.parse_args(list(argv))
     bad: dict[Path, str] = {}
+    url = getattr(args, "database_url", None) or (None if args.data_dir else os.environ.get("RETENTION_DATABASE_URL"))
+    if args.command == "export" and url:
+        return _export_database(args, url)
 
     def on_bad_file(path: Path, why: str) -> None:
         if path not in bad:
@@ -111,4 +117,18 @@ def main(argv: Sequence[str]) -> int:
             prob = f"{probs[j]:.4f}" if j < len(probs) else "-"
             mark = "*" if m == d["message_id"] else " "
             print(f"   {mark} {m}  P(stay)={score}  value={value}  prob={prob}")
+    return 0
+
+
+def _export_database(args: argparse.Namespace, url: str) -> int:
+    """``retention decisions export --database-url URL``: stream the fleet's decisions (and outcomes) to files."""
+    from serving import pg_log
+    from serving.database import check_url, safe_url
+
+    check_url(url)
+    n = pg_log.export_decisions(url, args.out, shown_only=not args.include_unanswered)
+    print(f"exported {n} decisions from {safe_url(url)} to {args.out}")
+    if args.outcomes_out:
+        m = pg_log.export_outcomes(url, args.outcomes_out)
+        print(f"exported {m} outcomes to {args.outcomes_out}")
     return 0

@@ -20,6 +20,9 @@ Series:
   the app's routes, or ``other``);
 - ``retention_connections_refused_total{code}`` (connections answered and closed by serving/http_limits.py:
   request_timeout, too_many_connections, request_header_fields_too_large, uri_too_long, malformed_request);
+- with a database (``RETENTION_DATABASE_URL``): ``retention_database_up`` (1 while it takes the log's batches,
+  min over workers), ``retention_database_spilled_records`` (records waiting in the local spill files, summed),
+  ``retention_database_misses_total{what}`` (request-path reads that did not answer within the budget);
 - ``retention_signature_process_restarts_total`` (the child that checks request signatures died;
   the server checked them itself until it started again).
 
@@ -142,6 +145,24 @@ class Metrics:
         self._sigproc_restarts = Counter(
             "retention_signature_process_restarts",
             "Times the signature process died and was started again (its jobs were done in the server meanwhile).",
+            registry=reg,
+        )
+        self._db_up = Gauge(
+            "retention_database_up",
+            "1 while the database takes the decision log's batches, 0 while they go to the spill file (min over workers).",
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self._db_spilled = Gauge(
+            "retention_database_spilled_records",
+            "Decisions and outcomes waiting in the local spill files for the database (summed over workers).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._db_misses = Counter(
+            "retention_database_misses",
+            "Request-path reads of the database that failed or did not answer within the budget, by what (replay).",
+            ["what"],
             registry=reg,
         )
         self._http_5xx = Counter(
@@ -284,6 +305,15 @@ class Metrics:
     def connection_refused(self, code: str) -> None:
         """Count one connection refused by the HTTP limits, by its stable error code."""
         self._connections_refused.labels(code).inc()
+
+    def database_state(self, up: bool, spilled: int) -> None:
+        """Set the database gauges: whether it takes batches, and the records waiting in the spill file."""
+        self._db_up.set(1 if up else 0)
+        self._db_spilled.set(spilled)
+
+    def database_miss(self, what: str) -> None:
+        """Count one request-path read of the database that failed or came too late (`what`: replay)."""
+        self._db_misses.labels(what).inc()
 
     def signature_process_restart(self) -> None:
         """Count one death of the signature process."""

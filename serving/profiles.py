@@ -305,6 +305,11 @@ def main(argv: Sequence[str]) -> int:
     imp.add_argument(
         "--data-dir", default=None, help="data folder of the server [env RETENTION_DATA_DIR; default 'data']"
     )
+    imp.add_argument(
+        "--database-url", default=None,
+        help="import into the fleet's PostgreSQL database instead (every replica copies it within seconds) "
+        "[env RETENTION_DATABASE_URL]",
+    )
     show = sub.add_parser("show", help="print one subscriber's stored profile")
     show.add_argument("original_transaction_id")
     show.add_argument(
@@ -312,6 +317,19 @@ def main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
     db = profiles_path(args.data_dir or _default_data_dir())
+    url = getattr(args, "database_url", None) or (None if args.data_dir else os.environ.get("RETENTION_DATABASE_URL"))
+    if args.command == "import" and url:
+        from serving import database
+
+        t0 = time.perf_counter()
+        try:
+            n = database.import_profiles(args.file, database.check_url(url))
+        except (ValueError, database.DatabaseError) as exc:
+            print(f"retention profiles: {exc}", file=sys.stderr)
+            return 1
+        print(f"imported {n} profiles into {database.safe_url(url)} in {time.perf_counter() - t0:.1f} s; "
+              "every replica copies them within a few seconds")
+        return 0
     if args.command == "import":
         t0 = time.perf_counter()
         n = import_profiles(args.file, db, progress=True)

@@ -123,6 +123,13 @@ def preflight(settings: Settings) -> Startup:
 
         start_experiment(settings.model.split("@", 1)[0], settings.challenger, settings.challenger_share,
                          settings.experiment_id)  # raises ExperimentError (a ValueError) in one sentence
+    if settings.database_url is not None:
+        from serving.database import DatabaseError, require_schema
+
+        try:  # unreachable, or a schema newer than this release knows (or older, not migrated): one line
+            require_schema(settings.database_url, run_migrations=settings.database_migrate)
+        except DatabaseError as exc:
+            raise SettingsError(str(exc)) from None
     return Startup(tuple(fingerprint_sha256(r) for r in roots), catalog.sha256, model_version, shadow_version)
 
 

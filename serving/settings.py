@@ -113,7 +113,7 @@ class Settings:
         "sqlite",
         "Where answered requestIdentifiers are remembered: sqlite (replay.sqlite in the data folder, shared by "
         "every worker of the host and kept across restarts, behind each worker's in-process memory) or memory "
-        "(each worker's own, forgotten on restart).",
+        "(each worker's own, forgotten on restart). With --database-url, the database's, shared by the fleet.",
     )
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
@@ -121,6 +121,24 @@ class Settings:
     log_writer: str = _f(
         "process",
         "Who writes the decision log: process (a child process per server process, off this one's GIL) or thread.",
+    )
+    # ---- a fleet of replicas sharing PostgreSQL (docs/deployment-postgresql.md) ----
+    database_url: str | None = _f(
+        None,
+        "postgresql:// URL of the database every replica shares for decisions, outcomes, replay and profiles; "
+        "unset: this host's SQLite files in the data folder.",
+    )
+    database_budget_ms: float = _f(
+        20.0,
+        "Longest the request path waits for the database (the replay check); past it the request is answered on "
+        "the replica's own replay memory and the miss counted.",
+    )
+    database_migrate: bool = _f(False, "Create or migrate the database schema at start (as `retention db migrate`).")
+    database_write: str = _f("copy", "How decision batches are written: copy (COPY, then one INSERT) or insert.")
+    spill_max_bytes: int = _f(
+        1 << 30,
+        "Bound of the local spill file that holds decisions while the database is unreachable; past it they "
+        "are dropped, counted and logged.",
     )
     # ---- promotional offers (In-App Purchase key) ----
     offer_key_file: str | None = _f(None, "In-App Purchase private key (.p8 file) that signs promotional offers.")
@@ -213,6 +231,16 @@ class Settings:
             raise ValueError(f"max_header_bytes must be >= 1024, not {self.max_header_bytes}")
         if self.max_body_bytes < 256:
             raise ValueError("max_body_bytes must be at least 256")
+        if self.database_url is not None:
+            from serving.database import check_url
+
+            check_url(self.database_url)
+        if not self.database_budget_ms > 0:
+            raise ValueError(f"database_budget_ms must be > 0, not {self.database_budget_ms}")
+        if self.database_write not in ("copy", "insert"):
+            raise ValueError(f"database_write must be copy or insert, not {self.database_write!r}")
+        if self.spill_max_bytes < 0:
+            raise ValueError(f"spill_max_bytes must be >= 0, not {self.spill_max_bytes}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
 

@@ -131,3 +131,54 @@ def apple(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         monkeypatch.setenv(k, v)
     yield fx
     fx.server.stop()
+
+
+# -- PostgreSQL (issue 19) ----------------------------------------------------------------------------------
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _pg_unavailable(url: str) -> str | None:
+    """Return why the test server at `url` cannot be used, or None when it answers."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        return f"no PostgreSQL at {url} ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """Return the URL of the PostgreSQL test server (``RETENTION_TEST_DATABASE_URL``).
+
+    Without a reachable server the test is skipped with the reason, except under ``CI=true``, where a missing
+    server fails the run: no green CI that never touched PostgreSQL.
+    """
+    import os
+
+    url = os.environ.get("RETENTION_TEST_DATABASE_URL") or DEFAULT_TEST_DATABASE_URL
+    why = _pg_unavailable(url)
+    if why is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why}; CI=true requires the PostgreSQL server", pytrace=False)
+        pytest.skip(why)
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Any:
+    """Yield a URL of the test server whose search_path is a fresh schema of this test's own (dropped after)."""
+    import uuid
+    from urllib.parse import quote
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_server else "?"
+    yield f"{pg_server}{sep}options={quote(f'-csearch_path={schema}')}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from serving.pg_log import source, training_inputs
 from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
 from training.target_policy import Exploration
 
@@ -22,9 +23,11 @@ def _parser() -> argparse.ArgumentParser:
         "on logged decisions and outcomes: IPS, SNIPS, direct method, doubly robust and switch-DR estimates with "
         "bootstrap intervals. Prints a table; writes summary.json and report.html into --out.",
     )
-    p.add_argument("--decisions", required=True, type=Path, help="decisions file (.parquet or .csv), or an export of "
+    p.add_argument("--decisions", required=True, type=source, help="decisions file (.parquet or .csv), the fleet's "
+                   "database (postgresql:// URL), or an export of "
                    "the server's log")
-    p.add_argument("--outcomes", required=True, type=Path, help="outcome events file (.parquet or .csv)")
+    p.add_argument("--outcomes", required=True, type=source,
+                   help="outcome events file (.parquet or .csv), or the fleet's database (postgresql:// URL)")
     p.add_argument("--profiles", type=Path, help="subscriber profiles file (as used in training)")
     p.add_argument("--catalog", required=True, type=Path, help="catalog JSON (values and costs of the messages)")
     p.add_argument("--registry", help="model registry folder [env RETENTION_MODEL; default models/registry in the "
@@ -119,7 +122,8 @@ def main(argv: list[str]) -> int:
     versions = resolve_versions(registry, args.versions)
     if config.reward_model != "own" and config.reward_model not in registry.versions():
         raise ValueError(f"--reward-model {config.reward_model!r} is neither 'own' nor a version in {args.registry}")
-    inputs = Inputs.load(args.decisions, args.outcomes, args.catalog, args.profiles)
+    with training_inputs(args.decisions, args.outcomes) as (decisions_file, outcomes_file):
+        inputs = Inputs.load(decisions_file, outcomes_file, args.catalog, args.profiles)
     ground_truth = read_table(args.ground_truth) if args.ground_truth else None
     evaluated = evaluate(inputs, registry, versions, config, ground_truth=ground_truth)
 

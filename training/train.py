@@ -29,6 +29,7 @@ import pandas as pd
 from models import data_files
 from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry, registry_spec
+from serving.pg_log import source, training_inputs
 from training.fit import (
     MODELS,
     FitInfo,
@@ -730,8 +731,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Fit P(stay) on logged decisions joined with outcomes, export ONNX, check parity and write a "
         "new model version into the registry. The version id is the last line of stdout.",
     )
-    p.add_argument("--decisions", required=True, type=Path, help="decisions file (.parquet or .csv)")
-    p.add_argument("--outcomes", required=True, type=Path, help="outcome events file (.parquet or .csv)")
+    p.add_argument("--decisions", required=True, type=source,
+                   help="decisions file (.parquet or .csv), or the fleet's database (postgresql:// URL)")
+    p.add_argument("--outcomes", required=True, type=source,
+                   help="outcome events file (.parquet or .csv), or the fleet's database (postgresql:// URL)")
     p.add_argument("--profiles", type=Path, help="subscriber profiles file, keyed by original_transaction_id")
     p.add_argument("--catalog", required=True, type=Path, help="catalog JSON")
     p.add_argument("--registry", help="model registry folder, created if absent [env RETENTION_MODEL; default "
@@ -771,8 +774,9 @@ def main(argv: list[str]) -> int:
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
 
     catalog = Catalog.load(args.catalog)
-    decisions = read_decisions(args.decisions)
-    outcomes = read_outcomes(args.outcomes)
+    with training_inputs(args.decisions, args.outcomes) as (decisions_file, outcomes_file):
+        decisions = read_decisions(decisions_file)
+        outcomes = read_outcomes(outcomes_file)
     profiles = read_profiles(args.profiles) if args.profiles else None
     gt = read_table(args.ground_truth) if args.ground_truth else None
     result = train_frames(
