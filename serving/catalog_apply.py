@@ -20,8 +20,11 @@ What ``apply`` does, in order (``plan`` reads the same and prints the steps with
 6. with ``prune`` only: delete the defaults the catalog no longer has, then the messages, then
    the images that nothing kept uses (Apple refuses to delete an image in use).
 
-After every change at Apple the record (the catalog's ``uploaded`` section) is written
-atomically, so the file always says what Apple holds, even after an interruption.
+After every change at Apple the record (the catalog's ``uploaded`` section, one record per
+environment: ``{"Sandbox": {...}, "Production": {...}}``) is written atomically, so the file
+always says what Apple holds, even after an interruption. Apply in one environment touches only
+that environment's record; a record in the older single form is taken as this environment's
+(its states are read again from Apple) and rewritten per environment.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ from appstoreserverlibrary.models.ImageSize import ImageSize
 from appstoreserverlibrary.models.UploadMessageImage import UploadMessageImage
 from appstoreserverlibrary.models.UploadMessageRequestBody import UploadMessageRequestBody
 
-from serving.catalog import Catalog, CatalogError, DefaultMessage, Uploaded, UploadedImage, UploadedMessage
+from serving.catalog import (
+    ENVIRONMENTS,
+    Catalog,
+    CatalogError,
+    DefaultMessage,
+    Uploaded,
+    UploadedImage,
+    UploadedMessage,
+)
 from serving.catalog_content import Desired, desired
 from serving.catalog_sync import Pacer, SyncError, state_of, write_atomic
 
@@ -138,10 +149,11 @@ def read_apple(client: Any, pacer: Pacer, pairs: list[tuple[str, str]]) -> Apple
 
 # ---- the record -------------------------------------------------------------------------------
 class Record:
-    """The catalog file's ``uploaded`` section, kept in step with Apple and written after every change."""
+    """One environment's record in the catalog file's ``uploaded`` section, kept in step with Apple and written after every change."""
 
-    def __init__(self, path: Path, doc: dict[str, Any], uploaded: Uploaded | None, *, write: bool) -> None:
-        self.path, self.doc, self.write_enabled = path, doc, write
+    def __init__(self, path: Path, doc: dict[str, Any], uploaded: Uploaded | None, *, write: bool,
+                 environment: str) -> None:
+        self.path, self.doc, self.write_enabled, self.environment = path, doc, write, environment
         up = uploaded or Uploaded()
         self.messages: dict[str, UploadedMessage] = {u.messageIdentifier: u for u in up.messages}
         self.images: dict[str, UploadedImage] = {u.imageIdentifier: u for u in up.images}
@@ -156,8 +168,11 @@ class Record:
 
     def save(self) -> None:
         """Write the catalog with this record, atomically, when it changed (and writing is on)."""
-        new = self.to_builtins()
-        if not self.write_enabled or self.doc.get("uploaded") == new:
+        old = self.doc.get("uploaded") or {}
+        others = {env: old[env] for env in ENVIRONMENTS if env in old and env != self.environment} \
+            if set(old) <= set(ENVIRONMENTS) else {}  # the older single form becomes this environment's
+        new = {env: rec for env, rec in sorted({**others, self.environment: self.to_builtins()}.items())}
+        if not self.write_enabled or old == new:
             return
         self.doc["uploaded"] = new
         data = (json.dumps(self.doc, indent=2, ensure_ascii=False) + "\n").encode()
@@ -398,16 +413,19 @@ def run(
     pacer: Pacer,
     *,
     apply: bool,
+    environment: str,
     prune: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> Result:
     """Return the plan (and, with `apply`, what was done). Raises ApplyError or SyncError (one line each).
 
-    Without `apply` nothing changes at Apple or on disk.
+    `environment` (``Sandbox`` or ``Production``) is the one `client` calls: its record in the
+    catalog's ``uploaded`` section is the one read and written. Without `apply` nothing changes
+    at Apple or on disk.
     """
     path, _raw, catalog, want = load(catalog_path)
     doc = json.loads(_raw)
-    record = Record(path, doc, catalog.data.uploaded, write=apply)
+    record = Record(path, doc, catalog.record(environment), write=apply, environment=environment)
     pairs = sorted(set(want.defaults) | set(record.defaults))
     apple = read_apple(client, pacer, pairs)
     record.refresh(apple, want)

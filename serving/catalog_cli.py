@@ -104,6 +104,7 @@ def _apply(args: argparse.Namespace) -> int:
     try:
         client = make_client(args.key_file, args.key_id, args.issuer_id, args.bundle_id, args.environment)
         result = run(args.catalog, client, make_pacer(interval, max_wait=args.max_wait), apply=args.cmd == "apply",
+                     environment=args.environment,
                      prune=args.prune, log=lambda line: print(line, file=sys.stderr, flush=True))
     except (ApplyError, SyncError) as exc:
         lines = str(exc).splitlines()

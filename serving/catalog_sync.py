@@ -45,7 +45,7 @@ from appstoreserverlibrary.models.GetMessageListResponse import GetMessageListRe
 
 from serving.apple_api import RateLimited
 from serving.apple_api import describe_api_exception as _describe
-from serving.catalog import STATES, Catalog, CatalogError
+from serving.catalog import STATES, Catalog, CatalogError, upload_records
 
 T = TypeVar("T")
 
@@ -299,10 +299,10 @@ def plan_sync(raw: bytes, apple: AppleState, *, adopt_defaults: bool = False, so
     seen_images: set[str] = set()
     unknown_msgs: list[str] = []
     unknown_imgs: list[str] = []
-    uploaded = doc.get("uploaded") or {}
-    # texts uploaded by `catalog apply` keep their states in the record, which apply maintains
-    seen_messages.update(u["messageIdentifier"] for u in uploaded.get("messages", []))
-    seen_images.update(u["imageIdentifier"] for u in uploaded.get("images", []))
+    # texts uploaded by `catalog apply` keep their states in the record (one per environment), which apply maintains
+    for up in upload_records(doc.get("uploaded")).values():
+        seen_messages.update(u.messageIdentifier for u in up.messages)
+        seen_images.update(u.imageIdentifier for u in up.images)
     for m in doc.get("messages", []):
         if m.get("content") is not None:
             continue

@@ -102,7 +102,7 @@ def preflight(settings: Settings) -> Startup:
             file=sys.stderr,
         )
     _check_tls_files(settings)
-    catalog = Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
+    catalog = Catalog.load(settings.catalog, settings.environment)  # raises CatalogError with the entry and the reason
     model_version = shadow_version = None
     try:
         if pinned is not None or registry.root.resolve() != DEFAULT_REGISTRY.resolve():

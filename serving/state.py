@@ -163,6 +163,7 @@ class Runtime:
         *,
         catalog_path: str,
         registry_spec: str,
+        environment: str | None = None,
         shadow_version: str | None = None,
         challenger: str | None = None,
         challenger_share: float | None = None,
@@ -171,6 +172,7 @@ class Runtime:
         on_model_version: Callable[[str | None], None] | None = None,
     ) -> None:
         self.catalog_path = catalog_path
+        self.environment = environment  # Apple's, whose approved texts the catalog answers
         self.registry_spec = registry_spec
         self.shadow_version = shadow_version
         self.challenger = challenger
@@ -189,7 +191,7 @@ class Runtime:
     # ---- loading ------------------------------------------------------------------
     def load(self) -> Snapshot:
         """Load the catalog (required) and the model (optional: without one the rule policy serves)."""
-        catalog = Catalog.load(self.catalog_path)
+        catalog = Catalog.load(self.catalog_path, self.environment)
         self._catalog_key = _file_key(self.catalog_path)
         model, error = self._try_model(catalog)
         shadow = self._try_shadow(catalog)
@@ -271,7 +273,7 @@ class Runtime:
             if key != self._catalog_key:
                 self._catalog_key = key
                 try:
-                    new_cat = Catalog.load(self.catalog_path)
+                    new_cat = Catalog.load(self.catalog_path, self.environment)
                 except CatalogError as exc:
                     log.error("catalog reload refused, the old catalog keeps serving: %s", exc)
                     self._on_failure("catalog", str(exc))

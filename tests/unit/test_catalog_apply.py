@@ -68,18 +68,20 @@ def cat(tmp_path: Path) -> Path:
 
 def apply(apple: Any, path: Path, *, prune: bool = False, waits: list[float] | None = None) -> Any:
     sleeps = waits if waits is not None else []
-    return run(path, apple.client(), make_pacer(0.0, sleep=sleeps.append), apply=True, prune=prune)
+    return run(path, apple.client(), make_pacer(0.0, sleep=sleeps.append), apply=True, prune=prune,
+               environment=apple.environment)
 
 
 def plan(apple: Any, path: Path, *, prune: bool = False) -> Any:
-    return run(path, apple.client(), make_pacer(0.0, sleep=lambda s: None), apply=False, prune=prune)
+    return run(path, apple.client(), make_pacer(0.0, sleep=lambda s: None), apply=False, prune=prune,
+               environment=apple.environment)
 
 
 def assert_converged(apple: Any, path: Path) -> Catalog:
     """Apple holds exactly the catalog's texts and images, the defaults name the served texts, the record agrees."""
     catalog = Catalog.load(path)
     acct = apple.account
-    up = catalog.data.uploaded
+    up = catalog.record(apple.environment)
     assert up is not None
     ours = {u.messageIdentifier for u in up.messages}
     assert ours <= set(acct.messages) and len(ours) == 4  # 2 messages x 2 locales
@@ -144,7 +146,7 @@ def test_apply_converges_from_a_drifted_account_and_prunes_only_when_asked(apple
     acct.defaults[(MONTHLY, "de-DE")] = stray_msg
     catalog = Catalog.load(cat)
     doc = json.loads(cat.read_text())
-    doc["uploaded"]["defaults"].append({"productId": MONTHLY, "locale": "de-DE", "messageIdentifier": stray_msg})
+    doc["uploaded"]["Sandbox"]["defaults"].append({"productId": MONTHLY, "locale": "de-DE", "messageIdentifier": stray_msg})
     cat.write_text(json.dumps(doc))
     before = len(apple.server.mutations())
     apply(apple, cat, prune=True)
@@ -160,7 +162,7 @@ def test_a_run_interrupted_halfway_converges_when_run_again(apple, cat, capsys):
     assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "HTTP 500" in err[-2] and "run it again" in err[-1]
-    recorded = Catalog.load(cat).data.uploaded
+    recorded = Catalog.load(cat).record("Sandbox")
     assert recorded is not None and len(recorded.images) == 2 and len(recorded.messages) == 1  # what Apple holds
     apple.server.fail_after(None)
     assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 0
@@ -224,7 +226,7 @@ def test_a_rejected_text_is_reported_and_never_answered(apple, cat, make_setting
     catalog = Catalog.load(cat)
     assert catalog.served == {}  # nothing approved: nothing served, no default set
     assert apple.account.defaults == {}
-    fr_text = next(u.messageIdentifier for u in catalog.data.uploaded.messages
+    fr_text = next(u.messageIdentifier for u in catalog.record("Sandbox").messages
                    if u.message == M_TEXT and u.locale == "fr-FR")
     for mid in list(apple.account.messages):
         (apple.server.reject if mid == fr_text else apple.server.approve)(mid)
@@ -288,7 +290,7 @@ def test_content_problems_are_one_line_each(tmp_path, capsys):
         assert sum(text in line for line in err) >= 1, (text, err)
     assert all(line.startswith("retention catalog: ") for line in err)
     with pytest.raises(ApplyError, match="breaks Apple's limits"):
-        run(path, None, make_pacer(0.0), apply=False)
+        run(path, None, make_pacer(0.0), apply=False, environment="Sandbox")
 
 
 def test_a_tRNS_chunk_and_a_non_png_are_refused(tmp_path):
@@ -361,3 +363,59 @@ def test_a_message_without_content_still_needs_its_state_and_locales_must_match_
         Catalog.from_bytes(json.dumps(doc).encode())
     doc["messages"][0]["locales"] = ["fr-FR", "en-US"]
     assert Catalog.from_bytes(json.dumps(doc).encode()).messages[M_TEXT].locales == ["en-US", "fr-FR"]
+
+
+# ---- one record per environment -----------------------------------------------------------------
+def test_sandbox_approvals_never_make_a_production_endpoint_answer_a_text_pending_in_production(
+        apple, cat, tmp_path, make_settings, pki):
+    from serving.app import create_app
+    from tests.conftest import AppleFixture
+
+    (tmp_path / "prod").mkdir()
+    prod = AppleFixture(tmp_path / "prod", environment="Production")
+    try:
+        prod.account.auto_approve = False
+        apply(prod, cat)  # Production: every text PENDING, no default set
+        apply(apple, cat)  # Sandbox: every text APPROVED at once
+        doc = json.loads(cat.read_text())
+        assert set(doc["uploaded"]) == {"Sandbox", "Production"}
+        in_prod, in_sandbox = Catalog.load(cat, "Production"), Catalog.load(cat, "Sandbox")
+        assert in_prod.served == {} and len(in_sandbox.served) == 4
+        assert {u.messageState for u in in_prod.record().messages} == {"PENDING"}  # type: ignore[union-attr]
+        assert prod.account.defaults == {} and len(apple.account.defaults) == 3
+        sandbox_texts = set(in_sandbox.served.values())
+        empty_registry = tmp_path / "no-model"
+        empty_registry.mkdir()
+        settings = make_settings(catalog=str(cat), model=str(empty_registry), environment="Production")
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            texts = []
+            for locale in ("en-US", "fr-FR"):
+                body = pki.signed_request_body(app_apple_id=APP_ID, environment="Production", product_id=MONTHLY,
+                                               user_locale=locale)
+                r = client.post("/retention/message", content=body, headers={"content-type": "application/json"})
+                assert r.status_code in (200, 404), r.text
+                texts.append(r.text)
+        assert not any(mid in text for mid in sandbox_texts | set(prod.account.messages) for text in texts)
+        # Production approves: its own apply makes those texts (and only those) answered there
+        for mid in list(prod.account.messages) + list(prod.account.images):
+            prod.server.approve(mid)
+        apply(prod, cat)
+        assert Catalog.load(cat, "Production").served == in_sandbox.served  # same texts, same UUIDs
+        assert len(prod.account.defaults) == 3
+    finally:
+        prod.server.stop()
+
+
+def test_a_record_in_the_older_single_form_is_read_and_rewritten_per_environment(apple, cat):
+    apply(apple, cat)
+    doc = json.loads(cat.read_text())
+    doc["uploaded"] = doc["uploaded"]["Sandbox"]  # what apply wrote before records were per environment
+    cat.write_text(json.dumps(doc))
+    old = Catalog.load(cat, "Production")
+    assert len(old.served) == 4  # read as it was
+    n = len(apple.server.mutations())
+    apply(apple, cat)
+    assert len(apple.server.mutations()) == n  # nothing uploaded again
+    assert set(json.loads(cat.read_text())["uploaded"]) == {"Sandbox"}
+    assert Catalog.load(cat, "Production").served == {}
+    assert_converged(apple, cat)
