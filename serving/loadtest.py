@@ -78,10 +78,10 @@ class LoadTestResult:
         """Return requests sent per second of wall time."""
         return self.total / self.duration_s if self.duration_s > 0 else 0.0
 
-    def percentile(self, q: float) -> float | None:
-        """Return the `q`-th percentile (0-100) of response times, nearest rank, in ms (None with no answer)."""
+    def percentile(self, q: float) -> float:
+        """Return the `q`-th percentile (0-100) of response times, nearest rank, in ms (nan with no answer; never printed)."""
         if not self.latencies_ms:
-            return None
+            return float("nan")
         xs = sorted(self.latencies_ms)
         rank = max(1, int(-(-q * len(xs) // 100)))  # ceil(q/100 * n)
         return xs[min(rank, len(xs)) - 1]
@@ -91,7 +91,7 @@ class LoadTestResult:
         if not self.latencies_ms:
             return {}
         avg = sum(self.latencies_ms) / len(self.latencies_ms)
-        return {"average": avg, **{f"p{q}": self.percentile(q) or 0.0 for q in (50, 90, 95, 99)}}
+        return {"average": avg, **{f"p{q}": self.percentile(q) for q in (50, 90, 95, 99)}}
 
 
 #: what a non-200 answer usually means, by the endpoint's error code (docs/http-api.md)
