@@ -419,3 +419,30 @@ def test_a_record_in_the_older_single_form_is_read_and_rewritten_per_environment
     assert set(json.loads(cat.read_text())["uploaded"]) == {"Sandbox"}
     assert Catalog.load(cat, "Production").served == {}
     assert_converged(apple, cat)
+
+
+def test_sync_check_defaults_matches_the_defaults_apply_set_through_the_per_locale_texts(apple, cat, capsys):
+    apple.account.messages[LEGACY] = {"state": "APPROVED", "body": {"header": "legacy", "body": "by hand"}}
+    apply(apple, cat)
+    capsys.readouterr()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--check-defaults", "--min-interval", "0",
+                             "--locales", "en-US"]) == 0
+    out = capsys.readouterr().out
+    assert "0 mismatch(es)" in out and "differ" not in out, out
+    before = cat.read_bytes()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--adopt-defaults", "--min-interval", "0",
+                             "--locales", "en-US"]) == 0
+    assert cat.read_bytes() == before  # nothing to adopt: Apple's defaults are the catalog's, per locale
+    # Apple's default repointed to another catalog message's text: reported, and adopted as that message
+    doc = json.loads(before)
+    doc["messages"].append({"messageIdentifier": "77777777-7777-4777-8777-777777777777", "kind": "message",
+                            "productIds": [ANNUAL], "content": {"en-US": {"header": "Stay", "body": "Please."}}})
+    cat.write_text(json.dumps(doc))
+    apply(apple, cat)
+    other = Catalog.load(cat).apple_id(Catalog.load(cat).messages["77777777-7777-4777-8777-777777777777"], "en-US")
+    assert other is not None
+    apple.account.defaults[(ANNUAL, "en-US")] = other
+    capsys.readouterr()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--adopt-defaults", "--min-interval", "0",
+                             "--locales", "en-US"]) == 0
+    assert Catalog.load(cat).defaults[(ANNUAL, "en-US")].messageIdentifier == "77777777-7777-4777-8777-777777777777"
