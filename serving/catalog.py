@@ -32,6 +32,7 @@ without ``content`` is served under its own ``messageIdentifier`` with its own s
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,8 @@ import msgspec
 Kind = Literal["message", "alternateProduct", "promotionalOffer"]
 KINDS: tuple[str, ...] = ("message", "alternateProduct", "promotionalOffer")
 STATES: tuple[str, ...] = ("PENDING", "APPROVED", "REJECTED")
+#: a locale code as Apple's userLocale gives it: language, optional script, optional region (BCP 47's common part)
+LOCALE_TAG = re.compile(r"[a-z]{2,3}(?:[-_][A-Z][a-z]{3})?(?:[-_](?:[A-Z]{2}|[0-9]{3}))?")
 
 
 class CatalogError(ValueError):
@@ -330,8 +333,9 @@ class Catalog:
         if m.imageIdentifier is not None or m.imageState is not None:
             raise CatalogError(f"message {mid}: a message with content names its images in content, not imageIdentifier")
         for loc in m.content or {}:
-            if not loc or loc != loc.strip():
-                raise CatalogError(f"message {mid}: content locale {loc!r} is not a locale code")
+            if not LOCALE_TAG.fullmatch(loc):
+                raise CatalogError(f"message {mid}: content locale {loc!r} is not a locale code (a language, "
+                                   "optionally a script and a region: en, en-US, zh-Hans-CN)")
 
     def record(self, environment: str | None = None) -> Uploaded | None:
         """Return the upload record of `environment` (default: the catalog's), or None.

@@ -446,3 +446,30 @@ def test_sync_check_defaults_matches_the_defaults_apply_set_through_the_per_loca
     assert catalog_cli.main(["sync", "--catalog", str(cat), "--adopt-defaults", "--min-interval", "0",
                              "--locales", "en-US"]) == 0
     assert Catalog.load(cat).defaults[(ANNUAL, "en-US")].messageIdentifier == "77777777-7777-4777-8777-777777777777"
+
+
+# ---- review: what Apple's Upload Message refuses, and defaults without a text ----------------------
+def test_a_switch_plan_message_with_bullet_points_and_a_default_without_a_text_are_refused(tmp_path, capsys):
+    doc = catalog_doc()
+    bullet = {"text": "Offline downloads", "image": {"file": "img/offline.png", "altText": "A cloud"}}
+    doc["messages"][1]["content"]["en-US"]["bulletPoints"] = [bullet]  # M_SWITCH: alternateProduct
+    doc["defaults"].append({"productId": ANNUAL, "locale": "de-DE", "messageIdentifier": M_TEXT})  # no de text
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"message {M_SWITCH} en-US: a alternateProduct message must have no bullet points" in err
+    assert f"default for {ANNUAL} de-DE: message {M_TEXT} has no text for de-DE" in err
+    with pytest.raises(ApplyError, match="breaks Apple's limits"):
+        run(path, None, make_pacer(0.0), apply=False, environment="Sandbox")
+
+
+def test_a_content_key_that_is_not_a_locale_is_refused(tmp_path, capsys):
+    doc = catalog_doc()
+    doc["messages"][0]["content"]["english"] = dict(doc["messages"][0]["content"]["en-US"])
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "content locale 'english' is not a locale code" in err[0]
+    doc["messages"][0]["content"]["zh-Hans-CN"] = doc["messages"][0]["content"].pop("english")
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 0
