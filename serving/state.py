@@ -13,12 +13,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.experiment import Experiment, ExperimentError, read_experiment, write_experiment
 from serving.catalog import Catalog, CatalogError, CatalogMessage
+from serving.catalog_content import content_problems
 from serving.schemas import DecodedRealtimeRequestBody
 
 log = logging.getLogger("retention.state")
@@ -274,6 +276,9 @@ class Runtime:
                 self._catalog_key = key
                 try:
                     new_cat = Catalog.load(self.catalog_path, self.environment)
+                    content = content_problems(new_cat, Path(self.catalog_path).resolve().parent)
+                    if content:  # what serve's start refuses, a reload refuses too
+                        raise CatalogError(f"{len(content)} problem(s) with Apple's limits, the first: {content[0]}")
                 except CatalogError as exc:
                     log.error("catalog reload refused, the old catalog keeps serving: %s", exc)
                     self._on_failure("catalog", str(exc))

@@ -473,3 +473,21 @@ def test_a_content_key_that_is_not_a_locale_is_refused(tmp_path, capsys):
     doc["messages"][0]["content"]["zh-Hans-CN"] = doc["messages"][0]["content"].pop("english")
     path = write_catalog(tmp_path, doc)
     assert catalog_cli.main(["validate", "--catalog", str(path)]) == 0
+
+
+def test_serve_refuses_a_catalog_that_validate_refuses_one_line_per_problem(tmp_path, pki_dir):
+    from serving.server import preflight
+    from serving.settings import SettingsError, parse_settings
+    from tests.conftest import BUNDLE_ID
+
+    doc = catalog_doc()
+    doc["messages"][0]["content"]["en-US"]["header"] = "h" * 67
+    doc["messages"][0]["content"]["fr-FR"]["body"] = "b" * 145
+    path = write_catalog(tmp_path, doc)
+    argv = ["--catalog", str(path), "--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", str(APP_ID),
+            "--bundle-id", BUNDLE_ID, "--environment", "Sandbox", "--data-dir", str(tmp_path / "data")]
+    with pytest.raises(SettingsError) as caught:  # `retention serve` prints each line and exits 2
+        preflight(parse_settings(argv))
+    err = str(caught.value).splitlines()
+    assert all(line.startswith(f"catalog {path}: ") for line in err) and len(err) == 3
+    assert "header is 67 characters; Apple allows 66" in err[0] and "body is 145 characters" in err[1]
