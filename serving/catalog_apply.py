@@ -63,7 +63,14 @@ DEFAULT_CONFIG_SHARE = 0.1
 
 
 class ApplyError(RuntimeError):
-    """Plan or apply stopped; the message is one line (Apple's answer, or what is wrong with the catalog)."""
+    """Plan or apply stopped; the message's first line says why (Apple's answer, or what is wrong with the catalog)."""
+
+
+class CatalogRefused(ApplyError):
+    """The catalog is invalid or breaks Apple's limits: nothing was read from or sent to Apple.
+
+    The first line says so; the lines after it are the problems, one each.
+    """
 
 
 @dataclass
@@ -399,11 +406,12 @@ def load(catalog_path: str | Path) -> tuple[Path, bytes, Catalog, Desired]:
     try:
         catalog = Catalog.from_bytes(raw, source=str(path))
     except CatalogError as exc:
-        raise ApplyError(f"the catalog is invalid: {exc}") from None
+        raise CatalogRefused(f"the catalog is invalid, nothing was sent to Apple: {exc}") from None
     want = desired(catalog, path.parent)
     if want.problems:
         lines = "\n".join(want.problems)
-        raise ApplyError(f"the catalog's content breaks Apple's limits ({len(want.problems)} problem(s)):\n{lines}")
+        raise CatalogRefused(f"the catalog's content breaks Apple's limits ({len(want.problems)} problem(s), listed "
+                             f"above); nothing was sent to Apple\n{lines}")
     return path, raw, catalog, want
 
 
@@ -475,10 +483,13 @@ def format_plan(plan: Plan, *, applied: list[Step] | None = None) -> str:
     else:
         out.append("nothing to do: Apple matches the catalog" if applied is None else "nothing done: Apple matched the catalog")
     if plan.texts:
-        out.append("texts (Apple's states):")
+        # the endpoint reads the record apply writes: a plan's "answered" is what holds once apply has run
+        out.append("texts (Apple's states; what the endpoint answers once apply has recorded them):" if applied is None
+                   else "texts (Apple's states; what the endpoint answers now):")
+        yes, no = ("answered after apply", "not answered after apply") if applied is None else ("answered", "not answered")
         for t in sorted(plan.texts, key=lambda t: (t.message, t.locale)):
-            serving = "answered" if t.serving == t.messageIdentifier else (
-                f"not answered; {t.serving} is" if t.serving else "not answered")
+            serving = yes if t.serving == t.messageIdentifier else (
+                f"{no}; {t.serving} is" if t.serving else no)
             out.append(f"  {t.message} {t.locale:<8} {t.messageIdentifier} {t.state:<12} {serving}")
     out += [f"rejected: {line}" for line in plan.rejected]
     out += [f"waiting: {line}" for line in plan.waiting]

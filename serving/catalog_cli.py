@@ -90,7 +90,8 @@ def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from serving.catalog_apply import ApplyError, format_plan, make_pacer, run
+    from serving.apple_api import base_url_of
+    from serving.catalog_apply import ApplyError, CatalogRefused, format_plan, make_pacer, run
     from serving.catalog_sync import SyncError, make_client, min_interval_for
 
     prog = f"retention catalog {args.cmd}"
@@ -103,6 +104,10 @@ def _apply(args: argparse.Namespace) -> int:
     interval = min_interval_for(args.environment) if args.min_interval is None else args.min_interval
     try:
         client = make_client(args.key_file, args.key_id, args.issuer_id, args.bundle_id, args.environment)
+    except SyncError as exc:  # the key, environment or URL override: nothing was sent to Apple
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = run(args.catalog, client, make_pacer(interval, max_wait=args.max_wait), apply=args.cmd == "apply",
                      environment=args.environment,
                      prune=args.prune, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -111,13 +116,13 @@ def _apply(args: argparse.Namespace) -> int:
         for line in lines[1:]:
             print(f"{prog}: {line}", file=sys.stderr)
         print(f"{prog}: {lines[0]}", file=sys.stderr)
-        if args.cmd == "apply":
+        if args.cmd == "apply" and not isinstance(exc, CatalogRefused):
             print(f"{prog}: stopped; what was done is recorded in {args.catalog}: run it again to continue",
                   file=sys.stderr)
         return 1
     print(format_plan(result.plan, applied=result.done if args.cmd == "apply" else None))
     waits = f", waited {sum(result.rate_limited_waits):.0f} s on 429s" if result.rate_limited_waits else ""
-    print(f"{result.calls} call(s) to Apple {args.environment}{waits}")
+    print(f"{result.calls} call(s) to Apple {args.environment} at {base_url_of(client)}{waits}")
     return 1 if result.plan.rejected else 0
 
 

@@ -44,7 +44,7 @@ from appstoreserverlibrary.models.GetImageListResponse import GetImageListRespon
 from appstoreserverlibrary.models.GetMessageListResponse import GetMessageListResponse
 
 from serving.apple_api import RateLimited
-from serving.apple_api import describe_api_exception as _describe
+from serving.apple_api import explain_api_exception as _describe
 from serving.catalog import STATES, Catalog, CatalogError, upload_records
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ def make_client(key_file: str | Path, key_id: str, issuer_id: str, bundle_id: st
 
 # ---- calling Apple --------------------------------------------------------------------
 def describe_api_exception(exc: APIException) -> str:
-    """Return one line naming Apple's HTTP status, error code and message (and what to do about a 429)."""
+    """Return one line naming Apple's HTTP status, error code and message, and what to do about a 401, an access 404 or a 429."""
     text = _describe(exc)
     if exc.api_error == APIError.RATE_LIMIT_EXCEEDED:
         text += " (Apple counts its rate limit per hour: try again later, or raise --min-interval)"

@@ -491,3 +491,54 @@ def test_serve_refuses_a_catalog_that_validate_refuses_one_line_per_problem(tmp_
     err = str(caught.value).splitlines()
     assert all(line.startswith(f"catalog {path}: ") for line in err) and len(err) == 3
     assert "header is 67 characters; Apple allows 66" in err[0] and "body is 145 characters" in err[1]
+
+
+# ---- review: one line that says what to do ----------------------------------------------------------
+def test_no_api_access_in_plan_and_apply_is_the_access_hint(apple, cat, capsys):
+    apple.account.no_access = True
+    for verb in ("plan", "apply"):
+        assert catalog_cli.main([verb, "--catalog", str(cat), "--min-interval", "0"]) == 1
+        err = capsys.readouterr().err
+        assert "no access to the Retention Messaging API" in err and "no error code" not in err
+
+
+def test_a_key_that_is_not_ec_p256_is_named_not_blamed_on_apple(apple, cat, tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rsa_key = tmp_path / "rsa.p8"
+    rsa_key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0", "--key-file", str(rsa_key)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an EC P-256 key (RSA)" in err[0] and "Apple" in err[0]
+    assert "no usable answer" not in err[0] and "BEGIN" not in err[0]
+    assert apple.server.log == []  # nothing was sent
+
+
+def test_apply_on_a_catalog_breaking_apples_limits_says_nothing_was_done(apple, tmp_path, capsys):
+    doc = catalog_doc()
+    doc["messages"][0]["content"]["en-US"]["header"] = "h" * 67
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["apply", "--catalog", str(path), "--min-interval", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "header is 67 characters" in err[0]
+    assert err[-1].endswith("nothing was sent to Apple") and not any(line.rstrip().endswith(":") for line in err)
+    assert not any("run it again" in line for line in err) and apple.server.log == []
+
+
+def test_plan_words_answered_as_what_apply_makes_true_and_names_the_host(apple, cat, capsys):
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "once apply has recorded them" in out and f"at {apple.server.base_url}" in out
+    assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    capsys.readouterr()
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    assert "APPROVED     answered after apply" in capsys.readouterr().out
+
+
+def test_an_empty_apple_api_url_is_refused_not_taken_for_apples_host(apple, cat, monkeypatch, capsys):
+    monkeypatch.setenv("RETENTION_APPLE_API_URL", "")
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RETENTION_APPLE_API_URL is set but empty" in err[0]
