@@ -542,3 +542,13 @@ def test_an_empty_apple_api_url_is_refused_not_taken_for_apples_host(apple, cat,
     assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "RETENTION_APPLE_API_URL is set but empty" in err[0]
+
+
+def test_the_docs_example_catalog_validates_and_covers_its_own_locales(tmp_path, capsys):
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "apple-setup.md").read_text()
+    block = docs.split("```json\n", 1)[1].split("```", 1)[0]
+    path = write_catalog(tmp_path, json.loads(block))
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 0
+    catalog = Catalog.load(path)  # every product has a default in every locale the catalog has texts for
+    locales = {loc for m in catalog.messages.values() for loc in m.locales}
+    assert {(p, loc) for p in catalog.products for loc in locales} <= set(catalog.defaults)
