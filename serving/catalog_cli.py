@@ -41,9 +41,14 @@ def main(argv: list[str]) -> int:
         return 1
     if args.cmd == "validate":
         kinds = Counter(m.kind for m in catalog.messages.values())
-        served = {mid for mid, _loc in catalog.served}  # messages with content: approved in some locale
-        approved = sum(1 for m in catalog.messages.values()
+
+        def shown(environment: str | None) -> int:
+            served = {mid for mid, _loc in Catalog._served_identifiers(catalog.data, catalog.record(environment))}
+            return sum(1 for m in catalog.messages.values()
                        if (catalog.is_shown(m) if m.content is None else m.messageIdentifier in served))
+
+        envs = [e for e in catalog.records if e]  # the upload record is per environment (catalog apply)
+        approved = ", ".join(f"{e} {shown(e)}" for e in envs) if len(envs) > 1 else str(shown(None))
         from serving.catalog_content import content_problems
 
         problems = content_problems(catalog, os.path.dirname(os.path.abspath(args.catalog)))

@@ -552,3 +552,18 @@ def test_the_docs_example_catalog_validates_and_covers_its_own_locales(tmp_path,
     catalog = Catalog.load(path)  # every product has a default in every locale the catalog has texts for
     locales = {loc for m in catalog.messages.values() for loc in m.locales}
     assert {(p, loc) for p in catalog.products for loc in locales} <= set(catalog.defaults)
+
+
+def test_validate_counts_what_apple_shows_per_environment(apple, cat, tmp_path, capsys):
+    from tests.conftest import AppleFixture
+
+    (tmp_path / "prod").mkdir()
+    prod = AppleFixture(tmp_path / "prod", environment="Production")
+    try:
+        prod.account.auto_approve = False
+        apply(prod, cat)
+        apply(apple, cat)
+    finally:
+        prod.server.stop()
+    assert catalog_cli.main(["validate", "--catalog", str(cat)]) == 0
+    assert "shown by Apple: Sandbox 3, Production 1" in capsys.readouterr().out  # the legacy message, in both
