@@ -66,7 +66,7 @@ class ApplyError(RuntimeError):
     """Plan or apply stopped; the message's first line says why (Apple's answer, or what is wrong with the catalog)."""
 
 
-class CatalogRefused(ApplyError):
+class CatalogRefusedError(ApplyError):
     """The catalog is invalid or breaks Apple's limits: nothing was read from or sent to Apple.
 
     The first line says so; the lines after it are the problems, one each.
@@ -406,11 +406,11 @@ def load(catalog_path: str | Path) -> tuple[Path, bytes, Catalog, Desired]:
     try:
         catalog = Catalog.from_bytes(raw, source=str(path))
     except CatalogError as exc:
-        raise CatalogRefused(f"the catalog is invalid, nothing was sent to Apple: {exc}") from None
+        raise CatalogRefusedError(f"the catalog is invalid, nothing was sent to Apple: {exc}") from None
     want = desired(catalog, path.parent)
     if want.problems:
         lines = "\n".join(want.problems)
-        raise CatalogRefused(f"the catalog's content breaks Apple's limits ({len(want.problems)} problem(s), listed "
+        raise CatalogRefusedError(f"the catalog's content breaks Apple's limits ({len(want.problems)} problem(s), listed "
                              f"above); nothing was sent to Apple\n{lines}")
     return path, raw, catalog, want
 

@@ -96,7 +96,7 @@ def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _apply(args: argparse.Namespace) -> int:
     from serving.apple_api import base_url_of
-    from serving.catalog_apply import ApplyError, CatalogRefused, format_plan, make_pacer, run
+    from serving.catalog_apply import ApplyError, CatalogRefusedError, format_plan, make_pacer, run
     from serving.catalog_sync import SyncError, make_client, min_interval_for
 
     prog = f"retention catalog {args.cmd}"
@@ -121,7 +121,7 @@ def _apply(args: argparse.Namespace) -> int:
         for line in lines[1:]:
             print(f"{prog}: {line}", file=sys.stderr)
         print(f"{prog}: {lines[0]}", file=sys.stderr)
-        if args.cmd == "apply" and not isinstance(exc, CatalogRefused):
+        if args.cmd == "apply" and not isinstance(exc, CatalogRefusedError):
             print(f"{prog}: stopped; what was done is recorded in {args.catalog}: run it again to continue",
                   file=sys.stderr)
         return 1
