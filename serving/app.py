@@ -173,6 +173,7 @@ class RetentionService:
         self.verifier = verifier or RequestVerifier.from_settings(settings, clock=clock, replay=self.replay)
         self.runtime = Runtime(
             catalog_path=settings.catalog,
+            environment=settings.environment,
             registry_spec=settings.model,
             shadow_version=settings.shadow_model,
             challenger=settings.challenger,

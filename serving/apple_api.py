@@ -126,18 +126,68 @@ def make_client(
             pem = Path(key).read_bytes()
         except OSError as exc:
             raise AppleSetupError(f"cannot read key file {key}: {exc.strerror or type(exc).__name__}") from None
+    where = "the key" if isinstance(key, bytes) else f"key file {key}"
+    _check_es256_key(pem, where)
     try:
         client = RetentionAPIClient(pem, key_id, issuer_id, bundle_id, Environment(environment))
     except Exception:  # the library's own error text is not shown: it could quote the key
-        where = "the key" if isinstance(key, bytes) else f"key file {key}"
         raise AppleSetupError(
             f"{where} is not a PEM private key (expected the In-App Purchase key, SubscriptionKey_*.p8)"
         ) from None
     env = os.environ if environ is None else environ
-    override = base_url if base_url is not None else env.get(BASE_URL_ENV) or None
+    override = base_url if base_url is not None else env.get(BASE_URL_ENV)
+    if override is not None and not override.strip():
+        # an empty value is a mistake (a variable set for a test, emptied): never let it mean Apple's real host
+        raise AppleSetupError(f"{BASE_URL_ENV} is set but empty: unset it to call Apple's own host, or give the URL")
     if override:
         set_base_url(client, override)
     return client
+
+
+def base_url_of(client: BaseAppStoreServerAPIClient) -> str:
+    """Return the scheme and host `client` calls (Apple's, or the ``RETENTION_APPLE_API_URL`` override)."""
+    return str(getattr(client, "_base_url", "") or "Apple's host")
+
+
+def _check_es256_key(pem: bytes, where: str) -> None:
+    """Raise AppleSetupError unless `pem` is an EC P-256 private key (Apple's tokens are ES256); the key is never quoted."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem, password=None)
+    except Exception:  # the error text is not shown: it could quote the key
+        raise AppleSetupError(
+            f"{where} is not a PEM private key (expected the In-App Purchase key, SubscriptionKey_*.p8)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "")
+        raise AppleSetupError(
+            f"{where} is not an EC P-256 key ({kind or 'another kind'}); Apple's tokens are ES256: use the "
+            "In-App Purchase key from App Store Connect, SubscriptionKey_*.p8"
+        )
+
+
+#: what a 404 without Apple's error code means (docs/apple-setup.md, "Request access")
+NO_ACCESS_HINT = ("Apple answered 404: this app has no access to the Retention Messaging API yet; request it with "
+                  "Apple's Retention Messaging API access form in your developer account (docs/apple-setup.md)")
+#: what a 401 means
+CREDENTIALS_HINT = ("Apple refused the credentials (HTTP 401): check --key-id, --issuer-id and --bundle-id, and that "
+                    "the key is an In-App Purchase key (SubscriptionKey_*.p8) of this app's team")
+
+
+def explain_api_exception(exc: APIException) -> str:
+    """Return one line for Apple's answer `exc`, with what to do where Apple's answer says it.
+
+    A 401 names the credentials to check; a 404 without an error code (Apple's answer to an
+    app without Retention Messaging API access) says how to get access; anything else is
+    :func:`describe_api_exception`. Every verb that calls Apple prints this.
+    """
+    if exc.http_status_code == 401:
+        return CREDENTIALS_HINT
+    if exc.http_status_code == 404 and exc.api_error is None:
+        return NO_ACCESS_HINT
+    return describe_api_exception(exc)
 
 
 def describe_api_exception(exc: APIException) -> str:

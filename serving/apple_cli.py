@@ -28,13 +28,12 @@ REALTIME_URL_MAX = 256
 
 def refusal(exc: APIException, *, environment: str, transaction_id: str | None = None) -> str:
     """Return one line for Apple's answer `exc`: what Apple said, and what to do about it."""
-    from serving.apple_api import describe_api_exception
+    from serving.apple_api import explain_api_exception
 
     e = exc.api_error
     tid = transaction_id or "the transaction"
     if exc.http_status_code == 401:
-        return ("Apple refused the credentials (HTTP 401): check --key-id, --issuer-id and --bundle-id, and that "
-                "the key is an In-App Purchase key (SubscriptionKey_*.p8) of this app's team")
+        return explain_api_exception(exc)
     if e == APIError.EXISTING_PERFORMANCE_TEST_RUN:
         return ("Apple is already running a performance test for this app: wait for it to finish (check it with "
                 "--request-id if you have its id), then start again")
@@ -50,20 +49,18 @@ def refusal(exc: APIException, *, environment: str, transaction_id: str | None =
                 "originalTransactionId")
     if e == APIError.REALTIME_URL_NOT_FOUND:
         return (f"no realtime URL is configured in {environment}: set one first with "
-                f"`retention apple realtime-url set https://...` --environment {environment}")
+                f"`retention apple realtime-url set https://... --environment {environment}`")
     if e == APIError.FORBIDDEN_NO_PASSING_TEST:
         return ("Apple accepts a Production realtime URL only after a Sandbox performance test has passed: set the "
-                "Sandbox URL, run `retention apple performance-test --environment Sandbox --wait`, then set this one")
+                "Sandbox URL, run `retention apple performance-test --environment Sandbox --original-transaction-id ID "
+                "--wait` (a Sandbox purchase's id), then set this one")
     if e == APIError.BAD_REQUEST_REALTIME_URL:
         return f"Apple refused the URL: it must be an https URL of at most {REALTIME_URL_MAX} characters that Apple can reach"
     if e == APIError.PERFORMANCE_TEST_RUN_NOT_FOUND or e == APIError.INVALID_REQUEST_ID:
         return "Apple knows no performance test with that request id (ids are per environment; results expire)"
     if e == APIError.INVALID_PERFORMANCE_TEST_REQUEST:
         return f"Apple refused the performance test request: {exc.error_message or 'invalid request'}"
-    if exc.http_status_code == 404:
-        return ("Apple answered 404: this app has no access to the Retention Messaging API yet; request it with "
-                "Apple's Retention Messaging API access form in your developer account (docs/apple-setup.md)")
-    return describe_api_exception(exc)
+    return explain_api_exception(exc)
 
 
 def _parser() -> argparse.ArgumentParser:

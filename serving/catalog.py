@@ -16,7 +16,12 @@ Apple's Upload Message (``header``, ``body``, optional ``image`` with ``altText`
 ``bulletPoints``, ``headerPosition``), images named by PNG file. Apple's messages have no
 locale, so ``retention catalog apply`` uploads each locale's text under its own Apple
 identifier (a UUID version 5 of the text, serving/catalog_content.py) and records what it
-uploaded, with Apple's states, in the catalog's ``uploaded`` section. The model and the
+uploaded, with Apple's states, in the catalog's ``uploaded`` section, one record per Apple
+environment (``{"Sandbox": {...}, "Production": {...}}``: Sandbox and Production review texts
+separately). A catalog loaded for an environment (the server's ``RETENTION_ENVIRONMENT``) answers
+only texts approved in that environment's record. A record in the older single form (``messages``,
+``images``, ``defaults`` directly under ``uploaded``) is read as it was, for whichever environment
+loads it, until the next ``apply`` rewrites it per environment. The model and the
 decision log still see one message (its ``messageIdentifier``, whatever the locale); only
 the answer names the Apple identifier of the request's locale: the newest one uploaded for
 that message and locale whose message and images Apple has APPROVED (so an old text keeps
@@ -27,6 +32,7 @@ without ``content`` is served under its own ``messageIdentifier`` with its own s
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +43,8 @@ import msgspec
 Kind = Literal["message", "alternateProduct", "promotionalOffer"]
 KINDS: tuple[str, ...] = ("message", "alternateProduct", "promotionalOffer")
 STATES: tuple[str, ...] = ("PENDING", "APPROVED", "REJECTED")
+#: a locale code as Apple's userLocale gives it: language, optional script, optional region (BCP 47's common part)
+LOCALE_TAG = re.compile(r"[a-z]{2,3}(?:[-_][A-Z][a-z]{3})?(?:[-_](?:[A-Z]{2}|[0-9]{3}))?")
 
 
 class CatalogError(ValueError):
@@ -100,8 +108,8 @@ class UploadedImage(msgspec.Struct, frozen=True, kw_only=True):
     imageState: str
 
 
-class Uploaded(msgspec.Struct, frozen=True, kw_only=True):
-    """The local record of what ``retention catalog apply`` uploaded, in upload order, with Apple's states."""
+class Uploaded(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The local record of what ``retention catalog apply`` uploaded to one environment, in upload order, with Apple's states."""
 
     messages: list[UploadedMessage] = []
     images: list[UploadedImage] = []
@@ -145,7 +153,34 @@ class CatalogFile(msgspec.Struct, frozen=True):
     products: list[Product]
     messages: list[CatalogMessage]
     defaults: list[DefaultMessage] = []
-    uploaded: Uploaded | None = None
+    #: per environment, ``{"Sandbox": Uploaded, "Production": Uploaded}``; or the older single form (one Uploaded)
+    uploaded: dict[str, Any] | None = None
+
+
+ENVIRONMENTS: tuple[str, ...] = ("Sandbox", "Production")
+#: the key of a record in the older single form, whose environment is not known
+LEGACY_RECORD = ""
+
+
+def upload_records(uploaded: dict[str, Any] | None, source: str = "catalog") -> dict[str, Uploaded]:
+    """Return the ``uploaded`` section as environment -> record (``LEGACY_RECORD`` for the older single form).
+
+    Raises CatalogError naming what is wrong with the section.
+    """
+    if not uploaded:
+        return {}
+    if set(uploaded) <= set(ENVIRONMENTS):
+        items = [(env, uploaded[env]) for env in ENVIRONMENTS if env in uploaded]
+    else:
+        items = [(LEGACY_RECORD, uploaded)]
+    out: dict[str, Uploaded] = {}
+    for env, raw in items:
+        try:
+            out[env] = msgspec.convert(raw, Uploaded)
+        except msgspec.ValidationError as exc:
+            where = f"uploaded.{env}" if env else "uploaded"
+            raise CatalogError(f"{source}: {where}: {exc} (expected {{\"Sandbox\": {{...}}, \"Production\": {{...}}}})") from None
+    return out
 
 
 def language(locale: str) -> str:
@@ -168,9 +203,13 @@ class Catalog:
     :class:`CatalogError` with a sentence naming the bad entry.
     """
 
-    def __init__(self, data: CatalogFile, sha256: str) -> None:
+    def __init__(self, data: CatalogFile, sha256: str, environment: str | None = None) -> None:
         self.data = data
         self.sha256 = sha256
+        #: the Apple environment whose upload record is answered (None: the only record there is)
+        self.environment = environment
+        #: environment -> what ``catalog apply`` uploaded there (``LEGACY_RECORD``: the older single form)
+        self.records: dict[str, Uploaded] = upload_records(data.uploaded)
         self.products: dict[str, Product] = {}
         for p in data.products:
             if p.productId in self.products:
@@ -192,7 +231,7 @@ class Catalog:
             self._validate_message(m)
             self.messages[m.messageIdentifier] = m
         #: (message, content locale) -> the Apple identifier answered there (see module doc)
-        self.served: dict[tuple[str, str], str] = self._served_identifiers(data)
+        self.served: dict[tuple[str, str], str] = self._served_identifiers(data, self.record())
         self.defaults: dict[tuple[str, str], CatalogMessage] = {}
         for d in data.defaults:
             self._validate_default(d)
@@ -205,24 +244,28 @@ class Catalog:
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_bytes(cls, raw: bytes, source: str = "catalog") -> Catalog:
-        """Return the validated catalog parsed from JSON bytes."""
+    def from_bytes(cls, raw: bytes, source: str = "catalog", environment: str | None = None) -> Catalog:
+        """Return the validated catalog parsed from JSON bytes, answering `environment`'s approved texts."""
         try:
             data = msgspec.json.decode(raw, type=CatalogFile)
         except msgspec.ValidationError as exc:
             raise CatalogError(f"{source}: {exc}") from None
         except msgspec.DecodeError as exc:
             raise CatalogError(f"{source} is not valid JSON: {exc}") from None
-        return cls(data, hashlib.sha256(raw).hexdigest())
+        return cls(data, hashlib.sha256(raw).hexdigest(), environment)
 
     @classmethod
-    def load(cls, path: str | Path) -> Catalog:
-        """Return the validated catalog read from a JSON file."""
+    def load(cls, path: str | Path, environment: str | None = None) -> Catalog:
+        """Return the validated catalog read from a JSON file, answering `environment`'s approved texts.
+
+        `environment` is ``Sandbox`` or ``Production`` (the server's); None takes the record there
+        is when the file holds one environment's (or the older single form), else none.
+        """
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
             raise CatalogError(f"cannot read catalog {path}: {exc.strerror or exc}") from None
-        return cls.from_bytes(raw, source=str(path))
+        return cls.from_bytes(raw, source=str(path), environment=environment)
 
     def to_json(self) -> bytes:
         """Return the catalog as JSON bytes (the file format)."""
@@ -290,17 +333,30 @@ class Catalog:
         if m.imageIdentifier is not None or m.imageState is not None:
             raise CatalogError(f"message {mid}: a message with content names its images in content, not imageIdentifier")
         for loc in m.content or {}:
-            if not loc or loc != loc.strip():
-                raise CatalogError(f"message {mid}: content locale {loc!r} is not a locale code")
+            if not LOCALE_TAG.fullmatch(loc):
+                raise CatalogError(f"message {mid}: content locale {loc!r} is not a locale code (a language, "
+                                   "optionally a script and a region: en, en-US, zh-Hans-CN)")
+
+    def record(self, environment: str | None = None) -> Uploaded | None:
+        """Return the upload record of `environment` (default: the catalog's), or None.
+
+        A record in the older single form stands for any environment; with no environment
+        given, the one record the file holds.
+        """
+        env = environment or self.environment
+        if env is not None:
+            found = self.records.get(env)
+            return found if found is not None else self.records.get(LEGACY_RECORD)
+        return next(iter(self.records.values())) if len(self.records) == 1 else None
 
     @staticmethod
-    def _served_identifiers(data: CatalogFile) -> dict[tuple[str, str], str]:
-        if data.uploaded is None:
+    def _served_identifiers(data: CatalogFile, uploaded: Uploaded | None) -> dict[tuple[str, str], str]:
+        if uploaded is None:
             return {}
         content_locales = {m.messageIdentifier: set(m.content) for m in data.messages if m.content is not None}
-        image_ok = {i.imageIdentifier for i in data.uploaded.images if i.imageState == "APPROVED"}
+        image_ok = {i.imageIdentifier for i in uploaded.images if i.imageState == "APPROVED"}
         served: dict[tuple[str, str], str] = {}
-        for u in data.uploaded.messages:  # upload order: a later approved text replaces an earlier one
+        for u in uploaded.messages:  # upload order: a later approved text replaces an earlier one
             if u.locale not in content_locales.get(u.message, ()):
                 continue
             if u.messageState == "APPROVED" and all(i in image_ok for i in u.imageIdentifiers):

@@ -20,8 +20,11 @@ What ``apply`` does, in order (``plan`` reads the same and prints the steps with
 6. with ``prune`` only: delete the defaults the catalog no longer has, then the messages, then
    the images that nothing kept uses (Apple refuses to delete an image in use).
 
-After every change at Apple the record (the catalog's ``uploaded`` section) is written
-atomically, so the file always says what Apple holds, even after an interruption.
+After every change at Apple the record (the catalog's ``uploaded`` section, one record per
+environment: ``{"Sandbox": {...}, "Production": {...}}``) is written atomically, so the file
+always says what Apple holds, even after an interruption. Apply in one environment touches only
+that environment's record; a record in the older single form is taken as this environment's
+(its states are read again from Apple) and rewritten per environment.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ from appstoreserverlibrary.models.ImageSize import ImageSize
 from appstoreserverlibrary.models.UploadMessageImage import UploadMessageImage
 from appstoreserverlibrary.models.UploadMessageRequestBody import UploadMessageRequestBody
 
-from serving.catalog import Catalog, CatalogError, DefaultMessage, Uploaded, UploadedImage, UploadedMessage
+from serving.catalog import (
+    ENVIRONMENTS,
+    Catalog,
+    CatalogError,
+    DefaultMessage,
+    Uploaded,
+    UploadedImage,
+    UploadedMessage,
+)
 from serving.catalog_content import Desired, desired
 from serving.catalog_sync import Pacer, SyncError, state_of, write_atomic
 
@@ -52,7 +63,14 @@ DEFAULT_CONFIG_SHARE = 0.1
 
 
 class ApplyError(RuntimeError):
-    """Plan or apply stopped; the message is one line (Apple's answer, or what is wrong with the catalog)."""
+    """Plan or apply stopped; the message's first line says why (Apple's answer, or what is wrong with the catalog)."""
+
+
+class CatalogRefusedError(ApplyError):
+    """The catalog is invalid or breaks Apple's limits: nothing was read from or sent to Apple.
+
+    The first line says so; the lines after it are the problems, one each.
+    """
 
 
 @dataclass
@@ -138,10 +156,11 @@ def read_apple(client: Any, pacer: Pacer, pairs: list[tuple[str, str]]) -> Apple
 
 # ---- the record -------------------------------------------------------------------------------
 class Record:
-    """The catalog file's ``uploaded`` section, kept in step with Apple and written after every change."""
+    """One environment's record in the catalog file's ``uploaded`` section, kept in step with Apple and written after every change."""
 
-    def __init__(self, path: Path, doc: dict[str, Any], uploaded: Uploaded | None, *, write: bool) -> None:
-        self.path, self.doc, self.write_enabled = path, doc, write
+    def __init__(self, path: Path, doc: dict[str, Any], uploaded: Uploaded | None, *, write: bool,
+                 environment: str) -> None:
+        self.path, self.doc, self.write_enabled, self.environment = path, doc, write, environment
         up = uploaded or Uploaded()
         self.messages: dict[str, UploadedMessage] = {u.messageIdentifier: u for u in up.messages}
         self.images: dict[str, UploadedImage] = {u.imageIdentifier: u for u in up.images}
@@ -156,8 +175,11 @@ class Record:
 
     def save(self) -> None:
         """Write the catalog with this record, atomically, when it changed (and writing is on)."""
-        new = self.to_builtins()
-        if not self.write_enabled or self.doc.get("uploaded") == new:
+        old = self.doc.get("uploaded") or {}
+        others = {env: old[env] for env in ENVIRONMENTS if env in old and env != self.environment} \
+            if set(old) <= set(ENVIRONMENTS) else {}  # the older single form becomes this environment's
+        new = {env: rec for env, rec in sorted({**others, self.environment: self.to_builtins()}.items())}
+        if not self.write_enabled or old == new:
             return
         self.doc["uploaded"] = new
         data = (json.dumps(self.doc, indent=2, ensure_ascii=False) + "\n").encode()
@@ -384,11 +406,12 @@ def load(catalog_path: str | Path) -> tuple[Path, bytes, Catalog, Desired]:
     try:
         catalog = Catalog.from_bytes(raw, source=str(path))
     except CatalogError as exc:
-        raise ApplyError(f"the catalog is invalid: {exc}") from None
+        raise CatalogRefusedError(f"the catalog is invalid, nothing was sent to Apple: {exc}") from None
     want = desired(catalog, path.parent)
     if want.problems:
         lines = "\n".join(want.problems)
-        raise ApplyError(f"the catalog's content breaks Apple's limits ({len(want.problems)} problem(s)):\n{lines}")
+        raise CatalogRefusedError(f"the catalog's content breaks Apple's limits ({len(want.problems)} problem(s), listed "
+                             f"above); nothing was sent to Apple\n{lines}")
     return path, raw, catalog, want
 
 
@@ -398,16 +421,19 @@ def run(
     pacer: Pacer,
     *,
     apply: bool,
+    environment: str,
     prune: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> Result:
     """Return the plan (and, with `apply`, what was done). Raises ApplyError or SyncError (one line each).
 
-    Without `apply` nothing changes at Apple or on disk.
+    `environment` (``Sandbox`` or ``Production``) is the one `client` calls: its record in the
+    catalog's ``uploaded`` section is the one read and written. Without `apply` nothing changes
+    at Apple or on disk.
     """
     path, _raw, catalog, want = load(catalog_path)
     doc = json.loads(_raw)
-    record = Record(path, doc, catalog.data.uploaded, write=apply)
+    record = Record(path, doc, catalog.record(environment), write=apply, environment=environment)
     pairs = sorted(set(want.defaults) | set(record.defaults))
     apple = read_apple(client, pacer, pairs)
     record.refresh(apple, want)
@@ -457,10 +483,13 @@ def format_plan(plan: Plan, *, applied: list[Step] | None = None) -> str:
     else:
         out.append("nothing to do: Apple matches the catalog" if applied is None else "nothing done: Apple matched the catalog")
     if plan.texts:
-        out.append("texts (Apple's states):")
+        # the endpoint reads the record apply writes: a plan's "answered" is what holds once apply has run
+        out.append("texts (Apple's states; what the endpoint answers once apply has recorded them):" if applied is None
+                   else "texts (Apple's states; what the endpoint answers now):")
+        yes, no = ("answered after apply", "not answered after apply") if applied is None else ("answered", "not answered")
         for t in sorted(plan.texts, key=lambda t: (t.message, t.locale)):
-            serving = "answered" if t.serving == t.messageIdentifier else (
-                f"not answered; {t.serving} is" if t.serving else "not answered")
+            serving = yes if t.serving == t.messageIdentifier else (
+                f"{no}; {t.serving} is" if t.serving else no)
             out.append(f"  {t.message} {t.locale:<8} {t.messageIdentifier} {t.state:<12} {serving}")
     out += [f"rejected: {line}" for line in plan.rejected]
     out += [f"waiting: {line}" for line in plan.waiting]

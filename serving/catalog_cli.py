@@ -41,9 +41,14 @@ def main(argv: list[str]) -> int:
         return 1
     if args.cmd == "validate":
         kinds = Counter(m.kind for m in catalog.messages.values())
-        served = {mid for mid, _loc in catalog.served}  # messages with content: approved in some locale
-        approved = sum(1 for m in catalog.messages.values()
+
+        def shown(environment: str | None) -> int:
+            served = {mid for mid, _loc in Catalog._served_identifiers(catalog.data, catalog.record(environment))}
+            return sum(1 for m in catalog.messages.values()
                        if (catalog.is_shown(m) if m.content is None else m.messageIdentifier in served))
+
+        envs = [e for e in catalog.records if e]  # the upload record is per environment (catalog apply)
+        approved = ", ".join(f"{e} {shown(e)}" for e in envs) if len(envs) > 1 else str(shown(None))
         from serving.catalog_content import content_problems
 
         problems = content_problems(catalog, os.path.dirname(os.path.abspath(args.catalog)))
@@ -90,7 +95,8 @@ def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from serving.catalog_apply import ApplyError, format_plan, make_pacer, run
+    from serving.apple_api import base_url_of
+    from serving.catalog_apply import ApplyError, CatalogRefusedError, format_plan, make_pacer, run
     from serving.catalog_sync import SyncError, make_client, min_interval_for
 
     prog = f"retention catalog {args.cmd}"
@@ -103,20 +109,25 @@ def _apply(args: argparse.Namespace) -> int:
     interval = min_interval_for(args.environment) if args.min_interval is None else args.min_interval
     try:
         client = make_client(args.key_file, args.key_id, args.issuer_id, args.bundle_id, args.environment)
+    except SyncError as exc:  # the key, environment or URL override: nothing was sent to Apple
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = run(args.catalog, client, make_pacer(interval, max_wait=args.max_wait), apply=args.cmd == "apply",
+                     environment=args.environment,
                      prune=args.prune, log=lambda line: print(line, file=sys.stderr, flush=True))
     except (ApplyError, SyncError) as exc:
         lines = str(exc).splitlines()
         for line in lines[1:]:
             print(f"{prog}: {line}", file=sys.stderr)
         print(f"{prog}: {lines[0]}", file=sys.stderr)
-        if args.cmd == "apply":
+        if args.cmd == "apply" and not isinstance(exc, CatalogRefusedError):
             print(f"{prog}: stopped; what was done is recorded in {args.catalog}: run it again to continue",
                   file=sys.stderr)
         return 1
     print(format_plan(result.plan, applied=result.done if args.cmd == "apply" else None))
     waits = f", waited {sum(result.rate_limited_waits):.0f} s on 429s" if result.rate_limited_waits else ""
-    print(f"{result.calls} call(s) to Apple {args.environment}{waits}")
+    print(f"{result.calls} call(s) to Apple {args.environment} at {base_url_of(client)}{waits}")
     return 1 if result.plan.rejected else 0
 
 

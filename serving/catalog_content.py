@@ -11,7 +11,9 @@ Apple's limits (https://developer.apple.com/documentation/retentionmessaging/upl
 ``upload-image``): header 66 characters, body 144, alt text 150, bullet point text 66, at most
 5 bullet points, ``headerPosition`` ABOVE_BODY or ABOVE_IMAGE (ABOVE_IMAGE needs an image),
 images PNG without transparency, full size 3840 pixels wide and 160 to 2160 high, bullet-point
-images 1024 x 1024, at most 2000 messages and 2000 images per app.
+images 1024 x 1024, at most 2000 messages and 2000 images per app. A switch-plan
+(``alternateProduct``) or promotional-offer message takes neither ``image`` nor
+``bulletPoints``.
 """
 
 from __future__ import annotations
@@ -173,7 +175,10 @@ def _text_problems(where: str, kind: str, text: MessageText) -> list[str]:
     if text.headerPosition == "ABOVE_IMAGE" and text.image is None:
         out.append(f"{where}: headerPosition ABOVE_IMAGE needs an image")
     if kind != "message" and text.image is not None:
-        out.append(f"{where}: a {kind} message must have no image (Apple falls back to the default)")
+        out.append(f"{where}: a {kind} message must have no image (Apple refuses it; Apple falls back to the default)")
+    if kind != "message" and text.bulletPoints:
+        out.append(f"{where}: a {kind} message must have no bullet points (Apple refuses them; Apple falls back "
+                   "to the default)")
     return out
 
 
@@ -204,6 +209,10 @@ def desired(catalog: Catalog, base_dir: str | Path) -> Desired:
             _add_text(out, images, m, loc, text)
     for (pid, loc), m in catalog.defaults.items():
         if m.content is not None:
+            if catalog.content_locale(m, loc) is None:
+                out.problems.append(f"default for {pid} {loc}: message {m.messageIdentifier} has no text for {loc} "
+                                    f"(nor for its language); its texts are {', '.join(sorted(m.content))}")
+                continue
             out.defaults[(pid, loc)] = m.messageIdentifier
     if len(out.messages) > MAX_MESSAGES:
         out.problems.append(f"the catalog needs {len(out.messages)} messages at Apple; Apple keeps at most {MAX_MESSAGES}")

@@ -44,8 +44,8 @@ from appstoreserverlibrary.models.GetImageListResponse import GetImageListRespon
 from appstoreserverlibrary.models.GetMessageListResponse import GetMessageListResponse
 
 from serving.apple_api import RateLimited
-from serving.apple_api import describe_api_exception as _describe
-from serving.catalog import STATES, Catalog, CatalogError
+from serving.apple_api import explain_api_exception as _describe
+from serving.catalog import STATES, Catalog, CatalogError, upload_records
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ def make_client(key_file: str | Path, key_id: str, issuer_id: str, bundle_id: st
 
 # ---- calling Apple --------------------------------------------------------------------
 def describe_api_exception(exc: APIException) -> str:
-    """Return one line naming Apple's HTTP status, error code and message (and what to do about a 429)."""
+    """Return one line naming Apple's HTTP status, error code and message, and what to do about a 401, an access 404 or a 429."""
     text = _describe(exc)
     if exc.api_error == APIError.RATE_LIMIT_EXCEEDED:
         text += " (Apple counts its rate limit per hour: try again later, or raise --min-interval)"
@@ -246,11 +246,18 @@ class DefaultCheck:
     catalog: str | None
     apple: str | None
     note: str
+    #: the catalog message Apple's default is a locale's text of (``catalog apply``'s record), else Apple's id itself
+    apple_message: str | None = None
 
     @property
     def matches(self) -> bool:
-        """Return True when the catalog and Apple name the same default (or neither names one)."""
-        return self.catalog == self.apple and self.catalog is not None
+        """Return True when the catalog and Apple name the same default (or neither names one).
+
+        Apple's default may be one locale's text of a catalog message with content (its own
+        UUID v5, see serving/catalog_content.py): it matches that message.
+        """
+        theirs = self.apple_message if self.apple_message is not None else self.apple
+        return self.catalog == theirs and self.catalog is not None
 
 
 @dataclass
@@ -299,10 +306,12 @@ def plan_sync(raw: bytes, apple: AppleState, *, adopt_defaults: bool = False, so
     seen_images: set[str] = set()
     unknown_msgs: list[str] = []
     unknown_imgs: list[str] = []
-    uploaded = doc.get("uploaded") or {}
-    # texts uploaded by `catalog apply` keep their states in the record, which apply maintains
-    seen_messages.update(u["messageIdentifier"] for u in uploaded.get("messages", []))
-    seen_images.update(u["imageIdentifier"] for u in uploaded.get("images", []))
+    # texts uploaded by `catalog apply` keep their states in the record (one per environment), which apply maintains
+    per_locale: dict[str, str] = {}  # Apple's id of one locale's text -> the catalog message
+    for up in upload_records(doc.get("uploaded")).values():
+        seen_messages.update(u.messageIdentifier for u in up.messages)
+        seen_images.update(u.imageIdentifier for u in up.images)
+        per_locale.update((u.messageIdentifier, u.message) for u in up.messages)
     for m in doc.get("messages", []):
         if m.get("content") is not None:
             continue
@@ -332,7 +341,7 @@ def plan_sync(raw: bytes, apple: AppleState, *, adopt_defaults: bool = False, so
     apple_only_messages = sorted((i, s) for i, s in apple.messages.items() if i not in seen_messages)
     apple_only_images = sorted((i, s) for i, s in apple.images.items() if i not in seen_images)
 
-    checks = _check_defaults(doc, apple, seen_messages)
+    checks = _check_defaults(doc, apple, seen_messages, per_locale)
     if adopt_defaults:
         changes += _adopt_defaults(doc, checks, seen_messages)
 
@@ -359,11 +368,13 @@ def plan_sync(raw: bytes, apple: AppleState, *, adopt_defaults: bool = False, so
     )
 
 
-def _check_defaults(doc: dict[str, Any], apple: AppleState, catalog_ids: set[str]) -> list[DefaultCheck]:
+def _check_defaults(doc: dict[str, Any], apple: AppleState, catalog_ids: set[str],
+                    per_locale: dict[str, str]) -> list[DefaultCheck]:
     ours = {(d["productId"], d["locale"]): d["messageIdentifier"] for d in doc.get("defaults", [])}
     checks = []
-    for (pid, loc), theirs in apple.defaults.items():
+    for (pid, loc), apple_id in apple.defaults.items():
         mine = ours.get((pid, loc))
+        theirs = per_locale.get(apple_id, apple_id) if apple_id is not None else None
         if mine == theirs:
             note = "same" if mine is not None else "no default anywhere: Apple shows nothing when our answer fails"
         elif theirs is None:
@@ -372,9 +383,11 @@ def _check_defaults(doc: dict[str, Any], apple: AppleState, catalog_ids: set[str
             note = "only Apple has a default"
         else:
             note = "differ"
-        if theirs is not None and theirs not in catalog_ids:
+        if apple_id is not None and apple_id not in catalog_ids:
             note += "; Apple's default is not in the catalog"
-        checks.append(DefaultCheck(pid, loc, mine, theirs, note))
+        elif apple_id is not None and theirs != apple_id:
+            note += f" (Apple's {apple_id} is message {theirs}'s text)"
+        checks.append(DefaultCheck(pid, loc, mine, apple_id, note, theirs))
     return checks
 
 
@@ -384,14 +397,15 @@ def _adopt_defaults(doc: dict[str, Any], checks: list[DefaultCheck], catalog_ids
     defaults: list[dict[str, Any]] = doc.setdefault("defaults", [])
     index = {(d["productId"], d["locale"]): d for d in defaults}
     for c in checks:
-        if c.apple is None or c.apple == c.catalog or c.apple not in catalog_ids:
+        theirs = c.apple_message if c.apple_message is not None else c.apple
+        if c.apple is None or c.matches or c.apple not in catalog_ids:
             continue
         entry = index.get((c.productId, c.locale))
         if entry is None:
-            defaults.append({"productId": c.productId, "locale": c.locale, "messageIdentifier": c.apple})
+            defaults.append({"productId": c.productId, "locale": c.locale, "messageIdentifier": theirs})
         else:
-            entry["messageIdentifier"] = c.apple
-        changes.append(Change("default", f"{c.productId} {c.locale}", "messageIdentifier", c.catalog, c.apple))
+            entry["messageIdentifier"] = theirs
+        changes.append(Change("default", f"{c.productId} {c.locale}", "messageIdentifier", c.catalog, theirs))
     return changes
 
 

@@ -66,6 +66,7 @@ def preflight(settings: Settings) -> Startup:
     """
     from models.registry import DEFAULT_REGISTRY, ModelLoadError, Registry
     from serving.catalog import Catalog
+    from serving.catalog_content import content_problems
     from serving.notifications import configured_bundle_id
     from serving.verify import fingerprint_sha256, has_apple_root_g3, load_roots
 
@@ -102,7 +103,12 @@ def preflight(settings: Settings) -> Startup:
             file=sys.stderr,
         )
     _check_tls_files(settings)
-    catalog = Catalog.load(settings.catalog)  # raises CatalogError with the entry and the reason
+    catalog = Catalog.load(settings.catalog, settings.environment)  # raises CatalogError with the entry and the reason
+    content = content_problems(catalog, Path(settings.catalog).resolve().parent)
+    if content:  # the same check as `retention catalog validate`: Apple would refuse this content
+        raise SettingsError("\n".join([f"catalog {settings.catalog}: {line}" for line in content]
+                                      + [f"catalog {settings.catalog}: {len(content)} problem(s) with Apple's limits "
+                                         "(retention catalog validate lists them too)"]))
     model_version = shadow_version = None
     try:
         if pinned is not None or registry.root.resolve() != DEFAULT_REGISTRY.resolve():

@@ -13,12 +13,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.experiment import Experiment, ExperimentError, read_experiment, write_experiment
 from serving.catalog import Catalog, CatalogError, CatalogMessage
+from serving.catalog_content import content_problems
 from serving.schemas import DecodedRealtimeRequestBody
 
 log = logging.getLogger("retention.state")
@@ -163,6 +165,7 @@ class Runtime:
         *,
         catalog_path: str,
         registry_spec: str,
+        environment: str | None = None,
         shadow_version: str | None = None,
         challenger: str | None = None,
         challenger_share: float | None = None,
@@ -171,6 +174,7 @@ class Runtime:
         on_model_version: Callable[[str | None], None] | None = None,
     ) -> None:
         self.catalog_path = catalog_path
+        self.environment = environment  # Apple's, whose approved texts the catalog answers
         self.registry_spec = registry_spec
         self.shadow_version = shadow_version
         self.challenger = challenger
@@ -189,7 +193,7 @@ class Runtime:
     # ---- loading ------------------------------------------------------------------
     def load(self) -> Snapshot:
         """Load the catalog (required) and the model (optional: without one the rule policy serves)."""
-        catalog = Catalog.load(self.catalog_path)
+        catalog = Catalog.load(self.catalog_path, self.environment)
         self._catalog_key = _file_key(self.catalog_path)
         model, error = self._try_model(catalog)
         shadow = self._try_shadow(catalog)
@@ -271,7 +275,10 @@ class Runtime:
             if key != self._catalog_key:
                 self._catalog_key = key
                 try:
-                    new_cat = Catalog.load(self.catalog_path)
+                    new_cat = Catalog.load(self.catalog_path, self.environment)
+                    content = content_problems(new_cat, Path(self.catalog_path).resolve().parent)
+                    if content:  # what serve's start refuses, a reload refuses too
+                        raise CatalogError(f"{len(content)} problem(s) with Apple's limits, the first: {content[0]}")
                 except CatalogError as exc:
                     log.error("catalog reload refused, the old catalog keeps serving: %s", exc)
                     self._on_failure("catalog", str(exc))

@@ -97,6 +97,17 @@ def test_apples_refusals_are_one_line_each(apple, capsys, setup, expected):
     assert len(err) == 1 and expected in err[0], err
 
 
+def test_the_hints_name_commands_that_run(apple, capsys):
+    apple.account.realtime_url = None
+    assert apple_cli.main(["performance-test", "--original-transaction-id", OTID, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "`retention apple realtime-url set https://... --environment Sandbox`" in err
+    from appstoreserverlibrary.api_client import APIException
+
+    line = apple_cli.refusal(APIException(403, 4030026, "x"), environment="Production")
+    assert "`retention apple performance-test --environment Sandbox --original-transaction-id ID --wait`" in line
+
+
 def test_wrong_credentials_are_one_line(apple, capsys):
     assert apple_cli.main(["realtime-url", "show", "--key-id", "WRONG", *FAST]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -68,18 +68,20 @@ def cat(tmp_path: Path) -> Path:
 
 def apply(apple: Any, path: Path, *, prune: bool = False, waits: list[float] | None = None) -> Any:
     sleeps = waits if waits is not None else []
-    return run(path, apple.client(), make_pacer(0.0, sleep=sleeps.append), apply=True, prune=prune)
+    return run(path, apple.client(), make_pacer(0.0, sleep=sleeps.append), apply=True, prune=prune,
+               environment=apple.environment)
 
 
 def plan(apple: Any, path: Path, *, prune: bool = False) -> Any:
-    return run(path, apple.client(), make_pacer(0.0, sleep=lambda s: None), apply=False, prune=prune)
+    return run(path, apple.client(), make_pacer(0.0, sleep=lambda s: None), apply=False, prune=prune,
+               environment=apple.environment)
 
 
 def assert_converged(apple: Any, path: Path) -> Catalog:
     """Apple holds exactly the catalog's texts and images, the defaults name the served texts, the record agrees."""
     catalog = Catalog.load(path)
     acct = apple.account
-    up = catalog.data.uploaded
+    up = catalog.record(apple.environment)
     assert up is not None
     ours = {u.messageIdentifier for u in up.messages}
     assert ours <= set(acct.messages) and len(ours) == 4  # 2 messages x 2 locales
@@ -144,7 +146,7 @@ def test_apply_converges_from_a_drifted_account_and_prunes_only_when_asked(apple
     acct.defaults[(MONTHLY, "de-DE")] = stray_msg
     catalog = Catalog.load(cat)
     doc = json.loads(cat.read_text())
-    doc["uploaded"]["defaults"].append({"productId": MONTHLY, "locale": "de-DE", "messageIdentifier": stray_msg})
+    doc["uploaded"]["Sandbox"]["defaults"].append({"productId": MONTHLY, "locale": "de-DE", "messageIdentifier": stray_msg})
     cat.write_text(json.dumps(doc))
     before = len(apple.server.mutations())
     apply(apple, cat, prune=True)
@@ -160,7 +162,7 @@ def test_a_run_interrupted_halfway_converges_when_run_again(apple, cat, capsys):
     assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "HTTP 500" in err[-2] and "run it again" in err[-1]
-    recorded = Catalog.load(cat).data.uploaded
+    recorded = Catalog.load(cat).record("Sandbox")
     assert recorded is not None and len(recorded.images) == 2 and len(recorded.messages) == 1  # what Apple holds
     apple.server.fail_after(None)
     assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 0
@@ -224,7 +226,7 @@ def test_a_rejected_text_is_reported_and_never_answered(apple, cat, make_setting
     catalog = Catalog.load(cat)
     assert catalog.served == {}  # nothing approved: nothing served, no default set
     assert apple.account.defaults == {}
-    fr_text = next(u.messageIdentifier for u in catalog.data.uploaded.messages
+    fr_text = next(u.messageIdentifier for u in catalog.record("Sandbox").messages
                    if u.message == M_TEXT and u.locale == "fr-FR")
     for mid in list(apple.account.messages):
         (apple.server.reject if mid == fr_text else apple.server.approve)(mid)
@@ -288,7 +290,7 @@ def test_content_problems_are_one_line_each(tmp_path, capsys):
         assert sum(text in line for line in err) >= 1, (text, err)
     assert all(line.startswith("retention catalog: ") for line in err)
     with pytest.raises(ApplyError, match="breaks Apple's limits"):
-        run(path, None, make_pacer(0.0), apply=False)
+        run(path, None, make_pacer(0.0), apply=False, environment="Sandbox")
 
 
 def test_a_tRNS_chunk_and_a_non_png_are_refused(tmp_path):
@@ -361,3 +363,207 @@ def test_a_message_without_content_still_needs_its_state_and_locales_must_match_
         Catalog.from_bytes(json.dumps(doc).encode())
     doc["messages"][0]["locales"] = ["fr-FR", "en-US"]
     assert Catalog.from_bytes(json.dumps(doc).encode()).messages[M_TEXT].locales == ["en-US", "fr-FR"]
+
+
+# ---- one record per environment -----------------------------------------------------------------
+def test_sandbox_approvals_never_make_a_production_endpoint_answer_a_text_pending_in_production(
+        apple, cat, tmp_path, make_settings, pki):
+    from serving.app import create_app
+    from tests.conftest import AppleFixture
+
+    (tmp_path / "prod").mkdir()
+    prod = AppleFixture(tmp_path / "prod", environment="Production")
+    try:
+        prod.account.auto_approve = False
+        apply(prod, cat)  # Production: every text PENDING, no default set
+        apply(apple, cat)  # Sandbox: every text APPROVED at once
+        doc = json.loads(cat.read_text())
+        assert set(doc["uploaded"]) == {"Sandbox", "Production"}
+        in_prod, in_sandbox = Catalog.load(cat, "Production"), Catalog.load(cat, "Sandbox")
+        assert in_prod.served == {} and len(in_sandbox.served) == 4
+        assert {u.messageState for u in in_prod.record().messages} == {"PENDING"}  # type: ignore[union-attr]
+        assert prod.account.defaults == {} and len(apple.account.defaults) == 3
+        sandbox_texts = set(in_sandbox.served.values())
+        empty_registry = tmp_path / "no-model"
+        empty_registry.mkdir()
+        settings = make_settings(catalog=str(cat), model=str(empty_registry), environment="Production")
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            texts = []
+            for locale in ("en-US", "fr-FR"):
+                body = pki.signed_request_body(app_apple_id=APP_ID, environment="Production", product_id=MONTHLY,
+                                               user_locale=locale)
+                r = client.post("/retention/message", content=body, headers={"content-type": "application/json"})
+                assert r.status_code in (200, 404), r.text
+                texts.append(r.text)
+        assert not any(mid in text for mid in sandbox_texts | set(prod.account.messages) for text in texts)
+        # Production approves: its own apply makes those texts (and only those) answered there
+        for mid in list(prod.account.messages) + list(prod.account.images):
+            prod.server.approve(mid)
+        apply(prod, cat)
+        assert Catalog.load(cat, "Production").served == in_sandbox.served  # same texts, same UUIDs
+        assert len(prod.account.defaults) == 3
+    finally:
+        prod.server.stop()
+
+
+def test_a_record_in_the_older_single_form_is_read_and_rewritten_per_environment(apple, cat):
+    apply(apple, cat)
+    doc = json.loads(cat.read_text())
+    doc["uploaded"] = doc["uploaded"]["Sandbox"]  # what apply wrote before records were per environment
+    cat.write_text(json.dumps(doc))
+    old = Catalog.load(cat, "Production")
+    assert len(old.served) == 4  # read as it was
+    n = len(apple.server.mutations())
+    apply(apple, cat)
+    assert len(apple.server.mutations()) == n  # nothing uploaded again
+    assert set(json.loads(cat.read_text())["uploaded"]) == {"Sandbox"}
+    assert Catalog.load(cat, "Production").served == {}
+    assert_converged(apple, cat)
+
+
+def test_sync_check_defaults_matches_the_defaults_apply_set_through_the_per_locale_texts(apple, cat, capsys):
+    apple.account.messages[LEGACY] = {"state": "APPROVED", "body": {"header": "legacy", "body": "by hand"}}
+    apply(apple, cat)
+    capsys.readouterr()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--check-defaults", "--min-interval", "0",
+                             "--locales", "en-US"]) == 0
+    out = capsys.readouterr().out
+    assert "0 mismatch(es)" in out and "differ" not in out, out
+    before = cat.read_bytes()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--adopt-defaults", "--min-interval", "0",
+                             "--locales", "en-US"]) == 0
+    assert cat.read_bytes() == before  # nothing to adopt: Apple's defaults are the catalog's, per locale
+    # Apple's default repointed to another catalog message's text: reported, and adopted as that message
+    doc = json.loads(before)
+    doc["messages"].append({"messageIdentifier": "77777777-7777-4777-8777-777777777777", "kind": "message",
+                            "productIds": [ANNUAL], "content": {"en-US": {"header": "Stay", "body": "Please."}}})
+    cat.write_text(json.dumps(doc))
+    apply(apple, cat)
+    other = Catalog.load(cat).apple_id(Catalog.load(cat).messages["77777777-7777-4777-8777-777777777777"], "en-US")
+    assert other is not None
+    apple.account.defaults[(ANNUAL, "en-US")] = other
+    capsys.readouterr()
+    assert catalog_cli.main(["sync", "--catalog", str(cat), "--adopt-defaults", "--min-interval", "0",
+                             "--locales", "en-US"]) == 0
+    assert Catalog.load(cat).defaults[(ANNUAL, "en-US")].messageIdentifier == "77777777-7777-4777-8777-777777777777"
+
+
+# ---- review: what Apple's Upload Message refuses, and defaults without a text ----------------------
+def test_a_switch_plan_message_with_bullet_points_and_a_default_without_a_text_are_refused(tmp_path, capsys):
+    doc = catalog_doc()
+    bullet = {"text": "Offline downloads", "image": {"file": "img/offline.png", "altText": "A cloud"}}
+    doc["messages"][1]["content"]["en-US"]["bulletPoints"] = [bullet]  # M_SWITCH: alternateProduct
+    doc["defaults"].append({"productId": ANNUAL, "locale": "de-DE", "messageIdentifier": M_TEXT})  # no de text
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"message {M_SWITCH} en-US: a alternateProduct message must have no bullet points" in err
+    assert f"default for {ANNUAL} de-DE: message {M_TEXT} has no text for de-DE" in err
+    with pytest.raises(ApplyError, match="breaks Apple's limits"):
+        run(path, None, make_pacer(0.0), apply=False, environment="Sandbox")
+
+
+def test_a_content_key_that_is_not_a_locale_is_refused(tmp_path, capsys):
+    doc = catalog_doc()
+    doc["messages"][0]["content"]["english"] = dict(doc["messages"][0]["content"]["en-US"])
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "content locale 'english' is not a locale code" in err[0]
+    doc["messages"][0]["content"]["zh-Hans-CN"] = doc["messages"][0]["content"].pop("english")
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 0
+
+
+def test_serve_refuses_a_catalog_that_validate_refuses_one_line_per_problem(tmp_path, pki_dir):
+    from serving.server import preflight
+    from serving.settings import SettingsError, parse_settings
+    from tests.conftest import BUNDLE_ID
+
+    doc = catalog_doc()
+    doc["messages"][0]["content"]["en-US"]["header"] = "h" * 67
+    doc["messages"][0]["content"]["fr-FR"]["body"] = "b" * 145
+    path = write_catalog(tmp_path, doc)
+    argv = ["--catalog", str(path), "--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", str(APP_ID),
+            "--bundle-id", BUNDLE_ID, "--environment", "Sandbox", "--data-dir", str(tmp_path / "data")]
+    with pytest.raises(SettingsError) as caught:  # `retention serve` prints each line and exits 2
+        preflight(parse_settings(argv))
+    err = str(caught.value).splitlines()
+    assert all(line.startswith(f"catalog {path}: ") for line in err) and len(err) == 3
+    assert "header is 67 characters; Apple allows 66" in err[0] and "body is 145 characters" in err[1]
+
+
+# ---- review: one line that says what to do ----------------------------------------------------------
+def test_no_api_access_in_plan_and_apply_is_the_access_hint(apple, cat, capsys):
+    apple.account.no_access = True
+    for verb in ("plan", "apply"):
+        assert catalog_cli.main([verb, "--catalog", str(cat), "--min-interval", "0"]) == 1
+        err = capsys.readouterr().err
+        assert "no access to the Retention Messaging API" in err and "no error code" not in err
+
+
+def test_a_key_that_is_not_ec_p256_is_named_not_blamed_on_apple(apple, cat, tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rsa_key = tmp_path / "rsa.p8"
+    rsa_key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0", "--key-file", str(rsa_key)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an EC P-256 key (RSA)" in err[0] and "Apple" in err[0]
+    assert "no usable answer" not in err[0] and "BEGIN" not in err[0]
+    assert apple.server.log == []  # nothing was sent
+
+
+def test_apply_on_a_catalog_breaking_apples_limits_says_nothing_was_done(apple, tmp_path, capsys):
+    doc = catalog_doc()
+    doc["messages"][0]["content"]["en-US"]["header"] = "h" * 67
+    path = write_catalog(tmp_path, doc)
+    assert catalog_cli.main(["apply", "--catalog", str(path), "--min-interval", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "header is 67 characters" in err[0]
+    assert err[-1].endswith("nothing was sent to Apple") and not any(line.rstrip().endswith(":") for line in err)
+    assert not any("run it again" in line for line in err) and apple.server.log == []
+
+
+def test_plan_words_answered_as_what_apply_makes_true_and_names_the_host(apple, cat, capsys):
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "once apply has recorded them" in out and f"at {apple.server.base_url}" in out
+    assert catalog_cli.main(["apply", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    capsys.readouterr()
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 0
+    assert "APPROVED     answered after apply" in capsys.readouterr().out
+
+
+def test_an_empty_apple_api_url_is_refused_not_taken_for_apples_host(apple, cat, monkeypatch, capsys):
+    monkeypatch.setenv("RETENTION_APPLE_API_URL", "")
+    assert catalog_cli.main(["plan", "--catalog", str(cat), "--min-interval", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RETENTION_APPLE_API_URL is set but empty" in err[0]
+
+
+def test_the_docs_example_catalog_validates_and_covers_its_own_locales(tmp_path, capsys):
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "apple-setup.md").read_text()
+    block = docs.split("```json\n", 1)[1].split("```", 1)[0]
+    path = write_catalog(tmp_path, json.loads(block))
+    assert catalog_cli.main(["validate", "--catalog", str(path)]) == 0
+    catalog = Catalog.load(path)  # every product has a default in every locale the catalog has texts for
+    locales = {loc for m in catalog.messages.values() for loc in m.locales}
+    assert {(p, loc) for p in catalog.products for loc in locales} <= set(catalog.defaults)
+
+
+def test_validate_counts_what_apple_shows_per_environment(apple, cat, tmp_path, capsys):
+    from tests.conftest import AppleFixture
+
+    (tmp_path / "prod").mkdir()
+    prod = AppleFixture(tmp_path / "prod", environment="Production")
+    try:
+        prod.account.auto_approve = False
+        apply(prod, cat)
+        apply(apple, cat)
+    finally:
+        prod.server.stop()
+    assert catalog_cli.main(["validate", "--catalog", str(cat)]) == 0
+    assert "shown by Apple: Sandbox 3, Production 1" in capsys.readouterr().out  # the legacy message, in both

@@ -191,7 +191,8 @@ def test_invalid_result_is_refused_and_the_file_untouched(monkeypatch, catalog_f
     "fail, expected",
     [
         (APIException(429, 4290000, "Rate limit exceeded."), ["HTTP 429", "4290000", "RATE_LIMIT_EXCEEDED"]),
-        (APIException(401), ["HTTP 401", "no error code"]),
+        (APIException(401), ["HTTP 401", "check --key-id"]),
+        (APIException(404), ["no access to the Retention Messaging API", "docs/apple-setup.md"]),
         (requests.ConnectionError("Max retries exceeded with url\n (Caused by NameResolutionError)"),
          ["no usable answer", "ConnectionError"]),
     ],
