@@ -227,8 +227,18 @@ class Registry:
         return LoadedModel(version=version, manifest=manifest, schema=schema, onnx_path=onnx_path)
 
     # ---- writing ------------------------------------------------------------------------
-    def write_version(self, onnx_bytes: bytes, manifest: dict[str, Any], card_md: str) -> str:
-        """Return the id of a new version holding these files, written atomically (not promoted)."""
+    def write_version(
+        self, onnx_bytes: bytes, manifest: dict[str, Any], card_md: str, extra_files: dict[str, bytes] | None = None
+    ) -> str:
+        """Return the id of a new version holding these files, written atomically (not promoted).
+
+        `extra_files` (plain file names to bytes) are written beside the model, e.g. the
+        hashes of the request ids it was trained on.
+        """
+        extra = dict(extra_files or {})
+        for name in extra:
+            if not name or "/" in name or name.startswith(".") or name in (MODEL_FILE, MANIFEST_FILE, CARD_FILE):
+                raise RegistryError(f"{name!r} is not an allowed extra file name")
         self.root.mkdir(parents=True, exist_ok=True)
         # ids must sort by creation: within one second, draw again until this one sorts after the newest
         newest = max(self.versions() + [p.name[5:] for p in self.root.glob(".tmp-*")], default="")
@@ -248,7 +258,9 @@ class Registry:
             (tmp / MODEL_FILE).write_bytes(onnx_bytes)
             (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
             (tmp / CARD_FILE).write_text(card_md.replace("{version}", version))
-            for name in (MODEL_FILE, MANIFEST_FILE, CARD_FILE):
+            for name, data_bytes in extra.items():
+                (tmp / name).write_bytes(data_bytes)
+            for name in (MODEL_FILE, MANIFEST_FILE, CARD_FILE, *extra):
                 with open(tmp / name, "rb") as fh:
                     os.fsync(fh.fileno())
             os.rename(tmp, self.root / version)

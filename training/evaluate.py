@@ -382,7 +382,11 @@ def evaluate(
         )
         results[v] = res
         flat.update({f"{v}/{name}": r for name, r in res.items()})
-    boot = ope.Bootstrap(flat, n_resamples=cfg.n_resamples, seed=cfg.seed) if cfg.n_resamples else None
+    # one subscriber's decisions share that subscriber's noise: resample subscribers, not decisions
+    clusters = logged.frame["original_transaction_id"].astype(str).to_numpy()
+    n_clusters = int(pd.unique(clusters).size)
+    boot = ope.Bootstrap(flat, n_resamples=cfg.n_resamples, seed=cfg.seed, clusters=clusters) \
+        if cfg.n_resamples else None
     if boot is not None:
         observed = boot.with_interval(f"{LOGGING}/observed", cfg.level)
         for v, res in results.items():
@@ -466,7 +470,8 @@ def evaluate(
         sub = {f"{LOGGING}/observed": observed.restrict(mask)}
         for v in versions:
             sub[f"{v}/dr"] = results[v]["dr"].restrict(mask)
-        sb = ope.Bootstrap(sub, n_resamples=min(cfg.segment_resamples, cfg.n_resamples), seed=cfg.seed) \
+        sb = ope.Bootstrap(sub, n_resamples=min(cfg.segment_resamples, cfg.n_resamples), seed=cfg.seed,
+                           clusters=clusters[mask]) \
             if cfg.n_resamples and len(idx) > 1 else None
         entry: dict[str, Any] = {"product_id": product, "user_locale": locale, "n": len(idx), "values": {}}
         for key, r in sub.items():
@@ -518,6 +523,8 @@ def evaluate(
             "reward_model": cfg.reward_model,
             "mature_only": cfg.mature_only,
             "min_ess": ess_floor,
+            "bootstrap_unit": "subscriber (original_transaction_id)",
+            "bootstrap_clusters": n_clusters,
         },
         "current": current,
         "versions": list(versions),

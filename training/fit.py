@@ -61,6 +61,34 @@ HGB_DEFAULTS: dict[str, Any] = {
 LOGREG_DEFAULTS: dict[str, Any] = {"C": 1.0, "max_iter": 2000}
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """One model family and setting that :func:`select_model` may choose."""
+
+    name: str
+    model: str = "hgb"
+    params: dict[str, Any] = field(default_factory=dict)
+    context: bool = True  # False: the message columns only (a static policy: one best message for everyone)
+    weighted: bool = False  # rows weighted by 1 / propensity (undoes the logging policy's targeting)
+
+
+# The candidates of the cross-validated choice. At Apple's effect sizes (a few points on a base of a
+# few percent) a model of who responds to what needs far more decisions than one of which message works
+# best on average; which one wins on given data is what the held-out policy value says.
+MODEL_CHOICES: tuple[ModelChoice, ...] = (
+    ModelChoice("hgb"),
+    ModelChoice("hgb-plain", params={"learning_rate": 0.1, "max_iter": 100, "max_leaf_nodes": 31,
+                                     "min_samples_leaf": 20, "l2_regularization": 0.0, "early_stopping": True,
+                                     "n_iter_no_change": 10}),
+    ModelChoice("hgb-smooth", params={"learning_rate": 0.05, "max_iter": 600, "max_leaf_nodes": 15,
+                                      "min_samples_leaf": 200, "l2_regularization": 5.0, "early_stopping": True,
+                                      "n_iter_no_change": 30}),
+    ModelChoice("static", context=False, weighted=True),
+)
+SELECTION_FOLDS = 3
+SELECTION_MARGIN_SE = 1.0  # a later choice replaces the first only if it wins by this many standard errors
+
+
 @dataclass
 class FitInfo:
     """What a fit did: model kind, parameters, rows used, seconds spent."""
@@ -72,6 +100,7 @@ class FitInfo:
     rows_calibration: int
     n_iter: int | None = None
     seconds: float = 0.0
+    selection: dict[str, Any] | None = None  # the cross-validated choice (select_model), when one was made
     # positions of the rows the base model never fitted (calibration, early stopping): the held-out share
     heldout_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
 
@@ -303,3 +332,90 @@ def check_parity(
         choice_mismatches=int(bad.sum()),
         mismatched_requests=[str(u) for u in uniques[np.flatnonzero(bad)][:10]],
     )
+
+
+def greedy_dr_terms(
+    p_stay: np.ndarray, value_after: np.ndarray, owner: np.ndarray, shown: np.ndarray, rewards: np.ndarray,
+    propensities: np.ndarray,
+) -> np.ndarray:
+    """Return per decision the doubly robust term of the greedy policy argmax P(stay) × value_after.
+
+    Rows are (decision, candidate) pairs: `owner` (m,) the decision's position 0..n-1, `shown` (m,)
+    whether the logging policy showed that candidate; `rewards` and `propensities` (n,) per decision.
+    The term is r̂(x, g) + 1{a = g} / μ · (r − r̂(x, a)) with r̂ = P(stay) × value_after (Dudík, Langford
+    & Li 2011); its mean over decisions is the policy's doubly robust value.
+    """
+    n = len(rewards)
+    q = np.asarray(p_stay, dtype=np.float64) * np.asarray(value_after, dtype=np.float64)
+    best, q_best, _ = greedy_choices(np.asarray(owner), q)
+    q_shown = np.zeros(n)
+    q_shown[owner[shown]] = q[shown]
+    is_greedy_shown = np.zeros(n, dtype=bool)
+    chosen = best[best >= 0]
+    is_greedy_shown[owner[chosen]] = shown[chosen]
+    return np.where(np.isfinite(q_best), q_best, 0.0) + is_greedy_shown / propensities * (rewards - q_shown)
+
+
+def select_model(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    rewards: np.ndarray,
+    propensities: np.ndarray,
+    groups: np.ndarray,
+    candidate_rows: Any,
+    n_context: int,
+    seed: int = 0,
+    choices: tuple[ModelChoice, ...] = MODEL_CHOICES,
+    folds: int = SELECTION_FOLDS,
+    margin_se: float = SELECTION_MARGIN_SE,
+) -> tuple[ModelChoice, dict[str, Any]]:
+    """Return the model choice with the best cross-validated doubly robust policy value, and the evidence.
+
+    `X`, `y`: the shown rows (one per labelled decision); `rewards` = label × value_after of the shown
+    message, `propensities` its logged probability; `groups` a subscriber code per decision (a
+    subscriber's decisions share a fold). `candidate_rows(idx)` returns (X_c, owner, shown,
+    value_after) for every candidate of decisions `idx`, owner indexing into `idx`. Each choice is
+    fitted on the other folds and its greedy policy valued on the held-out fold with
+    :func:`greedy_dr_terms`; the first choice stays unless another beats it by `margin_se` paired
+    standard errors (selection on noisy values otherwise favours whichever overfits the noise most).
+    """
+    n = len(y)
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    fold_of_group = np.random.default_rng(seed).integers(0, folds, size=int(codes.max()) + 1 if n else 0)
+    fold = fold_of_group[codes]
+    terms = np.full((len(choices), n), np.nan)
+    for f in range(folds):
+        test = np.flatnonzero(fold == f)
+        train = np.flatnonzero(fold != f)
+        if len(test) == 0 or len(np.unique(y[train])) < 2:
+            continue
+        Xc, owner, shown, va = candidate_rows(test)
+        for c, choice in enumerate(choices):
+            Xtr, Xte = X[train], Xc
+            if not choice.context:
+                Xtr, Xte = Xtr.copy(), Xte.copy()
+                Xtr[:, :n_context] = 0.0
+                Xte[:, :n_context] = 0.0
+            sw = 1.0 / propensities[train] if choice.weighted else None
+            est, _ = fit_model(Xtr, y[train], model=choice.model, seed=seed, params=choice.params or None,
+                               sample_weight=sw)
+            p = est.predict_proba(Xte)[:, 1]
+            terms[c, test] = greedy_dr_terms(p, va, owner, shown, rewards[test], propensities[test])
+    ok = np.isfinite(terms).all(axis=0)
+    t = terms[:, ok]
+    m = int(ok.sum())
+    values = t.mean(axis=1) if m else np.full(len(choices), np.nan)
+    diff = t - t[0]
+    se = diff.std(axis=1, ddof=1) / np.sqrt(m) if m > 1 else np.full(len(choices), np.inf)
+    score = np.where(np.arange(len(choices)) == 0, 0.0, (values - values[0]) - margin_se * se)
+    pick = int(np.argmax(score)) if m and score.max() > 0 else 0
+    evidence = {
+        "rule": f"{folds}-fold cross-validated doubly robust value of each choice's greedy policy (folds by "
+                f"subscriber); {choices[0].name} unless another wins by {margin_se:g} paired standard errors",
+        "decisions": m,
+        "values": {ch.name: float(v) for ch, v in zip(choices, values, strict=True)},
+        "se_vs_first": {ch.name: float(s_) for ch, s_ in zip(choices, se, strict=True)},
+        "chosen": choices[pick].name,
+    }
+    return choices[pick], evidence

@@ -1,25 +1,154 @@
-"""The promotion gate: a model version replaces the current one only if it wins off-policy.
+"""The promotion gate: a model version replaces the current one only if it wins off-policy on fresh data.
 
 ``retention models promote VERSION --if-better`` calls :func:`promotion_gate`. The rule: the
-doubly robust estimate of (candidate − current), bootstrapped with the same resampled requests
-for both (paired), must have its lower confidence bound above zero. With the default 90%
-two-sided interval that bound is a 95% one-sided one. With no current version the candidate must
-beat the logging policy's observed value the same way.
+doubly robust estimate of (candidate − current), bootstrapped with the same resampled subscribers
+for both (paired; a subscriber's decisions are resampled together), must have its lower confidence
+bound above zero. With the default 90% two-sided interval that bound is a 95% one-sided one, so a
+candidate no better than the current version is promoted at most about 5% of the time. With no
+current version the candidate must beat the logging policy's observed value the same way.
 
-Two more refusals, because an interval cannot be trusted there: an effective sample size of the
-candidate's importance weights below the evaluation's floor, and more than
-``MAX_UNSUPPORTED_MASS`` of the candidate's choices on candidates the logging policy could not
-show (its value there would rest on its own reward model alone).
+What the verdict also states (:class:`Judgement`): the *minimum detectable difference* (MDD), the
+true advantage this data would reveal with probability ``power`` (80%),
+
+    MDD = (z_{1−α} + z_{power}) · SE,    α = (1 − level) / 2,    SE = the bootstrap sd of the difference
+
+(1.645 + 0.842 = 2.49 standard errors at the defaults), and, since SE shrinks as 1/√n, the number
+of decisions a given difference Δ needs: n · (MDD / Δ)².
+
+Refusals before any estimate:
+
+- the evaluation data overlaps the candidate's training data (matched by ``request_id`` against
+  the hashes ``retention train`` records in the version, or by date range for a version trained
+  before those were recorded): a model judged on the decisions it learned from looks better than
+  it is. ``allow_overlap=True`` (``--allow-overlap``) judges anyway and says so;
+- an effective sample size of the candidate's importance weights below the evaluation's floor;
+- more than ``MAX_UNSUPPORTED_MASS`` of the candidate's choices on candidates the logging policy
+  could not show (its value there would rest on its own reward model alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from statistics import NormalDist
+from typing import Any
 
+import numpy as np
+
+from training import ope
 from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate
 from training.target_policy import Exploration
 
 MAX_UNSUPPORTED_MASS = 0.10
+POWER = 0.8
+
+
+def z_sum(level: float = 0.9, power: float = POWER) -> float:
+    """Return z_{1−α} + z_{power} with α = (1 − level)/2: standard errors between zero and the MDD (2.49 at 0.9, 0.8)."""
+    alpha = (1.0 - level) / 2.0
+    return NormalDist().inv_cdf(1.0 - alpha) + NormalDist().inv_cdf(power)
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """The gate's verdict on one paired difference (candidate − reference), per request, in value units."""
+
+    promote: bool
+    estimate: float
+    ci_low: float
+    ci_high: float
+    level: float
+    se: float  # bootstrap standard deviation of the difference
+    mdd: float  # minimum detectable difference at `power`
+    power: float
+    n: int  # decisions
+    clusters: int  # subscribers resampled
+    ess: float  # Kish effective sample size of the candidate's importance weights
+
+    def decisions_needed(self, difference: float) -> int:
+        """Return about how many decisions (like these) reveal a true advantage of `difference` with this power."""
+        if not difference > 0 or not np.isfinite(self.mdd):
+            raise ValueError("the difference must be a positive number")
+        return int(np.ceil(self.n * (self.mdd / difference) ** 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the verdict as JSON-able data."""
+        return dataclasses.asdict(self)
+
+
+def judge(
+    boot: ope.Bootstrap, candidate: str, reference: str, *, level: float = 0.9, power: float = POWER,
+    clusters: int | None = None,
+) -> Judgement:
+    """Return the verdict on results `candidate` minus `reference` of one :class:`training.ope.Bootstrap`.
+
+    Promote when the lower bound of the paired percentile interval at `level` is above zero.
+    """
+    a = boot.results[candidate]
+    samples = boot.difference_samples(candidate, reference)
+    finite = samples[np.isfinite(samples)]
+    lo, hi = ope._percentile_ci(samples, level)
+    se = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
+    estimate = a.estimate - boot.results[reference].estimate
+    return Judgement(
+        promote=bool(lo > 0),
+        estimate=float(estimate),
+        ci_low=lo,
+        ci_high=hi,
+        level=level,
+        se=se,
+        mdd=z_sum(level, power) * se,
+        power=power,
+        n=a.n,
+        clusters=a.n if clusters is None else int(clusters),
+        ess=a.ess,
+    )
+
+
+def describe(j: Judgement, candidate: str, against: str, reference_value: float | None = None) -> str:
+    """Return the gate's report: the verdict, its interval, the MDD and the decisions a difference needs."""
+    text = (
+        f"DR estimate of {candidate} minus {against}: {j.estimate:+.4f} per request, {j.level:.0%} paired interval "
+        f"[{j.ci_low:.4f}, {j.ci_high:.4f}] on {j.n} decisions of {j.clusters} subscribers"
+    )
+    mdd = (
+        f"with these decisions (effective sample size {j.ess:.0f} of the candidate's weights) the smallest true "
+        f"advantage detected {j.power:.0%} of the time is {j.mdd:.4f} per request"
+    )
+    if reference_value is not None and reference_value > 0:
+        mdd += f" ({j.mdd / reference_value:.1%} of {against}'s value)"
+        one_pct = 0.01 * reference_value
+        mdd += f"; an advantage of 1% ({one_pct:.4f}) needs about {j.decisions_needed(one_pct):,} decisions"
+    if j.promote:
+        return f"promoted: {text}; the lower bound is above zero; {mdd}"
+    return f"not promoted: {text}; the lower bound is not above zero, so it is not shown to be better; {mdd}"
+
+
+# ---- fresh data: the candidate's training requests ------------------------------------------------
+def training_overlap(registry: Any, version: str, decisions: Any) -> tuple[int, str] | None:
+    """Return (decisions of `decisions` in `version`'s training data, how they were matched), or None if unknown.
+
+    Matched by ``request_id`` against the hashes recorded at training time
+    (:func:`training.train.request_hashes`); for a version without them, every decision inside
+    its recorded training date range counts.
+    """
+    import pandas as pd
+
+    from training.evaluate import _training_window
+    from training.train import TRAINING_REQUESTS_FILE, read_request_hashes, request_hashes
+
+    path = registry.root / version / TRAINING_REQUESTS_FILE
+    manifest = registry.manifest(version)
+    if path.is_file():
+        known = read_request_hashes(path, manifest)
+        mine = request_hashes(decisions["request_id"].astype(str))
+        return int(np.isin(mine, known, assume_unique=False).sum()), "by request_id"
+    lo, hi = _training_window(manifest)
+    if lo is None and hi is None:
+        return None
+    t = pd.to_numeric(decisions["signed_date"], errors="coerce").to_numpy(dtype=np.float64)
+    inside = (t >= (lo if lo is not None else -np.inf)) & (t <= (hi if hi is not None else np.inf))
+    return int(inside.sum()), "by date range (this version predates request-id records)"
 
 
 def promotion_gate(
@@ -34,8 +163,9 @@ def promotion_gate(
     n_resamples: int = 1000,
     seed: int = 0,
     exploration: Exploration | None = None,
+    allow_overlap: bool = False,
 ) -> tuple[bool, str]:
-    """Return (promote?, one sentence saying why) for `candidate` against the registry's current version.
+    """Return (promote?, the report saying why) for `candidate` against the registry's current version.
 
     Target policies use serving's exploration settings (``RETENTION_*`` variables) unless given.
     Raises ValueError (or the data readers' errors) with one sentence on bad input.
@@ -49,6 +179,18 @@ def promotion_gate(
     current = registry.current()
     if current == candidate:
         return False, f"{candidate} is already the current version"
+    inputs = Inputs.load(decisions, outcomes, catalog, profiles)
+    overlap = training_overlap(registry, candidate, inputs.decisions)
+    note = ""
+    if overlap is not None and overlap[0] > 0:
+        count, how = overlap
+        if not allow_overlap:
+            return False, (
+                f"not promoted: {count:,} of {len(inputs.decisions):,} evaluation decisions are in {candidate}'s "
+                f"training data (matched {how}); a model judged on the decisions it learned from looks better than "
+                "it is: evaluate on decisions logged after its training, or pass --allow-overlap to judge anyway"
+            )
+        note = f" (note: {count:,} evaluation decisions are in its training data, matched {how}; allowed by --allow-overlap)"
     versions = [candidate] + ([current] if current is not None else [])
     config = EvaluationConfig(
         level=level,
@@ -57,7 +199,7 @@ def promotion_gate(
         exploration=exploration or Exploration.from_serving_settings(),
         segments=False,
     )
-    evaluated = evaluate(Inputs.load(decisions, outcomes, catalog, profiles), registry, versions, config)
+    evaluated = evaluate(inputs, registry, versions, config)
     boot = evaluated.bootstrap
     assert boot is not None  # n_resamples >= 1
     dr = evaluated.results[candidate]["dr"]
@@ -67,22 +209,16 @@ def promotion_gate(
         return False, (
             f"not promoted: the effective sample size of {candidate}'s importance weights is {dr.ess:.0f} of {n} "
             f"decisions (below {floor:.0f}), too few to trust any interval; log more decisions with exploration"
-        )
+        ) + note
     if dr.unsupported_mass > MAX_UNSUPPORTED_MASS:
         return False, (
             f"not promoted: {dr.unsupported_mass:.1%} of {candidate}'s choices go to candidates the logging policy "
             f"could not show (over {MAX_UNSUPPORTED_MASS:.0%}), so its value there rests on its own model alone"
-        )
+        ) + note
     if current is not None:
-        diff = boot.difference(f"{candidate}/dr", f"{current}/dr", level)
-        against = f"current version {current}"
+        ref_key, against = f"{current}/dr", f"current version {current}"
     else:
-        diff = boot.difference(f"{candidate}/dr", f"{LOGGING}/observed", level)
-        against = "the logging policy (no current version)"
-    text = (
-        f"DR estimate of {candidate} minus {against}: {diff.estimate:+.4f} per request, {level:.0%} paired "
-        f"interval [{diff.ci_low:.4f}, {diff.ci_high:.4f}] on {n} decisions"
-    )
-    if diff.ci_low > 0:
-        return True, f"promoted: {text}; the lower bound is above zero"
-    return False, f"not promoted: {text}; the lower bound is not above zero, so it is not shown to be better"
+        ref_key, against = f"{LOGGING}/observed", "the logging policy (no current version)"
+    j = judge(boot, f"{candidate}/dr", ref_key, level=level,
+              clusters=int(evaluated.summary["settings"]["bootstrap_clusters"]))
+    return j.promote, describe(j, candidate, against, boot.results[ref_key].estimate) + note

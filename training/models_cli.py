@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--outcomes", type=Path, help="outcomes file (with --if-better)")
     pr.add_argument("--profiles", type=Path, help="profiles file (optional, with --if-better)")
     pr.add_argument("--catalog", type=Path, help="catalog JSON (with --if-better)")
+    pr.add_argument("--allow-overlap", action="store_true",
+                    help="with --if-better: judge even when the evaluation decisions overlap the candidate's training "
+                         "data (refused by default: a model looks better on the decisions it learned from)")
     sub.add_parser("rollback", parents=[reg], help="make the previously promoted version current again")
     pn = sub.add_parser("prune", parents=[reg],
                         help="delete all but the newest N versions; never the current or the shadow version")
@@ -141,7 +144,8 @@ def main(argv: list[str]) -> int:
             from training.gate import promotion_gate  # written by the evaluation side; imported only here
 
             ok, reason = promotion_gate(
-                registry.root, args.version, args.decisions, args.outcomes, args.profiles, args.catalog
+                registry.root, args.version, args.decisions, args.outcomes, args.profiles, args.catalog,
+                allow_overlap=args.allow_overlap,
             )
             print(reason)
             if not ok:

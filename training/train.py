@@ -15,6 +15,7 @@ Expected value (DESIGN.md): value(m) = P(stay | x, m) × (V(product after m) −
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import sys
 import time
@@ -31,6 +32,7 @@ from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build
 from models.registry import Registry, registry_spec
 from serving.pg_log import source, training_inputs
 from training.fit import (
+    MODEL_CHOICES,
     MODELS,
     FitInfo,
     ParityResult,
@@ -40,6 +42,7 @@ from training.fit import (
     greedy_choices,
     onnx_p_stay,
     onnx_session,
+    select_model,
     split_heldout,
 )
 
@@ -47,8 +50,39 @@ DAY_MS = 86_400_000
 MAX_CATEGORIES = 50  # per categorical profile column; rarer values share the <other> slot
 MIN_CATEGORY_COUNT = 5
 PARITY_MAX_REQUESTS = 20_000
+SELECT_MIN_ROWS = 5_000  # below this many labelled decisions, no cross-validated choice: the boosted trees
 # the DESIGN.md decision columns training needs (model_version and policy are not used to fit)
 DECISION_COLUMNS = tuple(c for c in data_files.DECISION_COLUMNS if c not in ("model_version", "policy"))
+
+
+TRAINING_REQUESTS_FILE = "training_requests.u64"
+
+
+def request_hashes(request_ids: Any) -> np.ndarray:
+    """Return the sorted unique 64-bit hashes (BLAKE2b, 8 bytes, little-endian) of request ids (strings).
+
+    A model version records these for the decisions it was fitted on, so the promotion gate can
+    tell whether evaluation data overlaps its training data (two distinct ids share a hash with
+    probability about n·m / 2^64: never, in practice).
+    """
+    import hashlib
+
+    ids = [str(r).encode() for r in request_ids]
+    buf = b"".join(hashlib.blake2b(r, digest_size=8).digest() for r in ids)
+    return np.unique(np.frombuffer(buf, dtype="<u8"))
+
+
+def read_request_hashes(path: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """Return the training request hashes of a version, checked against the manifest's sha256 (ValueError if not)."""
+    import hashlib
+
+    data = path.read_bytes()
+    want = (manifest.get("training_requests") or {}).get("sha256")
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"{path}: sha256 mismatch with the manifest (the file was changed or corrupted)")
+    if len(data) % 8:
+        raise ValueError(f"{path}: not a file of 64-bit hashes ({len(data)} bytes)")
+    return np.frombuffer(data, dtype="<u8")
 
 
 class TrainError(ValueError):
@@ -70,6 +104,8 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     card: str = ""
+    # sorted 64-bit hashes of the request ids of the decisions fitted (see request_hashes)
+    training_requests: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<u8"), repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +329,7 @@ def train_frames(
     catalog: Any,
     *,
     ground_truth: pd.DataFrame | None = None,
-    model: str = "hgb",
+    model: str = "auto",
     horizon_days: float = 30.0,
     as_of_ms: int | None = None,
     seed: int = 0,
@@ -313,8 +349,10 @@ def train_frames(
     instead, as do decisions that logged none (simulated worlds, older logs). `involuntary`
     is the label rule's choice for involuntary ends (``censor`` or ``churn``). Decisions whose
     message Apple chose (policy ``apple_fallback``, or an Apple retention offer, ``offerType``
-    5, redeemed within `offer_window_days`) are left out and counted. Raises TrainError with
-    one sentence on bad input.
+    5, redeemed within `offer_window_days`) are left out and counted. `model="auto"` (the
+    default) chooses among :data:`training.fit.MODEL_CHOICES` by cross-validated doubly robust
+    policy value (:func:`training.fit.select_model`; the evidence is in the manifest's
+    hyperparameters). Raises TrainError with one sentence on bad input.
     """
     from tqdm import tqdm
 
@@ -370,6 +408,32 @@ def train_frames(
         bar.close()
 
 
+def _select(
+    fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, X: np.ndarray, y: np.ndarray,
+    n_context: int, seed: int,
+) -> tuple[Any, dict[str, Any]]:
+    """Return training.fit.select_model's choice and evidence on the labelled decisions `rows` (shown rows `X`)."""
+    va_shown = values_after(catalog, rows["product_id"], rows["message_id"])
+    rewards = y * np.nan_to_num(va_shown)
+    prop = rows["propensity"].to_numpy(dtype=np.float64)
+    groups = pd.factorize(rows["original_transaction_id"].astype(str))[0]
+    shown_ids = rows["message_id"].astype(str).to_numpy()
+
+    def candidate_rows(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        part = rows.iloc[idx]
+        lens = part["candidates"].map(len).to_numpy()
+        cand = explode_candidates(part)
+        owner = np.repeat(np.arange(len(idx)), lens)
+        keep = in_catalog(cand["candidate"], catalog)
+        cand, owner = cand[keep].reset_index(drop=True), owner[keep]
+        shown = cand["candidate"].astype(str).to_numpy() == shown_ids[idx][owner]
+        Xc = featurize(fz, cand, prof, message_col="candidate")
+        return Xc, owner, shown, values_after(catalog, cand["product_id"], cand["candidate"])
+
+    return select_model(X, y, rewards=rewards, propensities=prop, groups=groups, candidate_rows=candidate_rows,
+                        n_context=n_context, seed=seed)
+
+
 def _fit_and_check(
     bar: Any, step: Any, timings: dict[str, float], t_all: float, decisions: pd.DataFrame,
     profiles: pd.DataFrame | None, catalog: Any, *, rows_mask: np.ndarray, y_all: np.ndarray, stats: Any,
@@ -412,14 +476,32 @@ def _fit_and_check(
     is_hold = np.zeros(n, dtype=bool)
     is_hold[held] = True
     X_fit = X_all
+    if model == "auto" and not context:
+        model = "hgb"
     if not context:
         X_fit = X_all.copy()
         X_fit[:, : schema.n_context] = 0.0  # constant columns: the model cannot split on them
 
     step("fit")
     t = time.perf_counter()
+    selection = None
+    weights = None
     try:
-        estimator, info = fit_model(X_fit, y_all, model=model, seed=seed, params=params, heldout_index=held)
+        if model == "auto":
+            if n >= SELECT_MIN_ROWS and context:
+                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, schema.n_context, seed)
+            else:
+                choice = MODEL_CHOICES[[c.name for c in MODEL_CHOICES].index("hgb")]
+            model, params = choice.model, (params or choice.params or None)
+            if not choice.context:
+                context = False
+                X_fit = X_all.copy()
+                X_fit[:, : schema.n_context] = 0.0
+            if choice.weighted:
+                weights = 1.0 / rows["propensity"].to_numpy(dtype=np.float64)
+        estimator, info = fit_model(X_fit, y_all, model=model, seed=seed, params=params, heldout_index=held,
+                                    sample_weight=weights)
+        info.selection = selection
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     timings["fit"] = time.perf_counter() - t
@@ -509,6 +591,7 @@ def _fit_and_check(
         data_summary=summary,
         gap=gap,
         timings={k: round(v, 3) for k, v in timings.items()},
+        training_requests=request_hashes(rows["request_id"].astype(str)),
     )
     result.manifest = build_manifest(result, context=context, catalog_sha256=getattr(catalog, "sha256", None))
     result.card = model_card(result)
@@ -621,6 +704,12 @@ def build_manifest(result: TrainResult, *, context: bool = True, catalog_sha256:
         "metrics": result.metrics,
         "parity": result.parity.to_dict(),
         "catalog_sha256": catalog_sha256,
+        "training_requests": {
+            "file": TRAINING_REQUESTS_FILE,
+            "count": int(result.training_requests.size),
+            "hash": "BLAKE2b-64 of the UTF-8 request_id, sorted, little-endian",
+            "sha256": hashlib.sha256(result.training_requests.astype("<u8").tobytes()).hexdigest(),
+        },
         "timings_s": result.timings,
         "library_versions": _versions(),
     }
@@ -647,7 +736,9 @@ def model_card(result: TrainResult) -> str:
         "## Model",
         f"- {result.fit_info.model} ({result.fit_info.n_iter} iterations), calibrated with a "
         f"{result.fit_info.calibration} on {result.fit_info.rows_calibration:,} rows; {result.schema.n_features} float32 features, "
-        f"featurizer version {FEATURIZER_VERSION}.",
+        f"featurizer version {FEATURIZER_VERSION}."
+        + (f" Chosen: {result.fit_info.selection['chosen']} ({result.fit_info.selection['rule']})."
+           if result.fit_info.selection else ""),
         "",
         "## Metrics (held-out decisions; the 2-parameter sigmoid was fitted on them)",
     ]
@@ -692,6 +783,9 @@ def summary_table(result: TrainResult) -> str:
         ("features", f"{result.schema.n_features} ({result.schema.n_context} context), featurizer {FEATURIZER_VERSION}"),
         ("model", f"{f.model}, {f.n_iter} iterations, calibration {f.calibration}"),
     ]
+    if f.selection:
+        vals = ", ".join(f"{k} {v:.3f}" for k, v in f.selection["values"].items())
+        rows.append(("chosen", f"{f.selection['chosen']} (cross-validated DR value per decision: {vals})"))
     if m.get("holdout_log_loss") is not None:
         auc = m.get("holdout_auc")
         rows.append(
@@ -718,7 +812,10 @@ def summary_table(result: TrainResult) -> str:
 def write_result(result: TrainResult, registry: Registry, *, promote: bool = False) -> tuple[str, bool]:
     """Return (new version id, whether it became current): promoted when asked, or when the registry had none
     and the logs explored (a model fitted on logs without exploration is never made current unasked)."""
-    version = registry.write_version(result.onnx_bytes, result.manifest, result.card)
+    version = registry.write_version(
+        result.onnx_bytes, result.manifest, result.card,
+        extra_files={TRAINING_REQUESTS_FILE: result.training_requests.astype("<u8").tobytes()},
+    )
     promoted = promote or (registry.current() is None and not result.data_summary.get("no_exploration"))
     if promoted:
         registry.promote(version)
@@ -740,7 +837,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="model registry folder, created if absent [env RETENTION_MODEL; default "
                    "models/registry in the checkout]")
     p.add_argument("--ground-truth", type=Path, help="simulator ground truth: also print the share of the gap captured")
-    p.add_argument("--model", choices=MODELS, default="hgb", help="hgb (default) or logreg")
+    p.add_argument("--model", choices=("auto", *MODELS), default="auto",
+                   help="auto (default: chosen by cross-validated doubly robust policy value), hgb or logreg")
     p.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
     p.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
     p.add_argument("--matured-only", action="store_true",
