@@ -43,12 +43,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import ope  # noqa: E402
-from training.evaluate import EvaluationConfig, Inputs, evaluate  # noqa: E402
-from training.gate import judge  # noqa: E402
-from training.simulate import simulate  # noqa: E402
-from training.target_policy import Exploration  # noqa: E402
-from training.train import request_hashes  # noqa: E402
+from training import ope
+from training.evaluate import EvaluationConfig, Inputs, evaluate
+from training.gate import judge
+from training.simulate import simulate
+from training.target_policy import Exploration
 
 EPSILON = 0.05
 LOGGING = "default"  # the current policy: the catalog default, explored (an app before its first model)
@@ -164,7 +163,9 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
         for est in ("snips", "dr"):
             lo, hi = boot.interval(f"{name}/{est}", 0.9)
             cover[est] = bool(lo <= truth <= hi)
-        out[name] = {"promote": j.promote, "estimate": j.estimate, "true_advantage": truth - v_cur, "mdd": j.mdd,
+        # the gate's other refusal that can apply here: too few effective decisions to trust any interval
+        floor = max(cfg.min_ess, cfg.min_ess_fraction * lg.n)
+        out[name] = {"promote": j.promote, "promote_gate": bool(j.promote and j.ess >= floor), "estimate": j.estimate, "true_advantage": truth - v_cur, "mdd": j.mdd,
                      "se": j.se, "ess": j.ess, "covered": cover, "truth": truth}
     return out
 
@@ -207,6 +208,9 @@ def run_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         reps.append(replicate(preset, args.n, 1 + s, scorer, version, registry, shares, args.resamples))
         if args.progress:
             print(f"{preset} replicate {s + 1}/{args.replicates}", file=sys.stderr, flush=True)
+        if args.json:  # as it goes, so that a run cut short still tells what it measured
+            partial = args.json.with_suffix(f".{preset}.partial.json")
+            partial.write_text(json.dumps({"preset": preset, "shares": shares, "pilots": pilots, "replicates": reps}))
     summary: dict[str, Any] = {"preset": preset, "n": args.n, "replicates": len(reps), "shares": shares,
                                "pilots": pilots,
                                "decisions_evaluated": float(np.mean([r["n"] for r in reps])),
@@ -216,6 +220,7 @@ def run_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         rows = [r[name] for r in reps]
         summary[name] = {
             "promoted": float(np.mean([x["promote"] for x in rows])),
+            "promoted_with_ess_floor": float(np.mean([x["promote_gate"] for x in rows])),
             "true_advantage": float(np.mean([x["true_advantage"] for x in rows])),
             "stated_mdd_mean": float(np.mean([x["mdd"] for x in rows])),
             "stated_mdd_sd": float(np.std([x["mdd"] for x in rows])),
@@ -249,11 +254,11 @@ def main() -> int:
             print(f"\n{preset}: {s['replicates']} replicates of {args.n:,} decisions "
                   f"({s['decisions_evaluated']:,.0f} evaluated, {s['subscribers']:,.0f} subscribers), "
                   f"current value {s['v_current']:.4f}/request, {s['seconds']:.0f} s")
-            print(f"  {'candidate':<10} {'promoted':>9} {'true adv':>9} {'stated MDD':>11} {'cover SNIPS':>12} "
+            print(f"  {'candidate':<10} {'promoted':>9} {'+ESS floor':>10} {'true adv':>9} {'stated MDD':>11} {'cover SNIPS':>12} "
                   f"{'cover DR':>9} {'ESS':>8}")
             for name in ("no_better", "at_mdd"):
                 c = s[name]
-                print(f"  {name:<10} {c['promoted']:>9.1%} {c['true_advantage']:>+9.4f} {c['stated_mdd_mean']:>11.4f} "
+                print(f"  {name:<10} {c['promoted']:>9.1%} {c['promoted_with_ess_floor']:>10.1%} {c['true_advantage']:>+9.4f} {c['stated_mdd_mean']:>11.4f} "
                       f"{c['coverage_snips']:>12.1%} {c['coverage_dr']:>9.1%} {c['ess_median']:>8.0f}")
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))

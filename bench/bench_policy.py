@@ -39,8 +39,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.labels import label_decisions  # noqa: E402
-from training.simulate import best_static_value, gap_captured, oracle_value, policy_value, simulate  # noqa: E402
+from training.labels import label_decisions
+from training.simulate import best_static_value, gap_captured, oracle_value, policy_value, simulate
 
 EPSILON = 0.05
 PRESETS = ("apple-segments", "apple-smooth", "apple-interactions")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ MODEL_CHOICES: tuple[ModelChoice, ...] = (
     ModelChoice("static", context=False, weighted=True),
 )
 SELECTION_FOLDS = 3
+SELECTION_MAX_ROWS = 100_000
 SELECTION_MARGIN_SE = 1.0  # a later choice replaces the first only if it wins by this many standard errors
 
 
@@ -205,7 +207,10 @@ def fit_model(
             kw.update(X_val=Xs[held], y_val=y[held], sample_weight_val=None if sw is None else sw[held])
         base.fit(Xs[fit_mask], y[fit_mask], **kw)
         cal = CalibratedClassifierCV(FrozenEstimator(base), method="sigmoid")
-        cal.fit(Xs[held], y[held], sample_weight=None if sw is None else sw[held])
+        with warnings.catch_warnings():
+            # the frozen trees were already fitted with the weights: only the sigmoid takes them here
+            warnings.filterwarnings("ignore", message="Since FrozenEstimator does not appear to accept sample_weight")
+            cal.fit(Xs[held], y[held], sample_weight=None if sw is None else sw[held])
         cal.calibrated_classifiers_[0].estimator = base  # see the module docstring
         calibration, rows_fit, rows_cal = "sigmoid on the held-out share", int(fit_mask.sum()), len(held)
     else:
@@ -369,6 +374,7 @@ def select_model(
     choices: tuple[ModelChoice, ...] = MODEL_CHOICES,
     folds: int = SELECTION_FOLDS,
     margin_se: float = SELECTION_MARGIN_SE,
+    max_rows: int = SELECTION_MAX_ROWS,
 ) -> tuple[ModelChoice, dict[str, Any]]:
     """Return the model choice with the best cross-validated doubly robust policy value, and the evidence.
 
@@ -379,10 +385,21 @@ def select_model(
     fitted on the other folds and its greedy policy valued on the held-out fold with
     :func:`greedy_dr_terms`; the first choice stays unless another beats it by `margin_se` paired
     standard errors (selection on noisy values otherwise favours whichever overfits the noise most).
+    Above `max_rows` decisions the choice is made on a random share of the subscribers (the fits of
+    the choice then cost about as much as the final fit of 1M decisions).
     """
-    n = len(y)
     codes = np.unique(np.asarray(groups), return_inverse=True)[1]
-    fold_of_group = np.random.default_rng(seed).integers(0, folds, size=int(codes.max()) + 1 if n else 0)
+    rng = np.random.default_rng(seed)
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    fold_of_group = rng.integers(0, folds, size=n_groups)
+    if len(y) > max_rows:  # a random share of the subscribers: the choice costs folds × choices fits of this size
+        keep = np.flatnonzero((rng.random(n_groups) < max_rows / len(y))[codes])
+        X, y, rewards, propensities, codes = X[keep], y[keep], rewards[keep], propensities[keep], codes[keep]
+        inner = candidate_rows
+
+        def candidate_rows(idx: np.ndarray) -> Any:
+            return inner(keep[idx])
+    n = len(y)
     fold = fold_of_group[codes]
     terms = np.full((len(choices), n), np.nan)
     for f in range(folds):

@@ -109,7 +109,7 @@ def describe(j: Judgement, candidate: str, against: str, reference_value: float 
     """Return the gate's report: the verdict, its interval, the MDD and the decisions a difference needs."""
     text = (
         f"DR estimate of {candidate} minus {against}: {j.estimate:+.4f} per request, {j.level:.0%} paired interval "
-        f"[{j.ci_low:.4f}, {j.ci_high:.4f}] on {j.n} decisions of {j.clusters} subscribers"
+        f"[{j.ci_low:.4f}, {j.ci_high:.4f}] on {j.n:,} decisions of {j.clusters:,} subscribers"
     )
     mdd = (
         f"with these decisions (effective sample size {j.ess:.0f} of the candidate's weights) the smallest true "

@@ -273,7 +273,7 @@ def test_browse_preset_is_page_views_without_cancel_intent() -> None:
 
 
 def test_unknown_preset_and_logging_rule_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown preset 'apple'.*apple-segments"):
+    with pytest.raises(ValueError, match=r"unknown preset 'apple'.*apple-segments"):
         simulate(100, preset="apple")
     with pytest.raises(ValueError, match="unknown logging rule"):
         simulate(100, logging_rule="oracle")
