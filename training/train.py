@@ -410,7 +410,7 @@ def train_frames(
 
 def _select(
     fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, X: np.ndarray, y: np.ndarray,
-    n_context: int, seed: int,
+    n_context: int, seed: int, point_in_time: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Return training.fit.select_model's choice and evidence on the labelled decisions `rows` (shown rows `X`)."""
     va_shown = values_after(catalog, rows["product_id"], rows["message_id"])
@@ -427,7 +427,7 @@ def _select(
         keep = in_catalog(cand["candidate"], catalog)
         cand, owner = cand[keep].reset_index(drop=True), owner[keep]
         shown = cand["candidate"].astype(str).to_numpy() == shown_ids[idx][owner]
-        Xc = featurize(fz, cand, prof, message_col="candidate")
+        Xc = featurize(fz, cand, prof, message_col="candidate", point_in_time=point_in_time)
         return Xc, owner, shown, values_after(catalog, cand["product_id"], cand["candidate"])
 
     return select_model(X, y, rewards=rewards, propensities=prop, groups=groups, candidate_rows=candidate_rows,
@@ -489,7 +489,8 @@ def _fit_and_check(
     try:
         if model == "auto":
             if n >= SELECT_MIN_ROWS and context:
-                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, schema.n_context, seed)
+                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, schema.n_context, seed,
+                                            point_in_time=point_in_time)
             else:
                 choice = MODEL_CHOICES[[c.name for c in MODEL_CHOICES].index("hgb")]
             model, params = choice.model, (params or choice.params or None)
