@@ -164,7 +164,7 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
             lo, hi = boot.interval(f"{name}/{est}", 0.9)
             cover[est] = bool(lo <= truth <= hi)
         # the gate's other refusal that can apply here: too few effective decisions to trust any interval
-        floor = max(cfg.min_ess, cfg.min_ess_fraction * lg.n)
+        floor = cfg.min_ess
         out[name] = {"promote": j.promote, "promote_gate": bool(j.promote and j.ess >= floor), "estimate": j.estimate, "true_advantage": truth - v_cur, "mdd": j.mdd,
                      "se": j.se, "ess": j.ess, "covered": cover, "truth": truth}
     return out
@@ -182,7 +182,10 @@ def calibrate_null(preset: str, n: int, seed: int, share_oracle: float = 0.3) ->
     # the candidate's value is linear in the shares (up to the coin's sampling on these requests): solve for zero
     base = float((candidate_probs(a, 0.0, 0.0) * a.true_v).sum(axis=1).mean()) - float((cur * a.true_v).sum(axis=1).mean())
     share_worst = (share_oracle * adv_o + base) / -adv_w if adv_w < 0 else 0.0
-    return share_oracle, float(np.clip(share_worst, 0.0, 1.0 - share_oracle))
+    if share_oracle + share_worst > 1.0:  # the worst message is too close to the current one: fewer oracle picks
+        share_oracle = (-adv_w - base) / (adv_o - adv_w)
+        share_worst = 1.0 - share_oracle
+    return float(share_oracle), float(np.clip(share_worst, 0.0, 1.0 - share_oracle))
 
 
 def run_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
