@@ -413,6 +413,9 @@ RETRY_S = 1.0
 #: Seconds between two ``PRAGMA quick_check`` runs of the open log file, on a thread of the writer, off the
 #: request path: damage below the header (pages an append never reads) is found within this bound.
 QUICK_CHECK_S = 60.0
+#: Seconds a batch may wait for its writer's confirmation before ``/ready`` answers 503 (a hung writer,
+#: a stalled disk): the notification path's own wait (serving/notifications.py STORE_TIMEOUT_S).
+STALL_S = 2.0
 
 
 class LogUnavailableError(Exception):
@@ -676,13 +679,14 @@ class _Waiter:
 class _Shipped:
     """A batch sent to the writer process, kept until it confirms the batch's marker (sent again otherwise)."""
 
-    __slots__ = ("data", "failed", "records", "waiters")
+    __slots__ = ("data", "failed", "records", "sent_at", "waiters")
 
     def __init__(self, data: bytes, records: int, waiters: list[_Waiter]) -> None:
         self.data = data
         self.records = records
         self.waiters = waiters
         self.failed = False
+        self.sent_at = time.monotonic()  # (again at each resend)
 
 
 class DecisionLog:
@@ -734,6 +738,7 @@ class DecisionLog:
         # rows not yet confirmed by the writer, kept to be written again: counted against max_queue
         self._held_records = 0
         self._unavailable: str | None = None  # why rows cannot be written now (None: they can)
+        self._committing_since: float | None = None  # thread writer: a commit under way since (monotonic)
         self._retry_at = 0.0
         # thread writer: its file and the rows it could not write yet
         self._file: LogFile | None = None
@@ -875,7 +880,23 @@ class DecisionLog:
         why = self._unavailable
         if why is not None:
             return False, f"decisions cannot be written: {why}; {self._held_records} rows kept, retrying"
+        waited = self._unconfirmed_for()
+        if waited > STALL_S:
+            return False, (
+                f"decisions cannot be written: the decision log writer has not confirmed a batch for {waited:.0f} s "
+                f"(hung or stopped?); {self._held_records} rows kept"
+            )
         return True, "ok"
+
+    def _unconfirmed_for(self) -> float:
+        """Seconds the oldest batch sent to the writer has waited for its confirmation (0 when none waits)."""
+        now = time.monotonic()
+        if self.writer == "process":
+            with self._ack_lock:
+                sent = [b.sent_at for b in self._unacked.values() if not b.failed]
+            return now - min(sent) if sent else 0.0
+        since = self._committing_since
+        return now - since if since is not None else 0.0
 
     def stats(self) -> dict[str, int]:
         """Return counts: queued, unconfirmed (kept until written), written (new decisions), outcomes (new ones),
@@ -994,6 +1015,7 @@ class DecisionLog:
         if self._unavailable is not None and time.monotonic() < self._retry_at and not waiters:
             return  # retried every RETRY_S, or at once for a caller waiting (a notification)
         assert self._file is not None
+        self._committing_since = time.monotonic()
         try:
             new_decisions, new_outcomes = self._file.commit(decisions, outcomes, schemas)
         except LogUnavailableError as exc:
@@ -1011,6 +1033,8 @@ class DecisionLog:
         else:
             self._batches += 1
             self._set_unavailable(None)
+        finally:
+            self._committing_since = None
         self._written += new_decisions
         self._outcomes_written += new_outcomes
         self._held = ([], [], [])
@@ -1157,8 +1181,10 @@ class DecisionLog:
                     out.append(batch)
                 else:
                     batch.failed = True  # held for the next retry
+            now = time.monotonic()
             for b in out:
                 b.failed = False
+                b.sent_at = now
         if not out:
             return
         try:
@@ -1203,8 +1229,10 @@ class DecisionLog:
         assert new is not None and new.stdin is not None
         with self._ack_lock:
             out = list(self._unacked.values())
+            now = time.monotonic()
             for b in out:
                 b.failed = False
+                b.sent_at = now
         try:
             if out:
                 new.stdin.write(b"".join(b.data for b in out))

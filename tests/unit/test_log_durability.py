@@ -200,6 +200,34 @@ def test_killing_the_writer_process_loses_no_answered_decision_or_outcome(
     assert c.get("/ready").status_code == 200
 
 
+def test_a_hung_writer_process_makes_ready_503_until_it_catches_up(
+    client_for: Any, pki: TestPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decision_log, "STALL_S", 0.5)
+    c = client_for(log_writer="process")
+    dlog = c.app.state.service.decision_log
+    answered = [answer(c, pki)]
+    assert dlog.flush() and c.get("/ready").status_code == 200
+    proc = dlog._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)  # hung: it reads nothing and confirms nothing
+    try:
+        answered.append(answer(c, pki))
+        deadline = time.monotonic() + 30
+        while c.get("/ready").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = c.get("/ready")
+        assert r.status_code == 503 and "has not confirmed a batch" in r.text, r.text
+        assert notify(c, pki, "2000000077") == 503  # what /ready now says: notifications cannot be stored
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert dlog.flush()
+    assert c.get("/ready").status_code == 200
+    assert notify(c, pki, "2000000077") == 200
+    ids, _ = stored(Path(c.app.state.service.settings.data_dir))
+    assert sorted(ids) == sorted(answered)
+
+
 def test_a_batch_sent_twice_is_stored_once(tmp_path: Path, writer: str) -> None:
     dlog = DecisionLog(tmp_path / "decisions-h-2.sqlite", batch_ms=5.0, writer=writer)
     dlog.start()
