@@ -13,11 +13,11 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "run the endpoint (uvicorn)"),
     "demo": ("serving.demo", "train a model, serve it, send signed requests, show the decisions"),
-    "sign": ("serving.sign_cli", "mint signed test requests with a local test CA"),
+    "sign": ("serving.sign_cli", "signed test requests and notifications from a local test CA; a test In-App Purchase key"),
     "catalog": ("serving.catalog_cli", "validate the catalog, check default coverage, sync from Apple, plan/apply to Apple"),
     "apple": ("serving.apple_cli", "Apple's realtime URL and Sandbox performance test"),
     "loadtest": ("serving.loadtest", "run Apple's performance test shape against an endpoint, locally"),
-    "decisions": ("serving.decisions_cli", "export the server's decision log to the training file format"),
+    "decisions": ("serving.decisions_cli", "export the decision log as training files, show the latest, compact old files"),
     "notifications": ("serving.notifications_cli", "record outcomes missed from Apple's notification history"),
     "db": ("serving.database", "the fleet's PostgreSQL database: migrate the schema, the fleet's kill switch"),
     "profiles": ("serving.profiles", "import the developer's subscriber profiles into the embedded store"),
@@ -25,7 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "fit on decisions joined with outcomes, export ONNX, write a model version"),
     "score": ("training.score", "batch-score logged requests with a model version"),
     "evaluate": ("training.evaluate_cli", "compare model versions off-policy; HTML report and JSON summary"),
-    "models": ("training.models_cli", "list, show, promote, rollback model versions"),
+    "models": ("training.models_cli", "list, show, promote, roll back and prune model versions"),
     "experiment": ("training.experiment", "a challenger on live traffic: start, status, promote, plan"),
 }
 

@@ -302,11 +302,12 @@ class Registry:
         """Delete all but the newest `keep` versions; return the ids deleted, oldest first.
 
         The current version and every id in `protect` (a shadow version) are never deleted and do
-        not count toward `keep`'s newest. A version is renamed away before it is removed, so a reader
-        never sees half a version. Raises RegistryError when `keep` < 0.
+        not count toward `keep`'s newest. The newest version is always kept (``keep`` >= 1): a server
+        pinned at ``DIR@latest`` serves it. A version is renamed away before it is removed, so a reader
+        never sees half a version. Raises RegistryError when `keep` < 1.
         """
-        if keep < 0:
-            raise RegistryError(f"--keep must be 0 or more, not {keep}")
+        if keep < 1:
+            raise RegistryError(f"--keep must be 1 or more (the newest version is always kept), not {keep}")
         kept = {v for v in (self.current(), *protect) if v}
         candidates = [v for v in self.versions() if v not in kept]
         doomed = candidates[: max(0, len(candidates) - keep)]

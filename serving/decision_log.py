@@ -410,6 +410,12 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 FILE_FAULTS: tuple[str, ...] = ("deleted", "replaced", "corrupt")
 #: Seconds between two attempts to write while the log cannot be written (disk full, read-only, writer down).
 RETRY_S = 1.0
+#: Seconds between two ``PRAGMA quick_check`` runs of the open log file, on a thread of the writer, off the
+#: request path: damage below the header (pages an append never reads) is found within this bound.
+QUICK_CHECK_S = 60.0
+#: Seconds a batch may wait for its writer's confirmation before ``/ready`` answers 503 (a hung writer,
+#: a stalled disk): the notification path's own wait (serving/notifications.py STORE_TIMEOUT_S).
+STALL_S = 2.0
 
 
 class LogUnavailableError(Exception):
@@ -430,9 +436,31 @@ def _why(exc: BaseException) -> str:
 
 
 def _is_corrupt(exc: sqlite3.Error) -> bool:
+    """True for damage in the file: SQLite's corruption codes, and any bare DatabaseError from our own statements."""
     name = getattr(exc, "sqlite_errorname", "") or ""
     text = str(exc)
-    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text
+    return (
+        name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+        or "malformed" in text
+        or "not a database" in text
+        or type(exc) is sqlite3.DatabaseError
+    )
+
+
+def _quick_check(path: Path) -> str | None:
+    """Run ``PRAGMA quick_check`` on the file at `path` (its own read-only connection); return what is wrong, or None."""
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+    except sqlite3.Error:
+        return None  # cannot tell (the file is being replaced): the next check or commit will say
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        rows = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
+    except sqlite3.Error as exc:
+        return str(exc) if _is_corrupt(exc) else None
+    finally:
+        conn.close()
+    return None if rows == ["ok"] else "; ".join(map(str, rows))
 
 
 def _is_unavailable(exc: sqlite3.Error) -> bool:
@@ -486,6 +514,26 @@ class LogFile:
         self._fd = -1
         self._ident: tuple[int, int] | None = None
         self._mark: bytes | None = None
+        self._checked_at = time.monotonic()
+        self._checker: threading.Thread | None = None
+        self._damage: tuple[tuple[int, int] | None, str] | None = None  # (the file checked, what quick_check found)
+
+    def _start_quick_check(self) -> None:
+        """Every QUICK_CHECK_S, check the open file on a thread; its finding is acted on by the next commit."""
+        if self._checker is not None and self._checker.is_alive():
+            return
+        if time.monotonic() - self._checked_at < QUICK_CHECK_S:
+            return
+        self._checked_at = time.monotonic()
+        ident, path = self._ident, self.path
+
+        def run() -> None:
+            found = _quick_check(path)
+            if found is not None:
+                self._damage = (ident, found)
+
+        self._checker = threading.Thread(target=run, name="decision-log-quick-check", daemon=True)
+        self._checker.start()
 
     def open(self, *, _retry: bool = False) -> None:
         """Open (or create) the file; raises LogUnavailableError (one line) when it cannot be."""
@@ -543,9 +591,15 @@ class LogFile:
             if self.conn is None:
                 self.open()
             fault = self.check()
+            if fault is None and self._damage is not None:
+                ident, found = self._damage
+                self._damage = None
+                if ident == self._ident:  # (not a finding about a file already set aside)
+                    fault = ("corrupt", f"{self.path} is corrupt (quick_check: {found})")
             if fault is not None:
                 self._restart(*fault)
                 continue
+            self._start_quick_check()
             assert self.conn is not None
             try:
                 result = _commit_rows(self.conn, decisions, outcomes, schemas, durable=bool(outcomes))
@@ -625,13 +679,14 @@ class _Waiter:
 class _Shipped:
     """A batch sent to the writer process, kept until it confirms the batch's marker (sent again otherwise)."""
 
-    __slots__ = ("data", "failed", "records", "waiters")
+    __slots__ = ("data", "failed", "records", "sent_at", "waiters")
 
     def __init__(self, data: bytes, records: int, waiters: list[_Waiter]) -> None:
         self.data = data
         self.records = records
         self.waiters = waiters
         self.failed = False
+        self.sent_at = time.monotonic()  # (again at each resend)
 
 
 class DecisionLog:
@@ -683,6 +738,7 @@ class DecisionLog:
         # rows not yet confirmed by the writer, kept to be written again: counted against max_queue
         self._held_records = 0
         self._unavailable: str | None = None  # why rows cannot be written now (None: they can)
+        self._committing_since: float | None = None  # thread writer: a commit under way since (monotonic)
         self._retry_at = 0.0
         # thread writer: its file and the rows it could not write yet
         self._file: LogFile | None = None
@@ -824,7 +880,23 @@ class DecisionLog:
         why = self._unavailable
         if why is not None:
             return False, f"decisions cannot be written: {why}; {self._held_records} rows kept, retrying"
+        waited = self._unconfirmed_for()
+        if waited > STALL_S:
+            return False, (
+                f"decisions cannot be written: the decision log writer has not confirmed a batch for {waited:.0f} s "
+                f"(hung or stopped?); {self._held_records} rows kept"
+            )
         return True, "ok"
+
+    def _unconfirmed_for(self) -> float:
+        """Seconds the oldest batch sent to the writer has waited for its confirmation (0 when none waits)."""
+        now = time.monotonic()
+        if self.writer == "process":
+            with self._ack_lock:
+                sent = [b.sent_at for b in self._unacked.values() if not b.failed]
+            return now - min(sent) if sent else 0.0
+        since = self._committing_since
+        return now - since if since is not None else 0.0
 
     def stats(self) -> dict[str, int]:
         """Return counts: queued, unconfirmed (kept until written), written (new decisions), outcomes (new ones),
@@ -943,6 +1015,7 @@ class DecisionLog:
         if self._unavailable is not None and time.monotonic() < self._retry_at and not waiters:
             return  # retried every RETRY_S, or at once for a caller waiting (a notification)
         assert self._file is not None
+        self._committing_since = time.monotonic()
         try:
             new_decisions, new_outcomes = self._file.commit(decisions, outcomes, schemas)
         except LogUnavailableError as exc:
@@ -960,6 +1033,8 @@ class DecisionLog:
         else:
             self._batches += 1
             self._set_unavailable(None)
+        finally:
+            self._committing_since = None
         self._written += new_decisions
         self._outcomes_written += new_outcomes
         self._held = ([], [], [])
@@ -1106,8 +1181,10 @@ class DecisionLog:
                     out.append(batch)
                 else:
                     batch.failed = True  # held for the next retry
+            now = time.monotonic()
             for b in out:
                 b.failed = False
+                b.sent_at = now
         if not out:
             return
         try:
@@ -1152,8 +1229,10 @@ class DecisionLog:
         assert new is not None and new.stdin is not None
         with self._ack_lock:
             out = list(self._unacked.values())
+            now = time.monotonic()
             for b in out:
                 b.failed = False
+                b.sent_at = now
         try:
             if out:
                 new.stdin.write(b"".join(b.data for b in out))
@@ -1251,6 +1330,87 @@ def _bad(path: Path, exc: BaseException, on_bad_file: OnBadFile | None) -> None:
     on_bad_file(path, why)
 
 
+#: Rows read at a time when salvaging a damaged file (the rowid range probed row by row when it fails).
+_SALVAGE_CHUNK = 500
+#: Failed ranges in a row after which the rest of a table counts as unreadable (bounds a garbage max(rowid)).
+_SALVAGE_MAX_FAILED_RANGES = 2000
+
+
+def _salvage(
+    conn: sqlite3.Connection, table: str, cols: str, decode: Callable[[sqlite3.Row], Any]
+) -> tuple[list[Any], int, str]:
+    """Read what SQLite can of `table` in a damaged file, a rowid range at a time, row by row where a range fails.
+
+    Returns (decoded rows in rowid order, rows or ranges that could not be read, the last error or "").
+    A page SQLite finds malformed, or text that is not UTF-8, costs only the rows stored on it.
+    """
+    try:
+        lo, hi = conn.execute(f"SELECT min(rowid), max(rowid) FROM {table}").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return [], 1, f"table {table}: {exc}"
+    if lo is None:
+        return [], 0, ""
+    out: list[Any] = []
+    lost = 0
+    why = ""
+    failed_in_a_row = 0
+    start = int(lo)
+    sql_range = f"SELECT {cols} FROM {table} WHERE rowid >= ? AND rowid < ? ORDER BY rowid"
+    sql_one = f"SELECT {cols} FROM {table} WHERE rowid = ?"
+    while start <= hi:
+        end = start + _SALVAGE_CHUNK
+        try:
+            out += [decode(r) for r in conn.execute(sql_range, (start, end)).fetchall()]
+            failed_in_a_row = 0
+        except Exception as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failed_in_a_row += 1
+            for rowid in range(start, end):
+                try:
+                    row = conn.execute(sql_one, (rowid,)).fetchone()
+                    if row is not None:
+                        out.append(decode(row))
+                except Exception:
+                    lost += 1
+            if failed_in_a_row >= _SALVAGE_MAX_FAILED_RANGES:
+                lost += 1
+                break
+        start = end
+    return out, lost, why
+
+
+def _salvaged(path: Path, table: str, n: int, why: str, on_bad_file: OnBadFile) -> None:
+    if n:
+        on_bad_file(path, f"{n} unreadable {table} row(s) skipped, the rest read ({why})")
+
+
+def _order(answered_at: Any, rowid: Any) -> tuple[int, int]:
+    return (answered_at if answered_at is not None else -1, rowid)
+
+
+def _salvage_decisions(
+    conn: sqlite3.Connection, path: Path, last: tuple[Any, Any] | None, exc: BaseException, on_bad_file: OnBadFile
+) -> Iterator[dict[str, Any]]:
+    """Yield, in answered_at order, the decisions of a damaged file read row by row that come after `last`."""
+    try:
+        cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
+    except sqlite3.DatabaseError as exc2:
+        _bad(path, exc2, on_bad_file)
+        return
+    got, lost, why = _salvage(
+        conn, "decisions", f"id, {cols}", lambda r: (_order(r["answered_at"], r["id"]), _decode_decision(r))
+    )
+    if not got and not lost:  # nothing to salvage: the error was elsewhere (say so as it was)
+        _bad(path, exc, on_bad_file)
+        return
+    _salvaged(path, "decision", lost, why or str(exc), on_bad_file)
+    got.sort(key=lambda kd: kd[0])
+    after = _order(*last) if last is not None else None
+    for key, d in got:
+        if after is None or key > after:
+            yield d
+
+
 def read_decisions(
     paths: str | Path | Iterable[str | Path], *, batch: int = 5000, on_bad_file: OnBadFile | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -1258,8 +1418,8 @@ def read_decisions(
 
     Vectors are lists, ``policy_params`` a dict, ``features`` a float32 K x F numpy array (or None).
     A decision held by several files (an archive and the file it came from, a batch written again
-    after a fault) is yielded once. With `on_bad_file`, a file that cannot be read is reported and
-    what could be read of it before the error is kept; without, ValueError names the file.
+    after a fault) is yielded once. With `on_bad_file`, a damaged file is read row by row: only the
+    rows SQLite cannot read are skipped, and their count is reported; without, ValueError names the file.
     """
 
     def one(path: Path) -> Iterator[dict[str, Any]]:
@@ -1269,14 +1429,20 @@ def read_decisions(
             _bad(path, exc, on_bad_file)
             return
         conn.row_factory = sqlite3.Row
+        last: tuple[Any, Any] | None = None  # (answered_at, id) of the last row yielded
         try:
             cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
             cur = conn.execute(f"SELECT id, {cols} FROM decisions ORDER BY answered_at, id")
             while rows := cur.fetchmany(batch):
                 for row in rows:
-                    yield _decode_decision(row)
+                    d = _decode_decision(row)
+                    last = (row["answered_at"], row["id"])
+                    yield d
         except (sqlite3.DatabaseError, ValueError) as exc:
-            _bad(path, exc, on_bad_file)
+            if on_bad_file is None:
+                _bad(path, exc, on_bad_file)  # raises
+            assert on_bad_file is not None
+            yield from _salvage_decisions(conn, path, last, exc, on_bad_file)
         finally:
             conn.close()
 
@@ -1294,11 +1460,21 @@ def read_decisions(
         yield d
 
 
-def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[dict[str, Any]]:
-    """Return the `n` most recently answered decisions of the given log files, oldest first."""
+def latest_decisions(
+    paths: str | Path | Iterable[str | Path], n: int, *, on_bad_file: OnBadFile | None = None
+) -> list[dict[str, Any]]:
+    """Return the `n` most recently answered decisions of the given log files, oldest first.
+
+    With `on_bad_file`, a file that cannot be opened is reported and skipped, and a damaged one read
+    row by row (its unreadable rows counted and reported); without, ValueError names the file.
+    """
     rows: list[dict[str, Any]] = []
     for path in _as_paths(paths):
-        conn = _open_ro(path)
+        try:
+            conn = _open_ro(path)
+        except ValueError as exc:
+            _bad(path, exc, on_bad_file)
+            continue
         conn.row_factory = sqlite3.Row
         try:
             cols = _columns_sql(conn, "decisions", _DECISION_COLUMNS_SQL)
@@ -1306,18 +1482,28 @@ def latest_decisions(paths: str | Path | Iterable[str | Path], n: int) -> list[d
             rows += reversed(
                 [_decode_decision(r) for r in conn.execute(sql, (n,))]
             )  # oldest first, so ties keep log order
-        except sqlite3.DatabaseError as exc:
-            _bad(path, exc, None)
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            if on_bad_file is None:
+                _bad(path, exc, on_bad_file)  # raises
+            assert on_bad_file is not None
+            rows += list(_salvage_decisions(conn, path, None, exc, on_bad_file))[-n:]
         finally:
             conn.close()
-    rows.sort(key=lambda d: d["answered_at"])
+    rows.sort(key=lambda d: d["answered_at"] if d["answered_at"] is not None else -1)
     return rows[-n:] if n > 0 else []
 
 
 def _query_each(
-    paths: str | Path | Iterable[str | Path], sql: str | Callable[[sqlite3.Connection], str], on_bad_file: OnBadFile | None
+    paths: str | Path | Iterable[str | Path],
+    sql: str | Callable[[sqlite3.Connection], str],
+    on_bad_file: OnBadFile | None,
+    salvage: tuple[str, Callable[[sqlite3.Connection], str]] | None = None,
 ) -> Iterator[sqlite3.Row]:
-    """Yield the rows of `sql` (or of ``sql(conn)``) in each file; a file that fails is reported (rows read before kept)."""
+    """Yield the rows of `sql` (or of ``sql(conn)``) in each file; a file that fails is reported (rows read before kept).
+
+    With `salvage` (table, its columns) and `on_bad_file`, a damaged file's table is then read row by
+    row: every readable row is yielded (again: callers keep one per key) and the unreadable ones counted.
+    """
     for path in _as_paths(paths):
         try:
             conn = _open_ro(path)
@@ -1328,20 +1514,40 @@ def _query_each(
         try:
             yield from conn.execute(sql if isinstance(sql, str) else sql(conn))
         except sqlite3.DatabaseError as exc:
-            _bad(path, exc, on_bad_file)
+            if salvage is None or on_bad_file is None:
+                _bad(path, exc, on_bad_file)
+                continue
+            table, cols = salvage
+            try:
+                got, lost, why = _salvage(conn, table, cols(conn), lambda r: r)
+            except sqlite3.DatabaseError as exc2:
+                _bad(path, exc2, on_bad_file)
+                continue
+            if not got and not lost:
+                _bad(path, exc, on_bad_file)
+            _salvaged(path, table.rstrip("s").replace("_schema", " schema"), lost, why or str(exc), on_bad_file)
+            yield from got
         finally:
             conn.close()
+
+
+def _outcome_columns(conn: sqlite3.Connection) -> str:  # a file made earlier lacks the added columns
+    return _columns_sql(conn, "outcomes", ", ".join(OUTCOME_COLUMNS))
 
 
 def read_outcomes(
     paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None
 ) -> list[dict[str, Any]]:
-    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``."""
-    seen: dict[str, dict[str, Any]] = {}
-    def sql(conn: sqlite3.Connection) -> str:  # a file made earlier lacks the added columns
-        return f"SELECT {_columns_sql(conn, 'outcomes', ', '.join(OUTCOME_COLUMNS))} FROM outcomes"
+    """Return the outcomes of the given log files, one per notification UUID (first received), sorted by ``at``.
 
-    for row in _query_each(paths, sql, on_bad_file):
+    With `on_bad_file`, a damaged file is read row by row (unreadable rows counted and reported).
+    """
+    seen: dict[str, dict[str, Any]] = {}
+
+    def sql(conn: sqlite3.Connection) -> str:
+        return f"SELECT {_outcome_columns(conn)} FROM outcomes"
+
+    for row in _query_each(paths, sql, on_bad_file, salvage=("outcomes", _outcome_columns)):
         d = dict(row)
         prev = seen.get(d["notification_uuid"])
         if prev is None or (d["received_at"] or 0) < (prev["received_at"] or 0):
@@ -1352,10 +1558,11 @@ def read_outcomes(
 def feature_schemas(
     paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None
 ) -> dict[str, list[str]]:
-    """Return {feature_names_sha: feature names} recorded in the given log files."""
-    return {
-        row["sha"]: _unjson(row["names"]) for row in _query_each(paths, "SELECT sha, names FROM feature_schemas", on_bad_file)
-    }
+    """Return {feature_names_sha: feature names} recorded in the given log files (damaged ones read row by row)."""
+    rows = _query_each(
+        paths, "SELECT sha, names FROM feature_schemas", on_bad_file, salvage=("feature_schemas", lambda c: "sha, names")
+    )
+    return {row["sha"]: _unjson(row["names"]) for row in rows}
 
 
 def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
@@ -1366,14 +1573,25 @@ def decisions_frame(paths: str | Path | Iterable[str | Path]) -> Any:
     return pd.DataFrame(rows, columns=list(REQUIRED_DECISION_COLUMNS + EXTRA_DECISION_COLUMNS))
 
 
+def _ignore(path: Path, why: str) -> None:
+    """An on_bad_file that says nothing: for figures whose file is reported by the read that follows."""
+
+
 def _count(paths: list[Path], table: str, on_bad_file: OnBadFile | None = None) -> int:
     return sum(int(r[0]) for r in _query_each(paths, f"SELECT count(*) FROM {table}", on_bad_file))
 
 
 def count_unanswered(paths: str | Path | Iterable[str | Path], *, on_bad_file: OnBadFile | None = None) -> int:
-    """Return how many logged requests of the given log files were answered with no message (404)."""
-    sql = "SELECT count(*) FROM decisions WHERE message_id IS NULL"
-    return sum(int(r[0]) for r in _query_each(paths, sql, on_bad_file))
+    """Return how many logged requests of the given log files were answered with no message (404).
+
+    With `on_bad_file`, a damaged file is read row by row and its readable rows counted.
+    """
+    sql = "SELECT message_id FROM decisions WHERE message_id IS NULL"
+    return sum(
+        1
+        for r in _query_each(paths, sql, on_bad_file, salvage=("decisions", lambda c: "message_id"))
+        if r["message_id"] is None
+    )
 
 
 def _out_format(out: Path) -> str:
@@ -1449,7 +1667,7 @@ def export_decisions(
     paths = _as_paths(db_paths)
     if not paths:
         raise ValueError("no decision log files to export (looked for decisions-*.sqlite)")
-    total = _count(paths, "decisions", on_bad_file)
+    total = _count(paths, "decisions", _ignore if on_bad_file else None)
     schema = _decisions_arrow_schema()
     names = [f.name for f in schema]
     schemas = feature_schemas(paths, on_bad_file=on_bad_file)

@@ -3,8 +3,9 @@
 ``retention decisions export --data-dir DIR --out decisions.parquet [--outcomes-out outcomes.parquet]``
 reads every process's ``decisions-*.sqlite`` in DIR (several workers, or replicas' files copied
 together, and the archive of ``compact``) and writes the decisions file that ``retention train``
-reads. A file that cannot be read is named in one line on stderr and the rest exported; ``--strict``
-makes that an error (exit 1).
+reads. A damaged file is read row by row: its unreadable rows (or a file that cannot be read at all)
+are counted and the file named in one line on stderr, and the rest exported; ``--strict`` makes that an
+error (exit 1) and writes nothing. ``show`` skips and names such files the same way.
 
 ``retention decisions compact --data-dir DIR`` merges the files no running server holds into
 ``decisions-archive.sqlite`` and deletes them (docs/failure-modes.md).
@@ -57,7 +58,7 @@ def main(argv: Sequence[str]) -> int:
                      help="keep the requests answered with no message (404): no candidates, so retention train "
                      "and retention evaluate refuse such a file; for counting them only")
     exp.add_argument("--strict", action="store_true",
-                     help="exit 1 when a log file cannot be read (default: name it on stderr, export the rest)")
+                     help="exit 1 and write nothing when a log file cannot be read in full (default: name it on stderr, export the rest)")
     comp = sub.add_parser("compact", help="merge the log files no running server holds into decisions-archive.sqlite")
     comp.add_argument("--data-dir", help="data folder of the server [env RETENTION_DATA_DIR; default 'data']")
     comp.add_argument("--strict", action="store_true", help="exit 1 when a log file cannot be read (it is left in place)")
@@ -65,19 +66,30 @@ def main(argv: Sequence[str]) -> int:
     show.add_argument("--data-dir", action="append", help=data_help)
     show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
     args = parser.parse_args(list(argv))
-    bad: dict[Path, str] = {}
+    bad: dict[Path, list[str]] = {}
+    strict = getattr(args, "strict", False)
     url = getattr(args, "database_url", None) or (None if args.data_dir else os.environ.get("RETENTION_DATABASE_URL"))
     if args.command == "export" and url:
         return _export_database(args, url)
 
+    class _UnreadableError(Exception):
+        pass
+
     def on_bad_file(path: Path, why: str) -> None:
-        if path not in bad:
-            bad[path] = why
-            print(f"retention decisions: cannot read {path}: {why} (skipped)", file=sys.stderr)
+        whys = bad.setdefault(path, [])
+        if why not in whys:
+            whys.append(why)
+        if strict and args.command == "export":  # stop: the export's temporary file is removed, nothing written
+            raise _UnreadableError(f"retention decisions: cannot read {path}: {why}; --strict: nothing written")
+
+    def report() -> None:
+        for path, whys in bad.items():
+            print(f"retention decisions: cannot read {path}: {'; '.join(whys)} (skipped)", file=sys.stderr)
 
     if args.command == "compact":
         folder = Path(args.data_dir or os.environ.get("RETENTION_DATA_DIR") or "data")
         done = compact_logs(folder, on_bad_file=on_bad_file)
+        report()
         print(
             f"compacted {len(done.merged)} log file(s) into {done.archive}: {done.decisions} decisions and "
             f"{done.outcomes} outcomes added; {len(done.live)} file(s) left to running servers"
@@ -86,24 +98,33 @@ def main(argv: Sequence[str]) -> int:
 
     files = _files(args)
     if args.command == "export":
-        n = export_decisions(
-            files, args.out, progress=True, shown_only=not args.include_unanswered, on_bad_file=on_bad_file
-        )
+        n = None
+        try:
+            n = export_decisions(
+                files, args.out, progress=True, shown_only=not args.include_unanswered, on_bad_file=on_bad_file
+            )
+            n_outcomes = export_outcomes(files, args.outcomes_out, on_bad_file=on_bad_file) if args.outcomes_out else None
+        except _UnreadableError as exc:
+            if n is not None:  # the outcomes were unreadable: take back the decisions file too
+                Path(args.out).unlink(missing_ok=True)
+            print(exc, file=sys.stderr)
+            return 1
+        report()
         unread = f" ({len(bad)} not read in full)" if bad else ""
         print(f"exported {n} decisions from {len(files)} log file(s){unread} to {args.out}")
         if not args.include_unanswered:
-            left_out = count_unanswered(files, on_bad_file=on_bad_file)
+            left_out = count_unanswered(files, on_bad_file=lambda path, why: None)  # named above
             if left_out:
                 print(f"left out {left_out} request(s) answered with no message (404); --include-unanswered keeps them")
-        if args.outcomes_out:
-            m = export_outcomes(files, args.outcomes_out, on_bad_file=on_bad_file)
-            print(f"exported {m} outcomes to {args.outcomes_out}")
-        return 1 if bad and args.strict else 0
+        if n_outcomes is not None:
+            print(f"exported {n_outcomes} outcomes to {args.outcomes_out}")
+        return 0
 
     if args.last < 1:
         print("retention decisions: --last must be at least 1", file=sys.stderr)
         return 2
-    rows = latest_decisions(files, args.last)
+    rows = latest_decisions(files, args.last, on_bad_file=on_bad_file)
+    report()
     for d in rows:
         print(
             f"{d['request_id']}  {d['product_id']} {d['user_locale']}  policy={d['policy']} "

@@ -49,6 +49,16 @@ class JsonFormatter(UtcFormatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+
+class WorkerDiedFilter(logging.Filter):
+    """Raise uvicorn's ``Child process [N] died`` (a worker killed or crashed; uvicorn logs it at INFO) to ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and str(record.msg).startswith("Child process [") and "died" in str(record.msg):
+            record.levelno, record.levelname = logging.ERROR, "ERROR"
+            record.msg = f"{record.msg}: a worker process ended unexpectedly; uvicorn starts a new one"
+        return True
+
 def logging_config(level: str = "info", fmt: str = "text", access_log: bool = False) -> dict[str, Any]:
     """Return a :func:`logging.config.dictConfig` dict: every logger to one stderr handler in format `fmt`.
 
@@ -65,12 +75,13 @@ def logging_config(level: str = "info", fmt: str = "text", access_log: bool = Fa
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"worker_died": {"()": WorkerDiedFilter}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             # uvicorn and Litestar write through the root handler, never their own
             "uvicorn": {"handlers": [], "level": level, "propagate": True},
-            "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": level, "propagate": True, "filters": ["worker_died"]},
             "uvicorn.access": {"handlers": [], "level": "INFO" if access_log else "CRITICAL", "propagate": True},
             "litestar": {"handlers": [], "level": level, "propagate": True},
         },

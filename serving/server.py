@@ -82,11 +82,11 @@ def preflight(settings: Settings) -> Startup:
     if settings.environment == "Production":
         problems = []
         if Path(settings.catalog).resolve() == DEMO_CATALOG.resolve():
-            problems.append("Production needs your catalog: set RETENTION_CATALOG (or --catalog); the default is "
-                            "the demo catalog, whose message ids Apple does not know")
+            problems.append(f"Production refuses the demo catalog {settings.catalog}: set RETENTION_CATALOG (or --catalog) "
+                            "to your own (Apple does not know the demo's message ids)")
         if registry.root.resolve() == DEFAULT_REGISTRY.resolve():
-            problems.append("Production needs a model registry: set RETENTION_MODEL (or --model) to its folder; "
-                            "the default is the checkout's demo registry")
+            problems.append(f"Production refuses the checkout's demo model registry {registry.root}: set RETENTION_MODEL "
+                            "(or --model) to your own registry folder")
         if not Path(settings.data_dir).is_absolute():
             problems.append(f"Production needs an absolute data folder: RETENTION_DATA_DIR (or --data-dir) is "
                             f"{settings.data_dir!r}, relative to wherever the server is started")
@@ -97,11 +97,11 @@ def preflight(settings: Settings) -> Startup:
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     if settings.environment == "Production" and not has_apple_root_g3(roots):
-        log.warning("Production, but no configured root is Apple Root CA - G3 (SHA-256 63343abf...9179)")
-        print(
-            "warning: Production, but no configured root is Apple Root CA - G3; Apple's requests will be refused",
-            file=sys.stderr,
+        log.warning(
+            "Production, but no configured root is Apple Root CA - G3 (SHA-256 63343abf...9179); "
+            "Apple's requests will be refused"
         )
+    _check_data_dir(settings)
     _check_tls_files(settings)
     catalog = Catalog.load(settings.catalog, settings.environment)  # raises CatalogError with the entry and the reason
     content = content_problems(catalog, Path(settings.catalog).resolve().parent)
@@ -137,6 +137,23 @@ def preflight(settings: Settings) -> Startup:
         except DatabaseError as exc:
             raise SettingsError(str(exc)) from None
     return Startup(tuple(fingerprint_sha256(r) for r in roots), catalog.sha256, model_version, shadow_version)
+
+
+def _check_data_dir(settings: Settings) -> None:
+    """Raise SettingsError (one line) unless the data folder exists or can be made, is a folder and takes files."""
+    folder = Path(settings.data_dir)
+    what = f"data folder {settings.data_dir} (--data-dir, RETENTION_DATA_DIR)"
+    if folder.exists() and not folder.is_dir():
+        raise SettingsError(f"{what} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"{what} cannot be created: {exc.strerror or exc}") from None
+    try:  # a real file: permissions, a read-only mount, root's bypass of permission bits all answer here
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".retention-write-check-"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"{what} is not writable: {exc.strerror or exc}") from None
 
 
 def _check_tls_files(settings: Settings) -> None:
@@ -257,13 +274,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)
+        # before the checks: their warnings come once, in the configured format
+        logging.config.dictConfig(logging_config(settings.log_level, settings.log_format, settings.access_log))
         startup = preflight(settings)
         sock = bind(settings)  # a port in use is one line now, not a traceback after "startup complete"
     except ValueError as exc:  # SettingsError, CatalogError and bad values: one line each, exit 2
         for line in str(exc).splitlines():
             print(f"retention serve: {line}", file=sys.stderr)
         return 2
-    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format, settings.access_log))
     log.info("%s", banner(settings, startup))
     serve(settings, sock)
     return 0

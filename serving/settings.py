@@ -209,6 +209,15 @@ class Settings:
             raise ValueError(f"verify_with must be process or thread, not {self.verify_with!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be 1 or more, not {self.workers}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(
+                f"log_level (RETENTION_LOG_LEVEL, --log-level) must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port (RETENTION_PORT, --port) must be within 0-65535, not {self.port}")
+        if self.bundle_id is not None and self.bundle_id != self.bundle_id.strip():
+            what = "is blank" if not self.bundle_id.strip() else "has spaces around it"
+            raise SettingsError(f"bundle_id (RETENTION_BUNDLE_ID, --bundle-id) {what}: {self.bundle_id!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.replay_store not in ("sqlite", "memory"):
@@ -243,6 +252,10 @@ class Settings:
             raise ValueError(f"spill_max_bytes must be >= 0, not {self.spill_max_bytes}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+
+
+#: The log levels ``--log-level`` takes (any case).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):

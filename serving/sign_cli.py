@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--ca", required=True, metavar="DIR", help="folder of the test CA (minted there when absent)")
-    p.add_argument("--count", type=int, default=1, metavar="N", help="number of signed request bodies to print (default 1)")
+    p.add_argument("--count", type=int, default=1, metavar="N", help="number of signed request bodies to print, 1 or more (default 1)")
     p.add_argument("--app-apple-id", type=int, default=1234567890, help="appAppleId of the requests (default 1234567890)")
     p.add_argument(
         "--environment",
@@ -93,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _requests(argv: list[str]) -> int:
     """Print `--count` signed request bodies to stdout and return 0; 2 on bad usage."""
     args = _parser().parse_args(argv)
-    if args.count < 0:
-        print("retention sign: error: --count must be 0 or more", file=sys.stderr)
+    if args.count < 1:
+        print(f"retention sign: error: --count must be 1 or more, not {args.count}", file=sys.stderr)
         return 2
     if Environment.parse(args.environment) is None:
         print(f"retention sign: error: --environment must be Sandbox or Production, not {args.environment!r}", file=sys.stderr)

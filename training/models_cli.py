@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                          "data (refused by default: a model looks better on the decisions it learned from)")
     sub.add_parser("rollback", parents=[reg], help="make the previously promoted version current again")
     pn = sub.add_parser("prune", parents=[reg],
-                        help="delete all but the newest N versions; never the current or the shadow version")
-    pn.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest versions to keep")
+                        help="delete all but the newest N versions; never the current, the shadow or the newest version")
+    pn.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="how many of the newest versions to keep, 1 or more (the newest is always kept)")
     pn.add_argument("--shadow", default=os.environ.get("RETENTION_SHADOW_MODEL"),
                     help="a shadow version to keep as well [env RETENTION_SHADOW_MODEL]")
     pn.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
@@ -94,8 +95,13 @@ def _list(registry: Registry) -> int:
 
 
 def _prune(registry: Registry, args: argparse.Namespace) -> int:
-    if args.keep < 0:
-        print("retention models prune: error: --keep must be 0 or more", file=sys.stderr)
+    if args.keep < 1:
+        print("retention models prune: error: --keep must be 1 or more: the newest version is always kept "
+              "(a server pinned at DIR@latest serves it)", file=sys.stderr)
+        return 2
+    if args.shadow and args.shadow not in ("current", "latest") and args.shadow not in registry.versions():
+        print(f"retention models prune: error: --shadow (RETENTION_SHADOW_MODEL) {args.shadow!r} is not a version of "
+              f"{registry.root}", file=sys.stderr)
         return 2
     pinned = Registry.parse(os.environ.get("RETENTION_MODEL", ""))[1]
     protect = tuple(registry.resolve(v) for v in (args.shadow, pinned) if v)

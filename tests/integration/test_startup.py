@@ -86,7 +86,8 @@ def test_one_text_format_a_banner_and_lines_for_refusals_kill_switch_and_reloads
 
 
 def test_json_log_format_and_access_log(env: dict[str, str], tmp_path: Path) -> None:
-    env = {**env, "RETENTION_LOG_FORMAT": "json", "RETENTION_ACCESS_LOG": "true"}
+    # Production with a test root: its warning comes once, as a JSON line like the others
+    env = {**env, "RETENTION_LOG_FORMAT": "json", "RETENTION_ACCESS_LOG": "true", "RETENTION_ENVIRONMENT": "Production"}
 
     def drive(server: Server) -> None:
         assert httpx.post(server.base + "/retention/message", content=b"[]").status_code == 400
@@ -96,6 +97,7 @@ def test_json_log_format_and_access_log(env: dict[str, str], tmp_path: Path) -> 
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any(r["logger"] == "uvicorn.access" and "POST /retention/message" in r["message"] for r in records)
     assert any(r["logger"] == "retention.server" and "starting" in r["message"] for r in records)
+    assert [r["level"] for r in records if "Apple Root CA - G3" in r["message"]] == ["WARNING"]
 
 
 def test_a_port_in_use_is_one_line_before_startup(env: dict[str, str]) -> None:
@@ -116,8 +118,47 @@ def test_production_defaults_and_a_missing_pinned_version_refuse_to_start(env: d
                        timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 3 and "Traceback" not in r.stderr
-    assert all(ln.startswith("retention serve: Production needs") for ln in lines)
+    assert [ln.split(" ", 4)[2:4] for ln in lines] == [["Production", "refuses"]] * 2 + [["Production", "needs"]]
     r = subprocess.run([sys.executable, "-m", "retention", "serve", "--model", f"{env['RETENTION_MODEL']}@nosuchversion"],
                        env=env, capture_output=True, text=True, timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "nosuchversion" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "want"),
+    [
+        (["--data-dir", "{tmp}/request.json"], {}, "data folder {tmp}/request.json (--data-dir, RETENTION_DATA_DIR) is a file"),
+        (["--data-dir", "/proc/nope"], {}, "data folder /proc/nope (--data-dir, RETENTION_DATA_DIR) cannot be created"),
+        (["--data-dir", "/proc"], {}, "data folder /proc (--data-dir, RETENTION_DATA_DIR) is not writable"),
+        (["--log-level", "loud"], {}, "log_level (RETENTION_LOG_LEVEL, --log-level) must be one of"),
+        (["--port", "99999"], {}, "port (RETENTION_PORT, --port) must be within 0-65535, not 99999"),
+        ([], {"RETENTION_BUNDLE_ID": "  "}, "bundle_id (RETENTION_BUNDLE_ID, --bundle-id) is blank"),
+        ([], {"RETENTION_BUNDLE_ID": BUNDLE_ID + " "}, "bundle_id (RETENTION_BUNDLE_ID, --bundle-id) has spaces around it"),
+        (["--environment", "Production", "--catalog", str(DEMO_CATALOG)], {},
+         f"Production refuses the demo catalog {DEMO_CATALOG}: set RETENTION_CATALOG"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it_before_the_banner(
+    env: dict[str, str], tmp_path: Path, args: list[str], extra_env: dict[str, str], want: str
+) -> None:
+    (tmp_path / "request.json").write_text("{}")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = subprocess.run([sys.executable, "-m", "retention", "serve", *args], env={**env, **extra_env},
+                       capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("retention serve: ") and want.replace("{tmp}", str(tmp_path)) in lines[0], lines
+
+
+def test_a_killed_worker_is_logged_as_an_error(env: dict[str, str], tmp_path: Path) -> None:
+    def drive(server: Server) -> None:
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        workers = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert workers, children
+        os.kill(workers[0], signal.SIGKILL)
+        time.sleep(2.0)  # uvicorn's supervisor looks at its workers about every half second
+
+    lines = run_and_stop({**env, "RETENTION_WORKERS": "2"}, tmp_path, drive)
+    died = [ln for ln in lines if "Child process [" in ln and "died" in ln]
+    assert died and all(TEXT_LINE.match(ln) and " ERROR uvicorn.error: " in ln for ln in died), "\n".join(lines)

@@ -11,6 +11,8 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 
 def test_output_piped_into_head_ends_without_a_broken_pipe_error(pki_dir: Path) -> None:
     r = subprocess.run(f"{sys.executable} -m retention sign --ca {pki_dir} --count 3000 | head -n 1",
@@ -48,3 +50,16 @@ def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
     finally:
         os.close(leader)
     assert returncode == 0 and b"simulate" in drawn and b"\r" in drawn
+
+
+def test_retention_help_names_every_action_of_decisions_models_and_sign(capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    assert retention.main(["--help"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")}
+    for verb, actions in {
+        "decisions": ("export", "show", "compact"),
+        "models": ("list", "show", "promote", "roll back", "prune"),
+        "sign": ("requests", "notifications", "In-App Purchase key"),
+    }.items():
+        assert all(a in lines[verb] for a in actions), lines[verb]

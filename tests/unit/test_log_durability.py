@@ -200,6 +200,34 @@ def test_killing_the_writer_process_loses_no_answered_decision_or_outcome(
     assert c.get("/ready").status_code == 200
 
 
+def test_a_hung_writer_process_makes_ready_503_until_it_catches_up(
+    client_for: Any, pki: TestPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decision_log, "STALL_S", 0.5)
+    c = client_for(log_writer="process")
+    dlog = c.app.state.service.decision_log
+    answered = [answer(c, pki)]
+    assert dlog.flush() and c.get("/ready").status_code == 200
+    proc = dlog._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)  # hung: it reads nothing and confirms nothing
+    try:
+        answered.append(answer(c, pki))
+        deadline = time.monotonic() + 30
+        while c.get("/ready").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = c.get("/ready")
+        assert r.status_code == 503 and "has not confirmed a batch" in r.text, r.text
+        assert notify(c, pki, "2000000077") == 503  # what /ready now says: notifications cannot be stored
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert dlog.flush()
+    assert c.get("/ready").status_code == 200
+    assert notify(c, pki, "2000000077") == 200
+    ids, _ = stored(Path(c.app.state.service.settings.data_dir))
+    assert sorted(ids) == sorted(answered)
+
+
 def test_a_batch_sent_twice_is_stored_once(tmp_path: Path, writer: str) -> None:
     dlog = DecisionLog(tmp_path / "decisions-h-2.sqlite", batch_ms=5.0, writer=writer)
     dlog.start()
@@ -442,6 +470,76 @@ def test_export_reads_the_good_files_names_each_bad_one_and_fails_only_when_stri
     assert {f"req-{i}" for i in range(50)} <= ids
     assert retention.main([*args, "--strict"]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def _damage_pages(path: Path, pages: tuple[int, ...]) -> None:
+    """Overwrite whole 4 KiB pages with random bytes, the header page kept (what a bad sector or a stray write does)."""
+    with open(path, "r+b") as fh:
+        for page in pages:
+            fh.seek(page * 4096)
+            fh.write(os.urandom(4096))
+
+
+def test_export_of_a_file_damaged_below_its_header_keeps_every_readable_row_and_counts_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import retention
+    from serving.decision_log import read_decisions_file
+
+    data = tmp_path / "data"
+    path = data / "decisions-a-1.sqlite"
+    _write_log(path, range(2000), ("n-1", "n-2"))
+    pages = path.stat().st_size // 4096
+    _damage_pages(path, (pages // 3, pages // 2, 2 * pages // 3))
+    out = tmp_path / "d.parquet"
+    args = ["decisions", "export", "--data-dir", str(data), "--out", str(out), "--outcomes-out", str(tmp_path / "o.csv")]
+    assert retention.main(args) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "cannot read" in line]
+    assert len(err) == 1 and str(path) in err[0] and "unreadable decision row(s) skipped" in err[0], err
+    lost = int(err[0].split(": ", 2)[2].split()[0])
+    ids = list(read_decisions_file(out)["request_id"])
+    assert len(ids) == len(set(ids)) and len(ids) > 1000 and len(ids) + lost >= 2000, (len(ids), lost)
+    # show reads the same file (and the one the server set aside) without failing
+    path.rename(data / "decisions-a-1.corrupt-1.sqlite")
+    _write_log(path, range(2000, 2003))
+    assert retention.main(["decisions", "show", "--data-dir", str(data), "--last", "2"]) == 0
+    shown = capsys.readouterr()
+    assert "req-2002" in shown.out and "decisions-a-1.corrupt-1.sqlite" in shown.err
+    # --strict: exit 1 and no file written
+    out.unlink()
+    assert retention.main([*args, "--strict"]) == 1
+    assert "--strict: nothing written" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("d.parquet*"))
+
+
+def test_damage_below_the_header_is_found_by_the_writer_and_a_fresh_file_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends never read the damaged pages: the writer's periodic quick_check finds them, off the request path."""
+    monkeypatch.setattr(decision_log, "QUICK_CHECK_S", 0.0)
+    faults: list[str] = []
+    path = tmp_path / "decisions-h-1.sqlite"
+    dlog = DecisionLog(path, batch_ms=5.0, writer="thread", on_fault=faults.append)
+    dlog.start()
+    for i in range(2000):
+        dlog.log(_record(i))
+    assert dlog.flush()
+    pages = path.stat().st_size // 4096
+    _damage_pages(path, (pages // 3, pages // 2))
+    later: list[str] = []
+    for i in range(2000, 2500):  # each batch after the damage is one chance for the check to have run
+        dlog.log(_record(i))
+        later.append(f"req-{i}")
+        assert dlog.flush()
+        if faults:
+            break
+        time.sleep(0.02)
+    dlog.close()
+    assert faults == ["corrupt"], faults
+    assert [p.name for p in tmp_path.glob("decisions-h-1.corrupt-*.sqlite")]
+    fresh = [d["request_id"] for d in read_decisions(path)]
+    kept = [d["request_id"] for d in read_decisions(log_files(tmp_path), on_bad_file=lambda p, w: None)]
+    assert set(later) <= set(kept) and fresh and dlog.stats()["dropped"] == 0
 
 
 def test_compact_merges_retired_files_keeps_the_live_one_and_export_sees_every_row_once(

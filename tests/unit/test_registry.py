@@ -220,9 +220,18 @@ def test_models_prune_keeps_the_newest_and_never_current_or_shadow(
     assert retention.main(["models", "prune", "--keep", "1", "--registry", str(tmp_path), "--shadow", b]) == 0
     assert reg.versions() == [a, b, e]  # current a, shadow b, newest e
     assert reg.load().version == a
-    assert retention.main(["models", "prune", "--keep", "0", "--registry", str(tmp_path)]) == 0
-    assert reg.versions() == [a]
+    # the newest version is always kept: a server pinned at DIR@latest serves it
+    assert retention.main(["models", "prune", "--keep", "0", "--registry", str(tmp_path)]) == 2
+    assert "--keep must be 1 or more" in capsys.readouterr().err
     assert retention.main(["models", "prune", "--keep", "-1", "--registry", str(tmp_path)]) == 2
+    assert retention.main(["models", "prune", "--keep", "1", "--registry", str(tmp_path)]) == 0
+    assert reg.versions() == [a, e]
+    # a shadow version that does not exist is refused, not silently ignored
+    capsys.readouterr()
+    assert retention.main(["models", "prune", "--keep", "1", "--registry", str(tmp_path), "--shadow", "nosuch",
+                           "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nosuch' is not a version of" in err[0]
 
 
 def test_models_list_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

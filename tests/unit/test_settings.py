@@ -55,13 +55,14 @@ def explicit(registry: Path, tmp_path: Path) -> list[str]:
 
 
 def test_production_without_apple_root_warns(pki_dir: Path, trained_registry: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                             caplog: pytest.LogCaptureFixture) -> None:
     preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID,
                               "--environment", "Production", *explicit(trained_registry, tmp_path)]))
-    assert "Apple Root CA - G3" in capsys.readouterr().err
+    assert [r.levelname for r in caplog.records if "Apple Root CA - G3" in r.getMessage()] == ["WARNING"]
+    caplog.clear()
     preflight(parse_settings(["--root-certs", str(pki_dir / "root.pem"), "--app-apple-id", "1", "--bundle-id", BUNDLE_ID,
-                              "--environment", "Sandbox"]))
-    assert capsys.readouterr().err == ""
+                              "--environment", "Sandbox", "--data-dir", str(tmp_path / "data")]))
+    assert not caplog.records
 
 
 def test_production_refuses_the_demo_catalog_the_checkout_registry_and_a_relative_data_folder(

@@ -94,3 +94,13 @@ def test_sign_ca_on_an_existing_file_is_one_line(tmp_path: Path, capsys: pytest.
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and f"--ca {a_file} is a file" in err[0] and captured.out == ""
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_sign_count_below_one_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], count: str
+) -> None:
+    assert retention.main(["sign", "--ca", str(tmp_path / "ca"), "--count", count]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--count must be 1 or more" in err[0] and captured.out == ""
