@@ -56,7 +56,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from models.data_files import DECISION_COLUMNS, EVENTS
+from models.data_files import APPLE_FALLBACK_POLICY, DECISION_COLUMNS, EVENTS
 from models.data_files import event_for_notification as event_for_notification  # re-exported: its old home
 from serving import children, log_writer
 
@@ -1653,8 +1653,9 @@ def export_decisions(
     Columns: the DESIGN.md decisions columns, then the server's own (scores, values, probabilities,
     features, policy parameters, catalog hash...). In CSV, list and dict columns are JSON text. The
     Parquet file's metadata holds the feature names of every ``feature_names_sha`` seen.
-    `shown_only` leaves out the requests answered with no message (404 no_eligible_message): they
-    have no candidate and no shown message, and the training files require one.
+    `shown_only` leaves out the requests answered with no message (404 no_eligible_message); by
+    default they are written with policy ``apple_fallback`` (Apple showed its own message), which
+    ``retention evaluate`` reports as its own arm and ``retention train`` leaves out.
     With `on_bad_file`, a log file that cannot be read (corrupt, not a log) is reported and the rest
     exported (with what could be read of it); without, ValueError names it and nothing is written.
     """
@@ -1696,6 +1697,11 @@ def export_decisions(
             rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
             cols: dict[str, list[Any]] = {n: [] for n in names}
             for d in rows:
+                if d["message_id"] is None and d["policy"] != APPLE_FALLBACK_POLICY:
+                    # a 404 logged before such requests were marked: Apple showed its own message (today's meaning)
+                    reason = d["fallback_reason"]
+                    d = {**d, "policy": APPLE_FALLBACK_POLICY,
+                         "fallback_reason": f"{reason}; no_eligible_message" if reason else "no_eligible_message"}
                 for n in names:
                     v = d[n]
                     if n == "policy_params":

@@ -54,9 +54,10 @@ def main(argv: Sequence[str]) -> int:
                      "[env RETENTION_DATABASE_URL]")
     exp.add_argument("--out", required=True, help="decisions file to write (.parquet or .csv)")
     exp.add_argument("--outcomes-out", help="outcomes file to write too (.parquet or .csv)")
-    exp.add_argument("--include-unanswered", action="store_true",
-                     help="keep the requests answered with no message (404): no candidates, so retention train "
-                     "and retention evaluate refuse such a file; for counting them only")
+    exp.add_argument("--answered-only", action="store_true",
+                     help="leave out the requests answered with no message (404, policy apple_fallback); by default "
+                     "they are kept: retention evaluate reports them as Apple's own arm, and training leaves them out")
+    exp.add_argument("--include-unanswered", action="store_true", help=argparse.SUPPRESS)  # a no-op: kept is the default
     exp.add_argument("--strict", action="store_true",
                      help="exit 1 and write nothing when a log file cannot be read in full (default: name it on stderr, export the rest)")
     comp = sub.add_parser("compact", help="merge the log files no running server holds into decisions-archive.sqlite")
@@ -101,7 +102,7 @@ def main(argv: Sequence[str]) -> int:
         n = None
         try:
             n = export_decisions(
-                files, args.out, progress=True, shown_only=not args.include_unanswered, on_bad_file=on_bad_file
+                files, args.out, progress=True, shown_only=args.answered_only, on_bad_file=on_bad_file
             )
             n_outcomes = export_outcomes(files, args.outcomes_out, on_bad_file=on_bad_file) if args.outcomes_out else None
         except _UnreadableError as exc:
@@ -112,10 +113,10 @@ def main(argv: Sequence[str]) -> int:
         report()
         unread = f" ({len(bad)} not read in full)" if bad else ""
         print(f"exported {n} decisions from {len(files)} log file(s){unread} to {args.out}")
-        if not args.include_unanswered:
-            left_out = count_unanswered(files, on_bad_file=lambda path, why: None)  # named above
-            if left_out:
-                print(f"left out {left_out} request(s) answered with no message (404); --include-unanswered keeps them")
+        unanswered = count_unanswered(files, on_bad_file=lambda path, why: None)  # named above
+        if unanswered:
+            print(f"{'left out' if args.answered_only else 'kept'} {unanswered} request(s) answered with no message "
+                  "(404, Apple's own arm)")
         if n_outcomes is not None:
             print(f"exported {n_outcomes} outcomes to {args.outcomes_out}")
         return 0
@@ -147,7 +148,7 @@ def _export_database(args: argparse.Namespace, url: str) -> int:
     from serving.database import check_url, safe_url
 
     check_url(url)
-    n = pg_log.export_decisions(url, args.out, shown_only=not args.include_unanswered)
+    n = pg_log.export_decisions(url, args.out, shown_only=args.answered_only)
     print(f"exported {n} decisions from {safe_url(url)} to {args.out}")
     if args.outcomes_out:
         m = pg_log.export_outcomes(url, args.outcomes_out)

@@ -697,7 +697,7 @@ def source(value: str) -> str | Path:
 def training_inputs(decisions: str | Path, outcomes: str | Path) -> Iterator[tuple[Path, Path]]:
     """Yield (decisions file, outcomes file) for ``retention train`` / ``evaluate``; a database URL is exported first.
 
-    A URL's decisions (those answered with a message, as ``retention decisions export`` writes by default) and
+    A URL's decisions (the 404s included, policy ``apple_fallback``, as ``retention decisions export`` writes by default) and
     outcomes are streamed into temporary Parquet files, removed afterwards; a path is yielded as it is.
     """
     import tempfile
@@ -706,7 +706,7 @@ def training_inputs(decisions: str | Path, outcomes: str | Path) -> Iterator[tup
         d, o = decisions, outcomes
         if isinstance(d, str):
             d = Path(tmp) / "decisions.parquet"
-            export_decisions(str(decisions), d, shown_only=True)
+            export_decisions(str(decisions), d)
         if isinstance(o, str):
             o = Path(tmp) / "outcomes.parquet"
             export_outcomes(str(outcomes), o)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.data_files import DECISION_COLUMNS, EVENTS, OUTCOME_COLUMNS
+from models.data_files import APPLE_FALLBACK_POLICY, DECISION_COLUMNS, EVENTS, OUTCOME_COLUMNS
 
 # Columns that are identifiers or labels and must stay strings whatever they look like.
 _STRING_COLUMNS: tuple[str, ...] = (
@@ -181,8 +181,16 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
     df = read_table(p)
     _require_columns(df, DECISION_COLUMNS, p, "decisions")
     df = df.reset_index(drop=True)
-    _require_strings(df, ("request_id", "original_transaction_id", "product_id", "user_locale", "message_id"), p,
-                     "request_id")
+    _require_strings(df, ("request_id", "original_transaction_id", "product_id", "user_locale"), p, "request_id")
+    # a request answered with no message (404) is Apple's choice: logged with policy apple_fallback, it
+    # has no shown message and may have no candidate; every other row must name the message it showed
+    unanswered = (df["message_id"].isna() & (df["policy"].astype("str") == APPLE_FALLBACK_POLICY)).to_numpy()
+    bad = _first_bad(df["message_id"].isna().to_numpy() & ~unanswered)
+    if bad is not None:
+        raise DataError(
+            f"{p}: {_row_name(df, bad, 'request_id')}: message_id is missing (only a request answered with no "
+            f"message, policy {APPLE_FALLBACK_POLICY}, may have none)"
+        )
     _require_ms(df, "signed_date", p, "request_id")
     prop = pd.to_numeric(df["propensity"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = _first_bad(~((prop > 0.0) & (prop <= 1.0)))
@@ -193,12 +201,13 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
     df["propensity"] = prop
     candidates = df["candidates"].tolist()
     ok_list = np.fromiter((isinstance(c, list) and len(c) > 0 for c in candidates), dtype=bool, count=len(df))
+    ok_list |= unanswered & np.fromiter((isinstance(c, list) or c is None for c in candidates), dtype=bool, count=len(df))
     bad = _first_bad(~ok_list)
     if bad is not None:
         raise DataError(f"{p}: {_row_name(df, bad, 'request_id')}: candidates must be a non-empty list of message ids")
     shown = df["message_id"].tolist()
-    in_list = np.fromiter((m in c for m, c in zip(shown, candidates, strict=True)), dtype=bool, count=len(df))
-    bad = _first_bad(~in_list)
+    in_list = np.fromiter((isinstance(c, list) and m in c for m, c in zip(shown, candidates, strict=True)), dtype=bool, count=len(df))
+    bad = _first_bad(~(in_list | unanswered))
     if bad is not None:
         raise DataError(
             f"{p}: {_row_name(df, bad, 'request_id')}: message_id {shown[bad]!r} is not in its own candidates"

@@ -43,6 +43,7 @@ from training.target_policy import (
 
 LOGGING = "logging"
 DAY_MS = 86_400_000
+_ROW = "_decision_row"  # position of a decision in the decisions file, carried through prepare_logged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,20 +286,34 @@ def evaluate(
         needed.append(cfg.reward_model)
     steps = tqdm(total=5 + len(needed), desc="evaluate", unit="step", file=sys.stderr, disable=None if cfg.progress else True)
 
-    all_logged, dropped = prepare_logged(inputs.decisions, catalog)
+    # every decision, the requests answered with no message (404, policy apple_fallback) included, is
+    # labelled and attributed; only those that showed a message can be scored and estimated
+    full = inputs.decisions.reset_index(drop=True)
+    unanswered = full["message_id"].isna().to_numpy()
+    all_logged, dropped = prepare_logged(full.assign(**{_ROW: np.arange(len(full))})[~unanswered], catalog)
     if all_logged.n == 0:
-        raise ValueError("no decision is left to evaluate (every one names a candidate missing from the catalog)")
-    labels, stats = label_decisions(all_logged.frame, inputs.outcomes, horizon_ms=cfg.horizon_ms, as_of_ms=cfg.as_of_ms,
-                                    involuntary=cfg.involuntary)
-    y_all = labels.to_numpy(dtype=np.float64)
+        raise ValueError(
+            "no decision is left to evaluate (every one names a candidate missing from the catalog, or was answered "
+            "with no message)"
+        )
+    pos = all_logged.frame[_ROW].to_numpy(dtype=np.int64)
+    labels_full, stats = label_decisions(full, inputs.outcomes, horizon_ms=cfg.horizon_ms, as_of_ms=cfg.as_of_ms,
+                                         involuntary=cfg.involuntary)
+    y_full = labels_full.to_numpy(dtype=np.float64)
+    y_all = y_full[pos]
     # Apple's own choice (a 404, a late answer, an Apple retention offer redeemed) is its own arm: its
     # outcome says nothing about the message we logged, so it is reported apart and left out of every estimate
-    apple, credited = apple_choice(all_logged.frame, inputs.outcomes, offer_identifiers(catalog),
-                                   window_ms=cfg.offer_window_ms)
-    apple_y = y_all[apple & np.isfinite(y_all)]
-    apple_arm = {"decisions": int(apple.sum()), "labelled": int(apple_y.size),
+    apple_full, credited_full = apple_choice(full, inputs.outcomes, offer_identifiers(catalog),
+                                             window_ms=cfg.offer_window_ms)
+    apple = apple_full[pos]
+    in_arm = unanswered.copy()
+    in_arm[pos] = True  # the decisions not dropped for a candidate missing from the catalog
+    arm = apple_full & in_arm
+    apple_y = y_full[arm & np.isfinite(y_full)]
+    apple_arm = {"decisions": int(arm.sum()), "labelled": int(apple_y.size),
                  "retention_rate": float(apple_y.mean()) if apple_y.size else None,
-                 "offers_credited_to_ours": int(credited.sum())}
+                 "unanswered": int(unanswered.sum()),
+                 "offers_credited_to_ours": int((credited_full & in_arm).sum())}
     labelled = np.isfinite(y_all) & ~apple
     t_dec = all_logged.frame["signed_date"].to_numpy(dtype=np.int64)
     as_of = cfg.as_of_ms

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from models import data_files
+from models.data_files import APPLE_FALLBACK_POLICY
 from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry, registry_spec
 from serving.pg_log import source, training_inputs
@@ -310,8 +311,12 @@ def _check_frames(decisions: pd.DataFrame, outcomes: pd.DataFrame, profiles: pd.
     if bad.size:
         rid = decisions["request_id"].iloc[bad[0]]
         raise TrainError(f"decision {rid}: propensity {decisions['propensity'].iloc[bad[0]]!r} is outside (0, 1]")
-    for rid, m, c in zip(decisions["request_id"], decisions["message_id"], decisions["candidates"], strict=True):
-        if m not in c:
+    policy = decisions["policy"].astype("str").tolist() if "policy" in decisions.columns else [""] * len(decisions)
+    for rid, m, c, pol in zip(decisions["request_id"], decisions["message_id"], decisions["candidates"], policy,
+                              strict=True):
+        if pd.isna(m) and pol == APPLE_FALLBACK_POLICY:
+            continue  # answered with no message (404): Apple's choice, left out of training below
+        if c is None or m not in c:
             raise TrainError(f"decision {rid}: message_id {m} is not in its own candidates")
 
 
@@ -378,7 +383,7 @@ def train_frames(
     known = in_catalog(decisions["message_id"], catalog)
     labelled = labels.notna().to_numpy()
     use = labelled & known & ~apple
-    n_unknown = int((labelled & ~known).sum())
+    n_unknown = int((labelled & ~known & ~apple).sum())
     if not use.any():
         why = (
             "every decision is censored (no outcome window has passed; try --as-of or newer outcomes)"

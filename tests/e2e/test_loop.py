@@ -103,9 +103,12 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
     assert proc.returncode == 0, proc.stderr
     d = pd.read_parquet(decisions)
     o = pd.read_parquet(outcomes)
-    # the 404s have no candidate and no shown message: left out (and counted), so train can read the file
-    assert len(d) == N_REQUESTS and f"left out {N_UNANSWERED} request(s)" in proc.stdout
-    assert dict(zip(d["original_transaction_id"], d["message_id"], strict=True)) == shown
+    # the 404s are kept, with no shown message and policy apple_fallback: Apple showed its own message
+    assert len(d) == N_REQUESTS + N_UNANSWERED and f"kept {N_UNANSWERED} request(s)" in proc.stdout
+    unanswered = d[d["message_id"].isna()]
+    assert len(unanswered) == N_UNANSWERED and (unanswered["policy"] == "apple_fallback").all()
+    answered = d[d["message_id"].notna()]
+    assert dict(zip(answered["original_transaction_id"], answered["message_id"], strict=True)) == shown
     assert ((d["propensity"] > 0) & (d["propensity"] <= 1)).all()
     assert len(o) == len(cancelled) + len(renewed)  # each retry stored once, the TEST and the forgery nowhere
     events = dict(zip(o["original_transaction_id"], o["event"], strict=True))
@@ -130,6 +133,12 @@ def test_serve_notify_export_train_evaluate(pki: Any, pki_dir: Path, trained_reg
     summary = json.loads((out / "summary.json").read_text())
     # the labels came from the notifications: each cancellation a churn, every other window passed as retained
     assert summary["data"]["churned"] == len(cancelled)
-    assert summary["data"]["retained"] == N_REQUESTS - len(cancelled) and summary["data"]["censored"] == 0
+    assert summary["data"]["retained"] == N_REQUESTS + N_UNANSWERED - len(cancelled)
+    assert summary["data"]["censored"] == 0
+    # the 404s are Apple's own arm, apart from every estimate (a slow answer may join them, never leave)
+    arm = summary["data"]["apple_fallback"]
+    assert arm["unanswered"] == N_UNANSWERED and arm["decisions"] >= N_UNANSWERED
+    assert arm["labelled"] == arm["decisions"] and arm["retention_rate"] == 1.0
+    assert summary["data"]["evaluated"] == N_REQUESTS + N_UNANSWERED - arm["decisions"]
     assert [p["name"] for p in summary["policies"]] == ["logging", serving_version, new_version]
     assert (out / "report.html").stat().st_size > 1000

@@ -108,6 +108,20 @@ def test_empty_candidates(tmp_path: Path, fmt: str) -> None:
         read_decisions(path)
 
 
+def test_a_request_answered_with_no_message_is_read_as_apple_s_choice(tmp_path: Path, fmt: str) -> None:
+    df = _decisions()
+    df["message_id"] = df["message_id"].astype(object)
+    df.at[1, "message_id"], df.at[1, "candidates"], df.at[1, "policy"] = None, [], "apple_fallback"  # a 404
+    path = tmp_path / f"decisions.{fmt}"
+    write_table(df, path)
+    got = read_decisions(path)
+    assert len(got) == 3 and pd.isna(got.at[1, "message_id"]) and got.at[1, "policy"] == "apple_fallback"
+    df.at[1, "policy"] = "ml"  # a missing message on any other policy is still an error
+    write_table(df, path)
+    with pytest.raises(DataError, match=r"row 2 \(request_id 'req-1'\): message_id is missing"):
+        read_decisions(path)
+
+
 def test_candidates_not_json_in_csv(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     write_table(_decisions(1), path)

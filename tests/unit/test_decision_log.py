@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -341,6 +342,29 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert retention.main(["decisions", "export", "--data-dir", str(data), "--out", str(tmp_path / "x.json")]) == 1
     assert ".parquet or .csv" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_cli_export_keeps_404s_as_apple_s_arm_readable_by_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.data_io import read_decisions as read_training_decisions
+
+    data = tmp_path / "data"
+    dlog = DecisionLog(data / log_file_name())
+    dlog.start()
+    dlog.log(_record(0))
+    for i, policy in ((1, "apple_fallback"), (2, "rules")):  # a 404 as logged today, and by an older server
+        dlog.log(msgspec.structs.replace(_record(i), candidates=[], scores=None, values=None, probabilities=[],
+                                         message_id=None, kind=None, propensity=1.0, policy=policy, features=None,
+                                         feature_names_sha=None, status=404))
+    dlog.close()
+    out = tmp_path / "d.parquet"
+    assert decisions_main(["export", "--data-dir", str(data), "--out", str(out)]) == 0
+    assert "kept 2 request(s) answered with no message" in capsys.readouterr().out
+    d = read_training_decisions(out)  # the file retention train and retention evaluate read
+    assert d["message_id"].isna().tolist() == [False, True, True]
+    assert d["policy"].tolist()[1:] == ["apple_fallback", "apple_fallback"]
+    assert d["fallback_reason"].iloc[2] == "no_eligible_message"
+    assert decisions_main(["export", "--data-dir", str(data), "--out", str(out), "--answered-only"]) == 0
+    assert len(pd.read_parquet(out)) == 1 and "left out 2 request(s)" in capsys.readouterr().out
 
 
 def test_a_dead_writer_process_is_replaced_and_logging_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
