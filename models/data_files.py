@@ -70,26 +70,27 @@ _BY_TYPE_AND_SUBTYPE: dict[tuple[str, str | None], str] = {
     ("SUBSCRIBED", "INITIAL_BUY"): "subscribed",
     ("SUBSCRIBED", "RESUBSCRIBE"): "resubscribed",
     ("REFUND_REVERSED", None): "refund_reversed",
-}
-# Types whose every subtype (or none) means one event; the subtype is kept raw beside it.
-_BY_TYPE: dict[str, str] = {
-    "DID_RENEW": "renewed",  # no subtype, or BILLING_RECOVERY
-    "OFFER_REDEEMED": "offer_redeemed",  # UPGRADE, DOWNGRADE or none; the offer itself is in the transaction
-    "REFUND": "refunded",
+    ("DID_RENEW", None): "renewed",
+    ("DID_RENEW", "BILLING_RECOVERY"): "renewed",
+    # the offer itself is in the signed transaction; the subtype says what the redemption did
+    ("OFFER_REDEEMED", None): "offer_redeemed",
+    ("OFFER_REDEEMED", "UPGRADE"): "offer_redeemed",
+    ("OFFER_REDEEMED", "DOWNGRADE"): "offer_redeemed",
+    ("OFFER_REDEEMED", "INITIAL_BUY"): "offer_redeemed",
+    ("OFFER_REDEEMED", "RESUBSCRIBE"): "offer_redeemed",
+    ("REFUND", None): "refunded",
 }
 
 
 def event_for_notification(notification_type: str, subtype: str | None) -> str | None:
     """Return the outcome event of an App Store Server Notification V2; None only for ``TEST``.
 
-    A type or subtype not known here (``REVOKE``, ``CONSUMPTION_REQUEST``, ``PRICE_INCREASE``, a type
-    Apple adds later...) is ``"other"``: stored with its raw notificationType and subtype, read by no
-    label. https://developer.apple.com/documentation/appstoreservernotifications/notificationtype and
+    Only the (type, subtype) pairs listed here have an event: a type or subtype not known here
+    (``REVOKE``, ``CONSUMPTION_REQUEST``, ``PRICE_INCREASE``, a type Apple adds later, a new
+    subtype of ``DID_RENEW``...) is ``"other"``: stored with its raw notificationType and subtype,
+    read by no label. https://developer.apple.com/documentation/appstoreservernotifications/notificationtype and
     https://developer.apple.com/documentation/appstoreservernotifications/subtype
     """
     if notification_type == "TEST":
         return None
-    event = _BY_TYPE_AND_SUBTYPE.get((notification_type, subtype))
-    if event is None:
-        event = _BY_TYPE.get(notification_type)
-    return event or "other"
+    return _BY_TYPE_AND_SUBTYPE.get((notification_type, subtype), "other")

@@ -135,6 +135,12 @@ MAPPING: list[tuple[str, str | None, str]] = [
     ("DID_CHANGE_RENEWAL_STATUS", "SOMETHING_NEW", "other"),
     ("EXPIRED", "A_SUBTYPE_APPLE_ADDS_LATER", "other"),
     ("A_TYPE_APPLE_ADDS_NEXT_YEAR", None, "other"),
+    # an unknown subtype of a type whose known subtypes all mean one event is still unknown: not counted
+    ("DID_RENEW", "NEW_SUBTYPE", "other"),
+    ("OFFER_REDEEMED", "NEW_SUBTYPE", "other"),
+    ("REFUND", "NEW_SUBTYPE", "other"),
+    ("OFFER_REDEEMED", "INITIAL_BUY", "offer_redeemed"),
+    ("OFFER_REDEEMED", "RESUBSCRIBE", "offer_redeemed"),
 ]
 
 
