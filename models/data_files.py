@@ -54,6 +54,28 @@ APPLE_FALLBACK_POLICY = "apple_fallback"
 OFFER_TYPE_PROMOTIONAL = 2
 OFFER_TYPE_RETENTION = 5  # chosen by Apple in App Store Connect retention messaging; unknown to Apple's library 3.1.2
 
+#: The range of an integer the log (SQLite INTEGER) and the data files (Parquet int64) can hold.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def unstorable(fields: dict[str, object]) -> str | None:
+    """Return a phrase naming the first value of `fields` (name -> value) the log cannot store, else None.
+
+    Integers must fit 64 bits; text must be encodable as UTF-8 (no lone surrogate). The endpoints
+    refuse such a value with ``400 invalid_payload`` before acknowledging it, so that it is never
+    acknowledged and then dropped, nor answered 503 on every retry.
+    """
+    for name, value in fields.items():
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            return f"{name} {str(value)[:24]}{'...' if len(str(value)) > 24 else ''} is outside the 64-bit range"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{name} is not valid Unicode text"
+    return None
+
+
 _BY_TYPE_AND_SUBTYPE: dict[tuple[str, str | None], str] = {
     ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED"): "cancelled",
     ("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_ENABLED"): "reenabled",

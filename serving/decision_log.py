@@ -56,7 +56,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from models.data_files import APPLE_FALLBACK_POLICY, DECISION_COLUMNS, EVENTS
+from models.data_files import APPLE_FALLBACK_POLICY, DECISION_COLUMNS, EVENTS, unstorable
 from models.data_files import event_for_notification as event_for_notification  # re-exported: its old home
 from serving import children, log_writer
 
@@ -789,10 +789,17 @@ class DecisionLog:
         ``offerDiscountType`` and ``transactionReason`` from the notification's signed transaction
         (else renewal) info.
 
-        Raises ValueError for an event outside :data:`EVENTS` (a caller's mistake, not a data one).
+        Raises ValueError for an event outside :data:`EVENTS` or a value the log cannot store
+        (:func:`models.data_files.unstorable`): callers check what they receive before this.
         """
         if event not in EVENTS:
             raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
+        problem = unstorable({"notification_uuid": notification_uuid, "original_transaction_id": original_transaction_id,
+                              "at": at_ms, "raw_type": raw_type, "raw_subtype": raw_subtype, "offer_type": offer_type,
+                              "offer_identifier": offer_identifier, "offer_discount_type": offer_discount_type,
+                              "transaction_reason": transaction_reason})
+        if problem is not None:
+            raise ValueError(f"the outcome cannot be stored: {problem}")
         outcome = _Outcome(
             notification_uuid,
             original_transaction_id,

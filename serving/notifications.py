@@ -14,13 +14,13 @@ https://developer.apple.com/documentation/appstoreservernotifications/responding
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from litestar import MediaType, Response
 
-from models.data_files import event_for_notification
+from models.data_files import event_for_notification, unstorable
 from serving.errors import VerificationError
 from serving.logs import refusals
 from serving.schemas import RealtimeRequestBody
@@ -69,6 +69,15 @@ class Outcome:
     offer_identifier: str | None = None
     offer_discount_type: str | None = None
     transaction_reason: str | None = None
+
+
+# Apple's name of each stored Outcome field, for the refusal's detail.
+_APPLE_NAMES = {
+    "notification_uuid": "notificationUUID", "original_transaction_id": "originalTransactionId", "at_ms": "signedDate",
+    "raw_type": "notificationType", "raw_subtype": "subtype", "offer_type": "offerType",
+    "offer_identifier": "offerIdentifier", "offer_discount_type": "offerDiscountType",
+    "transaction_reason": "transactionReason",
+}
 
 
 def _error(code: str, detail: str, status: int) -> Response[bytes]:
@@ -195,7 +204,12 @@ def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | 
         otid = otid or value
     if otid is None:
         return None
-    return Outcome(uuid_, otid, event, signed_date, ntype, subtype, **offer)
+    outcome = Outcome(uuid_, otid, event, signed_date, ntype, subtype, **offer)
+    # refused now, never acknowledged and then dropped, nor answered 503 on every retry
+    problem = unstorable({_APPLE_NAMES[k]: v for k, v in asdict(outcome).items() if k != "event"})
+    if problem is not None:
+        raise _invalid(f"the notification cannot be stored: {problem}.")
+    return outcome
 
 
 def _offer_fields(info: dict[str, Any], key: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
+from models.data_files import unstorable
 from serving.errors import VerificationError
 from serving.replay import InProcessReplayMemory, LayeredReplayMemory, ReplayMemory
 from serving.schemas import DecodedRealtimeRequestBody
@@ -825,6 +826,9 @@ class RequestVerifier:
             raise _fail("invalid_payload", "the payload is not a JSON object.") from None
         if _UUID_RE.fullmatch(body.requestIdentifier) is None:
             raise _fail("invalid_payload", "the payload's requestIdentifier is not a UUID.")
+        problem = unstorable({"appAppleId": body.appAppleId, "signedDate": body.signedDate})
+        if problem is not None:  # logged with the decision: refused now rather than answered and dropped
+            raise _fail("invalid_payload", f"the payload cannot be stored: {problem}.")
         signed_s = body.signedDate / 1000.0
         chain.check_valid_at(signed_s)
         if body.appAppleId != self.app_apple_id and not (self.relax_app_id_in_sandbox and self.environment == "Sandbox"):

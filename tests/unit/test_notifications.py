@@ -392,3 +392,23 @@ def test_an_offer_type_that_is_not_an_integer_is_invalid(client_for: Any, pki: T
     r = send(c, notification_body(pki, "OFFER_REDEEMED", transaction_extra={"offerType": "2"}))
     assert r.status_code == 400 and r.json()["error"] == "invalid_payload"
     assert stored_rows(c) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "extra"),
+    [
+        ("offerType", {"transaction_extra": {"offerType": 10**30}}),
+        ("offerType", {"renewal_extra": {"offerType": -(2**63) - 1}}),
+    ],
+)
+def test_a_value_the_log_cannot_store_is_refused_not_answered_503_forever(
+    client_for: Any, pki: TestPKI, field: str, extra: dict[str, Any]
+) -> None:
+    c = client_for()
+    body = notification_body(pki, "OFFER_REDEEMED", **extra)
+    for _ in range(2):  # Apple's retry gets the same final answer: it stops retrying
+        r = send(c, body)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_payload" and field in r.json()["detail"]
+    assert send(c, notification_body(pki, "DID_RENEW", otid="2000000777")).status_code == 200  # the log still works
+    assert [o["original_transaction_id"] for o in outcomes(c)] == ["2000000777"]
+    assert c.get("/ready").status_code == 200

@@ -808,3 +808,9 @@ def test_concurrent_first_requests_on_one_new_chain_are_all_answered_after_one_c
         off.stop()
     assert codes == [None] * 20
     assert len(signature_spy.calls) == 2  # the intermediate's and the leaf's signatures, once
+
+
+def test_an_app_apple_id_the_log_cannot_store_is_refused_even_when_relaxed(pki: TestPKI) -> None:
+    relaxed = make(pki, relax_app_id_in_sandbox=True)  # any appAppleId passes, so it must fit the log's 64 bits
+    assert code_of(relaxed, pki.sign(payload(app_apple_id=2**63))) == "invalid_payload"
+    assert code_of(relaxed, pki.sign(payload(app_apple_id=2**63 - 1))) is None
