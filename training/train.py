@@ -86,6 +86,12 @@ def read_request_hashes(path: Path, manifest: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(data, dtype="<u8")
 
 
+REFEATURIZE_NEEDS_PROFILES = (
+    "--refeaturize joins every decision to --profiles, and no --profiles was given (without --refeaturize, "
+    "the profile values the server logged are used)"
+)
+
+
 class TrainError(ValueError):
     """Training cannot go on; the message is one sentence saying why."""
 
@@ -365,6 +371,8 @@ def train_frames(
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
+    if refeaturize and profiles is None:
+        raise TrainError(REFEATURIZE_NEEDS_PROFILES)
     _check_frames(decisions, outcomes, profiles)
     if len(decisions) == 0:
         raise TrainError("no rows after the join: the decisions file is empty")
@@ -873,6 +881,9 @@ def main(argv: list[str]) -> int:
         return 2
     if not args.offer_window_days > 0:
         print("retention train: error: --offer-window-days must be positive", file=sys.stderr)
+        return 2
+    if args.refeaturize and args.profiles is None:
+        print(f"retention train: error: {REFEATURIZE_NEEDS_PROFILES}", file=sys.stderr)
         return 2
     from serving.catalog import Catalog
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table

@@ -92,3 +92,22 @@ def test_decisions_that_logged_no_profile_are_joined_to_the_profiles_file(world:
     old.loc[old.index[::2], "profile"] = np.nan  # rows of an older log: nothing logged
     later = world.profiles.copy()
     np.testing.assert_array_equal(featurize(fz, old, profile_index(later)), reference)
+
+
+def test_refeaturize_without_a_profiles_file_is_refused_not_trained_without_profiles(
+    world: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import retention
+    from training.train import TrainError
+
+    decisions = _logged_like_serving(world, tmp_path)
+    with pytest.raises(TrainError, match="--refeaturize joins every decision to --profiles"):
+        train_frames(decisions, world.outcomes, None, world.catalog, refeaturize=True)
+    write_table(world.outcomes, tmp_path / "outcomes.parquet")
+    (tmp_path / "catalog.json").write_bytes(world.catalog.to_json())
+    code = retention.main(["train", "--decisions", str(tmp_path / "decisions.csv"), "--outcomes",
+                           str(tmp_path / "outcomes.parquet"), "--catalog", str(tmp_path / "catalog.json"),
+                           "--registry", str(tmp_path / "registry"), "--refeaturize"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--profiles" in err and "Traceback" not in err
+    assert not (tmp_path / "registry").exists()  # nothing trained, nothing written
