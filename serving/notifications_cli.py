@@ -177,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--environment", default=env("RETENTION_ENVIRONMENT"), choices=("Sandbox", "Production"),
                    help="Sandbox or Production [env RETENTION_ENVIRONMENT]")
     b.add_argument("--data-dir", default=None, help="folder of the decision and outcome log [env RETENTION_DATA_DIR]")
+    b.add_argument("--create-data-dir", action="store_true",
+                   help="record into a data folder that does not exist yet or holds no decision log (by default "
+                   "such a folder is refused: a mistyped --data-dir would record where no export looks)")
     b.add_argument("--root-certs", default=None,
                    help="root certificates to trust, comma-separated [env RETENTION_ROOT_CERTS]")
     b.add_argument("--app-apple-id", type=int, default=None, help="your app's appAppleId [env RETENTION_APP_APPLE_ID]")
@@ -209,6 +212,16 @@ def main(argv: list[str]) -> int:
     if args.app_apple_id is not None:
         overrides["app_apple_id"] = args.app_apple_id
     settings = Settings.from_env(**overrides)
+    data_dir = Path(settings.data_dir)
+    if not args.create_data_dir:
+        from serving.decision_log import log_files
+
+        why = ("does not exist" if not data_dir.is_dir()
+               else None if log_files(data_dir) else "holds no decision log (decisions-*.sqlite)")
+        if why is not None:
+            print(f"retention notifications: error: the data folder {data_dir} {why}; give the server's --data-dir, "
+                  "or --create-data-dir to record there anyway", file=sys.stderr)
+            return 2
     if not settings.root_certs:
         print("retention notifications: error: no root certificate configured (--root-certs or RETENTION_ROOT_CERTS)",
               file=sys.stderr)

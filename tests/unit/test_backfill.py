@@ -171,7 +171,7 @@ def test_apple_refusing_the_token_is_one_line(
     wrong = tmp_path / "wrong.p8"
     wrong.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
-    assert retention.main(_args(make_settings(), wrong)) == 1
+    assert retention.main(_args(make_settings(), wrong, "--create-data-dir")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HTTP 401" in err[0] and "Traceback" not in err[0]
 
@@ -186,6 +186,31 @@ def test_bad_times_are_one_line(
     assert retention.main(_args(make_settings(), key_file[0], *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_data_folder_that_does_not_exist_or_holds_no_log_is_refused(
+    key_file: tuple[Path, Any], make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = make_settings()
+    for folder, why in ((tmp_path / "mistyped" / "dir", "does not exist"), (tmp_path, "holds no decision log")):
+        args = _args(settings, key_file[0])
+        args[args.index("--data-dir") + 1] = str(folder)
+        assert retention.main(args) == 2  # refused before Apple is asked anything
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0] and "--create-data-dir" in err[0]
+    assert not (tmp_path / "mistyped").exists() and not log_files(tmp_path)
+
+
+def test_create_data_dir_records_into_a_new_folder(
+    history: tuple[HistoryServer, dict[str, str]], key_file: tuple[Path, Any], make_settings: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    server, _ = history
+    monkeypatch.setenv("RETENTION_APPLE_API_URL", server.url)
+    args = _args(make_settings(), key_file[0], "--create-data-dir")
+    args[args.index("--data-dir") + 1] = str(tmp_path / "new")
+    assert retention.main(args) == 0
+    assert "4 recorded" in capsys.readouterr().out and len(read_outcomes(log_files(tmp_path / "new"))) == 4
 
 
 def test_the_progress_bar_shows_when_asked_for_a_terminal(
