@@ -63,3 +63,21 @@ def test_retention_help_names_every_action_of_decisions_models_and_sign(capsys: 
         "sign": ("requests", "notifications", "In-App Purchase key"),
     }.items():
         assert all(a in lines[verb] for a in actions), lines[verb]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/cli.md"])
+def test_every_verb_is_in_the_verb_tables_with_its_actions(doc: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    import retention
+
+    text = (Path(__file__).resolve().parents[2] / doc).read_text()
+    rows = dict(re.findall(r"^\| `retention ([a-z]+)([^`]*)` \|", text, re.M))
+    assert set(rows) == set(retention.VERBS), doc
+    for verb in retention.VERBS:  # a verb with actions names every one of them in its row
+        with pytest.raises(SystemExit):
+            retention.main([verb, "--help"])
+        choices = re.search(r"usage: retention [a-z]+ \[-h\] \{([a-z,-]+)\}", capsys.readouterr().out)
+        if choices:
+            named = {a.strip() for a in rows[verb].split("/") if a.strip()}
+            assert named == set(choices.group(1).split(",")), (doc, verb)

@@ -106,3 +106,22 @@ def test_workers_zero_and_missing_tls_files_are_named(pki_dir: Path, tmp_path: P
         preflight(parse_settings([*base, "--ssl-certfile", str(tmp_path / "absent.pem"), "--ssl-keyfile", str(key)]))
     with pytest.raises(SettingsError, match="cannot be used"):
         preflight(parse_settings([*base, "--ssl-certfile", str(pki_dir / "root.pem"), "--ssl-keyfile", str(key)]))
+
+
+def test_the_readme_settings_table_has_every_setting_with_its_flag_variable_default_and_meaning() -> None:
+    import dataclasses
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(--[a-z0-9-]+)` \| `(RETENTION_[A-Z0-9_]+)` \| (.*?) \| (.*) \|$", section, re.M)
+    fields = dataclasses.fields(Settings)
+    # one row per setting, in declaration order (retention serve --help's order), and no row for a setting gone
+    assert [(flag, env) for flag, env, _, _ in rows] == [
+        ("--" + f.name.replace("_", "-"), "RETENTION_" + f.name.upper()) for f in fields
+    ]
+    computed = {"catalog", "model"}  # paths in the checkout, described in words
+    for (flag, _, default, meaning), f in zip(rows, fields, strict=True):
+        if f.name not in computed:
+            assert default == f"`{f.default!r}`", flag
+        assert f.metadata["help"].replace("|", "\\|") in meaning, flag
