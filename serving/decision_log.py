@@ -1646,6 +1646,19 @@ def _decisions_arrow_schema() -> Any:
     )
 
 
+def as_apple_fallback(d: dict[str, Any]) -> dict[str, Any]:
+    """Return a logged decision row, a 404 logged before 404s were marked given policy ``apple_fallback``.
+
+    A request answered with no message is Apple's choice (it showed its own message): the export
+    writes it with today's meaning, which the training files require of a row without ``message_id``.
+    """
+    if d["message_id"] is not None or d["policy"] == APPLE_FALLBACK_POLICY:
+        return d
+    reason = d["fallback_reason"]
+    return {**d, "policy": APPLE_FALLBACK_POLICY,
+            "fallback_reason": f"{reason}; no_eligible_message" if reason else "no_eligible_message"}
+
+
 def export_decisions(
     db_paths: Sequence[str | Path],
     out: str | Path,
@@ -1704,11 +1717,7 @@ def export_decisions(
             rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
             cols: dict[str, list[Any]] = {n: [] for n in names}
             for d in rows:
-                if d["message_id"] is None and d["policy"] != APPLE_FALLBACK_POLICY:
-                    # a 404 logged before such requests were marked: Apple showed its own message (today's meaning)
-                    reason = d["fallback_reason"]
-                    d = {**d, "policy": APPLE_FALLBACK_POLICY,
-                         "fallback_reason": f"{reason}; no_eligible_message" if reason else "no_eligible_message"}
+                d = as_apple_fallback(d)
                 for n in names:
                     v = d[n]
                     if n == "policy_params":

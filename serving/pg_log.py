@@ -631,6 +631,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
             rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
             cols: dict[str, list[Any]] = {n: [] for n in names}
             for d in rows:
+                d = dl.as_apple_fallback(d)
                 for n in names:
                     v = d[n]
                     if n == "policy_params":
