@@ -209,6 +209,9 @@ class SQLiteReplayMemory:
                 self._conn = None
 
 
+_UNSYNCED_MAX = 200_000  # ids kept for write-back after a store failure (a 6-minute window at ~550 requests/s)
+
+
 class LayeredReplayMemory:
     """The in-process memory in front of a shared store (:class:`ReplayMemory`); fails open, counted.
 
@@ -229,6 +232,10 @@ class LayeredReplayMemory:
         self._last_logged = -_LOG_EVERY_S
         self._batch: list[tuple[str, float, float, asyncio.Future[bool]]] = []  # writes waiting for this loop turn
         self._writing: set[asyncio.Task[None]] = set()
+        # ids answered on the front's word while the store failed: written to the store once it answers
+        # again, so another worker or replica refuses them for the rest of their window
+        self._unsynced: dict[str, tuple[float, float]] = {}
+        self._unsynced_lock = threading.Lock()
         self.store: ReplayMemory | None
         try:
             self.store = open_store()
@@ -286,8 +293,10 @@ class LayeredReplayMemory:
         except (sqlite3.Error, OSError) as exc:
             for _ in items:
                 self._failed(exc)
+            self._keep_unsynced(items)
             return [True] * len(items)  # the documented policy: answer on the in-process memory's word
         self.healthy = True
+        self._write_back(store, items[0][2] if items else time.time())
         return first
 
     def remember_many(self, items: Sequence[tuple[str, float, float]]) -> list[bool]:
@@ -302,9 +311,37 @@ class LayeredReplayMemory:
             first = store.remember(request_id, expires_at, now)
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
+            self._keep_unsynced([(request_id, expires_at, now)])
             return True  # the documented policy: answer on the in-process memory's word
         self.healthy = True
+        self._write_back(store, now)
         return first
+
+    def _keep_unsynced(self, items: Sequence[tuple[str, float, float]]) -> None:
+        """Remember ids answered without the store, up to ``_UNSYNCED_MAX`` (the oldest go first)."""
+        with self._unsynced_lock:
+            for rid, exp, at in items:
+                self._unsynced[rid] = (exp, at)
+            while len(self._unsynced) > _UNSYNCED_MAX:
+                self._unsynced.pop(next(iter(self._unsynced)))
+
+    def _write_back(self, store: ReplayMemory, now: float) -> None:
+        """Write the ids answered while the store failed, now that it answers (their answers are ignored)."""
+        if not self._unsynced:
+            return
+        with self._unsynced_lock:
+            items = [(rid, exp, at) for rid, (exp, at) in self._unsynced.items() if exp > now]
+            self._unsynced.clear()
+        if not items:
+            return
+        try:
+            for start in range(0, len(items), 1000):
+                store.remember_many(items[start : start + 1000])
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(exc)
+            self._keep_unsynced(items)
+            return
+        log.info("wrote %d replay id(s) answered while the shared replay store failed", len(items))
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

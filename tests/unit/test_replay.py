@@ -62,6 +62,39 @@ def test_the_layer_answers_on_the_in_process_memory_when_the_store_fails_and_say
     assert status["ok"] is False and status["errors"] == 1 and "disk I/O error" in str(status["last_error"])
 
 
+def test_ids_answered_while_the_store_failed_are_written_to_it_when_it_answers_again(tmp_path: Path) -> None:
+    """Another worker (or replica) must refuse them for the rest of their window, not answer them again."""
+    path = tmp_path / REPLAY_FILE
+
+    class FlakyStore(SQLiteReplayMemory):
+        down = False
+
+        def remember_many(self, items: Any) -> list[bool]:
+            if FlakyStore.down:
+                raise OSError("the shared store does not answer")
+            return super().remember_many(items)
+
+        def remember(self, request_id: str, expires_at: float, now: float) -> bool:
+            if FlakyStore.down:
+                raise OSError("the shared store does not answer")
+            return super().remember(request_id, expires_at, now)
+
+    worker_a = LayeredReplayMemory(lambda: FlakyStore(path))
+    worker_b = LayeredReplayMemory(lambda: SQLiteReplayMemory(path))
+    now = time.time()
+    FlakyStore.down = True
+    outage = [f"{i:08x}-0000-4000-8000-00000000000a" for i in range(5)]
+    assert all(worker_a.remember_shared_many([(rid, now + 360, now)]) == [True] for rid in outage)
+    assert worker_a.status()["ok"] is False
+    FlakyStore.down = False
+    assert worker_a.remember_shared(RID, now + 360, now + 1) is True  # the store answers again: write-back
+    assert worker_a.status()["ok"] is True
+    for rid in outage:  # the other worker now refuses what worker A answered during the outage
+        assert worker_b.remember(rid, now + 360, now + 2) is False
+    worker_a.close()
+    worker_b.close()
+
+
 def test_the_layer_runs_on_its_own_memory_when_the_store_cannot_be_opened(tmp_path: Path) -> None:
     (tmp_path / REPLAY_FILE).mkdir()  # a folder where the file should be: SQLite cannot open it
     layer = LayeredReplayMemory(lambda: SQLiteReplayMemory(tmp_path / REPLAY_FILE))
