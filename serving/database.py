@@ -561,10 +561,13 @@ def main(argv: Sequence[str]) -> int:
     """Run ``retention db migrate|version|kill-switch``; return the exit status (1 with one line on error)."""
     parser = argparse.ArgumentParser(prog="retention db", description="The fleet's PostgreSQL database.")
     parser.add_argument("--database-url", default=None, help="postgresql:// URL [env RETENTION_DATABASE_URL]")
+    # the URL may also follow the action (retention db migrate --database-url URL), as the docs write it
+    url_after = argparse.ArgumentParser(add_help=False)
+    url_after.add_argument("--database-url", default=argparse.SUPPRESS, help="postgresql:// URL [env RETENTION_DATABASE_URL]")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help=f"create or migrate the schema to version {SCHEMA_VERSION}")
-    sub.add_parser("version", help="print the database's schema version and this release's")
-    ks = sub.add_parser("kill-switch", help="turn the whole fleet's kill switch on or off, or show it")
+    sub.add_parser("migrate", parents=[url_after], help=f"create or migrate the schema to version {SCHEMA_VERSION}")
+    sub.add_parser("version", parents=[url_after], help="print the database's schema version and this release's")
+    ks = sub.add_parser("kill-switch", parents=[url_after], help="turn the whole fleet's kill switch on or off, or show it")
     ks.add_argument("state", choices=["on", "off", "show"])
     args = parser.parse_args(list(argv))
     try:

@@ -41,7 +41,7 @@ import msgspec
 
 from models.data_files import EVENTS
 from serving import decision_log as dl
-from serving.database import DatabaseError, _why, check_url, connect, safe_url
+from serving.database import DatabaseError, _why, check_url, connect, require_schema, safe_url
 
 log = logging.getLogger("retention.pg_log")
 
@@ -610,6 +610,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
 
     out = Path(out)
     fmt = dl._out_format(out)
+    require_schema(url)  # a schema this release does not know is not read as if it did
     schema = dl._decisions_arrow_schema()
     names = [f.name for f in schema]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,13 +69,13 @@ def test_db_migrate_creates_the_schema_once_and_records_its_version(pg_url: str)
     first = retention("db", "--database-url", pg_url, "migrate")
     assert first.returncode == 0, first.stderr
     assert f"from schema version 0 to {database.SCHEMA_VERSION}" in first.stdout
-    again = retention("db", "--database-url", pg_url, "migrate")
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    again = retention("db", "migrate", "--database-url", pg_url)  # the URL after the action, as the docs write it
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
     assert query(pg_url, "SELECT version FROM schema_migrations") == [(database.SCHEMA_VERSION,)]
 
 
 def test_a_replica_refuses_a_schema_newer_than_it_knows_and_an_unmigrated_one(
-    pg_url: str, make_settings: Any
+    pg_url: str, make_settings: Any, tmp_path: Path
 ) -> None:
     from serving.server import preflight
     from serving.settings import SettingsError
@@ -91,6 +91,10 @@ def test_a_replica_refuses_a_schema_newer_than_it_knows_and_an_unmigrated_one(
     out = retention("db", "--database-url", pg_url, "migrate")
     assert out.returncode == 1 and "newer than this release knows" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # the export does not read a schema it does not know as if it did
+    export = retention("decisions", "export", "--database-url", pg_url, "--out", str(tmp_path / "d.parquet"))
+    assert export.returncode != 0 and "newer than this release knows" in export.stderr, export
+    assert not (tmp_path / "d.parquet").exists()
 
 
 def test_db_cli_without_a_database_or_with_a_bad_url_is_one_line() -> None:
