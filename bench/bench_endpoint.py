@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,6 +69,42 @@ def wait(url: str, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.1)
     raise SystemExit("server not ready")
 
+
+
+def prepare(prefix: str) -> tuple[Path, Any, Path, Path, Path]:
+    """Return (temp folder, test PKI, its root certificate, a trained registry, an In-App Purchase key file)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from serving.testpki import TestPKI
+    from training.train import train_demo_model
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    pki = TestPKI.mint()
+    root = pki.write(tmp / "ca")
+    registry = tmp / "registry"
+    print("training a model for the benchmark...", flush=True)
+    train_demo_model(registry, n_decisions=20000, seed=0)
+    key = ec.generate_private_key(ec.SECP256R1())
+    p8 = tmp / "key.p8"
+    p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return tmp, pki, root, registry, p8
+
+
+def server_env(root: Path, registry: Path, p8: Path | None, **extra: str) -> dict[str, str]:
+    """Return the environment of a benchmarked ``retention serve``: the test CA, the demo catalog, `registry`,
+    offers signed with `p8` (None: no offers), quiet logs, then `extra` RETENTION_* variables."""
+    from serving.settings import DEMO_CATALOG
+
+    env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
+               RETENTION_BUNDLE_ID="com.example.app", RETENTION_ENVIRONMENT="Sandbox",
+               RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry), RETENTION_LOG_LEVEL="warning")
+    if p8 is not None:
+        env.update(RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
+                   RETENTION_OFFER_ISSUER_ID="bench-issuer")
+    env.update(extra)
+    return env
 
 def ms(text: str) -> float:
     m = re.match(r"([0-9.]+)(us|ms|s)", text)
@@ -177,23 +214,7 @@ def main() -> None:
                     help="the baseline's settings: space-separated RETENTION_*=VALUE pairs")
     args = ap.parse_args()
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from serving.settings import DEMO_CATALOG
-    from serving.testpki import TestPKI
-    from training.train import train_demo_model
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-endpoint-"))
-    pki = TestPKI.mint()
-    root = pki.write(tmp / "ca")
-    registry = tmp / "registry"
-    print("training a model for the benchmark...", flush=True)
-    train_demo_model(registry, n_decisions=20000, seed=0)
-    key = ec.generate_private_key(ec.SECP256R1())
-    p8 = tmp / "key.p8"
-    p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
+    tmp, pki, root, registry, p8 = prepare("bench-endpoint-")
     n_bodies = args.bodies or int(6000 * args.duration * (args.rounds + 1) * (2 if args.baseline_config else 1))
     print(f"signing {n_bodies:,} request bodies...", flush=True)
     bodies = [pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", original_transaction_id=str(10_000_000 + i))
@@ -203,14 +224,8 @@ def main() -> None:
     data_dir = tmp / "data"
     if args.profiles:
         _write_profiles(tmp, n_bodies, [data_dir, tmp / "data-baseline"] if args.baseline_config else [data_dir])
-    env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
-               RETENTION_BUNDLE_ID="com.example.app",
-               RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
-               RETENTION_DATA_DIR=str(data_dir), RETENTION_PORT=str(port_app), RETENTION_LOG_LEVEL="warning",
-               RETENTION_MAX_AGE_S="3600")
-    if not args.no_offers:
-        env.update(RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
-                   RETENTION_OFFER_ISSUER_ID="bench-issuer")
+    env = server_env(root, registry, None if args.no_offers else p8, RETENTION_DATA_DIR=str(data_dir),
+                     RETENTION_PORT=str(port_app), RETENTION_MAX_AGE_S="3600")
     servers = {"endpoint": (port_app, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT))}
     if args.baseline_config:
         base_env = dict(env, **dict(kv.split("=", 1) for kv in args.baseline_env.split()),

@@ -30,7 +30,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_endpoint import free_port, ms, wait  # noqa: E402
+from bench.bench_endpoint import free_port, ms, prepare, server_env, wait  # noqa: E402
 
 APP_ID = 1234567890
 
@@ -109,27 +108,8 @@ def main() -> None:
                     help="another checkout (e.g. of main) whose server runs the same phases, alternating, as a baseline")
     args = ap.parse_args()
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from serving.settings import DEMO_CATALOG
-    from serving.testpki import TestPKI
-    from training.train import train_demo_model
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-forged-"))
-    pki = TestPKI.mint()
-    root = pki.write(tmp / "ca")
-    registry = tmp / "registry"
-    print("training a model for the benchmark...", flush=True)
-    train_demo_model(registry, n_decisions=20000, seed=0)
-    key = ec.generate_private_key(ec.SECP256R1())
-    p8 = tmp / "key.p8"
-    p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
-    env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
-               RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
-               RETENTION_LOG_LEVEL="warning", RETENTION_MAX_AGE_S="3600", RETENTION_OFFER_KEY_FILE=str(p8),
-               RETENTION_OFFER_KEY_ID="BENCH", RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
+    tmp, pki, root, registry, p8 = prepare("bench-forged-")
+    env = server_env(root, registry, p8, RETENTION_MAX_AGE_S="3600")
     env.update(dict(kv.split("=", 1) for kv in args.env.split()))
 
     def valid(i: int) -> bytes:

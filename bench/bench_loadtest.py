@@ -19,13 +19,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_endpoint import APP_ID, free_port, wait  # noqa: E402
+from bench.bench_endpoint import APP_ID, free_port, prepare, server_env, wait  # noqa: E402
 
 
 def main() -> None:
@@ -37,30 +36,11 @@ def main() -> None:
     ap.add_argument("--success-rate", type=float, default=99.9)
     args = ap.parse_args()
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     from serving.loadtest import LoadTestConfig, LoadTestResult, format_result, run, run_loadtest
-    from serving.settings import DEMO_CATALOG
-    from serving.testpki import TestPKI
-    from training.train import train_demo_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-loadtest-"))
-    pki = TestPKI.mint()
-    root = pki.write(tmp / "ca")
-    registry = tmp / "registry"
-    print("training a model for the benchmark...", flush=True)
-    train_demo_model(registry, n_decisions=20000, seed=0)
-    key = ec.generate_private_key(ec.SECP256R1())
-    p8 = tmp / "key.p8"
-    p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
+    tmp, pki, root, registry, p8 = prepare("bench-loadtest-")
     port_app, port_ref = free_port(), free_port()
-    env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
-               RETENTION_ENVIRONMENT="Sandbox", RETENTION_CATALOG=str(DEMO_CATALOG), RETENTION_MODEL=str(registry),
-               RETENTION_DATA_DIR=str(tmp / "data"), RETENTION_PORT=str(port_app), RETENTION_LOG_LEVEL="warning",
-               RETENTION_OFFER_KEY_FILE=str(p8), RETENTION_OFFER_KEY_ID="BENCH",
-               RETENTION_OFFER_ISSUER_ID="bench-issuer", RETENTION_BUNDLE_ID="com.example.app")
+    env = server_env(root, registry, p8, RETENTION_DATA_DIR=str(tmp / "data"), RETENTION_PORT=str(port_app))
     endpoint = subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT)
     uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                "--log-level", "warning"]
