@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_endpoint.py [--duration 10] [--connections 16] [--rounds 3]
 
 Needs ``wrk`` (Debian: ``apt-get install wrk``). Every server runs as one uvicorn worker
-(httptools + uvloop) on 127.0.0.1; wrk runs one thread with 16 connections. A second baseline,
+(httptools + uvloop; `--workers N` for the endpoint servers) on 127.0.0.1; wrk runs one thread with 16 connections. A second baseline,
 ``reference`` (bench/reference_app.py), does only the work the protocol makes every answer pay (one
 ES256 check of Apple's signature, one 8-row ONNX run, one offer signature, the ECDSA work done the way
 the endpoint does it) and nothing else, so the endpoint can also be read against what this machine allows
@@ -20,11 +20,11 @@ the log writer).
                          in the signature process); offers are signed by OpenSSL on the loop either way
     --profiles           every subscriber has a profile in the store (without it every request is a
                          profile miss, and the featurizer serves its matrix from its cache)
-    --baseline-config    also run the endpoint with the settings of --baseline-env, alternating, as an
-                         in-run baseline for those choices
-    --baseline-env       the baseline's settings, as space-separated RETENTION_*=VALUE pairs (default:
-                         "RETENTION_VERIFY_WITH=thread": signature checks on the server's signature thread
-                         instead of in the signature process)
+    --config NAME=ENV    also run the endpoint with other settings (space-separated RETENTION_*=VALUE pairs),
+                         alternating with the default endpoint in every round (repeatable): same-run baselines
+                         for a choice of settings; reports each one's per-round ratio to the default endpoint
+    --workers N          uvicorn workers of every endpoint server (the echo and the reference keep one)
+    --no-echo            only the endpoint servers
 """
 
 from __future__ import annotations
@@ -208,59 +208,69 @@ def main() -> None:
                     help="the reference checks signatures on a thread instead of in the signature process")
     ap.add_argument("--profiles", action="store_true",
                     help="import a profile for every benchmark subscriber (each request then reads and featurizes one)")
-    ap.add_argument("--baseline-config", action="store_true",
-                    help="also run the endpoint with the settings of --baseline-env, alternating, as a baseline")
-    ap.add_argument("--baseline-env", default="RETENTION_VERIFY_WITH=thread",
-                    help="the baseline's settings: space-separated RETENTION_*=VALUE pairs")
+    ap.add_argument("--config", action="append", default=[], metavar="NAME=ENV",
+                    help="also run the endpoint with these settings, alternating with the others in every round: "
+                         "NAME=space-separated RETENTION_*=VALUE pairs (repeatable), e.g. "
+                         "'loop=RETENTION_LOG_LEVEL=warning'")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of every endpoint server")
+    ap.add_argument("--no-echo", action="store_true", help="run only the endpoint servers (no echo, no reference)")
     args = ap.parse_args()
+    configs: dict[str, dict[str, str]] = {}
+    for item in args.config:
+        name, _, pairs = item.partition("=")
+        if not name or name == "endpoint" or name in configs:
+            raise SystemExit(f"--config {item!r}: give a new NAME=ENV")
+        configs[name] = dict(kv.split("=", 1) for kv in pairs.split())
 
     tmp, pki, root, registry, p8 = prepare("bench-endpoint-")
-    n_bodies = args.bodies or int(6000 * args.duration * (args.rounds + 1) * (2 if args.baseline_config else 1))
+    n_bodies = args.bodies or int(6000 * args.duration * (args.rounds + 1) * (1 + len(configs)))
     print(f"signing {n_bodies:,} request bodies...", flush=True)
     bodies = [pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", original_transaction_id=str(10_000_000 + i))
               for i in range(n_bodies)]
 
-    port_app, port_echo, port_base, port_ref = free_port(), free_port(), free_port(), free_port()
-    data_dir = tmp / "data"
+    port_echo, port_ref = free_port(), free_port()
+    data_dirs = {name: tmp / f"data-{name}" for name in ["endpoint", *configs]}
     if args.profiles:
-        _write_profiles(tmp, n_bodies, [data_dir, tmp / "data-baseline"] if args.baseline_config else [data_dir])
-    env = server_env(root, registry, None if args.no_offers else p8, RETENTION_DATA_DIR=str(data_dir),
-                     RETENTION_PORT=str(port_app), RETENTION_MAX_AGE_S="3600")
-    servers = {"endpoint": (port_app, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT))}
-    if args.baseline_config:
-        base_env = dict(env, **dict(kv.split("=", 1) for kv in args.baseline_env.split()),
-                        RETENTION_PORT=str(port_base), RETENTION_DATA_DIR=str(tmp / "data-baseline"))
-        servers["endpoint-baseline"] = (
-            port_base, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=base_env, cwd=ROOT))
+        _write_profiles(tmp, n_bodies, list(data_dirs.values()))
+    env = server_env(root, registry, None if args.no_offers else p8, RETENTION_MAX_AGE_S="3600",
+                     RETENTION_WORKERS=str(args.workers))
+    servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    for name, extra in {"endpoint": {}, **configs}.items():
+        port = free_port()
+        server_env_ = dict(env, **extra, RETENTION_PORT=str(port), RETENTION_DATA_DIR=str(data_dirs[name]))
+        servers[name] = (port, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=server_env_, cwd=ROOT))
     uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                "--log-level", "warning"]
-    echo = subprocess.Popen([*uvicorn, "bench.echo_app:app", "--port", str(port_echo)], cwd=ROOT)
-    ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8),
-                   BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1",
-                   BENCH_REFERENCE_VERIFY="thread" if args.reference_thread else "process")
-    reference = subprocess.Popen([*uvicorn, "bench.reference_app:app", "--port", str(port_ref)], cwd=ROOT, env=ref_env)
-    res: dict[str, list[dict[str, float]]] = {"echo": [], "echo-json": [], "reference": [],
-                                              **{name: [] for name in servers}}
+    others: dict[str, tuple[int, subprocess.Popen[bytes], str]] = {}  # name: (port, process, path)
+    if not args.no_echo:
+        echo = subprocess.Popen([*uvicorn, "bench.echo_app:app", "--port", str(port_echo)], cwd=ROOT)
+        ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8),
+                       BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1",
+                       BENCH_REFERENCE_VERIFY="thread" if args.reference_thread else "process")
+        reference = subprocess.Popen([*uvicorn, "bench.reference_app:app", "--port", str(port_ref)], cwd=ROOT,
+                                     env=ref_env)
+        others = {"echo": (port_echo, echo, "/echo"), "echo-json": (port_echo, echo, "/echo-json"),
+                  "reference": (port_ref, reference, "/retention/message")}
+    res: dict[str, list[dict[str, float]]] = {**{name: [] for name in others}, **{name: [] for name in servers}}
     cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
     hz = os.sysconf("SC_CLK_TCK")
     try:
         for port, proc in servers.values():
             wait(f"http://127.0.0.1:{port}/health", proc)
-        wait(f"http://127.0.0.1:{port_echo}/health", echo)
-        wait(f"http://127.0.0.1:{port_ref}/health", reference)
-        # warm-up (caches the verified chain, JIT-free but warms ORT and the page cache)
-        run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", 2, args.connections, fresh=False)
-        run_wrk(f"http://127.0.0.1:{port_ref}", bodies, "/retention/message", 2, args.connections, fresh=False)
+        for port, proc, _ in others.values():
+            wait(f"http://127.0.0.1:{port}/health", proc)
+        # warm-up (caches the verified chain, warms ONNX Runtime and the page cache)
+        for port, _, path in others.values():
+            run_wrk(f"http://127.0.0.1:{port}", bodies, path, 2, args.connections, fresh=False)
         for port, _ in servers.values():
             run_wrk(f"http://127.0.0.1:{port}", bodies, "/retention/message", 2, args.connections)
         for r in range(args.rounds):
-            res["echo"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo", args.duration, args.connections,
-                                       fresh=False))
-            res["echo-json"].append(run_wrk(f"http://127.0.0.1:{port_echo}", bodies, "/echo-json", args.duration,
-                                            args.connections, fresh=False))
-            res["reference"].append(run_wrk(f"http://127.0.0.1:{port_ref}", bodies, "/retention/message", args.duration,
-                                            args.connections, fresh=False))
-            for name, (port, proc) in servers.items():
+            for name, (port, _, path) in others.items():
+                res[name].append(run_wrk(f"http://127.0.0.1:{port}", bodies, path, args.duration, args.connections,
+                                         fresh=False))
+            # alternate the endpoint servers' order from round to round (ABC, CBA, ...)
+            order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
+            for name, (port, proc) in order:
                 # the endpoint reads a fresh slice of bodies each round
                 before, t0 = _ticks(proc.pid), time.monotonic()
                 res[name].append(run_wrk(f"http://127.0.0.1:{port}", bodies, "/retention/message",
@@ -269,45 +279,49 @@ def main() -> None:
                 for k in after:
                     cpu[name].setdefault(k, 0.0)
                     cpu[name][k] += (after[k] - before[k]) / hz / dt / args.rounds
-            print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]['rps']:.0f} rps" for n, v in res.items()), flush=True)
+            print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]['rps']:.0f} rps (p99 {v[-1]['p99_ms']:.1f} ms)"
+                                                 for n, v in res.items()), flush=True)
     finally:
-        for _, proc in servers.values():
+        procs = [proc for _, proc in servers.values()] + list({id(p): p for _, p, _ in others.values()}.values())
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
-        echo.send_signal(signal.SIGTERM)
-        reference.send_signal(signal.SIGTERM)
-        for _, proc in servers.values():
+        for proc in procs:
             proc.wait(timeout=30)
-        echo.wait(timeout=30)
-        reference.wait(timeout=30)
-    fallbacks = 0
-    logged = 0
-    for db in data_dir.glob("decisions-*.sqlite"):
-        con = sqlite3.connect(db)
-        logged += con.execute("SELECT count(*) FROM decisions").fetchone()[0]
-        fallbacks += con.execute("SELECT count(*) FROM decisions WHERE fallback_reason IS NOT NULL").fetchone()[0]
-        con.close()
+    logged: dict[str, tuple[int, int]] = {}
+    for name, d in data_dirs.items():
+        n = fb = 0
+        for db in d.glob("decisions-*.sqlite"):
+            con = sqlite3.connect(db)
+            n += con.execute("SELECT count(*) FROM decisions").fetchone()[0]
+            fb += con.execute("SELECT count(*) FROM decisions WHERE fallback_reason IS NOT NULL").fetchone()[0]
+            con.close()
+        logged[name] = (n, fb)
 
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in res[name])
 
-    ratio = med("endpoint", "rps") / med("echo", "rps")
     print()
-    print(f"| server | req/s (median of {args.rounds}) | p50 ms | p99 ms | non-2xx |")
-    print("|---|---|---|---|---|")
+    print(f"| server | req/s (median of {args.rounds}) | p50 ms | p99 ms | non-2xx | decisions logged | fallbacks |")
+    print("|---|---|---|---|---|---|---|")
     for name in res:
+        n, fb = logged.get(name, (0, 0))
         print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p50_ms'):.2f} | {med(name, 'p99_ms'):.2f} | "
-              f"{sum(x['non2xx'] for x in res[name]):.0f} |")
-    print(f"\nendpoint / echo requests per second: {ratio:.2f} (floor 0.40, goal 0.50)")
-    print(f"endpoint / echo-json requests per second: {med('endpoint', 'rps') / med('echo-json', 'rps'):.2f}")
-    print(f"reference (the protocol's mandatory work only) / echo requests per second: "
-          f"{med('reference', 'rps') / med('echo', 'rps'):.2f}")
-    print(f"endpoint / reference requests per second: {med('endpoint', 'rps') / med('reference', 'rps'):.2f}")
-    if "endpoint-baseline" in res:
-        print(f"endpoint / endpoint-baseline ({args.baseline_env}): "
-              f"{med('endpoint', 'rps') / med('endpoint-baseline', 'rps'):.2f}")
+              f"{sum(x['non2xx'] for x in res[name]):.0f} | {n:,} | {fb} |")
+    if others:
+        print(f"\nendpoint / echo requests per second: {med('endpoint', 'rps') / med('echo', 'rps'):.2f}")
+        print(f"endpoint / echo-json requests per second: {med('endpoint', 'rps') / med('echo-json', 'rps'):.2f}")
+        print(f"reference (the protocol's mandatory work only) / echo requests per second: "
+              f"{med('reference', 'rps') / med('echo', 'rps'):.2f}")
+        print(f"endpoint / reference requests per second: {med('endpoint', 'rps') / med('reference', 'rps'):.2f}")
+    for name in configs:
+        per_round = [b["rps"] / a["rps"] for a, b in zip(res["endpoint"], res[name], strict=True)]
+        p99_round = [b["p99_ms"] / a["p99_ms"] for a, b in zip(res["endpoint"], res[name], strict=True)]
+        print(f"{name} / endpoint: req/s {med(name, 'rps') / med('endpoint', 'rps'):.2f} on the medians "
+              f"(per round {' / '.join(f'{x:.2f}' for x in per_round)}; {sum(x > 1 for x in per_round)} of "
+              f"{len(per_round)} higher), p99 {med(name, 'p99_ms') / med('endpoint', 'p99_ms'):.2f} "
+              f"(per round {' / '.join(f'{x:.2f}' for x in p99_round)})")
     for name, shares in cpu.items():
         print(f"{name} CPU under load (share of one core): " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
-    print(f"decisions logged (endpoint): {logged:,}; fallbacks: {fallbacks}")
 
 
 if __name__ == "__main__":
