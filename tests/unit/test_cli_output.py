@@ -65,7 +65,7 @@ def test_retention_help_names_every_action_of_decisions_models_and_sign(capsys: 
         assert all(a in lines[verb] for a in actions), lines[verb]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/cli.md"])
+@pytest.mark.parametrize("doc", ["docs/cli.md"])
 def test_every_verb_is_in_the_verb_tables_with_its_actions(doc: str, capsys: pytest.CaptureFixture[str]) -> None:
     import re
 

@@ -108,12 +108,12 @@ def test_workers_zero_and_missing_tls_files_are_named(pki_dir: Path, tmp_path: P
         preflight(parse_settings([*base, "--ssl-certfile", str(pki_dir / "root.pem"), "--ssl-keyfile", str(key)]))
 
 
-def test_the_readme_settings_table_has_every_setting_with_its_flag_variable_default_and_meaning() -> None:
+def test_the_settings_table_of_the_operations_doc_has_every_setting_with_its_flag_variable_default_and_meaning() -> None:
     import dataclasses
     import re
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = doc.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(--[a-z0-9-]+)` \| `(RETENTION_[A-Z0-9_]+)` \| (.*?) \| (.*) \|$", section, re.M)
     fields = dataclasses.fields(Settings)
     # one row per setting, in declaration order (retention serve --help's order), and no row for a setting gone
