@@ -143,3 +143,16 @@ def test_the_examples_parser_finds_blocks_and_markers(tmp_path: Path) -> None:
         (3, "shell", None), (8, "shell", "needs TLS files"), (12, "python", None)
     ]
     assert found[2].code == "print('```')\n"
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_skip_marker_gives_a_reason_and_stands_before_a_block(doc: Path) -> None:
+    lines = doc.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        marker = SKIP.match(line.strip())  # a marker on a line of its own (prose may name the marker)
+        if marker is None:
+            continue
+        where = f"{doc.relative_to(ROOT)}:{i + 1}"
+        assert marker.group("reason"), f"{where}: a skip-example marker must say why the block cannot run here"
+        after = next((ln for ln in lines[i + 1 :] if ln.strip()), "")
+        assert FENCE.match(after), f"{where}: a skip-example marker must stand on the line before a fenced block"
