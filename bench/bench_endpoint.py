@@ -95,7 +95,7 @@ def prepare(prefix: str) -> tuple[Path, Any, Path, Path, Path]:
 def server_env(root: Path, registry: Path, p8: Path | None, **extra: str) -> dict[str, str]:
     """Return the environment of a benchmarked ``retention serve``: the test CA, the demo catalog, `registry`,
     offers signed with `p8` (None: no offers), quiet logs, then `extra` RETENTION_* variables."""
-    from serving.settings import DEMO_CATALOG
+    from models.catalog import DEMO_CATALOG
 
     env = dict(os.environ, RETENTION_ROOT_CERTS=str(root), RETENTION_APP_APPLE_ID=str(APP_ID),
                RETENTION_BUNDLE_ID="com.example.app", RETENTION_ENVIRONMENT="Sandbox",

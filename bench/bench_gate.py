@@ -43,11 +43,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.exploration import Exploration
 from training import ope
 from training.evaluate import EvaluationConfig, Inputs, evaluate
 from training.gate import judge
 from training.simulate import simulate
-from training.target_policy import Exploration
 
 EPSILON = 0.05
 LOGGING = "default"  # the current policy: the catalog default, explored (an app before its first model)

@@ -30,8 +30,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.exploration import Exploration
 from training.evaluate import EvaluationConfig, Inputs, evaluate
-from training.target_policy import Exploration
 
 ESTIMATORS = ("ips", "snips", "dm", "dr", "switch-dr")
 

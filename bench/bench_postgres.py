@@ -166,7 +166,7 @@ def wrk(url: str, bodies: list[bytes], duration: int, conns: int) -> dict[str, f
 
 
 def part_endpoint(url: str, tmp: Path, duration: int, rounds: int, conns: int) -> dict[str, Any]:
-    from serving.settings import DEMO_CATALOG
+    from models.catalog import DEMO_CATALOG
     from serving.testpki import TestPKI
     from training.train import train_demo_model
 

@@ -13,17 +13,89 @@ For K candidates with expected values ``v`` and the default message at index ``d
 
 Non-finite values (NaN, ±inf) are never greedy; if every value is non-finite the
 greedy mass goes to the default (or index 0).
+
+:class:`Exploration` holds ε, the scheme, T and h: the server's settings build it, and the
+evaluator reads the same ``RETENTION_*`` variables (:meth:`Exploration.from_env`) so that its
+target policy explores as serving does.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
-from typing import Literal
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 
 Scheme = Literal["epsilon", "softmax"]
+SCHEMES: tuple[str, ...] = ("epsilon", "softmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exploration:
+    """How the policy explores: ε (share, [0, 1]), scheme, softmax temperature T (value units, > 0), holdout h.
+
+    The server's settings of the same meaning are ``RETENTION_EPSILON``, ``RETENTION_EXPLORATION``,
+    ``RETENTION_TEMPERATURE`` and ``RETENTION_HOLDOUT`` (defaults here); the off-policy evaluator's target
+    policy must use the same. Raises ValueError for a value out of range or an unknown scheme.
+    """
+
+    epsilon: float = 0.05
+    scheme: str = "epsilon"
+    temperature: float = 1.0
+    holdout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be within [0, 1], not {self.epsilon}")
+        if not 0.0 <= self.holdout <= 1.0:
+            raise ValueError(f"holdout must be within [0, 1], not {self.holdout}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"exploration must be epsilon or softmax, not {self.scheme!r}")
+        if not self.temperature > 0:
+            raise ValueError("temperature must be > 0")
+
+    _VARIABLES = (
+        ("epsilon", "RETENTION_EPSILON", float),
+        ("scheme", "RETENTION_EXPLORATION", str),
+        ("temperature", "RETENTION_TEMPERATURE", float),
+        ("holdout", "RETENTION_HOLDOUT", float),
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Exploration:
+        """Return the exploration a server started with these ``RETENTION_*`` variables uses (unset or empty: default).
+
+        Raises ValueError naming the variable when a value is not a number or out of range.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, variable, kind in cls._VARIABLES:
+            raw = env.get(variable)
+            if raw:
+                try:
+                    values[name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{variable}: {raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the settings as JSON-able data."""
+        return dataclasses.asdict(self)
+
+    def probabilities(self, values: np.ndarray, default_index: int | None) -> np.ndarray:
+        """Return the (K,) action probabilities serving uses for K candidate values (:func:`action_probabilities`)."""
+        return action_probabilities(
+            values,
+            epsilon=self.epsilon,
+            scheme=self.scheme,
+            temperature=self.temperature,
+            holdout=self.holdout,
+            default_index=default_index,
+        )
 
 
 def action_probabilities(

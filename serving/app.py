@@ -24,8 +24,8 @@ import numpy as np
 from litestar import Litestar, MediaType, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 
+from models.catalog import Catalog, CatalogMessage
 from models.data_files import APPLE_FALLBACK_POLICY
-from serving.catalog import Catalog, CatalogMessage
 from serving.database import FleetSync, PostgresReplayMemory
 from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
@@ -514,7 +514,7 @@ class RetentionService:
     def _response_for(self, catalog: Catalog, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         """Return the answer for `m`; an offer's signature is made here, by OpenSSL.
 
-        The answer names Apple's identifier of `m` in the request's locale (serving.catalog.Catalog.apple_id).
+        The answer names Apple's identifier of `m` in the request's locale (models.catalog.Catalog.apple_id).
         """
         mid = m.messageIdentifier if m.content is None else catalog.apple_id(m, request.userLocale)
         if mid is None:

@@ -46,7 +46,7 @@ from appstoreserverlibrary.models.ImageSize import ImageSize
 from appstoreserverlibrary.models.UploadMessageImage import UploadMessageImage
 from appstoreserverlibrary.models.UploadMessageRequestBody import UploadMessageRequestBody
 
-from serving.catalog import (
+from models.catalog import (
     ENVIRONMENTS,
     Catalog,
     CatalogError,

@@ -7,9 +7,8 @@ import os
 import sys
 from collections import Counter
 
+from models.catalog import DEMO_CATALOG, Catalog, CatalogError
 from serving.apple_api import add_arguments, check_arguments
-from serving.catalog import Catalog, CatalogError
-from serving.settings import DEMO_CATALOG
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.catalog import Catalog, CatalogMessage, ImageRef, MessageText
+from models.catalog import Catalog, CatalogMessage, ImageRef, MessageText
 
 #: namespace of every identifier derived here (a fixed random UUID: changing it renames every upload)
 NAMESPACE = uuid.UUID("6d1f7c52-5e0b-4c8e-9a55-2f0d3c9b8e41")

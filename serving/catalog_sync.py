@@ -17,7 +17,7 @@ What a sync does, in order:
    ``PENDING`` is the state an upload would give it; it is reported, never deleted.
    Messages and images only Apple knows are reported: the catalog cannot invent their
    kind, products or cost;
-5. validate the result with :class:`serving.catalog.Catalog`; an invalid result is
+5. validate the result with :class:`models.catalog.Catalog`; an invalid result is
    refused and nothing is written;
 6. write atomically (a temporary file in the same folder, then ``os.replace``), so a
    server hot-reloading the catalog only ever sees a complete file.
@@ -43,9 +43,9 @@ from appstoreserverlibrary.models.DefaultConfigurationResponse import DefaultCon
 from appstoreserverlibrary.models.GetImageListResponse import GetImageListResponse
 from appstoreserverlibrary.models.GetMessageListResponse import GetMessageListResponse
 
+from models.catalog import STATES, Catalog, CatalogError, upload_records
 from serving.apple_api import RateLimited
 from serving.apple_api import explain_api_exception as _describe
-from serving.catalog import STATES, Catalog, CatalogError, upload_records
 
 T = TypeVar("T")
 

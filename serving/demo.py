@@ -20,8 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from models.catalog import DEMO_CATALOG
 from serving import children
-from serving.settings import DEFAULT_REGISTRY, DEMO_CATALOG
+from serving.settings import DEFAULT_REGISTRY
 
 APP_ID = 1234567890
 
@@ -183,7 +184,7 @@ def _short(answer: dict[str, object]) -> str:
 
 
 def _show_decisions(data_dir: Path) -> None:
-    from serving.catalog import Catalog
+    from models.catalog import Catalog
 
     catalog = Catalog.load(DEMO_CATALOG)
     print("\ndecisions logged (P(stay), expected value, probability; * = shown):")

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.catalog import Catalog, CatalogMessage
 from models.experiment import mixture_probabilities
 from models.exploration import action_probabilities, epsilon_probabilities_list, greedy_index, sample, sample_list
-from serving.catalog import Catalog, CatalogMessage
 from serving.schemas import DecodedRealtimeRequestBody
 
 

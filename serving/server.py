@@ -20,9 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from models.catalog import DEMO_CATALOG
 from models.registry import RegistryError
 from serving.logs import logging_config
-from serving.settings import DEMO_CATALOG, Settings, SettingsError
+from serving.settings import Settings, SettingsError
 
 log = logging.getLogger("retention.server")
 
@@ -64,8 +65,8 @@ def preflight(settings: Settings) -> Startup:
 
     The error's message is one line per problem (Production lists all its missing settings at once).
     """
+    from models.catalog import Catalog
     from models.registry import DEFAULT_REGISTRY, ModelLoadError, Registry
-    from serving.catalog import Catalog
     from serving.catalog_content import content_problems
     from serving.notifications import configured_bundle_id
     from serving.verify import fingerprint_sha256, has_apple_root_g3, load_roots

@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-DEMO_CATALOG = Path(__file__).parent / "data" / "demo_catalog.json"
+from models.catalog import DEMO_CATALOG
+from models.exploration import Exploration
+
+#: models.registry.DEFAULT_REGISTRY, spelled out: importing models.registry here would load NumPy for every verb
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry"
 
 
@@ -67,10 +70,10 @@ class Settings:
     log_format: str = _f("text", "Log line format on stderr: text, or json (one object per line, for log shippers).")
     access_log: bool = _f(False, "Log one line per HTTP request (client, method, path, status).")
     # ---- policy ----
-    epsilon: float = _f(0.05, "Exploration: share of requests answered uniformly at random among eligible candidates.")
-    exploration: str = _f("epsilon", "Exploration scheme: epsilon (epsilon-greedy) or softmax.")
-    temperature: float = _f(1.0, "Softmax temperature, in value units, when exploration is softmax.")
-    holdout: float = _f(0.0, "Share of requests that always get the default message (a control group).")
+    epsilon: float = _f(Exploration.epsilon, "Exploration: share of requests answered uniformly at random among eligible candidates.")
+    exploration: str = _f(Exploration.scheme, "Exploration scheme: epsilon (epsilon-greedy) or softmax.")
+    temperature: float = _f(Exploration.temperature, "Softmax temperature, in value units, when exploration is softmax.")
+    holdout: float = _f(Exploration.holdout, "Share of requests that always get the default message (a control group).")
     kill_switch: bool = _f(False, "Send every request to the rule policy (no model).")
     shadow_model: str | None = _f(None, "A second registry version scored beside the serving one, logged, never shown.")
     challenger: str | None = _f(
@@ -197,12 +200,7 @@ class Settings:
             raise SettingsError(
                 f"environment (RETENTION_ENVIRONMENT, --environment) must be Sandbox or Production, not {self.environment!r}"
             )
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"epsilon must be within [0, 1], not {self.epsilon}")
-        if not 0.0 <= self.holdout <= 1.0:
-            raise ValueError(f"holdout must be within [0, 1], not {self.holdout}")
-        if self.exploration not in ("epsilon", "softmax"):
-            raise ValueError(f"exploration must be epsilon or softmax, not {self.exploration!r}")
+        Exploration(self.epsilon, self.exploration, self.temperature, self.holdout)  # raises ValueError out of range
         if self.log_writer not in ("process", "thread"):
             raise ValueError(f"log_writer must be process or thread, not {self.log_writer!r}")
         if self.verify_with not in ("process", "thread"):
@@ -230,8 +228,6 @@ class Settings:
             raise ValueError(f"challenger_share must be strictly between 0 and 1, not {self.challenger_share}")
         if self.challenger is None and (self.challenger_share is not None or self.experiment_id is not None):
             raise ValueError("--challenger-share and --experiment-id start an experiment only with --challenger VERSION")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, not {self.request_timeout_s}")
         if self.max_connections < 1:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from models.catalog import Catalog, CatalogError, CatalogMessage
 from models.experiment import Experiment, ExperimentError, read_experiment, write_experiment
-from serving.catalog import Catalog, CatalogError, CatalogMessage
 from serving.catalog_content import content_problems
 from serving.schemas import DecodedRealtimeRequestBody
 

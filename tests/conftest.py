@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from serving.settings import DEMO_CATALOG, Settings
+from models.catalog import DEMO_CATALOG
+from serving.settings import Settings
 
 APP_ID = 1234567890
 BUNDLE_ID = "com.example.app"

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from serving.catalog import Catalog
+from models.catalog import Catalog
+from models.exploration import Exploration
 from training import ope
 from training.target_policy import (
-    Exploration,
     LoggedRequests,
     TargetPolicy,
     policy_from_scores,

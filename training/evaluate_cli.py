@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from models.exploration import Exploration
 from serving.pg_log import source, training_inputs
 from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
-from training.target_policy import Exploration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
 
     from training.data_io import read_table
 
-    base = Exploration.from_serving_settings()
+    base = Exploration.from_env()
     exploration = Exploration(
         epsilon=base.epsilon if args.epsilon is None else args.epsilon,
         scheme=base.scheme if args.exploration is None else args.exploration,

@@ -641,11 +641,11 @@ def main(argv: list[str]) -> int:
         _fraction("--level", args.level)
         if not args.horizon_days > 0:
             raise ValueError(f"--horizon-days {args.horizon_days!r}: must be positive")
-        from serving.catalog import Catalog
+        from models.catalog import Catalog
 
         catalog_path = args.catalog or os.environ.get("RETENTION_CATALOG")
         if not catalog_path:
-            from serving.settings import DEMO_CATALOG
+            from models.catalog import DEMO_CATALOG
 
             catalog_path = str(DEMO_CATALOG)
         catalog = Catalog.load(catalog_path)

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from models.exploration import Exploration
 from training import ope
 from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate
-from training.target_policy import Exploration
 
 MAX_UNSUPPORTED_MASS = 0.10
 POWER = 0.8
@@ -196,7 +196,7 @@ def promotion_gate(
         level=level,
         n_resamples=max(1, n_resamples),
         seed=seed,
-        exploration=exploration or Exploration.from_serving_settings(),
+        exploration=exploration or Exploration.from_env(),
         segments=False,
     )
     evaluated = evaluate(inputs, registry, versions, config)

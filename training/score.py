@@ -74,8 +74,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from tqdm import tqdm
 
+    from models.catalog import Catalog
     from models.registry import Registry, registry_spec
-    from serving.catalog import Catalog
     from training.data_io import read_profiles, read_table, write_table
 
     registry, pinned = Registry.parse(registry_spec(args.registry))

@@ -73,10 +73,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from models.catalog import DEMO_CATALOG, Catalog, CatalogMessage, language
 from models.data_files import EVENTS
 from models.exploration import action_probabilities
-from serving.catalog import Catalog, CatalogMessage, language
-from serving.settings import DEMO_CATALOG
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000

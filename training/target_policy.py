@@ -30,50 +30,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from models.exploration import action_probabilities
-from serving.catalog import Catalog
+from models.catalog import Catalog
+from models.exploration import Exploration
 
 FALLBACK_PREFIX = "fallback:"
 _CHUNK_CELLS = 250_000  # feature rows scored per ONNX call: bounds memory at 100k+ requests
-
-
-@dataclasses.dataclass(frozen=True)
-class Exploration:
-    """How the serving policy explores (the target policy must use the same settings)."""
-
-    epsilon: float = 0.05
-    scheme: str = "epsilon"
-    temperature: float = 1.0
-    holdout: float = 0.0
-
-    @classmethod
-    def from_serving_settings(cls, environ: Mapping[str, str] | None = None) -> Exploration:
-        """Return the exploration serving would use: its defaults overridden by ``RETENTION_*`` variables."""
-        from serving.settings import Settings  # a plain dataclass: no app is built
-
-        s = Settings.from_env(environ)
-        return cls(epsilon=s.epsilon, scheme=s.exploration, temperature=s.temperature, holdout=s.holdout)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the settings as JSON-able data."""
-        return dataclasses.asdict(self)
-
-    def probabilities(self, values: np.ndarray, default_index: int | None) -> np.ndarray:
-        """Return the action probabilities serving would use for these candidate values."""
-        return action_probabilities(
-            values,
-            epsilon=self.epsilon,
-            scheme=self.scheme,
-            temperature=self.temperature,
-            holdout=self.holdout,
-            default_index=default_index,
-        )
 
 
 @dataclasses.dataclass

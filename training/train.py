@@ -885,7 +885,7 @@ def main(argv: list[str]) -> int:
     if args.refeaturize and args.profiles is None:
         print(f"retention train: error: {REFEATURIZE_NEEDS_PROFILES}", file=sys.stderr)
         return 2
-    from serving.catalog import Catalog
+    from models.catalog import Catalog
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
 
     catalog = Catalog.load(args.catalog)

@@ -3,7 +3,7 @@
 The examples run the way a reader runs them after the two set-up commands (``bash scripts/demo.sh``
 or ``bash scripts/test.sh``): with the checkout's ``.venv/bin`` first on PATH (what
 ``source .venv/bin/activate`` gives), in a fresh folder that shows the checkout's files (symbolic
-links to its top-level entries, so ``serving/data/demo_catalog.json`` and ``.venv`` resolve) and
+links to its top-level entries, so ``models/data/demo_catalog.json`` and ``.venv`` resolve) and
 where everything an example writes lands. ``RETENTION_MODEL`` points at a registry in that folder,
 so no example writes into the checkout's registry; no other ``RETENTION_*`` variable is set.
 

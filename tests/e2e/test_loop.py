@@ -22,8 +22,8 @@ import httpx
 import pandas as pd
 import pytest
 
+from models.catalog import DEMO_CATALOG
 from models.registry import Registry
-from serving.settings import DEMO_CATALOG
 from tests.conftest import APP_ID, BUNDLE_ID
 from tests.integration.test_server import Server, free_port
 from tests.unit.test_notifications import notification_body

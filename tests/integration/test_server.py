@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from serving.settings import DEMO_CATALOG
+from models.catalog import DEMO_CATALOG
 from tests.conftest import APP_ID, BUNDLE_ID
 
 

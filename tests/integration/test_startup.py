@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.settings import DEMO_CATALOG
+from models.catalog import DEMO_CATALOG
 from tests.conftest import APP_ID, BUNDLE_ID
 from tests.integration.test_server import Server, free_port
 

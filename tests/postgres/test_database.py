@@ -367,7 +367,7 @@ def test_a_long_backlog_is_written_a_slice_at_a_time_in_order_with_new_records_b
 def test_train_reads_the_fleets_database_directly(migrated: str, tmp_path: Path) -> None:
     import pandas as pd
 
-    from serving.settings import DEMO_CATALOG
+    from models.catalog import DEMO_CATALOG
 
     sim = retention("simulate", "--n", "3000", "--seed", "2", "--out", str(tmp_path / "world"))
     assert sim.returncode == 0, sim.stderr

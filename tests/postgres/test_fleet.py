@@ -127,8 +127,8 @@ def test_two_replicas_share_replay_outcomes_and_one_export(fleet: Fleet, pki: An
 def test_kill_switch_promote_and_catalog_replace_reach_every_replica(
     fleet_env: dict[str, str], tmp_path: Path, trained_registry: Path, pki: Any,
 ) -> None:
+    from models.catalog import DEMO_CATALOG
     from models.registry import Registry
-    from serving.settings import DEMO_CATALOG
     from training.train import train_demo_model
 
     registry = tmp_path / "registry"  # the shared registry folder (a network mount in production)

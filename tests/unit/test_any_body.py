@@ -24,9 +24,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
 
+from models.catalog import DEMO_CATALOG
 from serving.app import create_app
 from serving.errors import ERROR_STATUS
-from serving.settings import DEMO_CATALOG, Settings
+from serving.settings import Settings
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID, BUNDLE_ID
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from litestar.testing import TestClient
 
-from serving.catalog import Catalog
-from serving.settings import DEMO_CATALOG, Settings
+from models.catalog import DEMO_CATALOG, Catalog
+from serving.settings import Settings
 from serving.state import ModelBundle
 from tests.conftest import APP_ID
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from serving.catalog import Catalog, CatalogError
-from serving.settings import DEMO_CATALOG
+from models.catalog import DEMO_CATALOG, Catalog, CatalogError
 
 PM = "com.example.premium.monthly"
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
+from models.catalog import Catalog
 from serving import catalog_cli
-from serving.catalog import Catalog
 from serving.catalog_apply import ApplyError, make_pacer, run
 from tests.apple_server import png
 from tests.conftest import APP_ID
@@ -316,7 +316,7 @@ def test_identifiers_follow_the_text(tmp_path):
 
 
 def test_catalogs_without_content_keep_working(tmp_path):
-    from serving.settings import DEMO_CATALOG
+    from models.catalog import DEMO_CATALOG
 
     assert catalog_cli.main(["validate", "--catalog", str(DEMO_CATALOG)]) == 0
     demo = Catalog.load(DEMO_CATALOG)
@@ -351,7 +351,7 @@ def test_defaults_are_paced_ten_times_faster_than_the_other_calls():
 
 
 def test_a_message_without_content_still_needs_its_state_and_locales_must_match_content(tmp_path):
-    from serving.catalog import CatalogError
+    from models.catalog import CatalogError
 
     doc = catalog_doc()
     del doc["messages"][2]["messageState"]

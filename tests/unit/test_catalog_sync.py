@@ -24,8 +24,8 @@ from appstoreserverlibrary.models.GetMessageListResponseItem import GetMessageLi
 from appstoreserverlibrary.models.ImageState import ImageState
 from appstoreserverlibrary.models.MessageState import MessageState
 
+from models.catalog import Catalog
 from serving import catalog_cli, catalog_sync
-from serving.catalog import Catalog
 from serving.catalog_sync import Pacer, SyncError, make_client, write_atomic
 
 M_IMG = "11111111-1111-4111-8111-111111111111"  # plain message with an image

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.exploration import action_probabilities
+from models.catalog import Catalog
+from models.exploration import Exploration, action_probabilities
 from models.registry import Registry
-from serving.catalog import Catalog
 from training.evaluate import (
     EvaluationConfig,
     Inputs,
@@ -27,7 +27,7 @@ from training.evaluate import (
     resolve_versions,
 )
 from training.simulate import World, simulate, write_world
-from training.target_policy import Exploration, logging_policy, prepare_logged, target_policy
+from training.target_policy import logging_policy, prepare_logged, target_policy
 
 FAST = EvaluationConfig(n_resamples=300, segment_resamples=50)
 
@@ -90,10 +90,21 @@ def test_target_policy_is_servings_exact_math(lab: Lab) -> None:
         assert tp.greedy[i] == int(np.argmax(values))
 
 
-def test_exploration_defaults_come_from_serving_settings() -> None:
-    assert Exploration.from_serving_settings({}) == Exploration(epsilon=0.05, scheme="epsilon", temperature=1.0, holdout=0.0)
-    env = {"RETENTION_EPSILON": "0.2", "RETENTION_EXPLORATION": "softmax", "RETENTION_TEMPERATURE": "3"}
-    assert Exploration.from_serving_settings(env) == Exploration(epsilon=0.2, scheme="softmax", temperature=3.0)
+def test_evaluation_explores_as_the_server_started_with_the_same_variables() -> None:
+    from serving.settings import Settings
+
+    def servers(env: dict[str, str]) -> Exploration:
+        s = Settings.from_env(env)
+        return Exploration(epsilon=s.epsilon, scheme=s.exploration, temperature=s.temperature, holdout=s.holdout)
+
+    assert Exploration.from_env({}) == servers({}) == Exploration(epsilon=0.05, scheme="epsilon", temperature=1.0)
+    env = {"RETENTION_EPSILON": "0.2", "RETENTION_EXPLORATION": "softmax", "RETENTION_TEMPERATURE": "3",
+           "RETENTION_HOLDOUT": "0.1"}
+    assert Exploration.from_env(env) == servers(env) == Exploration(0.2, "softmax", 3.0, 0.1)
+    with pytest.raises(ValueError, match="RETENTION_EPSILON: 'lots' is not a valid float"):
+        Exploration.from_env({"RETENTION_EPSILON": "lots"})
+    with pytest.raises(ValueError, match="epsilon must be within"):
+        Exploration.from_env({"RETENTION_EPSILON": "1.5"})
 
 
 def test_logging_distribution_sources(lab: Lab) -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import retention
+from models.catalog import DEMO_CATALOG, Catalog
 from models.experiment import (
     Experiment,
     ExperimentError,
@@ -21,8 +22,6 @@ from models.experiment import (
     write_experiment,
 )
 from models.registry import Registry
-from serving.catalog import Catalog
-from serving.settings import DEMO_CATALOG
 from training.experiment import aipw_terms, confidence_sequence, experiment_status, plan_experiment
 
 DAY = 86_400_000

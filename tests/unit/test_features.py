@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.catalog import DEMO_CATALOG, Catalog
 from models.features import (
     FEATURIZER_VERSION,
     OTHER,
@@ -16,8 +17,6 @@ from models.features import (
     build_schema,
     split_locale,
 )
-from serving.catalog import Catalog
-from serving.settings import DEMO_CATALOG
 
 MONTHLY = "com.example.premium.monthly"
 ANNUAL = "com.example.premium.annual"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.catalog import DEMO_CATALOG, Catalog
 from models.exploration import action_probabilities
-from serving.catalog import Catalog
 from serving.policy import ExplorationParams, candidates_for, ml_choice, rule_choice
 from serving.schemas import DecodedRealtimeRequestBody
-from serving.settings import DEMO_CATALOG
 
 PM = "com.example.premium.monthly"
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 import retention
+from models.catalog import DEMO_CATALOG, Catalog
 from models.features import FEATURIZER_VERSION, FeatureSchema, build_schema
 from models.registry import ModelLoadError, Registry, RegistryError, is_version_id
 from models.scoring import Scorer
-from serving.catalog import Catalog
-from serving.settings import DEMO_CATALOG
 
 
 @pytest.fixture(scope="module")

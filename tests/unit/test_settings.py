@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from models.catalog import DEMO_CATALOG
 from serving.server import preflight, settings_to_env
-from serving.settings import DEMO_CATALOG, Settings, SettingsError, parse_settings
+from serving.settings import Settings, SettingsError, parse_settings
 from tests.conftest import BUNDLE_ID
 
 

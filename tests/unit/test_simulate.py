@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.catalog import Catalog
-from serving.settings import DEMO_CATALOG
+from models.catalog import DEMO_CATALOG, Catalog
 from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
 from training.labels import label_decisions
 from training.simulate import (

@@ -208,7 +208,7 @@ def test_score_cli_writes_the_greedy_choice_per_request(
     assert all(m in c for m, c in zip(merged["message_id"], merged["candidates"], strict=True))
     assert np.isfinite(scored["expected_value"]).all() and (scored["expected_value"] > 0).all()
     # the choice is the argmax of P x value_after among the request's own candidates
-    from serving.catalog import Catalog
+    from models.catalog import Catalog
 
     cat = Catalog.load(small_files["catalog"])
     loaded = Registry(registry).load(version)

@@ -1,7 +1,10 @@
-"""The catalog of approved retention messages: loading, validation and eligibility.
+"""The catalog of approved retention messages: products, messages, values, costs and eligibility.
 
-The JSON mirrors Apple's names (DESIGN.md, "Catalog"), so a sync from Apple's
-management API maps one to one.
+The contract between training and serving, like the featurizer (models/features.py): serving
+answers from it, training and the off-policy evaluator value each message with it. The JSON mirrors
+Apple's names, so a sync from Apple's management API maps one to one.
+:data:`DEMO_CATALOG` is the catalog the demo, the simulator and a Sandbox server without
+``RETENTION_CATALOG`` use; it ships inside the package (``models/data/demo_catalog.json``).
 
 Locale fallback, in order:
 1. messages whose ``locales`` contain the request's ``userLocale`` exactly (``en-AU``);
@@ -15,9 +18,9 @@ Message content. A message may carry ``content``: its text per locale, in the fi
 Apple's Upload Message (``header``, ``body``, optional ``image`` with ``altText``,
 ``bulletPoints``, ``headerPosition``), images named by PNG file. Apple's messages have no
 locale, so ``retention catalog apply`` uploads each locale's text under its own Apple
-identifier (a UUID version 5 of the text, serving/catalog_content.py) and records what it
-uploaded, with Apple's states, in the catalog's ``uploaded`` section, one record per Apple
-environment (``{"Sandbox": {...}, "Production": {...}}``: Sandbox and Production review texts
+identifier (a UUID version 5 of the text, serving/catalog_content.py, which only the
+server's catalog commands use) and records what it uploaded, with Apple's states, in the
+catalog's ``uploaded`` section, one record per Apple environment (``{"Sandbox": {...}, "Production": {...}}``: Sandbox and Production review texts
 separately). A catalog loaded for an environment (the server's ``RETENTION_ENVIRONMENT``) answers
 only texts approved in that environment's record. A record in the older single form (``messages``,
 ``images``, ``defaults`` directly under ``uploaded``) is read as it was, for whichever environment
@@ -45,6 +48,8 @@ KINDS: tuple[str, ...] = ("message", "alternateProduct", "promotionalOffer")
 STATES: tuple[str, ...] = ("PENDING", "APPROVED", "REJECTED")
 #: a locale code as Apple's userLocale gives it: language, optional script, optional region (BCP 47's common part)
 LOCALE_TAG = re.compile(r"[a-z]{2,3}(?:[-_][A-Z][a-z]{3})?(?:[-_](?:[A-Z]{2}|[0-9]{3}))?")
+#: the demo catalog, package data of ``models`` (a Production server refuses to start on it)
+DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "demo_catalog.json"
 
 
 class CatalogError(ValueError):
