@@ -12,7 +12,7 @@ import sys
 
 VERBS: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "run the endpoint (uvicorn)"),
-    "demo": ("serving.demo", "train a model, serve it, send signed requests, show the decisions"),
+    "demo": ("retention_demo", "train a model, serve it, send signed requests, show the decisions"),
     "sign": ("serving.sign_cli", "signed test requests and notifications from a local test CA; a test In-App Purchase key"),
     "catalog": ("serving.catalog_cli", "validate the catalog, check default coverage, sync from Apple, plan/apply to Apple"),
     "apple": ("serving.apple_cli", "Apple's realtime URL and Sandbox performance test"),

@@ -4,6 +4,9 @@ Everything runs on embedded defaults: the demo catalog, a model trained on a sim
 world into the checkout's registry (once; later runs reuse it), a test CA and a test
 In-App Purchase key minted at run time into a temporary folder (no private key is ever
 committed), and a real ``retention serve`` subprocess on 127.0.0.1.
+
+A top-level module beside ``retention.py``, not inside ``serving``: it drives both sides (the
+simulator and trainer of ``training``, the server of ``serving``).
 """
 
 from __future__ import annotations
