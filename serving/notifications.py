@@ -15,7 +15,7 @@ https://developer.apple.com/documentation/appstoreservernotifications/responding
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 from litestar import MediaType, Response
@@ -27,11 +27,13 @@ from serving.schemas import RealtimeRequestBody
 from serving.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from serving.app import RetentionService
+    from serving.metrics import Metrics
 
 __all__ = [
     "CONTAINERS",
+    "NotificationService",
     "Outcome",
+    "Verifying",
     "check_identity",
     "configured_bundle_id",
     "handle_notification",
@@ -48,6 +50,56 @@ STORE_TIMEOUT_S = 2.0
 
 _RECORDED = b'{"status":"recorded"}'
 _IGNORED = b'{"status":"ignored"}'
+
+
+class SignedDataVerifier(Protocol):
+    """Checks an App Store JWS and returns its payload (serving.verify.RequestVerifier is one)."""
+
+    def verify_signed_data(self, token: str | bytes) -> dict[str, Any]: ...
+
+
+class OutcomeLog(Protocol):
+    """Where outcomes are committed: the decision log (its SQLite file, or the fleet's PostgreSQL)."""
+
+    def log_outcome(
+        self,
+        notification_uuid: str,
+        original_transaction_id: str,
+        event: str,
+        at_ms: int,
+        raw_type: str | None = None,
+        raw_subtype: str | None = None,
+        *,
+        offer_type: int | None = None,
+        offer_identifier: str | None = None,
+        offer_discount_type: str | None = None,
+        transaction_reason: str | None = None,
+    ) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def flush(self, timeout: float = 5.0) -> bool: ...
+
+
+class Verifying(Protocol):
+    """What :func:`parse_notification` needs: the server's settings and a verifier of Apple's signed data."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def verifier(self) -> SignedDataVerifier: ...
+
+
+class NotificationService(Verifying, Protocol):
+    """What the notification handler needs of the server (serving.app.RetentionService is one), so that
+    this module does not import the app that routes to it."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def decision_log(self) -> OutcomeLog: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +211,7 @@ def _check_nested(settings: Settings, key: str, nested: dict[str, Any]) -> None:
     _check_environment(settings, nested.get("environment"), f"notification's {key}")
 
 
-def parse_notification(svc: RetentionService, signed_payload: str) -> Outcome | None:
+def parse_notification(svc: Verifying, signed_payload: str) -> Outcome | None:
     """Return the outcome a signed notification carries, None when it carries none; raise VerificationError.
 
     Checks the outer JWS and each nested one (chain valid at its signedDate) and that the notification
@@ -236,7 +288,7 @@ def _string(info: dict[str, Any], field: str, key: str) -> str | None:
     return v
 
 
-def _verify(svc: RetentionService, body: bytes) -> Response[bytes] | Outcome:
+def _verify(svc: NotificationService, body: bytes) -> Response[bytes] | Outcome:
     """Return the answer for a body that is refused or records nothing, else the outcome to store."""
     try:
         outer = _decode(body)
@@ -254,7 +306,7 @@ def _verify(svc: RetentionService, body: bytes) -> Response[bytes] | Outcome:
     return _ok(_IGNORED) if outcome is None else outcome
 
 
-def _queue(svc: RetentionService, o: Outcome) -> tuple[int, int]:
+def _queue(svc: NotificationService, o: Outcome) -> tuple[int, int]:
     """Queue `o` in the log; return the log's (dropped, write_errors) counts from just before."""
     stats = svc.decision_log.stats()
     svc.decision_log.log_outcome(
@@ -272,7 +324,7 @@ def _queue(svc: RetentionService, o: Outcome) -> tuple[int, int]:
     return stats["dropped"], stats["write_errors"]
 
 
-def _stored(svc: RetentionService, before: tuple[int, int], flushed: bool) -> Response[bytes]:
+def _stored(svc: NotificationService, before: tuple[int, int], flushed: bool) -> Response[bytes]:
     """Return 200 when the outcome is committed, else 503 so that Apple sends it again."""
     stats = svc.decision_log.stats()
     # A drop or write error anywhere since queueing may have been ours: answering 503 costs only a
@@ -282,7 +334,7 @@ def _stored(svc: RetentionService, before: tuple[int, int], flushed: bool) -> Re
     return _error("outcome_not_stored", "The outcome could not be stored now; send the notification again.", 503)
 
 
-def handle_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
+def handle_notification(svc: NotificationService, body: bytes) -> Response[bytes]:
     """Return the HTTP answer for one notification body, after committing its outcome when it has one.
 
     Waits for the log writer on the calling thread (about a millisecond, longer while the writer
@@ -295,7 +347,7 @@ def handle_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
     return _stored(svc, before, svc.decision_log.flush(STORE_TIMEOUT_S))
 
 
-async def receive_notification(svc: RetentionService, body: bytes) -> Response[bytes]:
+async def receive_notification(svc: NotificationService, body: bytes) -> Response[bytes]:
     """Return the HTTP answer for one notification body; like :func:`handle_notification` but never blocks the loop."""
     import anyio.to_thread
 

@@ -127,7 +127,7 @@ def backfill(
                     result.ignored += 1
                     continue
                 try:
-                    outcome = parse_notification(svc, item.signedPayload)  # type: ignore[arg-type]
+                    outcome = parse_notification(svc, item.signedPayload)
                 except VerificationError as exc:
                     result.refused += 1
                     result.refusals[exc.code] = result.refusals.get(exc.code, 0) + 1
