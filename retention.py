@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "decisions": ("serving.decisions_cli", "export the decision log as training files, show the latest, compact old files"),
     "notifications": ("serving.notifications_cli", "record outcomes missed from Apple's notification history"),
     "db": ("serving.database", "the fleet's PostgreSQL database: migrate the schema, the fleet's kill switch"),
-    "profiles": ("serving.profiles", "import the developer's subscriber profiles into the embedded store"),
+    "profiles": ("serving.profiles_cli", "import the developer's subscriber profiles into the embedded store"),
     "simulate": ("training.simulate", "write a synthetic world's decisions, outcomes and profiles"),
     "train": ("training.train", "fit on decisions joined with outcomes, export ONNX, write a model version"),
     "score": ("training.score", "batch-score logged requests with a model version"),

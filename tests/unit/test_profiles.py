@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 import retention
-from serving.profiles import ProfileStore, import_profiles, main
+from serving.profiles import ProfileStore, import_profiles
+from serving.profiles_cli import main
 
 
 def _frame(n: int, version: int) -> pd.DataFrame:
