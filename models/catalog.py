@@ -264,7 +264,9 @@ class Catalog:
         """Return the validated catalog read from a JSON file, answering `environment`'s approved texts.
 
         `environment` is ``Sandbox`` or ``Production`` (the server's); None takes the record there
-        is when the file holds one environment's (or the older single form), else none.
+        is when the file holds one environment's (or the older single form), else none. Raises
+        CatalogError, naming the entry and the rule it breaks, for an unreadable file or an invalid catalog.
+        Field names are Apple's (https://developer.apple.com/documentation/retentionmessaging).
         """
         try:
             raw = Path(path).read_bytes()

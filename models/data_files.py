@@ -1,4 +1,4 @@
-"""The data-file contract of DESIGN.md: the columns of the decisions and outcomes files and the outcome events.
+"""The data-file contract: the columns of the decisions and outcomes files and the outcome events (docs/data-formats.md).
 
 Serving writes these files (``retention decisions export``), the simulator writes them, training reads them:
 one definition, so the three cannot drift. The meaning of each App Store Server Notification V2 as an

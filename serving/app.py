@@ -29,7 +29,6 @@ from models.data_files import APPLE_FALLBACK_POLICY
 from serving.database import FleetSync, PostgresReplayMemory
 from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
-from serving.logs import refusals
 from serving.metrics import Metrics
 from serving.notifications import configured_bundle_id, receive_notification
 from serving.offers import OfferSigner
@@ -57,7 +56,8 @@ from serving.schemas import (
 )
 from serving.settings import Settings
 from serving.sigproc import SignatureProcess
-from serving.state import Runtime, Snapshot
+from serving.snapshot import Runtime, Snapshot
+from serving.stderr_log import refusals
 from serving.verify import RequestVerifier, SignatureCheck, offloaded_check
 
 log = logging.getLogger("retention.app")
@@ -713,7 +713,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
         before_send=[count_5xx],
         lifespan=[lifespan],
         openapi_config=None,
-        logging_config=None,  # Litestar's lines go through the server's one format (serving/logs.py)
+        logging_config=None,  # Litestar's lines go through the server's one format (serving/stderr_log.py)
         debug=False,
     )
     app.state.service = svc

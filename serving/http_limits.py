@@ -23,7 +23,7 @@ memory. :class:`RequestLimitsProtocol` is uvicorn's httptools protocol with thes
   :data:`MAX_URL_BYTES` ``414 {"error": "uri_too_long", ...}``. Bytes that are not HTTP/1.1 get
   ``400 {"error": "malformed_request", ...}``.
 
-Each refusal is logged through :data:`serving.logs.refusals` (one line per code per interval), counted in
+Each refusal is logged through :data:`serving.stderr_log.refusals` (one line per code per interval), counted in
 ``retention_connections_refused_total{code}``, and closed gracefully: the answer, then our end of the stream,
 then what the client still sends is read and dropped until it closes (at most :data:`LINGER_S`), so that the
 client reads the answer rather than a reset. With TLS, :func:`limited_protocol` wraps the protocol in the event
@@ -48,8 +48,8 @@ import uvloop
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import ERROR_STATUS
-from serving.logs import refusals
 from serving.metrics import connection_refused
+from serving.stderr_log import refusals
 from serving.tls_config import Tls12Config
 
 log = logging.getLogger("retention.http")

@@ -22,9 +22,9 @@ from litestar import MediaType, Response
 
 from models.data_files import event_for_notification, unstorable
 from serving.errors import VerificationError
-from serving.logs import refusals
 from serving.schemas import RealtimeRequestBody
 from serving.settings import Settings, SettingsError
+from serving.stderr_log import refusals
 
 if TYPE_CHECKING:
     from serving.metrics import Metrics

@@ -22,8 +22,8 @@ from typing import Any
 
 from models.catalog import DEMO_CATALOG
 from models.registry import RegistryError
-from serving.logs import logging_config
 from serving.settings import Settings, SettingsError
+from serving.stderr_log import logging_config
 
 log = logging.getLogger("retention.server")
 
@@ -126,7 +126,7 @@ def preflight(settings: Settings) -> Startup:
         except (ModelLoadError, RegistryError) as exc:
             raise SettingsError(f"shadow model (--shadow-model, RETENTION_SHADOW_MODEL): {exc}") from None
     if settings.challenger:
-        from serving.state import start_experiment
+        from serving.snapshot import start_experiment
 
         start_experiment(settings.model.split("@", 1)[0], settings.challenger, settings.challenger_share,
                          settings.experiment_id)  # raises ExperimentError (a ValueError) in one sentence

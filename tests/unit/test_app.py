@@ -19,7 +19,7 @@ from litestar.testing import TestClient
 
 from models.catalog import DEMO_CATALOG, Catalog
 from serving.settings import Settings
-from serving.state import ModelBundle
+from serving.snapshot import ModelBundle
 from tests.conftest import APP_ID
 
 PM = "com.example.premium.monthly"

@@ -266,7 +266,7 @@ def test_live_experiment_logs_arms_and_exact_mixture_probabilities(
 
     from models.exploration import epsilon_probabilities_list
     from serving.app import create_app
-    from serving.state import load_bundle
+    from serving.snapshot import load_bundle
 
     src, cur, challenger = two_model_registry
     reg_dir = tmp_path / "reg"
@@ -321,7 +321,7 @@ def test_live_experiment_logs_arms_and_exact_mixture_probabilities(
 def test_serve_flags_never_resurrect_or_override_what_the_registry_holds(
     tmp_path: Path, two_model_registry: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from serving.state import start_experiment
+    from serving.snapshot import start_experiment
 
     src, cur, challenger = two_model_registry
     reg_dir = tmp_path / "reg"
@@ -358,7 +358,7 @@ def test_settings_refuse_experiment_flags_without_a_challenger() -> None:
 
 def test_promoting_the_challenger_by_hand_ends_the_experiment(tmp_path: Path, two_model_registry: Any,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from serving.state import Runtime
+    from serving.snapshot import Runtime
 
     src, cur, challenger = two_model_registry
     reg_dir = tmp_path / "reg"

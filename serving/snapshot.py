@@ -3,7 +3,8 @@
 A :class:`Snapshot` is immutable; a request takes one reference at its start and uses it to
 the end, so swapping in a new catalog or model version never disturbs a request in flight.
 A catalog or model that fails to load is refused: the old snapshot keeps serving, with a log
-line and a metric.
+line and a metric. :class:`Runtime` checks the catalog file and the registry's ``current`` pointer
+every ``reload_interval_s`` seconds (``RETENTION_RELOAD_INTERVAL_S``).
 """
 
 from __future__ import annotations
@@ -192,7 +193,11 @@ class Runtime:
 
     # ---- loading ------------------------------------------------------------------
     def load(self) -> Snapshot:
-        """Load the catalog (required) and the model (optional: without one the rule policy serves)."""
+        """Load the catalog (required) and the model (optional: without one the rule policy serves); return the snapshot.
+
+        Raises models.catalog.CatalogError, naming the entry and the rule it breaks, when the catalog cannot
+        be loaded; a model that cannot be loaded raises nothing: the snapshot has no model and says why.
+        """
         catalog = Catalog.load(self.catalog_path, self.environment)
         self._catalog_key = _file_key(self.catalog_path)
         model, error = self._try_model(catalog)
