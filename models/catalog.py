@@ -2,7 +2,7 @@
 
 The contract between training and serving, like the featurizer (models/features.py): serving
 answers from it, training and the off-policy evaluator value each message with it. The JSON mirrors
-Apple's names, so a sync from Apple's management API maps one to one.
+Apple's names (docs/data-formats.md, "The catalog"), so a sync from Apple's management API maps one to one.
 :data:`DEMO_CATALOG` is the catalog the demo, the simulator and a Sandbox server without
 ``RETENTION_CATALOG`` use; it ships inside the package (``models/data/demo_catalog.json``).
 
