@@ -78,7 +78,7 @@ class Judgement:
 
 def judge(
     boot: ope.Bootstrap, candidate: str, reference: str, *, level: float = 0.9, power: float = POWER,
-    clusters: int | None = None,
+    clusters: int | None = None, method: str = "percentile",
 ) -> Judgement:
     """Return the verdict on results `candidate` minus `reference` of one :class:`training.ope.Bootstrap`.
 
@@ -87,7 +87,7 @@ def judge(
     a = boot.results[candidate]
     samples = boot.difference_samples(candidate, reference)
     finite = samples[np.isfinite(samples)]
-    lo, hi = ope._percentile_ci(samples, level)
+    lo, hi = boot.difference_interval(candidate, reference, level, method)
     se = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
     estimate = a.estimate - boot.results[reference].estimate
     return Judgement(
@@ -122,6 +122,13 @@ def describe(j: Judgement, candidate: str, against: str, reference_value: float 
     if j.promote:
         return f"promoted: {text}; the lower bound is above zero; {mdd}"
     return f"not promoted: {text}; the lower bound is not above zero, so it is not shown to be better; {mdd}"
+
+
+def decisions_for_ess(n: int, ess: float, floor: float) -> int:
+    """Return about how many decisions like these `n` give an effective sample size of `floor` (it grows as n)."""
+    if not ess > 0:
+        raise ValueError("the effective sample size must be positive")
+    return int(np.ceil(n * floor / ess))
 
 
 # ---- fresh data: the candidate's training requests ------------------------------------------------
@@ -210,8 +217,10 @@ def promotion_gate(
     floor = config.min_ess
     if dr.ess < floor:
         return False, (
-            f"not promoted: the effective sample size of {candidate}'s importance weights is {dr.ess:.0f} of {n} "
-            f"decisions (below {floor:.0f}), too few to trust any interval; log more decisions with exploration"
+            f"not promoted: the effective sample size of {candidate}'s importance weights is {dr.ess:.0f} of {n:,} "
+            f"decisions (below {floor:.0f}), too few to trust any interval; log more decisions with exploration "
+            f"(the effective sample size grows with the decisions: about {decisions_for_ess(n, dr.ess, floor):,} "
+            "decisions like these reach it)"
         ) + note
     if dr.unsupported_mass > MAX_UNSUPPORTED_MASS:
         return False, (

@@ -153,6 +153,42 @@ def test_promote_refuses_evaluation_on_the_candidates_training_data(
     assert "training data" not in out.out and "DR estimate" in out.out
 
 
+def test_a_few_training_decisions_among_fresh_ones_are_found_by_request_id(
+    overlap_lab: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pandas as pd
+
+    Registry(overlap_lab["registry"]).promote(str(overlap_lab["weak"]))  # type: ignore[arg-type]
+    fresh, train = overlap_lab["fresh"], overlap_lab["train"]
+    mixed = pd.concat([pd.read_parquet(fresh["decisions"]), pd.read_parquet(train["decisions"]).iloc[100:103]])  # type: ignore[index]
+    mixed.to_parquet(tmp_path / "decisions.parquet")
+    files = dict(fresh, decisions=tmp_path / "decisions.parquet")  # type: ignore[call-overload]
+    assert retention.main(_promote_args(overlap_lab, files)) == 1
+    out = capsys.readouterr().out
+    assert f"not promoted: 3 of {len(mixed):,} evaluation decisions are in {overlap_lab['strong']}'s training data" in out
+    assert Registry(overlap_lab["registry"]).current() == overlap_lab["weak"]  # type: ignore[arg-type]
+
+
+def test_too_few_effective_decisions_are_refused_with_how_many_would_do(
+    overlap_lab: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    import pandas as pd
+
+    Registry(overlap_lab["registry"]).promote(str(overlap_lab["weak"]))  # type: ignore[arg-type]
+    fresh = overlap_lab["fresh"]
+    pd.read_parquet(fresh["decisions"]).iloc[:300].to_parquet(tmp_path / "decisions.parquet")  # type: ignore[index]
+    files = dict(fresh, decisions=tmp_path / "decisions.parquet")  # type: ignore[call-overload]
+    assert retention.main(_promote_args(overlap_lab, files)) == 1
+    out = capsys.readouterr().out
+    m = re.search(r"effective sample size of \S+ importance weights is (\d+) of ([\d,]+) decisions \(below 100\).*"
+                  r"about ([\d,]+) decisions like these reach it", out)
+    assert m, out
+    ess, n, need = int(m[1]), int(m[2].replace(",", "")), int(m[3].replace(",", ""))
+    assert n * 100 / (ess + 0.5) <= need <= n * 100 / (ess - 0.5) + 1  # the ESS grows in proportion to the decisions
+
+
 def test_a_version_without_request_records_is_compared_by_date(
     overlap_lab: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
