@@ -1,27 +1,32 @@
 """The promotion gate on Apple-sized worlds: false promotions, interval coverage, power at the stated MDD.
 
 For each preset (``training.simulate.PRESETS``), a reward model is trained with ``retention train``'s
-code on one world; then R replicate worlds of N logged decisions each (ε-greedy logging around
-the simulator's hand-written rule, ε = 0.05: the *current* policy, which served and logged them)
-are read exactly as ``retention models promote --if-better`` reads them (``training.evaluate``:
-labels, mature decisions only, the reward model's scores), and two candidates are judged against
-the current policy with the gate's own code (``training.gate.judge``: paired DR difference, 90%
-interval, subscribers resampled together, 1000 resamples):
+code on one world; then R replicate worlds of N logged decisions each, logged by an app that shows
+its default message with ε = 0.05 exploration (the *current* policy), are read exactly as
+``retention models promote --if-better`` reads them (``training.evaluate``: labels, mature
+decisions only, the reward model's scores). Candidates, explored like serving (ε = 0.05), are
+judged against the current policy by the gate's own code (``training.gate.judge``: paired DR
+difference, 90% interval, subscribers resampled together, 1000 resamples):
 
-- *no better*: on a fixed share of requests (by request-id hash) it shows the oracle's message, on
-  another share the worst message, elsewhere the current one's; the shares are set on a large
-  reference world so that its true advantage is zero. The gate must promote it <= 5% of the time;
-- *at the MDD*: the oracle's message on a share of requests chosen so that its true advantage equals
-  the minimum detectable difference the gate reports for such data (found in two pilot rounds of
-  10 replicates; the figure reported is the mean MDD stated over the R replicates). The gate must
-  promote it >= 80% of the time.
+- ``no_better``: on each request the oracle's message with probability q, the worst one's
+  otherwise, q chosen so that its true value equals the current policy's on that request: exactly
+  no better anywhere, yet unlike it nearly everywhere. The gate must promote it <= 5% of the time;
+- ``no_better_swap``: the current message swapped for another of exactly equal true value where
+  one exists (rare in these worlds: the share is printed);
+- ``oracle_S``: the oracle's message on a share S of requests (by request-id hash), the current
+  one's elsewhere, for each S of ``--grid``. The candidate *at the stated MDD* is where the mean
+  true advantage crosses the mean MDD the gate states; its promotion rate (interpolated between
+  the two grid shares around it) must be >= 80%.
 
-Both candidates explore like serving (ε = 0.05). Coverage: each candidate's 90% SNIPS and DR
-intervals against its true value on the same requests (must be >= 85%). The reward model is the
-trained model's P(stay) × value for every policy (DR is unbiased whatever the reward model).
+Coverage: each candidate's 90% SNIPS and DR intervals against its true value on the same requests
+(must be >= 85%). Every verdict and interval is computed with each method of
+``training.ope.INTERVALS`` from the same resamples (``hull``, the gate's and ``retention
+evaluate``'s, is the hull of ``percentile`` and ``bca``). The reward model is the trained model's
+P(stay) × value for every policy (DR is unbiased whatever the reward model).
 
-    .venv/bin/python bench/bench_gate.py --replicates 100 --n 50000 --json /tmp/gate.json   # full study
-    .venv/bin/python bench/bench_gate.py --presets apple-segments --replicates 10 --n 20000   # a quick look
+    .venv/bin/python bench/bench_gate.py --presets apple-smooth --n 100000 --replicates 100 --json /tmp/gate_smooth.json
+    .venv/bin/python bench/bench_gate.py --merge /tmp/gate_smooth.json /tmp/gate_browse.apple-browse.partial.json
+    .venv/bin/python bench/bench_gate.py --presets apple-segments --replicates 5 --n 20000   # a quick look
 """
 
 from __future__ import annotations
@@ -192,7 +197,7 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
     truth_cur = v_cur
     cover_cur = {}
     for est in ("snips", "dr"):
-        for m in ("percentile", "bca"):
+        for m in ("percentile", "bca", "hull"):
             lo, hi = boot.interval(f"current/{est}", 0.9, m)
             cover_cur[f"{est}_{m}"] = [lo, hi, bool(lo <= truth_cur <= hi)]
     out["current"] = {"truth": truth_cur, "intervals": cover_cur}
@@ -204,7 +209,7 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
     for name in names:
         truth = float((probs[name] * a.true_v).sum(axis=1).mean())
         row: dict[str, Any] = {"truth": truth, "true_advantage": truth - v_cur, "intervals": {}}
-        for m in ("percentile", "bca"):
+        for m in ("percentile", "bca", "hull"):  # "hull" is the gate's own (judge's default)
             j = judge(boot, f"{name}/dr", "current/dr", clusters=n_clusters, method=m)
             row[f"promote_{m}"] = j.promote
             row[f"diff_{m}"] = [j.ci_low, j.ci_high]
@@ -220,8 +225,25 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
     return out
 
 
+def _add_hull(reps: list[dict[str, Any]]) -> None:
+    """Fill in the hull verdicts and intervals of replicates written before the bench computed them (same numbers)."""
+    for r in reps:
+        for row in r.values():
+            if not isinstance(row, dict) or "intervals" not in row:
+                continue
+            if "promote_percentile" in row and "promote_hull" not in row:
+                row["promote_hull"] = bool(row["promote_percentile"] and row["promote_bca"])
+            for est in ("snips", "dr"):
+                iv = row["intervals"]
+                if f"{est}_hull" not in iv and f"{est}_bca" in iv:
+                    lo = min(iv[f"{est}_percentile"][0], iv[f"{est}_bca"][0])
+                    hi = max(iv[f"{est}_percentile"][1], iv[f"{est}_bca"][1])
+                    iv[f"{est}_hull"] = [lo, hi, bool(lo <= row["truth"] <= hi)]
+
+
 def summarize(preset: str, n: int, reps: list[dict[str, Any]], grid: list[float]) -> dict[str, Any]:
     """Return the per-preset table: each candidate's promotion rates, coverage, MDD; the at-MDD candidate."""
+    _add_hull(reps)
     names = ["no_better", "no_better_swap"] + [f"oracle_{s:.2f}" for s in grid]
     summary: dict[str, Any] = {"preset": preset, "n": n, "replicates": len(reps),
                                "decisions_evaluated": float(np.mean([r["n"] for r in reps])),
@@ -279,8 +301,8 @@ def run_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
 def print_summary(s: dict[str, Any]) -> None:
     cands = s["candidates"]
-    methods = [m for m in ope.INTERVALS if f"promoted_{m}" in cands["no_better"]]
-    short = {"percentile": "pct", "bca": "BCa", "studentized": "t"}
+    methods = [m for m in ("hull", "percentile", "bca", "studentized") if f"promoted_{m}" in cands["no_better"]]
+    short = {"percentile": "pct", "bca": "BCa", "studentized": "t", "hull": "gate"}
     print(f"\n{s['preset']}: {s['replicates']} replicates of {s['n']:,} decisions "
           f"({s['decisions_evaluated']:,.0f} evaluated, {s['subscribers']:,.0f} subscribers), "
           f"current value {s['v_current']:.4f}/request; equal-value swap possible on {s['swap_share']:.1%}")

@@ -59,6 +59,9 @@ class EvaluationConfig:
     holdout_fraction: float = 0.2
     min_ess: float = 100.0
     min_ess_fraction: float = 0.01
+    # the policies' intervals and paired differences (training.ope.INTERVALS): the hull of the percentile
+    # and BCa intervals, which covered the truth on Apple-sized worlds where the percentile one alone did not
+    interval: str = "hull"
     reward_model: str = "own"
     # only decisions whose whole label window has passed: recent ones get a label early only when
     # the subscriber churned or renewed, and keeping those would bias every estimate toward churn
@@ -403,9 +406,9 @@ def evaluate(
     boot = ope.Bootstrap(flat, n_resamples=cfg.n_resamples, seed=cfg.seed, clusters=clusters) \
         if cfg.n_resamples else None
     if boot is not None:
-        observed = boot.with_interval(f"{LOGGING}/observed", cfg.level)
+        observed = boot.with_interval(f"{LOGGING}/observed", cfg.level, cfg.interval)
         for v, res in results.items():
-            results[v] = {name: boot.with_interval(f"{v}/{name}", cfg.level) for name in res}
+            results[v] = {name: boot.with_interval(f"{v}/{name}", cfg.level, cfg.interval) for name in res}
     steps.update()
 
     # ---- per-policy summaries
@@ -440,13 +443,13 @@ def evaluate(
             "message_share": _message_share(tp, logged),
         }
         if boot is not None:
-            row["vs_logging"] = {name: boot.difference(f"{v}/{name}", f"{LOGGING}/observed", cfg.level).to_dict()
-                                 for name in res}
-            row["vs_logging"]["dr"] |= _power(boot, f"{v}/dr", f"{LOGGING}/observed", cfg.level, n_clusters)
+            row["vs_logging"] = {name: boot.difference(f"{v}/{name}", f"{LOGGING}/observed", cfg.level,
+                                                       cfg.interval).to_dict() for name in res}
+            row["vs_logging"]["dr"] |= _power(boot, f"{v}/dr", f"{LOGGING}/observed", cfg, n_clusters)
             if current is not None and current in versions and v != current:
-                row["vs_current"] = {name: boot.difference(f"{v}/{name}", f"{current}/{name}", cfg.level).to_dict()
-                                     for name in res}
-                row["vs_current"]["dr"] |= _power(boot, f"{v}/dr", f"{current}/dr", cfg.level, n_clusters)
+                row["vs_current"] = {name: boot.difference(f"{v}/{name}", f"{current}/{name}", cfg.level,
+                                                           cfg.interval).to_dict() for name in res}
+                row["vs_current"]["dr"] |= _power(boot, f"{v}/dr", f"{current}/dr", cfg, n_clusters)
         p_shown = tp.p_stay[rows, logged.actions]
         row["predictive"] = predictive_metrics(y[holdout], p_shown[holdout], cfg.calibration_bins)
         lo, hi = _training_window(manifests.get(v, {}))
@@ -533,6 +536,7 @@ def evaluate(
         },
         "settings": {
             "level": cfg.level,
+            "interval": cfg.interval,
             "n_resamples": cfg.n_resamples,
             "seed": cfg.seed,
             "exploration": cfg.exploration.as_dict(),
@@ -555,11 +559,11 @@ def evaluate(
     return Evaluated(_clean(summary), logged, rewards, policies, results, boot)
 
 
-def _power(boot: ope.Bootstrap, candidate: str, reference: str, level: float, clusters: int) -> dict[str, Any]:
+def _power(boot: ope.Bootstrap, candidate: str, reference: str, cfg: EvaluationConfig, clusters: int) -> dict[str, Any]:
     """Return what the paired DR difference can detect: its MDD at 80% power and the decisions 1% of the reference needs."""
     from training.gate import judge  # the gate's own statement (training.gate imports this module)
 
-    j = judge(boot, candidate, reference, level=level, clusters=clusters)
+    j = judge(boot, candidate, reference, level=cfg.level, clusters=clusters, method=cfg.interval)
     ref = boot.results[reference].estimate
     one_pct = 0.01 * ref if np.isfinite(ref) and ref > 0 else float("nan")
     need = j.decisions_needed(one_pct) if np.isfinite(one_pct) and np.isfinite(j.mdd) else None
