@@ -231,6 +231,6 @@ def test_on_a_few_rare_leavers_the_gate_does_not_promote_a_candidate_that_is_no_
             promoted[method] += judge(boot, "cand", "cur", method=method).promote
         j = judge(boot, "cand", "cur")  # the gate's default: the lower of the percentile and BCa bounds
         assert j.ci_low == min(boot.difference_interval("cand", "cur", 0.9, m)[0] for m in ("percentile", "bca"))
-    # the percentile bound alone: 15 of 100, three times the 5% a 95% one-sided bound allows; the gate's: 8,
-    # within two binomial standard errors (2.2 points) of 5
-    assert promoted == {"percentile": 15, "hull": 8}
+    # the percentile bound alone: well over the 5% a 95% one-sided bound allows (15 of 100 when written); the
+    # gate's within two binomial standard errors (2.2 points) of 5 (8 when written)
+    assert promoted["percentile"] >= 12 and promoted["hull"] <= 9, promoted
