@@ -220,11 +220,13 @@ def test_every_interval_method_agrees_with_the_normal_one_on_plentiful_data() ->
 def test_on_a_few_large_terms_bca_and_the_bootstrap_t_reach_further_up_than_the_percentile_interval() -> None:
     boot = ope.Bootstrap(_rare(5), n_resamples=2000, seed=2)
     est = boot.results["ips"].estimate
-    pct, bca, t = (boot.interval("ips", 0.9, m) for m in ope.INTERVALS)
+    pct, bca, t, hull = (boot.interval("ips", 0.9, m) for m in ("percentile", "bca", "studentized", "hull"))
     assert pct[0] < est < pct[1]
     # the estimate's own spread grows with it: the side the data happened to show little of is the wider one
     assert t[1] > pct[1] and t[1] - est > est - t[0]
     assert bca[1] > pct[1]
+    assert hull == (min(pct[0], bca[0]), max(pct[1], bca[1]))
+    assert boot.with_interval("ips", 0.9, "hull").ci == hull
 
 
 def test_studentized_paired_intervals_are_computed_in_one_pass_and_agree_with_one_at_a_time() -> None:
