@@ -87,7 +87,7 @@ def judge(
     BCa intervals: its lower bound is the lower of theirs. Where the difference rests on a few rare
     outcomes under large weights, the percentile bound alone promoted a candidate exactly as good
     as the current one 15% of the time (visitors who were not leaving, the rare outcome a leaver),
-    BCa's alone 7-10% (cancel intents, the rare outcome a stay); the lower of the two, 2-5% in both
+    BCa's alone 6-8% (cancel intents, the rare outcome a stay); the lower of the two, 1-5% in both
     (bench/bench_gate.py, BENCHMARKS.md).
     """
     a = boot.results[candidate]
