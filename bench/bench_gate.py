@@ -1,32 +1,38 @@
 """The promotion gate on Apple-sized worlds: false promotions, interval coverage, power at the stated MDD.
 
 For each preset (``training.simulate.PRESETS``), a reward model is trained with ``retention train``'s
-code on one world; then R replicate worlds of N logged decisions each (ε-greedy logging around
-the simulator's hand-written rule, ε = 0.05: the *current* policy, which served and logged them)
-are read exactly as ``retention models promote --if-better`` reads them (``training.evaluate``:
-labels, mature decisions only, the reward model's scores), and two candidates are judged against
-the current policy with the gate's own code (``training.gate.judge``: paired DR difference, 90%
-interval, subscribers resampled together, 1000 resamples):
+code on one world; then R replicate worlds of N logged decisions each, logged by an app that shows
+its default message with ε = 0.05 exploration (the *current* policy), are read exactly as
+``retention models promote --if-better`` reads them (``training.evaluate``: labels, mature
+decisions only, the reward model's scores). Candidates, explored like serving (ε = 0.05), are
+judged against the current policy by the gate's own code (``training.gate.judge``: paired DR
+difference, 90% interval, subscribers resampled together, 1000 resamples):
 
-- *no better*: on a fixed share of requests (by request-id hash) it shows the oracle's message, on
-  another share the worst message, elsewhere the current one's; the shares are set on a large
-  reference world so that its true advantage is zero. The gate must promote it <= 5% of the time;
-- *at the MDD*: the oracle's message on a share of requests chosen so that its true advantage equals
-  the minimum detectable difference the gate reports for such data (found in two pilot rounds of
-  10 replicates; the figure reported is the mean MDD stated over the R replicates). The gate must
-  promote it >= 80% of the time.
+- ``no_better``: on each request the oracle's message with probability q, the worst one's
+  otherwise, q chosen so that its true value equals the current policy's on that request: exactly
+  no better anywhere, yet unlike it nearly everywhere. The gate must promote it <= 5% of the time;
+- ``no_better_swap``: the current message swapped for another of exactly equal true value where
+  one exists (rare in these worlds: the share is printed);
+- ``oracle_S``: the oracle's message on a share S of requests (by request-id hash), the current
+  one's elsewhere, for each S of ``--grid``. The candidate *at the stated MDD* is where the mean
+  true advantage crosses the mean MDD the gate states; its promotion rate (interpolated between
+  the two grid shares around it) must be >= 80%.
 
-Both candidates explore like serving (ε = 0.05). Coverage: each candidate's 90% SNIPS and DR
-intervals against its true value on the same requests (must be >= 85%). The reward model is the
-trained model's P(stay) × value for every policy (DR is unbiased whatever the reward model).
+Coverage: each candidate's 90% SNIPS and DR intervals against its true value on the same requests
+(must be >= 85%). Every verdict and interval is computed with each method of
+``training.ope.INTERVALS`` from the same resamples (``hull``, the gate's and ``retention
+evaluate``'s, is the hull of ``percentile`` and ``bca``). The reward model is the trained model's
+P(stay) × value for every policy (DR is unbiased whatever the reward model).
 
-    .venv/bin/python bench/bench_gate.py --replicates 100 --n 50000 --json /tmp/gate.json   # full study
-    .venv/bin/python bench/bench_gate.py --presets apple-segments --replicates 10 --n 20000   # a quick look
+    .venv/bin/python bench/bench_gate.py --presets apple-smooth --n 100000 --replicates 100 --json /tmp/gate_smooth.json
+    .venv/bin/python bench/bench_gate.py --merge /tmp/gate_smooth.json /tmp/gate_browse.apple-browse.partial.json
+    .venv/bin/python bench/bench_gate.py --presets apple-segments --replicates 5 --n 20000   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -103,20 +109,49 @@ def _eps_greedy(g: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return p
 
 
-def candidate_probs(a: Arrays, share_oracle: float, share_worst: float) -> np.ndarray:
-    """Return the candidate's (n, K) probabilities: oracle / worst / current message by the request's coin, ε-greedy."""
-    g = np.where(a.u < share_oracle, a.g_oracle,
-                 np.where(a.u < share_oracle + share_worst, a.g_worst, a.g_current))
-    return _eps_greedy(g, a.valid)
+def _mixed(a: Arrays, share: np.ndarray | float, g_first: np.ndarray, g_second: np.ndarray) -> np.ndarray:
+    """Return ε-greedy probabilities whose greedy mass goes to `g_first` with probability `share`, else `g_second`."""
+    share = np.broadcast_to(np.asarray(share, dtype=np.float64), (len(g_first),))
+    rows = np.arange(len(g_first))
+    p = _eps_greedy(g_first, a.valid)
+    p[rows, g_first] -= (1.0 - EPSILON) * (1.0 - share)
+    p[rows, g_second] += (1.0 - EPSILON) * (1.0 - share)
+    return p
 
 
-def _advantages(a: Arrays, logging_probs: np.ndarray) -> tuple[float, float, float]:
-    """Return (oracle − current, worst − current, current) true values per request, under ε-greedy, on these requests."""
-    cur = float((logging_probs * a.true_v).sum(axis=1).mean())
-    o = float((_eps_greedy(a.g_oracle, a.valid) * a.true_v).sum(axis=1).mean())
-    w = float((_eps_greedy(a.g_worst, a.valid) * a.true_v).sum(axis=1).mean())
-    c = float((_eps_greedy(a.g_current, a.valid) * a.true_v).sum(axis=1).mean())
-    return o - c, w - c, cur
+def null_mixture(a: Arrays, current: np.ndarray) -> np.ndarray:
+    """Return a candidate exactly as good as the current policy on every request, yet unlike it.
+
+    On each request it shows the oracle's message with probability q and the worst one's otherwise,
+    q = (v_current − v_worst) / (v_oracle − v_worst) of that request's true values, explored like
+    serving (ε = 0.05): its true value equals the current policy's request by request.
+    """
+    rows = np.arange(len(a.g_oracle))
+    v_o, v_w = a.true_v[rows, a.g_oracle], a.true_v[rows, a.g_worst]
+    v_c = a.true_v[rows, a.g_current]
+    span = v_o - v_w
+    q = np.divide(v_c - v_w, span, out=np.zeros_like(span), where=span > 0)
+    return _mixed(a, np.clip(q, 0.0, 1.0), a.g_oracle, a.g_worst)
+
+
+def null_swap(a: Arrays) -> tuple[np.ndarray, float]:
+    """Return (a deterministic candidate, share of requests where it differs from the current policy).
+
+    Where another candidate has exactly the current message's true value (same P(stay), same value),
+    it shows that one (the first such), elsewhere the current message: no better anywhere.
+    """
+    rows = np.arange(len(a.g_current))
+    v_c = a.true_v[rows, a.g_current][:, None]
+    cols = np.arange(a.true_v.shape[1])[None, :]
+    same = a.valid & (a.true_v == v_c) & (cols != a.g_current[:, None])
+    has = same.any(axis=1)
+    g = np.where(has, same.argmax(axis=1), a.g_current)
+    return _eps_greedy(g, a.valid), float(has.mean())
+
+
+def oracle_share(a: Arrays, share: float) -> np.ndarray:
+    """Return the candidate that shows the oracle's message on a fixed share of requests (by request-id hash)."""
+    return _eps_greedy(np.where(a.u < share, a.g_oracle, a.g_current), a.valid)
 
 
 def _train_reward_model(preset: str, n: int, registry: Path, seed: int) -> tuple[Any, str]:
@@ -131,8 +166,8 @@ def _train_reward_model(preset: str, n: int, registry: Path, seed: int) -> tuple
 
 
 def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registry: Path,
-              shares: dict[str, tuple[float, float]], resamples: int) -> dict[str, Any]:
-    """Return one replicate's verdicts and interval coverage for each candidate in `shares`."""
+              grid: list[float], resamples: int) -> dict[str, Any]:
+    """Return one replicate's verdicts and interval coverage for every candidate (both interval methods)."""
     from models.registry import Registry
 
     world = simulate(n, seed=seed, epsilon=EPSILON, preset=preset, logging_rule=LOGGING)
@@ -143,97 +178,155 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
     a = _truth_arrays(world, lg.frame["request_id"].to_numpy(), lg.candidate_ids, lg.valid)
     q = ev.policies[version].reward_hat(lg)
     clusters = lg.frame["original_transaction_id"].astype(str).to_numpy()
+    # the current policy: the default message, ε-greedy, as the simulator logged it (the evaluator *infers*
+    # the logging distribution from the propensity alone, which on an explored row cannot tell the default)
+    current = _eps_greedy(a.g_current, a.valid)
+    swap, swap_share = null_swap(a)
+    probs = {"current": current, "no_better": null_mixture(a, current), "no_better_swap": swap}
+    probs |= {f"oracle_{s:.2f}": oracle_share(a, s) for s in grid}
     flat: dict[str, ope.OPEResult] = {}
-    current = lg.logging_probs / lg.logging_probs.sum(axis=1, keepdims=True)
-    probs = {"current": current} | {name: candidate_probs(a, *sh) for name, sh in shares.items()}
-    for name, p in probs.items():
-        res = ope.estimate_all(ev.rewards, lg.actions, lg.propensities, p, q, logging_probs=lg.logging_probs,
-                               n_resamples=0)
-        flat.update({f"{name}/{k}": res[k] for k in ("snips", "dr")})
+    kw: dict[str, Any] = {"logging_probs": lg.logging_probs, "n_resamples": 0}
+    for name, p in probs.items():  # the estimators the gate and `retention evaluate` use, nothing else
+        flat[f"{name}/snips"] = ope.snips(ev.rewards, lg.actions, lg.propensities, p, **kw)
+        flat[f"{name}/dr"] = ope.dr(ev.rewards, lg.actions, lg.propensities, p, q, **kw)
     boot = ope.Bootstrap(flat, n_resamples=resamples, seed=seed, clusters=clusters)
     n_clusters = int(pd.unique(clusters).size)
-    out: dict[str, Any] = {"seed": seed, "n": lg.n, "clusters": n_clusters}
     v_cur = float((current * a.true_v).sum(axis=1).mean())
-    adv_o, adv_w, _ = _advantages(a, current)
-    out["advantage_oracle"], out["advantage_worst"], out["v_current"] = adv_o, adv_w, v_cur
-    for name in shares:
+    out: dict[str, Any] = {"seed": seed, "n": lg.n, "clusters": n_clusters, "v_current": v_cur,
+                           "swap_share": swap_share}
+    truth_cur = v_cur
+    cover_cur = {}
+    for est in ("snips", "dr"):
+        for m in ("percentile", "bca", "hull"):
+            lo, hi = boot.interval(f"current/{est}", 0.9, m)
+            cover_cur[f"{est}_{m}"] = [lo, hi, bool(lo <= truth_cur <= hi)]
+    out["current"] = {"truth": truth_cur, "intervals": cover_cur}
+    # the studentized intervals in one pass over the resamples (Bootstrap.interval would draw them again each time)
+    names = [k for k in probs if k != "current"]
+    specs: list[tuple[str, str | None]] = [(f"{k}/dr", "current/dr") for k in names]
+    specs += [(f"{k}/{est}", None) for k in names for est in ("snips", "dr")]
+    t_iv = dict(zip(specs, boot.studentized(specs, 0.9), strict=True))
+    for name in names:
         truth = float((probs[name] * a.true_v).sum(axis=1).mean())
-        j = judge(boot, f"{name}/dr", "current/dr", clusters=n_clusters)
-        cover = {}
+        row: dict[str, Any] = {"truth": truth, "true_advantage": truth - v_cur, "intervals": {}}
+        for m in ("percentile", "bca", "hull"):  # "hull" is the gate's own (judge's default)
+            j = judge(boot, f"{name}/dr", "current/dr", clusters=n_clusters, method=m)
+            row[f"promote_{m}"] = j.promote
+            row[f"diff_{m}"] = [j.ci_low, j.ci_high]
+        lo, hi = t_iv[(f"{name}/dr", "current/dr")]  # what judge(..., method="studentized") returns
+        row["promote_studentized"], row["diff_studentized"] = bool(lo > 0), [lo, hi]
+        row.update(estimate=j.estimate, mdd=j.mdd, se=j.se, ess=j.ess, decisions=j.n,
+                   dr=flat[f"{name}/dr"].estimate, snips=flat[f"{name}/snips"].estimate)
         for est in ("snips", "dr"):
-            lo, hi = boot.interval(f"{name}/{est}", 0.9)
-            cover[est] = bool(lo <= truth <= hi)
-        # the gate's other refusal that can apply here: too few effective decisions to trust any interval
-        floor = cfg.min_ess
-        out[name] = {"promote": j.promote, "promote_gate": bool(j.promote and j.ess >= floor), "estimate": j.estimate, "true_advantage": truth - v_cur, "mdd": j.mdd,
-                     "se": j.se, "ess": j.ess, "covered": cover, "truth": truth}
+            for m in ope.INTERVALS:
+                lo, hi = t_iv[(f"{name}/{est}", None)] if m == "studentized" else boot.interval(f"{name}/{est}", 0.9, m)
+                row["intervals"][f"{est}_{m}"] = [lo, hi, bool(lo <= truth <= hi)]
+        out[name] = row
     return out
 
 
-def calibrate_null(preset: str, n: int, seed: int, share_oracle: float = 0.3) -> tuple[float, float]:
-    """Return (oracle share, worst share) whose true advantage over the current policy is zero on a large world."""
-    world = simulate(n, seed=seed, epsilon=EPSILON, preset=preset, logging_rule=LOGGING)
-    from training.target_policy import prepare_logged
+def _add_hull(reps: list[dict[str, Any]]) -> None:
+    """Fill in the hull verdicts and intervals of replicates written before the bench computed them (same numbers)."""
+    for r in reps:
+        for row in r.values():
+            if not isinstance(row, dict) or "intervals" not in row:
+                continue
+            if "promote_percentile" in row and "promote_hull" not in row:
+                row["promote_hull"] = bool(row["promote_percentile"] and row["promote_bca"])
+            for est in ("snips", "dr"):
+                iv = row["intervals"]
+                if f"{est}_hull" not in iv and f"{est}_bca" in iv:
+                    lo = min(iv[f"{est}_percentile"][0], iv[f"{est}_bca"][0])
+                    hi = max(iv[f"{est}_percentile"][1], iv[f"{est}_bca"][1])
+                    iv[f"{est}_hull"] = [lo, hi, bool(lo <= row["truth"] <= hi)]
 
-    lg, _ = prepare_logged(world.decisions, world.catalog)
-    a = _truth_arrays(world, lg.frame["request_id"].to_numpy(), lg.candidate_ids, lg.valid)
-    cur = lg.logging_probs / lg.logging_probs.sum(axis=1, keepdims=True)
-    adv_o, adv_w, _ = _advantages(a, cur)
-    # the candidate's value is linear in the shares (up to the coin's sampling on these requests): solve for zero
-    base = float((candidate_probs(a, 0.0, 0.0) * a.true_v).sum(axis=1).mean()) - float((cur * a.true_v).sum(axis=1).mean())
-    share_worst = (share_oracle * adv_o + base) / -adv_w if adv_w < 0 else 0.0
-    if share_oracle + share_worst > 1.0:  # the worst message is too close to the current one: fewer oracle picks
-        share_oracle = (-adv_w - base) / (adv_o - adv_w)
-        share_worst = 1.0 - share_oracle
-    return float(share_oracle), float(np.clip(share_worst, 0.0, 1.0 - share_oracle))
+
+def summarize(preset: str, n: int, reps: list[dict[str, Any]], grid: list[float]) -> dict[str, Any]:
+    """Return the per-preset table: each candidate's promotion rates, coverage, MDD; the at-MDD candidate."""
+    _add_hull(reps)
+    names = ["no_better", "no_better_swap"] + [f"oracle_{s:.2f}" for s in grid]
+    summary: dict[str, Any] = {"preset": preset, "n": n, "replicates": len(reps),
+                               "decisions_evaluated": float(np.mean([r["n"] for r in reps])),
+                               "subscribers": float(np.mean([r["clusters"] for r in reps])),
+                               "v_current": float(np.mean([r["v_current"] for r in reps])),
+                               "swap_share": float(np.mean([r["swap_share"] for r in reps])), "candidates": {}}
+    for name in ["current", *names]:
+        rows = [r[name] for r in reps]
+        c: dict[str, Any] = {f"coverage_{k}": float(np.mean([x["intervals"][k][2] for x in rows]))
+                             for k in rows[0]["intervals"]}
+        if name != "current":
+            est = np.array([x["estimate"] for x in rows])
+            c |= {f"promoted_{m}": float(np.mean([x[f"promote_{m}"] for x in rows])) for m in ope.INTERVALS
+                  if f"promote_{m}" in rows[0]}
+            c |= {"true_advantage": float(np.mean([x["true_advantage"] for x in rows])),
+                  "estimate_mean": float(est.mean()), "estimate_sd": float(est.std(ddof=1)) if len(est) > 1 else None,
+                  "se_mean": float(np.mean([x["se"] for x in rows])),
+                  "stated_mdd_mean": float(np.mean([x["mdd"] for x in rows])),
+                  "ess_median": float(np.median([x["ess"] for x in rows]))}
+        summary["candidates"][name] = c
+    # the candidate at the stated MDD: the grid share where mean true advantage / mean stated MDD crosses 1
+    ratio = [(s, summary["candidates"][f"oracle_{s:.2f}"]) for s in grid]
+    at = None
+    for (s0, c0), (s1, c1) in itertools.pairwise(ratio):
+        r0 = c0["true_advantage"] / c0["stated_mdd_mean"]
+        r1 = c1["true_advantage"] / c1["stated_mdd_mean"]
+        if r0 < 1.0 <= r1:
+            t = (1.0 - r0) / (r1 - r0)
+            at = {"between": [s0, s1], "ratios": [r0, r1], "share": s0 + t * (s1 - s0)}
+            at |= {f"promoted_{m}": c0[f"promoted_{m}"] + t * (c1[f"promoted_{m}"] - c0[f"promoted_{m}"])
+                   for m in ope.INTERVALS if f"promoted_{m}" in c0}
+            break
+    summary["at_mdd"] = at
+    return summary
 
 
 def run_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     registry = tmp / preset
     scorer, version = _train_reward_model(preset, args.train_n, registry, seed=10_000)
-    null = calibrate_null(preset, args.reference_n, seed=20_000)
-    # pilot: the MDD the gate states at this n, for a candidate showing the oracle's message on a share of requests
-    # the MDD grows about as the square root of the share (the variance comes from the requests where the
-    # candidate departs from the current policy), the advantage linearly: solve share · A = m · √share
-    share = 0.5
-    pilots = []
-    for _round in range(args.pilot_rounds):
-        pilot = [replicate(preset, args.n, 30_000 + 100 * _round + s, scorer, version, registry,
-                           {"pilot": (share, 0.0)}, args.resamples) for s in range(args.pilot)]
-        mdd = float(np.mean([p["pilot"]["mdd"] for p in pilot]))
-        adv_per_share = float(np.mean([p["pilot"]["true_advantage"] for p in pilot])) / share
-        pilots.append({"share": share, "mdd": mdd, "advantage": adv_per_share * share})
-        share = float(np.clip((mdd / (adv_per_share * np.sqrt(share))) ** 2, 0.01, 1.0))
-    shares = {"no_better": null, "at_mdd": (share, 0.0)}
+    grid = [float(x) for x in args.grid.split(",")]
     reps = []
     for s in range(args.replicates):
-        reps.append(replicate(preset, args.n, 1 + s, scorer, version, registry, shares, args.resamples))
+        reps.append(replicate(preset, args.n, args.first_seed + s, scorer, version, registry, grid, args.resamples))
         if args.progress:
-            print(f"{preset} replicate {s + 1}/{args.replicates}", file=sys.stderr, flush=True)
+            print(f"{preset} replicate {s + 1}/{args.replicates} {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if args.json:  # as it goes, so that a run cut short still tells what it measured
             partial = args.json.with_suffix(f".{preset}.partial.json")
-            partial.write_text(json.dumps({"preset": preset, "shares": shares, "pilots": pilots, "replicates": reps}))
-    summary: dict[str, Any] = {"preset": preset, "n": args.n, "replicates": len(reps), "shares": shares,
-                               "pilots": pilots,
-                               "decisions_evaluated": float(np.mean([r["n"] for r in reps])),
-                               "subscribers": float(np.mean([r["clusters"] for r in reps])),
-                               "v_current": float(np.mean([r["v_current"] for r in reps]))}
-    for name in shares:
-        rows = [r[name] for r in reps]
-        summary[name] = {
-            "promoted": float(np.mean([x["promote"] for x in rows])),
-            "promoted_with_ess_floor": float(np.mean([x["promote_gate"] for x in rows])),
-            "true_advantage": float(np.mean([x["true_advantage"] for x in rows])),
-            "stated_mdd_mean": float(np.mean([x["mdd"] for x in rows])),
-            "stated_mdd_sd": float(np.std([x["mdd"] for x in rows])),
-            "coverage_snips": float(np.mean([x["covered"]["snips"] for x in rows])),
-            "coverage_dr": float(np.mean([x["covered"]["dr"] for x in rows])),
-            "ess_median": float(np.median([x["ess"] for x in rows])),
-        }
+            partial.write_text(json.dumps({"preset": preset, "n": args.n, "grid": grid, "replicates": reps}))
+    summary = summarize(preset, args.n, reps, grid)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["per_replicate"] = reps
     return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    cands = s["candidates"]
+    methods = [m for m in ("hull", "percentile", "bca", "studentized") if f"promoted_{m}" in cands["no_better"]]
+    short = {"percentile": "pct", "bca": "BCa", "studentized": "t", "hull": "gate"}
+    print(f"\n{s['preset']}: {s['replicates']} replicates of {s['n']:,} decisions "
+          f"({s['decisions_evaluated']:,.0f} evaluated, {s['subscribers']:,.0f} subscribers), "
+          f"current value {s['v_current']:.4f}/request; equal-value swap possible on {s['swap_share']:.1%}")
+    head = f"  {'candidate':<15} " + " ".join(f"{'promo ' + short[m]:>9}" for m in methods)
+    head += f" {'true adv':>9} {'MDD':>7} {'est sd':>7} {'SE':>6} {'ESS':>6} "
+    head += " ".join(f"{est + ' ' + short[m]:>9}" for est in ("SNIPS", "DR") for m in methods)
+    print(head)
+    for name, c in cands.items():
+        if name == "current":
+            line = f"  {name:<15} " + " ".join(f"{'':>9}" for _ in methods) + f" {'':>9} {'':>7} {'':>7} {'':>6} {'':>6} "
+        else:
+            sd = c["estimate_sd"] if c["estimate_sd"] is not None else float("nan")
+            line = f"  {name:<15} " + " ".join(f"{c[f'promoted_{m}']:>9.0%}" for m in methods)
+            line += f" {c['true_advantage']:>+9.3f} {c['stated_mdd_mean']:>7.3f} {sd:>7.3f} {c['se_mean']:>6.3f} {c['ess_median']:>6.0f} "
+        line += " ".join(f"{c[f'coverage_{est}_{m}']:>9.0%}" if f"coverage_{est}_{m}" in c else f"{'':>9}"
+                         for est in ("snips", "dr") for m in methods)
+        print(line)
+    at = s["at_mdd"]
+    if at:
+        print(f"  at the stated MDD: oracle on {at['share']:.0%} of requests (between grid shares {at['between']}, "
+              f"advantage/MDD {at['ratios'][0]:.2f} to {at['ratios'][1]:.2f}): promoted "
+              + ", ".join(f"{at[f'promoted_{m}']:.0%} ({m})" for m in methods))
+    else:
+        print("  no grid candidate has a true advantage that crosses the stated MDD at this n")
 
 
 def main() -> int:
@@ -241,28 +334,35 @@ def main() -> int:
     ap.add_argument("--presets", default=",".join(APPLE), help=f"comma-separated presets (default {','.join(APPLE)})")
     ap.add_argument("--n", type=int, default=50_000, help="logged decisions per replicate (default 50000)")
     ap.add_argument("--replicates", type=int, default=100, help="replicates per preset (default 100)")
-    ap.add_argument("--pilot", type=int, default=10, help="replicates per pilot round for the MDD candidate (default 10)")
-    ap.add_argument("--pilot-rounds", type=int, default=3, help="pilot rounds for the MDD candidate (default 3)")
+    ap.add_argument("--first-seed", type=int, default=1, help="seed of the first replicate world (default 1)")
+    ap.add_argument("--grid", default="0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                    help="shares of requests on which the power candidates show the oracle's message")
     ap.add_argument("--train-n", type=int, default=50_000, help="decisions of the reward model's training world")
-    ap.add_argument("--reference-n", type=int, default=200_000, help="decisions of the world that sets the null shares")
     ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000, the gate's)")
     ap.add_argument("--json", type=Path, help="write every replicate's results here")
+    ap.add_argument("--merge", type=Path, nargs="+", help="summarize these --json files (or .partial.json) instead of running")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    if args.merge:
+        out = []
+        for path in args.merge:
+            data = json.loads(path.read_text())
+            for d in data if isinstance(data, list) else [data]:
+                reps = d.get("per_replicate", d.get("replicates"))
+                grid = d.get("grid") or [float(k.split("_")[1]) for k in reps[0] if k.startswith("oracle_")]
+                s = summarize(d["preset"], d["n"], reps, grid)
+                print_summary(s)
+                out.append(s)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return 0
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
             s = run_preset(preset, args, Path(tmp))
+            s["grid"] = [float(x) for x in args.grid.split(",")]
             out.append(s)
-            print(f"\n{preset}: {s['replicates']} replicates of {args.n:,} decisions "
-                  f"({s['decisions_evaluated']:,.0f} evaluated, {s['subscribers']:,.0f} subscribers), "
-                  f"current value {s['v_current']:.4f}/request, {s['seconds']:.0f} s")
-            print(f"  {'candidate':<10} {'promoted':>9} {'+ESS floor':>10} {'true adv':>9} {'stated MDD':>11} {'cover SNIPS':>12} "
-                  f"{'cover DR':>9} {'ESS':>8}")
-            for name in ("no_better", "at_mdd"):
-                c = s[name]
-                print(f"  {name:<10} {c['promoted']:>9.1%} {c['promoted_with_ess_floor']:>10.1%} {c['true_advantage']:>+9.4f} {c['stated_mdd_mean']:>11.4f} "
-                      f"{c['coverage_snips']:>12.1%} {c['coverage_dr']:>9.1%} {c['ess_median']:>8.0f}")
+            print_summary(s)
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -59,6 +59,9 @@ class EvaluationConfig:
     holdout_fraction: float = 0.2
     min_ess: float = 100.0
     min_ess_fraction: float = 0.01
+    # the policies' intervals and paired differences (training.ope.INTERVALS): the hull of the percentile
+    # and BCa intervals, which covered the truth on Apple-sized worlds where the percentile one alone did not
+    interval: str = "hull"
     reward_model: str = "own"
     # only decisions whose whole label window has passed: recent ones get a label early only when
     # the subscriber churned or renewed, and keeping those would bias every estimate toward churn
@@ -403,9 +406,9 @@ def evaluate(
     boot = ope.Bootstrap(flat, n_resamples=cfg.n_resamples, seed=cfg.seed, clusters=clusters) \
         if cfg.n_resamples else None
     if boot is not None:
-        observed = boot.with_interval(f"{LOGGING}/observed", cfg.level)
+        observed = boot.with_interval(f"{LOGGING}/observed", cfg.level, cfg.interval)
         for v, res in results.items():
-            results[v] = {name: boot.with_interval(f"{v}/{name}", cfg.level) for name in res}
+            results[v] = {name: boot.with_interval(f"{v}/{name}", cfg.level, cfg.interval) for name in res}
     steps.update()
 
     # ---- per-policy summaries
@@ -440,11 +443,13 @@ def evaluate(
             "message_share": _message_share(tp, logged),
         }
         if boot is not None:
-            row["vs_logging"] = {name: boot.difference(f"{v}/{name}", f"{LOGGING}/observed", cfg.level).to_dict()
-                                 for name in res}
+            row["vs_logging"] = {name: boot.difference(f"{v}/{name}", f"{LOGGING}/observed", cfg.level,
+                                                       cfg.interval).to_dict() for name in res}
+            row["vs_logging"]["dr"] |= _power(boot, f"{v}/dr", f"{LOGGING}/observed", cfg, n_clusters)
             if current is not None and current in versions and v != current:
-                row["vs_current"] = {name: boot.difference(f"{v}/{name}", f"{current}/{name}", cfg.level).to_dict()
-                                     for name in res}
+                row["vs_current"] = {name: boot.difference(f"{v}/{name}", f"{current}/{name}", cfg.level,
+                                                           cfg.interval).to_dict() for name in res}
+                row["vs_current"]["dr"] |= _power(boot, f"{v}/dr", f"{current}/dr", cfg, n_clusters)
         p_shown = tp.p_stay[rows, logged.actions]
         row["predictive"] = predictive_metrics(y[holdout], p_shown[holdout], cfg.calibration_bins)
         lo, hi = _training_window(manifests.get(v, {}))
@@ -531,6 +536,7 @@ def evaluate(
         },
         "settings": {
             "level": cfg.level,
+            "interval": cfg.interval,
             "n_resamples": cfg.n_resamples,
             "seed": cfg.seed,
             "exploration": cfg.exploration.as_dict(),
@@ -551,6 +557,17 @@ def evaluate(
         "warnings": warnings,
     }
     return Evaluated(_clean(summary), logged, rewards, policies, results, boot)
+
+
+def _power(boot: ope.Bootstrap, candidate: str, reference: str, cfg: EvaluationConfig, clusters: int) -> dict[str, Any]:
+    """Return what the paired DR difference can detect: its MDD at 80% power and the decisions 1% of the reference needs."""
+    from training.gate import judge  # the gate's own statement (training.gate imports this module)
+
+    j = judge(boot, candidate, reference, level=cfg.level, clusters=clusters, method=cfg.interval)
+    ref = boot.results[reference].estimate
+    one_pct = 0.01 * ref if np.isfinite(ref) and ref > 0 else float("nan")
+    need = j.decisions_needed(one_pct) if np.isfinite(one_pct) and np.isfinite(j.mdd) else None
+    return {"se": j.se, "mdd": j.mdd, "power": j.power, "reference_value": ref, "decisions_for_one_percent": need}
 
 
 def _iso(ms: int) -> str:
@@ -621,9 +638,16 @@ def format_table(summary: dict[str, Any]) -> str:
         for key, label in (("vs_current", f"− current {summary.get('current')}"), ("vs_logging", "− logging")):
             d = (p.get(key) or {}).get("dr")
             if d:
-                diffs.append(f"  {p['name']} {label}: DR {_fmt(d['estimate'])} {_fmt_ci(d['ci_low'], d['ci_high'])}")
+                line = f"  {p['name']} {label}: DR {_fmt(d['estimate'])} {_fmt_ci(d['ci_low'], d['ci_high'])}"
+                if d.get("mdd") is not None:
+                    line += f"; MDD {_fmt(d['mdd'])}"
+                    if d.get("decisions_for_one_percent") is not None:
+                        line += (f"; an advantage of 1% ({_fmt(0.01 * d['reference_value'], 4)}) needs about "
+                                 f"{d['decisions_for_one_percent']:,} decisions")
+                diffs.append(line)
     if diffs:
-        lines += ["", f"paired differences ({level:.0%} interval):", *diffs]
+        lines += ["", f"paired differences ({level:.0%} interval; MDD: the smallest true difference detected 80% of "
+                  f"the time with these {summary['data']['evaluated']:,} decisions):", *diffs]
     if summary.get("warnings"):
         lines += ["", "warnings:", *(f"  ! {w}" for w in summary["warnings"])]
     return "\n".join(lines)

@@ -235,6 +235,70 @@ def _percentile_ci(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def bca_ci(samples: np.ndarray, estimate: float, influence: np.ndarray, level: float) -> tuple[float, float]:
+    """Return the bias-corrected and accelerated (BCa) bootstrap interval (Efron 1987; DiCiccio & Efron 1996).
+
+    `samples` are the bootstrap replicates of the estimate, `influence` its empirical influence
+    value per resampled unit (request or cluster; any scale). The percentile interval reads the
+    quantiles α and 1 − α of the replicates; BCa reads them at
+
+        Φ(z₀ + (z₀ + z)/(1 − a(z₀ + z))),   z = z_α, z_{1−α},
+        z₀ = Φ⁻¹(share of replicates below the estimate, ties counted half),
+        a = Σ U³ / (6 (Σ U²)^{3/2})
+
+    which corrects for the skew of an estimate built from a few large terms (importance weights
+    near 1/ε on rare outcomes), where the percentile interval misses the truth more often than
+    its level says. Degenerate cases (no spread) give the percentile interval.
+    """
+    from statistics import NormalDist
+
+    if not 0 < level < 1:
+        raise ValueError("level must be within (0, 1)")
+    s = samples[np.isfinite(samples)]
+    if s.size == 0 or not np.isfinite(estimate):
+        return float("nan"), float("nan")
+    nd = NormalDist()
+    below = (np.count_nonzero(s < estimate) + 0.5 * np.count_nonzero(s == estimate)) / s.size
+    if not 0.0 < below < 1.0:
+        return _percentile_ci(s, level)
+    z0 = nd.inv_cdf(below)
+    u = np.asarray(influence, dtype=np.float64)
+    u = u - u.mean()
+    ss = float(np.dot(u, u))
+    acc = float((u**3).sum() / (6.0 * ss**1.5)) if ss > 0 else 0.0
+    alpha = (1.0 - level) / 2.0
+    qs = []
+    for z in (nd.inv_cdf(alpha), nd.inv_cdf(1.0 - alpha)):
+        denom = 1.0 - acc * (z0 + z)
+        qs.append(nd.cdf(z0 + (z0 + z) / denom) if denom > 0 else (0.0 if z < 0 else 1.0))
+    lo, hi = np.quantile(s, qs)
+    return float(lo), float(hi)
+
+
+INTERVALS = ("percentile", "bca", "studentized", "hull")
+# "hull": from the lower of the percentile and BCa lower bounds to the higher of their upper bounds.
+# On estimates that rest on a few large terms each of the two misses the truth on one side more often
+# than its level says (the percentile interval on the side the data showed little of, BCa on the other);
+# their hull covered where either alone did not (bench/bench_gate.py, BENCHMARKS.md)
+
+
+def _t_interval(theta: float, se: float, t_star: np.ndarray, level: float) -> tuple[float, float]:
+    t = t_star[np.isfinite(t_star)]
+    if t.size == 0 or not (np.isfinite(theta) and np.isfinite(se)):
+        return float("nan"), float("nan")
+    alpha = (1.0 - level) / 2.0
+    t_lo, t_hi = np.quantile(t, [alpha, 1.0 - alpha])
+    return float(theta - t_hi * se), float(theta - t_lo * se)
+
+
+def _hull(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    if not all(np.isfinite(a)):
+        return b
+    if not all(np.isfinite(b)):
+        return a
+    return min(a[0], b[0]), max(a[1], b[1])
+
+
 def ratio_ci(
     num: np.ndarray, den: np.ndarray, *, level: float = DEFAULT_LEVEL, n_resamples: int = DEFAULT_RESAMPLES, seed: SeedLike = 0,
     clusters: np.ndarray | None = None,
@@ -535,11 +599,15 @@ class Bootstrap:
         self.n_resamples = n_resamples
         self._col = {name: 2 * i for i, name in enumerate(self.results)}
         n = sizes.pop() if sizes else 0
+        self._seed = seed
         if n == 0 or n_resamples <= 0 or not self.results:
             self.sums = np.full((0, 2 * len(self.results)), np.nan)
+            self.units = np.zeros((0, 2 * len(self.results)))
         else:
             cols = np.column_stack([c for r in self.results.values() for c in (r.num, r.den)])
-            self.sums = bootstrap_sums(cols, n_resamples, seed, clusters=clusters)
+            # the resampled units: whole clusters when given (the same draws as bootstrap_sums(..., clusters))
+            self.units = cluster_sums(cols, clusters) if clusters is not None else cols
+            self.sums = bootstrap_sums(self.units, n_resamples, seed)
 
     def samples(self, name: str) -> np.ndarray:
         """Return the bootstrap replicates of result `name`'s estimate."""
@@ -547,23 +615,93 @@ class Bootstrap:
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.sums[:, j] / self.sums[:, j + 1]
 
-    def interval(self, name: str, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
-        """Return the percentile interval of result `name`."""
+    def studentized(self, pairs: list[tuple[str, str | None]], level: float = DEFAULT_LEVEL) -> list[tuple[float, float]]:
+        """Return the bootstrap-t (studentized) interval of each result `a`, or paired difference `a` − `b`.
+
+        Each resample's estimate is divided by its own standard error (the ratio's linearized,
+        delta-method SE on the resampled units), t* = (θ* − θ̂) / se*, and the interval is
+        [θ̂ − t*_{1−α} ŝe, θ̂ − t*_α ŝe] (Efron & Tibshirani 1993, ch. 12; Hall 1988). Where the
+        estimate rests on a few large terms (rare outcomes under importance weights near 1/ε), its
+        SE grows with it: the percentile interval is then too narrow on the side the data happened
+        to show little of, and the bootstrap-t is not. The same resamples are drawn again (same seed),
+        so the intervals agree with every other one of this Bootstrap. A paired difference needs
+        both results on the same denominators (IPS, DM, DR, observed); ValueError otherwise.
+        """
+        if self.sums.shape[0] == 0 or not pairs:
+            return [(float("nan"), float("nan"))] * len(pairs)
+        cols, thetas, ses = [], [], []
+        for a, b in pairs:
+            ja = self._col[a]
+            num, den = self.units[:, ja].copy(), self.units[:, ja + 1]
+            if b is not None:
+                jb = self._col[b]
+                if not np.array_equal(den, self.units[:, jb + 1]):
+                    raise ValueError(f"{a} and {b} have different denominators: no studentized paired interval")
+                num -= self.units[:, jb]
+            total = float(den.sum())
+            theta = float(num.sum()) / total if total != 0 else float("nan")
+            e = num - theta * den
+            ses.append(float(np.sqrt(np.dot(e, e))) / abs(total) if total != 0 else float("nan"))
+            thetas.append(theta)
+            cols += [num, den, num * num, num * den, den * den]
+        sums = bootstrap_sums(np.column_stack(cols), self.n_resamples, self._seed)
+        out = []
+        for i, (theta, se) in enumerate(zip(thetas, ses, strict=True)):
+            s_num, s_den, s_nn, s_nd, s_dd = (sums[:, 5 * i + j] for j in range(5))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                th = s_num / s_den
+                var = np.maximum(s_nn - 2.0 * th * s_nd + th * th * s_dd, 0.0) / (s_den * s_den)
+                t_star = (th - theta) / np.sqrt(var)
+            out.append(_t_interval(theta, se, t_star, level))
+        return out
+
+    def influence(self, name: str) -> np.ndarray:
+        """Return the empirical influence of each resampled unit on result `name` (Σ num / Σ den): num − θ·den."""
+        j = self._col[name]
+        num, den = self.units[:, j], self.units[:, j + 1]
+        total = float(den.sum())
+        theta = float(num.sum()) / total if total != 0 else float("nan")
+        return (num - theta * den) / (total / max(len(den), 1))
+
+    def interval(self, name: str, level: float = DEFAULT_LEVEL, method: str = "percentile") -> tuple[float, float]:
+        """Return the interval of result `name`: ``percentile``, ``bca`` (:func:`bca_ci`) or ``studentized``."""
+        if method == "studentized":
+            return self.studentized([(name, None)], level)[0]
+        if method == "hull":
+            return _hull(self.interval(name, level, "percentile"), self.interval(name, level, "bca"))
+        if method == "bca":
+            return bca_ci(self.samples(name), self.results[name].estimate, self.influence(name), level)
+        if method != "percentile":
+            raise ValueError(f"unknown interval method {method!r}; one of {', '.join(INTERVALS)}")
         return _percentile_ci(self.samples(name), level)
 
-    def with_interval(self, name: str, level: float = DEFAULT_LEVEL) -> OPEResult:
-        """Return result `name` with its interval filled in from these resamples."""
-        lo, hi = self.interval(name, level)
+    def difference_interval(self, a: str, b: str, level: float = DEFAULT_LEVEL, method: str = "percentile") -> tuple[float, float]:
+        """Return the paired interval of result `a` minus result `b` (``percentile`` or ``bca``)."""
+        if method == "studentized":
+            return self.studentized([(a, b)], level)[0]
+        if method == "hull":
+            return _hull(self.difference_interval(a, b, level, "percentile"), self.difference_interval(a, b, level, "bca"))
+        samples = self.difference_samples(a, b)
+        if method == "bca":
+            estimate = self.results[a].estimate - self.results[b].estimate
+            return bca_ci(samples, estimate, self.influence(a) - self.influence(b), level)
+        if method != "percentile":
+            raise ValueError(f"unknown interval method {method!r}; one of {', '.join(INTERVALS)}")
+        return _percentile_ci(samples, level)
+
+    def with_interval(self, name: str, level: float = DEFAULT_LEVEL, method: str = "percentile") -> OPEResult:
+        """Return result `name` with its interval (:meth:`interval`'s `method`) filled in from these resamples."""
+        lo, hi = self.interval(name, level, method)
         return dataclasses.replace(self.results[name], ci_low=lo, ci_high=hi, level=level, n_resamples=self.n_resamples)
 
     def difference_samples(self, a: str, b: str) -> np.ndarray:
         """Return the bootstrap replicates of result `a` minus result `b` (paired: the same resamples)."""
         return self.samples(a) - self.samples(b)
 
-    def difference(self, a: str, b: str, level: float = DEFAULT_LEVEL) -> Difference:
-        """Return result `a` minus result `b` with its paired percentile interval."""
+    def difference(self, a: str, b: str, level: float = DEFAULT_LEVEL, method: str = "percentile") -> Difference:
+        """Return result `a` minus result `b` with its paired interval (:meth:`difference_interval`'s `method`)."""
         ra, rb = self.results[a], self.results[b]
-        lo, hi = _percentile_ci(self.samples(a) - self.samples(b), level)
+        lo, hi = self.difference_interval(a, b, level, method)
         name = ra.estimator if ra.estimator == rb.estimator else f"{ra.estimator}-{rb.estimator}"
         return Difference(name, ra.estimate - rb.estimate, lo, hi, level, self.n_resamples, ra.n)
 

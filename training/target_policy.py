@@ -300,6 +300,17 @@ def policy_from_scores(
     # models.exploration.greedy_index row by row: the first highest value (padding never wins)
     greedy = np.where(logged.valid, values, -np.inf).argmax(axis=1)
     finite = np.isfinite(p_stay) | ~logged.valid
+    if exploration.scheme == "epsilon" and finite.all():
+        # models.exploration.action_probabilities for every row at once, the same operations in the
+        # same order (so the same bits): ε/K everywhere, 1 − ε added to the greedy, then the holdout
+        k_rows = logged.k.astype(np.float64)[:, None]
+        probs = np.where(np.arange(width)[None, :] < logged.k[:, None], exploration.epsilon / k_rows, 0.0)
+        probs[np.arange(n), greedy] += 1.0 - exploration.epsilon
+        if exploration.holdout > 0.0:
+            held = logged.default_index >= 0
+            probs[held] *= 1.0 - exploration.holdout
+            probs[np.flatnonzero(held), logged.default_index[held]] += exploration.holdout
+        return TargetPolicy(name, p_stay, values, probs, greedy, rule_rows)
     cand_lists = None
     for i in range(n):
         ki = int(logged.k[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from training.evaluate import (
     log_loss,
     resolve_versions,
 )
+from training.gate import z_sum
 from training.simulate import World, simulate, write_world
 from training.target_policy import logging_policy, prepare_logged, target_policy
 
@@ -67,26 +69,27 @@ def _inputs(world: World, decisions: pd.DataFrame | None = None) -> Inputs:
 
 
 # ---- target policies ---------------------------------------------------------------------------
-def test_target_policy_is_servings_exact_math(lab: Lab) -> None:
+@pytest.mark.parametrize("epsilon,holdout", [(0.05, 0.0), (0.1, 0.2)])
+def test_target_policy_is_servings_exact_math(lab: Lab, epsilon: float, holdout: float) -> None:
     from models.scoring import Scorer
 
     catalog = lab.world.catalog
     decisions = lab.world.decisions.iloc[:400]
     logged, dropped = prepare_logged(decisions, catalog)
     assert dropped == {"candidate not in catalog": 0}
-    exploration = Exploration(epsilon=0.05)
+    exploration = Exploration(epsilon=epsilon, holdout=holdout)
     scorer = Scorer(Registry(lab.registry).load(lab.strong))
     tp = target_policy(scorer, logged, catalog, exploration, lab.world.profiles)
     assert np.allclose(tp.probs.sum(axis=1), 1.0)
-    for i in range(0, 400, 37):
+    for i in range(400):  # bit for bit what serving computes, on every request
         row = decisions.iloc[i]
         cands = [catalog.messages[m] for m in row["candidates"]]
         values = tp.p_stay[i, : len(cands)] * np.array([catalog.value_after(m, row["product_id"]) for m in cands])
         default = catalog.default_for(row["product_id"], row["user_locale"])
         d = [m.messageIdentifier for m in cands].index(default.messageIdentifier) if default else None
-        want = action_probabilities(values, epsilon=0.05, default_index=d)
+        want = action_probabilities(values, epsilon=epsilon, holdout=holdout, default_index=d)
         assert np.array_equal(tp.probs[i, : len(cands)], want)
-        assert tp.probs[i, : len(cands)].min() == pytest.approx(0.05 / len(cands))
+        assert not tp.probs[i, len(cands):].any()
         assert tp.greedy[i] == int(np.argmax(values))
 
 
@@ -173,6 +176,12 @@ def test_evaluation_summary(lab: Lab) -> None:
     assert strong["vs_current"]["dr"]["ci_low"] > 0
     table = format_table(s)
     assert lab.strong in table and "switch-dr" in table and "paired differences" in table
+    # what the paired difference can detect: the gate's MDD and the decisions 1% of the current value needs
+    d = strong["vs_current"]["dr"]
+    assert d["mdd"] == pytest.approx(z_sum() * d["se"]) and d["mdd"] > 0
+    assert d["decisions_for_one_percent"] == math.ceil(s["data"]["evaluated"] * (d["mdd"] / (0.01 * d["reference_value"])) ** 2)
+    assert f"MDD {d['mdd']:.3f}; an advantage of 1% ({0.01 * d['reference_value']:.4f}) needs about " \
+           f"{d['decisions_for_one_percent']:,} decisions" in table
 
 
 def test_the_logging_policy_as_target_gives_its_observed_mean(lab: Lab) -> None:

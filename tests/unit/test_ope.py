@@ -190,3 +190,52 @@ def test_snips_counts_unsupported_target_mass_as_zero_like_its_warning_says() ->
     # with full support nothing changes: a weighted mean of observed rewards
     full = ope.snips(R, A, MU, PI, logging_probs=MU_ALL, n_resamples=0)
     assert full.estimate == pytest.approx(ope.snips(R, A, MU, PI, n_resamples=0).estimate)
+
+
+# ---- interval methods: percentile (the default), BCa, studentized ------------------------------------
+def _rare(seed: int, n: int = 4000, mu0: float = 0.01, p: float = 0.1) -> dict[str, ope.OPEResult]:
+    """A target that always shows an action logged 1% of the time, whose reward is rare: a few big IPS terms."""
+    rng = np.random.default_rng(seed)
+    a = (rng.random(n) >= mu0).astype(np.intp)  # action 0 with probability mu0
+    mu = np.where(a == 0, mu0, 1.0 - mu0)
+    r = np.where(a == 0, rng.random(n) < p, rng.random(n) < 0.5).astype(np.float64)
+    pi = np.zeros((n, 2))
+    pi[:, 0] = 1.0
+    return {"ips": ope.ips(r, a, mu, pi, n_resamples=0), "obs": ope.observed(r, n_resamples=0)}
+
+
+def test_every_interval_method_agrees_with_the_normal_one_on_plentiful_data() -> None:
+    rng = np.random.default_rng(3)
+    r = rng.normal(1.0, 2.0, 20_000)
+    boot = ope.Bootstrap({"m": ope.observed(r, n_resamples=0)}, n_resamples=2000, seed=1)
+    half = 1.645 * 2.0 / np.sqrt(len(r))
+    for method in ope.INTERVALS:
+        lo, hi = boot.interval("m", 0.9, method)
+        assert lo == pytest.approx(r.mean() - half, abs=0.1 * half), method
+        assert hi == pytest.approx(r.mean() + half, abs=0.1 * half), method
+    with pytest.raises(ValueError, match="unknown interval method"):
+        boot.interval("m", 0.9, "wald")
+
+
+def test_on_a_few_large_terms_bca_and_the_bootstrap_t_reach_further_up_than_the_percentile_interval() -> None:
+    boot = ope.Bootstrap(_rare(5), n_resamples=2000, seed=2)
+    est = boot.results["ips"].estimate
+    pct, bca, t, hull = (boot.interval("ips", 0.9, m) for m in ("percentile", "bca", "studentized", "hull"))
+    assert pct[0] < est < pct[1]
+    # the estimate's own spread grows with it: the side the data happened to show little of is the wider one
+    assert t[1] > pct[1] and t[1] - est > est - t[0]
+    assert bca[1] > pct[1]
+    assert hull == (min(pct[0], bca[0]), max(pct[1], bca[1]))
+    assert boot.with_interval("ips", 0.9, "hull").ci == hull
+
+
+def test_studentized_paired_intervals_are_computed_in_one_pass_and_agree_with_one_at_a_time() -> None:
+    res = _rare(6)
+    boot = ope.Bootstrap(res, n_resamples=500, seed=3, clusters=np.arange(4000) // 3)
+    both = boot.studentized([("ips", "obs"), ("ips", None)], 0.9)
+    assert both[0] == boot.difference_interval("ips", "obs", 0.9, "studentized")
+    assert both[1] == boot.interval("ips", 0.9, "studentized")
+    snips = ope.snips(np.ones(4), np.zeros(4, dtype=np.intp), np.full(4, 0.5), np.tile([1.0, 0.0], (4, 1)), n_resamples=0)
+    mixed = ope.Bootstrap({"a": snips, "b": ope.observed(np.ones(4), n_resamples=0)}, n_resamples=50, seed=0)
+    with pytest.raises(ValueError, match="different denominators"):
+        mixed.difference_interval("a", "b", 0.9, "studentized")
