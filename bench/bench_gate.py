@@ -5,7 +5,7 @@ code on one world; then R replicate worlds of N logged decisions each, logged by
 its default message with ε = 0.05 exploration (the *current* policy), are read exactly as
 ``retention models promote --if-better`` reads them (``training.evaluate``: labels, mature
 decisions only, the reward model's scores). Candidates, explored like serving (ε = 0.05), are
-judged against the current policy by the gate's own code (``training.gate.judge``: paired DR
+judged against the current policy by the gate's own code (``training.verdict.judge``: paired DR
 difference, 90% interval, subscribers resampled together, 1000 resamples):
 
 - ``no_better``: on each request the oracle's message with probability q, the worst one's
@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.exploration import Exploration
 from training import ope
 from training.evaluate import EvaluationConfig, Inputs, evaluate
-from training.gate import judge
 from training.simulate import simulate
+from training.verdict import judge
 
 EPSILON = 0.05
 LOGGING = "default"  # the current policy: the catalog default, explored (an app before its first model)

@@ -40,6 +40,7 @@ from training.target_policy import (
     prepare_logged,
     score_candidates,
 )
+from training.verdict import judge
 
 LOGGING = "logging"
 DAY_MS = 86_400_000
@@ -561,7 +562,6 @@ def evaluate(
 
 def _power(boot: ope.Bootstrap, candidate: str, reference: str, cfg: EvaluationConfig, clusters: int) -> dict[str, Any]:
     """Return what the paired DR difference can detect: its MDD at 80% power and the decisions 1% of the reference needs."""
-    from training.gate import judge  # the gate's own statement (training.gate imports this module)
 
     j = judge(boot, candidate, reference, level=cfg.level, clusters=clusters, method=cfg.interval)
     ref = boot.results[reference].estimate

@@ -27,9 +27,9 @@ from training.evaluate import (
     log_loss,
     resolve_versions,
 )
-from training.gate import z_sum
 from training.simulate import World, simulate, write_world
 from training.target_policy import logging_policy, prepare_logged, target_policy
+from training.verdict import z_sum
 
 FAST = EvaluationConfig(n_resamples=300, segment_resamples=50)
 

@@ -11,7 +11,7 @@ import pytest
 import retention
 from models.registry import Registry
 from training import ope
-from training.gate import describe, judge, z_sum
+from training.verdict import describe, judge, z_sum
 
 
 def _bandit(rng: np.random.Generator, n: int, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
