@@ -171,7 +171,7 @@ def one(preset: str, n: int, seed: int, vw: bool) -> dict[str, Any]:
     t_s = time.perf_counter() - t
     out = {"preset": preset, "n": n, "seed": seed, "v_oracle": v_oracle, "v_static": v_static,
            "learned": gap_captured(v_learned, v_static, v_oracle), "s_learner": gap_captured(v_s, v_static, v_oracle),
-           "fit": {k: fit.get(k) for k in ("model", "params", "n_iter", "selection")},
+           "fit": {k: fit.get(k) for k in ("model", "params", "n_iter", "selection", "credibility")},
            "seconds": {"learned": round(t_learned, 1), "s_learner": round(t_s, 1)}}
     if vw:
         t = time.perf_counter()
@@ -188,7 +188,9 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
                            "worst_diff_s": ("diff_s", "min")}
     if "vw" in df:
         df["diff_vw"] = df["learned"] - df["vw"]
-        agg |= {"vw": ("vw", "mean"), "mean_diff_vw": ("diff_vw", "mean"), "worst_diff_vw": ("diff_vw", "min")}
+        df["beats_vw"] = (df["diff_vw"] > 0).astype(float)
+        agg |= {"vw": ("vw", "mean"), "mean_diff_vw": ("diff_vw", "mean"), "worst_diff_vw": ("diff_vw", "min"),
+                "beats_vw": ("beats_vw", "sum")}
     return df.groupby(["preset", "n"]).agg(**agg).reset_index()
 
 
@@ -199,10 +201,19 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--no-vw", action="store_true", help="leave Vowpal Wabbit out")
-    ap.add_argument("--json", type=Path, help="write every run's results here (appended as it goes)")
+    ap.add_argument("--json", type=Path, help="write every run's results here (rewritten after each run)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="run nothing: print the summary of the runs in these --json files (one per piece of a grid)")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
-    for preset in [p for p in args.presets.split(",") if p]:
+    if args.merge:
+        for path in args.merge:
+            rows.extend(json.loads(path.read_text()))
+        seen = {(r["preset"], r["n"], r["seed"]) for r in rows}
+        if len(seen) != len(rows):
+            print("bench_policy: error: the files repeat a (preset, size, seed) run", file=sys.stderr)
+            return 2
+    for preset in [p for p in args.presets.split(",") if p] if not args.merge else []:
         for n in [int(s) for s in args.sizes.split(",") if s]:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 r = one(preset, n, seed, not args.no_vw)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,13 +68,11 @@ class ModelChoice:
     name: str
     model: str = "hgb"
     params: dict[str, Any] = field(default_factory=dict)
-    context: bool = True  # False: the message columns only (a static policy: one best message for everyone)
-    weighted: bool = False  # rows weighted by 1 / propensity (undoes the logging policy's targeting)
 
 
-# The candidates of the cross-validated choice. At Apple's effect sizes (a few points on a base of a
-# few percent) a model of who responds to what needs far more decisions than one of which message works
-# best on average; which one wins on given data is what the held-out policy value says.
+# The candidates of the cross-validated choice: which one wins on given data is what the held-out policy
+# value says. (A message-only model used to be one of them, for data too few to learn who responds to
+# what; the message factors of credibility_factors now fall back to the best-backed message instead.)
 MODEL_CHOICES: tuple[ModelChoice, ...] = (
     ModelChoice("hgb"),
     ModelChoice("hgb-plain", params={"learning_rate": 0.1, "max_iter": 100, "max_leaf_nodes": 31,
@@ -84,8 +81,13 @@ MODEL_CHOICES: tuple[ModelChoice, ...] = (
     ModelChoice("hgb-smooth", params={"learning_rate": 0.05, "max_iter": 600, "max_leaf_nodes": 15,
                                       "min_samples_leaf": 200, "l2_regularization": 5.0, "early_stopping": True,
                                       "n_iter_no_change": 30}),
-    ModelChoice("static", context=False, weighted=True),
 )
+# The policy acts on max(0, DR mean − z·SE) of each message's value (credibility_factors): how many
+# standard errors of pessimism. Measured on the Apple-sized presets (BENCHMARKS.md, issue 16).
+CREDIBILITY_Z = 1.0
+# A message whose lower bound is not above zero keeps this share of its doubly robust mean: it is chosen
+# only where no message has credible value, and then the one the logs say earns most.
+CREDIBILITY_FLOOR = 1e-3
 SELECTION_FOLDS = 3
 SELECTION_MAX_ROWS = 30_000
 SELECTION_MARGIN_SE = 1.0  # a later choice replaces the first only if it wins by this many standard errors
@@ -103,6 +105,7 @@ class FitInfo:
     n_iter: int | None = None
     seconds: float = 0.0
     selection: dict[str, Any] | None = None  # the cross-validated choice (select_model), when one was made
+    credibility: dict[str, Any] | None = None  # the per-message factors (credibility_factors) and their evidence
     # positions of the rows the base model never fitted (calibration, early stopping): the held-out share
     heldout_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
 
@@ -155,7 +158,6 @@ def fit_model(
     seed: int = 0,
     params: dict[str, Any] | None = None,
     heldout_index: np.ndarray | None = None,
-    sample_weight: np.ndarray | None = None,
 ) -> tuple[Any, FitInfo]:
     """Return (calibrated estimator with predict_proba, FitInfo) fitted on float32 rows `X` and 0/1 labels `y`.
 
@@ -178,7 +180,6 @@ def fit_model(
         raise ValueError(f"too few rows of one outcome to learn from ({minority} of {n})")
     held = split_heldout(n, seed) if heldout_index is None else np.asarray(heldout_index, dtype=np.int64)
     small = len(held) == 0
-    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     p = {**(HGB_DEFAULTS if model == "hgb" else LOGREG_DEFAULTS), **(params or {})}
     if model == "hgb" and small and not params:
         p.update(early_stopping=False, max_iter=100)  # no validation share: a short fixed run
@@ -201,22 +202,19 @@ def fit_model(
             raise ValueError("the held-out share holds only one outcome: too few rows of the other")
         fit_mask = np.ones(n, dtype=bool)
         fit_mask[held] = False
-        kw: dict[str, Any] = {"sample_weight": None if sw is None else sw[fit_mask]}
+        kw: dict[str, Any] = {}
         if model == "hgb" and p.get("early_stopping"):
             # stop on the held-out share rather than carving another 10% out of the fitted rows
-            kw.update(X_val=Xs[held], y_val=y[held], sample_weight_val=None if sw is None else sw[held])
+            kw.update(X_val=Xs[held], y_val=y[held])
         base.fit(Xs[fit_mask], y[fit_mask], **kw)
         cal = CalibratedClassifierCV(FrozenEstimator(base), method="sigmoid")
-        with warnings.catch_warnings():
-            # the frozen trees were already fitted with the weights: only the sigmoid takes them here
-            warnings.filterwarnings("ignore", message="Since FrozenEstimator does not appear to accept sample_weight")
-            cal.fit(Xs[held], y[held], sample_weight=None if sw is None else sw[held])
+        cal.fit(Xs[held], y[held])
         cal.calibrated_classifiers_[0].estimator = base  # see the module docstring
         calibration, rows_fit, rows_cal = "sigmoid on the held-out share", int(fit_mask.sum()), len(held)
     else:
         k = max(2, min(5, minority))
         cal = CalibratedClassifierCV(base, method="sigmoid", cv=k, ensemble=False)
-        cal.fit(Xs, y, sample_weight=sw)
+        cal.fit(Xs, y)
         base = cal.calibrated_classifiers_[0].estimator
         calibration, rows_fit, rows_cal = f"sigmoid, {k}-fold cross-validated", n, n
     estimator: Any = cal
@@ -238,19 +236,113 @@ def fit_model(
     return estimator, info
 
 
+class MessageCredibility:
+    """A fitted P(stay) model whose output is scaled, per message, by how well the logs back that message.
+
+    ``predict_proba(X)[:, 1]`` is the model's P(stay) × ``factors[j]``, j the message one-hot column of `X`
+    that is 1 (`columns`: the feature positions of the message one-hot, ``factors`` one per column); column
+    0 is 1 minus that. Serving multiplies the output by V(product after m) − cost(m) and takes the highest
+    (DESIGN.md), so the greedy choice becomes argmax factor(m) × P(stay | x, m) × value: a pessimistic value
+    (see :func:`credibility_factors`). The same scaling is appended to the ONNX graph (:func:`export_onnx`).
+    """
+
+    def __init__(self, estimator: Any, columns: np.ndarray, factors: np.ndarray) -> None:
+        self.estimator = estimator
+        self.columns = np.asarray(columns, dtype=np.int64)
+        self.factors = np.asarray(factors, dtype=np.float32)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Return (n, 2) float64 [1 − P′, P′] with P′ = P(stay) × the row's message factor."""
+        X = np.asarray(X, dtype=np.float32)
+        p = self.estimator.predict_proba(X)[:, 1]
+        factor = X[:, self.columns] @ self.factors  # float32, as the ONNX graph computes it
+        p1 = p * factor.astype(np.float64)
+        return np.column_stack([1.0 - p1, p1])
+
+
+def credibility_factors(
+    p_stay: np.ndarray, value_after: np.ndarray, message: np.ndarray, owner: np.ndarray, shown: np.ndarray,
+    rewards: np.ndarray, propensities: np.ndarray, *, z: float, n_messages: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return one factor per message code 0..n_messages−1 that turns the model's values into pessimistic ones.
+
+    Rows are (decision, candidate) pairs as in :func:`greedy_dr_terms`, `message` (m,) the candidate's
+    code. Per message m, over the decisions where it was a candidate: the model's mean value
+    M = mean r̂(x, m), r̂ = P(stay) × value_after, and the doubly robust mean
+    D = mean [r̂(x, m) + 1{a = m} / μ · (r − r̂(x, m))] (Dudík, Langford & Li 2011) with its standard
+    error s. The factor is max(D − z·s, 0.001·D) / M: the model's values of m rescaled so that they
+    average the lower bound of what the logs say m earns (a thousandth of D where that bound is not
+    above zero, so such messages rank below every credible one and by D among themselves). A message the logs rarely showed has a wide
+    interval and a small factor, so the policy does not switch to it on the strength of a few dozen
+    rows; with enough data s shrinks and the factor is D / M, the model's own values recalibrated.
+    A message no decision had as a candidate gets 0.
+    """
+    q = np.asarray(p_stay, dtype=np.float64) * np.asarray(value_after, dtype=np.float64)
+    gamma = q.copy()
+    idx = np.flatnonzero(shown)
+    gamma[idx] += (rewards[owner[idx]] - q[idx]) / propensities[owner[idx]]
+    count = np.bincount(message, minlength=n_messages).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        model_mean = np.bincount(message, weights=q, minlength=n_messages) / count
+        dr_mean = np.bincount(message, weights=gamma, minlength=n_messages) / count
+        second = np.bincount(message, weights=gamma * gamma, minlength=n_messages) / count
+        se = np.sqrt(np.maximum(second - dr_mean**2, 0.0) * count / np.maximum(count - 1.0, 1.0) / count)
+        floor = CREDIBILITY_FLOOR * np.maximum(dr_mean, 0.0)
+        factors = np.maximum(dr_mean - z * se, floor) / model_mean
+    factors = np.where(np.isfinite(factors) & (count > 1), factors, 0.0)
+    return factors, {"model_mean": model_mean, "dr_mean": dr_mean, "se": se, "count": count}
+
+
 def export_onnx(estimator: Any, n_features: int) -> bytes:
-    """Return the serialized ONNX model of a fitted estimator (float32 input ``X``, zipmap off)."""
+    """Return the serialized ONNX model of a fitted estimator (float32 input ``X``, zipmap off).
+
+    A :class:`MessageCredibility` exports its model, then scales the ``probabilities`` output in the
+    graph: Gather the message one-hot columns of ``X``, MatMul with the factors (float32), Mul with
+    P(stay); column 0 becomes 1 minus that.
+    """
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
-    options = {id(_classifier_of(estimator)): {"zipmap": False}}
+    base = estimator.estimator if isinstance(estimator, MessageCredibility) else estimator
+    options = {id(_classifier_of(base)): {"zipmap": False}}
     onx = to_onnx(
-        estimator,
+        base,
         initial_types=[("X", FloatTensorType([None, n_features]))],
         options=options,
         target_opset={"": TARGET_OPSET, "ai.onnx.ml": 3},
     )
+    if isinstance(estimator, MessageCredibility):
+        _append_message_factors(onx, estimator.columns, estimator.factors)
     return onx.SerializeToString()
+
+
+def _append_message_factors(onx: Any, columns: np.ndarray, factors: np.ndarray) -> None:
+    """Rewire the graph's ``probabilities`` output through the per-message scaling (in place)."""
+    from onnx import helper, numpy_helper
+
+    g = onx.graph
+    raw = "credibility_p_model"
+    for node in g.node:  # the model's own nodes (the label among them) keep reading the model's P
+        for names in (node.output, node.input):
+            for i, name in enumerate(names):
+                if name == "probabilities":
+                    names[i] = raw
+    g.initializer.extend([
+        numpy_helper.from_array(np.asarray(columns, dtype=np.int64), "credibility_columns"),
+        numpy_helper.from_array(np.asarray(factors, dtype=np.float32).reshape(-1, 1), "credibility_factors"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "credibility_one_i"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "credibility_two_i"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "credibility_one"),
+    ])
+    g.node.extend([
+        helper.make_node("Gather", ["X", "credibility_columns"], ["credibility_onehot"], axis=1),
+        helper.make_node("MatMul", ["credibility_onehot", "credibility_factors"], ["credibility_factor"]),
+        helper.make_node("Slice", [raw, "credibility_one_i", "credibility_two_i", "credibility_one_i"],
+                         ["credibility_p1"]),
+        helper.make_node("Mul", ["credibility_p1", "credibility_factor"], ["credibility_p1_scaled"]),
+        helper.make_node("Sub", ["credibility_one", "credibility_p1_scaled"], ["credibility_p0_scaled"]),
+        helper.make_node("Concat", ["credibility_p0_scaled", "credibility_p1_scaled"], ["probabilities"], axis=1),
+    ])
 
 
 def _classifier_of(estimator: Any) -> Any:
@@ -369,7 +461,7 @@ def select_model(
     propensities: np.ndarray,
     groups: np.ndarray,
     candidate_rows: Any,
-    n_context: int,
+    n_messages: int,
     seed: int = 0,
     choices: tuple[ModelChoice, ...] = MODEL_CHOICES,
     folds: int = SELECTION_FOLDS,
@@ -381,9 +473,10 @@ def select_model(
     `X`, `y`: the shown rows (one per labelled decision); `rewards` = label × value_after of the shown
     message, `propensities` its logged probability; `groups` a subscriber code per decision (a
     subscriber's decisions share a fold). `candidate_rows(idx)` returns (X_c, owner, shown,
-    value_after) for every candidate of decisions `idx`, owner indexing into `idx`. Each choice is
-    fitted on the other folds and its greedy policy valued on the held-out fold with
-    :func:`greedy_dr_terms`; the first choice stays unless another beats it by `margin_se` paired
+    value_after, message code 0..n_messages−1) for every candidate of decisions `idx`, owner indexing
+    into `idx`. Each choice is fitted on the other folds, its message factors
+    (:func:`credibility_factors`) computed there too, and the greedy policy of the scaled values
+    (what serving would run) valued on the held-out fold with :func:`greedy_dr_terms`; the first choice stays unless another beats it by `margin_se` paired
     standard errors (selection on noisy values otherwise favours whichever overfits the noise most).
     Above `max_rows` decisions the choice is made on a random share of the subscribers, so that its
     folds × choices fits cost the same whatever the size of the data (about 12 fits of 20,000 rows).
@@ -407,17 +500,14 @@ def select_model(
         train = np.flatnonzero(fold != f)
         if len(test) == 0 or len(np.unique(y[train])) < 2:
             continue
-        Xc, owner, shown, va = candidate_rows(test)
+        Xc, owner, shown, va, code = candidate_rows(test)
+        Xt, owner_t, shown_t, va_t, code_t = candidate_rows(train)
         for c, choice in enumerate(choices):
-            Xtr, Xte = X[train], Xc
-            if not choice.context:
-                Xtr, Xte = Xtr.copy(), Xte.copy()
-                Xtr[:, :n_context] = 0.0
-                Xte[:, :n_context] = 0.0
-            sw = 1.0 / propensities[train] if choice.weighted else None
-            est, _ = fit_model(Xtr, y[train], model=choice.model, seed=seed, params=choice.params or None,
-                               sample_weight=sw)
-            p = est.predict_proba(Xte)[:, 1]
+            est, _ = fit_model(X[train], y[train], model=choice.model, seed=seed, params=choice.params or None)
+            factors, _ = credibility_factors(est.predict_proba(Xt)[:, 1], va_t, code_t, owner_t, shown_t,
+                                             rewards[train], propensities[train], z=CREDIBILITY_Z,
+                                             n_messages=n_messages)
+            p = est.predict_proba(Xc)[:, 1] * factors[code]
             terms[c, test] = greedy_dr_terms(p, va, owner, shown, rewards[test], propensities[test])
     ok = np.isfinite(terms).all(axis=0)
     t = terms[:, ok]
@@ -428,7 +518,8 @@ def select_model(
     score = np.where(np.arange(len(choices)) == 0, 0.0, (values - values[0]) - margin_se * se)
     pick = int(np.argmax(score)) if m and score.max() > 0 else 0
     evidence = {
-        "rule": f"{folds}-fold cross-validated doubly robust value of each choice's greedy policy (folds by "
+        "rule": f"{folds}-fold cross-validated doubly robust value of each choice's greedy policy, message "
+                f"factors included (folds by "
                 f"subscriber); {choices[0].name} unless another wins by {margin_se:g} paired standard errors",
         "decisions": m,
         "values": {ch.name: float(v) for ch, v in zip(choices, values, strict=True)},

@@ -29,15 +29,18 @@ import pandas as pd
 
 from models import data_files
 from models.data_files import APPLE_FALLBACK_POLICY
-from models.features import FEATURIZER_VERSION, FeatureSchema, Featurizer, build_schema, category_key
+from models.features import FEATURIZER_VERSION, OTHER, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry, registry_spec
 from serving.pg_log import source, training_inputs
 from training.fit import (
+    CREDIBILITY_Z,
     MODEL_CHOICES,
     MODELS,
     FitInfo,
+    MessageCredibility,
     ParityResult,
     check_parity,
+    credibility_factors,
     export_onnx,
     fit_model,
     greedy_choices,
@@ -421,30 +424,86 @@ def train_frames(
         bar.close()
 
 
+def _candidate_rows(
+    fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, idx: np.ndarray,
+    point_in_time: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return (X_c, owner, shown, value_after, message_id) for every catalog candidate of the decisions `rows.iloc[idx]`.
+
+    `owner` indexes into `idx`; `shown` says whether the decision showed that candidate.
+    """
+    part = rows.iloc[idx]
+    lens = part["candidates"].map(len).to_numpy()
+    cand = explode_candidates(part)
+    owner = np.repeat(np.arange(len(idx)), lens)
+    keep = in_catalog(cand["candidate"], catalog)
+    cand, owner = cand[keep].reset_index(drop=True), owner[keep]
+    message = cand["candidate"].astype(str).to_numpy()
+    shown = message == part["message_id"].astype(str).to_numpy()[owner]
+    Xc = featurize(fz, cand, prof, message_col="candidate", point_in_time=point_in_time)
+    return Xc, owner, shown, values_after(catalog, cand["product_id"], cand["candidate"]), message
+
+
+def _message_codes(schema: FeatureSchema, message: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Return the schema's message ids plus ``<other>``, and each message's position in that list."""
+    ids = [*schema.vocabularies["message"], OTHER]
+    code_of = {m: i for i, m in enumerate(ids)}
+    return ids, np.array([code_of.get(m, len(ids) - 1) for m in message], dtype=np.int64)
+
+
 def _select(
     fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, X: np.ndarray, y: np.ndarray,
-    n_context: int, seed: int, point_in_time: bool = True,
+    seed: int, point_in_time: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Return training.fit.select_model's choice and evidence on the labelled decisions `rows` (shown rows `X`)."""
     va_shown = values_after(catalog, rows["product_id"], rows["message_id"])
     rewards = y * np.nan_to_num(va_shown)
     prop = rows["propensity"].to_numpy(dtype=np.float64)
     groups = pd.factorize(rows["original_transaction_id"].astype(str))[0]
-    shown_ids = rows["message_id"].astype(str).to_numpy()
 
-    def candidate_rows(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        part = rows.iloc[idx]
-        lens = part["candidates"].map(len).to_numpy()
-        cand = explode_candidates(part)
-        owner = np.repeat(np.arange(len(idx)), lens)
-        keep = in_catalog(cand["candidate"], catalog)
-        cand, owner = cand[keep].reset_index(drop=True), owner[keep]
-        shown = cand["candidate"].astype(str).to_numpy() == shown_ids[idx][owner]
-        Xc = featurize(fz, cand, prof, message_col="candidate", point_in_time=point_in_time)
-        return Xc, owner, shown, values_after(catalog, cand["product_id"], cand["candidate"])
+    def candidate_rows(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        Xc, owner, shown, va, message = _candidate_rows(fz, rows, prof, catalog, idx, point_in_time)
+        return Xc, owner, shown, va, _message_codes(fz.schema, message)[1]
 
+    n_messages = len(fz.schema.vocabularies["message"]) + 1
     return select_model(X, y, rewards=rewards, propensities=prop, groups=groups, candidate_rows=candidate_rows,
-                        n_context=n_context, seed=seed)
+                        n_messages=n_messages, seed=seed)
+
+
+def _with_credibility(
+    estimator: Any, fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, y: np.ndarray,
+    point_in_time: bool = True,
+) -> tuple[MessageCredibility, dict[str, Any]]:
+    """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence."""
+    schema = fz.schema
+    ids = [*schema.vocabularies["message"], OTHER]
+    columns = np.array([schema.names.index(f"message={m}") for m in ids], dtype=np.int64)
+    rewards = y * np.nan_to_num(values_after(catalog, rows["product_id"], rows["message_id"]))
+    prop = rows["propensity"].to_numpy(dtype=np.float64)
+    owner_all, shown_all, va_all, code_all, p_all = [], [], [], [], []
+    chunk = 50_000  # decisions per featurized batch: bounds memory at 1M decisions
+    for s in range(0, len(rows), chunk):
+        idx = np.arange(s, min(s + chunk, len(rows)))
+        Xc, owner, shown, va, message = _candidate_rows(fz, rows, prof, catalog, idx, point_in_time)
+        p_all.append(estimator.predict_proba(Xc)[:, 1])
+        owner_all.append(owner + s)
+        shown_all.append(shown)
+        va_all.append(va)
+        code_all.append(_message_codes(schema, message)[1])
+    factors, stats = credibility_factors(
+        np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
+        np.concatenate(shown_all), rewards, prop, z=CREDIBILITY_Z, n_messages=len(ids),
+    )
+    evidence = {
+        "rule": f"P(stay) of each message scaled by max(0, DR mean − {CREDIBILITY_Z:g} SE) / model mean of its "
+                "value over the labelled decisions where it was a candidate",
+        "z": CREDIBILITY_Z,
+        "factors": {m: float(f) for m, f in zip(ids, factors, strict=True)},
+        "dr_mean": {m: float(v) for m, v in zip(ids, stats["dr_mean"], strict=True) if np.isfinite(v)},
+        "se": {m: float(v) for m, v in zip(ids, stats["se"], strict=True) if np.isfinite(v)},
+        "model_mean": {m: float(v) for m, v in zip(ids, stats["model_mean"], strict=True) if np.isfinite(v)},
+    }
+    return MessageCredibility(estimator, columns, factors), evidence
 
 
 def _fit_and_check(
@@ -498,24 +557,18 @@ def _fit_and_check(
     step("fit")
     t = time.perf_counter()
     selection = None
-    weights = None
     try:
         if model == "auto":
             if n >= SELECT_MIN_ROWS and context:
-                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, schema.n_context, seed,
-                                            point_in_time=point_in_time)
+                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, seed, point_in_time=point_in_time)
             else:
                 choice = MODEL_CHOICES[[c.name for c in MODEL_CHOICES].index("hgb")]
             model, params = choice.model, (params or choice.params or None)
-            if not choice.context:
-                context = False
-                X_fit = X_all.copy()
-                X_fit[:, : schema.n_context] = 0.0
-            if choice.weighted:
-                weights = 1.0 / rows["propensity"].to_numpy(dtype=np.float64)
-        estimator, info = fit_model(X_fit, y_all, model=model, seed=seed, params=params, heldout_index=held,
-                                    sample_weight=weights)
+        estimator, info = fit_model(X_fit, y_all, model=model, seed=seed, params=params, heldout_index=held)
         info.selection = selection
+        model_only = estimator
+        estimator, info.credibility = _with_credibility(estimator, fz, rows, prof, catalog, y_all,
+                                                        point_in_time=point_in_time)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     timings["fit"] = time.perf_counter() - t
@@ -533,7 +586,7 @@ def _fit_and_check(
     if n_hold:
         from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
-        p_h = onnx_p_stay(session, X_all[is_hold])
+        p_h = model_only.predict_proba(X_all[is_hold])[:, 1]  # the model's P(stay), before the message factors
         y_h = y_all[is_hold]
         metrics["holdout_base_rate"] = float(y_h.mean())
         metrics["holdout_log_loss"] = float(log_loss(y_h, p_h, labels=[0, 1]))
