@@ -806,8 +806,11 @@ def model_card(result: TrainResult) -> str:
         f"featurizer version {FEATURIZER_VERSION}."
         + (f" Chosen: {result.fit_info.selection['chosen']} ({result.fit_info.selection['rule']})."
            if result.fit_info.selection else ""),
+        *([f"- P(stay) of each message multiplied by its factor ({result.fit_info.credibility['rule']}): "
+           + ", ".join(f"{m} {f:.3g}" for m, f in result.fit_info.credibility["factors"].items())
+           + "; serving ranks candidates by factor × P(stay) × value."] if result.fit_info.credibility else []),
         "",
-        "## Metrics (held-out decisions; the 2-parameter sigmoid was fitted on them)",
+        "## Metrics of P(stay) before the message factors (held-out decisions; the 2-parameter sigmoid was fitted on them)",
     ]
     for key in ("holdout_log_loss", "holdout_brier", "holdout_auc", "holdout_base_rate", "holdout_mean_p"):
         if m.get(key) is not None:
@@ -853,6 +856,10 @@ def summary_table(result: TrainResult) -> str:
     if f.selection:
         vals = ", ".join(f"{k} {v:.3f}" for k, v in f.selection["values"].items())
         rows.append(("chosen", f"{f.selection['chosen']} (cross-validated DR value per decision: {vals})"))
+    if f.credibility:
+        low = sorted(f.credibility["factors"].items(), key=lambda kv: kv[1])
+        rows.append(("factors", f"per message {min(v for _, v in low):.3g} to {max(v for _, v in low):.3g} "
+                     f"(doubly robust lower bound of its value over the model's mean; lowest: {low[0][0]})"))
     if m.get("holdout_log_loss") is not None:
         auc = m.get("holdout_auc")
         rows.append(
