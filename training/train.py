@@ -495,8 +495,8 @@ def _with_credibility(
         np.concatenate(shown_all), rewards, prop, z=CREDIBILITY_Z, n_messages=len(ids),
     )
     evidence = {
-        "rule": f"P(stay) of each message scaled by max(0, DR mean − {CREDIBILITY_Z:g} SE) / model mean of its "
-                "value over the labelled decisions where it was a candidate",
+        "rule": f"P(stay) of each message scaled by max(DR mean − {CREDIBILITY_Z:g} SE, DR mean / 1000) / model "
+                "mean of its value, over the labelled decisions where it was a candidate",
         "z": CREDIBILITY_Z,
         "factors": {m: float(f) for m, f in zip(ids, factors, strict=True)},
         "dr_mean": {m: float(v) for m, v in zip(ids, stats["dr_mean"], strict=True) if np.isfinite(v)},
