@@ -6,8 +6,9 @@ learner's greedy policy (the highest P(stay) × (V(product after) − cost) per 
 the world's ground truth as the *captured gap* (V_policy − V_best static) / (V_oracle − V_best static):
 
 - ``learned``: ``retention train``'s code (``training.train.train_frames``: the featurizer, the
-  model chosen by cross-validated doubly robust policy value, calibration, ONNX export and the
-  parity check); the policy is the exported ONNX model's;
+  model chosen by cross-validated doubly robust policy value, calibration, the per-message factors
+  of ``training.fit.credibility_factors``, ONNX export and the parity check); the policy is the
+  exported ONNX model's;
 - ``s-learner``: the plain reference: scikit-learn's HistGradientBoostingClassifier with its
   default settings on the covariates (profile columns, product and locale one-hot) plus a one-hot
   of the shown message, fitted on the same labelled decisions;
@@ -20,6 +21,12 @@ Rows: mean captured gap of each, the mean and worst per-seed difference learned 
 
     .venv/bin/python bench/bench_policy.py --sizes 20000,50000,200000 --seeds 10 --json /tmp/policy.json
     .venv/bin/python bench/bench_policy.py --presets apple-segments --sizes 20000 --seeds 2   # a quick look
+
+A grid can run in pieces (one preset and size per command, in parallel or one after another),
+each with its own --json, then be summarized together:
+
+    .venv/bin/python bench/bench_policy.py --presets apple-smooth --sizes 50000 --seeds 10 --json /tmp/p_smooth_50k.json
+    .venv/bin/python bench/bench_policy.py --merge /tmp/p_*.json
 """
 
 from __future__ import annotations
