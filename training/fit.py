@@ -82,7 +82,7 @@ MODEL_CHOICES: tuple[ModelChoice, ...] = (
                                       "min_samples_leaf": 200, "l2_regularization": 5.0, "early_stopping": True,
                                       "n_iter_no_change": 30}),
 )
-# The policy acts on max(0, DR mean − z·SE) of each message's value (credibility_factors): how many
+# The policy acts on the lower bound DR mean − z·SE of each message's value (credibility_factors): how many
 # standard errors of pessimism. Measured on the Apple-sized presets (BENCHMARKS.md, issue 16).
 CREDIBILITY_Z = 1.0
 # A message whose lower bound is not above zero keeps this share of its doubly robust mean: it is chosen
@@ -272,9 +272,10 @@ def credibility_factors(
     D = mean [r̂(x, m) + 1{a = m} / μ · (r − r̂(x, m))] (Dudík, Langford & Li 2011) with its standard
     error s. The factor is max(D − z·s, 0.001·D) / M: the model's values of m rescaled so that they
     average the lower bound of what the logs say m earns (a thousandth of D where that bound is not
-    above zero, so such messages rank below every credible one and by D among themselves). A message the logs rarely showed has a wide
-    interval and a small factor, so the policy does not switch to it on the strength of a few dozen
-    rows; with enough data s shrinks and the factor is D / M, the model's own values recalibrated.
+    above zero, so such messages rank below every credible one and by D among themselves). A message
+    the logs rarely showed has a wide interval and a small factor, so the policy does not switch to
+    it on the strength of a few dozen rows; with enough data s shrinks and the factor is D / M, the
+    model's own values recalibrated.
     A message no decision had as a candidate gets 0.
     """
     q = np.asarray(p_stay, dtype=np.float64) * np.asarray(value_after, dtype=np.float64)
@@ -476,10 +477,11 @@ def select_model(
     value_after, message code 0..n_messages−1) for every candidate of decisions `idx`, owner indexing
     into `idx`. Each choice is fitted on the other folds, its message factors
     (:func:`credibility_factors`) computed there too, and the greedy policy of the scaled values
-    (what serving would run) valued on the held-out fold with :func:`greedy_dr_terms`; the first choice stays unless another beats it by `margin_se` paired
-    standard errors (selection on noisy values otherwise favours whichever overfits the noise most).
-    Above `max_rows` decisions the choice is made on a random share of the subscribers, so that its
-    folds × choices fits cost the same whatever the size of the data (about 12 fits of 20,000 rows).
+    (what serving would run) valued on the held-out fold with :func:`greedy_dr_terms`; the first
+    choice stays unless another beats it by `margin_se` paired standard errors (selection on noisy
+    values otherwise favours whichever overfits the noise most). Above `max_rows` decisions the
+    choice is made on a random share of the subscribers, so that its folds × choices fits cost the
+    same whatever the size of the data (9 fits of about 20,000 rows).
     """
     codes = np.unique(np.asarray(groups), return_inverse=True)[1]
     rng = np.random.default_rng(seed)
