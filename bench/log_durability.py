@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import serving.decision_log as dl
+import serving.log_writer as dl
+from serving.log_schema import DecisionRecord
 
 
 @contextmanager
@@ -41,8 +42,8 @@ def _patched(name: str, value: Any) -> Iterator[None]:
         setattr(dl, name, old)
 
 
-def _record(i: int, feats: np.ndarray) -> dl.DecisionRecord:
-    return dl.DecisionRecord(
+def _record(i: int, feats: np.ndarray) -> DecisionRecord:
+    return DecisionRecord(
         request_id=f"{i:08x}-6f1c-4f0e-9b1a-{i * 7919 % 10**12:012d}", original_transaction_id=str(i % 997),
         product_id="com.example.premium.monthly", user_locale="en-US", environment="Production", signed_date=1,
         candidates=[f"m{j}" for j in range(8)], scores=np.full(8, 0.5), values=np.full(8, 10.0),

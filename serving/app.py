@@ -27,8 +27,9 @@ from litestar.exceptions import HTTPException
 from models.catalog import Catalog, CatalogMessage
 from models.data_files import APPLE_FALLBACK_POLICY
 from serving.database import FleetSync, PostgresReplayMemory
-from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
+from serving.log_schema import DecisionRecord
+from serving.log_writer import DecisionLog, log_file_name
 from serving.metrics import Metrics
 from serving.notifications import configured_bundle_id, receive_notification
 from serving.offers import OfferSigner

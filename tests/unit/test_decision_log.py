@@ -19,20 +19,18 @@ import pandas as pd
 import pytest
 
 import retention
-from serving.decision_log import (
-    REQUIRED_DECISION_COLUMNS,
-    DecisionLog,
-    DecisionRecord,
-    event_for_notification,
+from models.data_files import event_for_notification
+from serving.decisions_cli import main as decisions_main
+from serving.log_reader import (
     export_decisions,
     export_outcomes,
-    log_file_name,
     log_files,
     read_decisions,
     read_decisions_file,
     read_outcomes,
 )
-from serving.decisions_cli import main as decisions_main
+from serving.log_schema import REQUIRED_DECISION_COLUMNS, DecisionRecord
+from serving.log_writer import DecisionLog, log_file_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -191,7 +189,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {repo!r})
-    from serving.decision_log import DecisionLog, DecisionRecord
+    from serving.log_schema import DecisionRecord
+    from serving.log_writer import DecisionLog
     dlog = DecisionLog({path!r}, batch_ms={batch_ms}, writer={writer!r})
     dlog.start()
     i = 0

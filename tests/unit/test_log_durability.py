@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-import serving.decision_log as decision_log
-from serving.decision_log import DecisionLog, DecisionRecord, log_files, read_decisions, read_outcomes
+import serving.log_writer as log_writer
+from serving.log_reader import log_files, read_decisions, read_outcomes
+from serving.log_schema import TABLES_SQL, DecisionRecord, decision_row
+from serving.log_writer import DecisionLog
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID
 from tests.unit.test_notifications import notification_body
@@ -147,7 +149,7 @@ def test_a_corruption_error_starts_a_fresh_file_and_loses_none_of_the_batch(
     faults: list[str] = []
     dlog = DecisionLog(tmp_path / "decisions-h-1.sqlite", batch_ms=5.0, on_fault=faults.append)
     dlog.start()
-    real = decision_log._commit_rows
+    real = log_writer._commit_rows
     calls = {"n": 0}
 
     def corrupt_once(conn: sqlite3.Connection, *a: Any, **kw: Any) -> tuple[int, int]:
@@ -156,7 +158,7 @@ def test_a_corruption_error_starts_a_fresh_file_and_loses_none_of_the_batch(
             raise sqlite3.DatabaseError("database disk image is malformed")
         return real(conn, *a, **kw)
 
-    monkeypatch.setattr(decision_log, "_commit_rows", corrupt_once)
+    monkeypatch.setattr(log_writer, "_commit_rows", corrupt_once)
     with caplog.at_level(logging.ERROR, logger="retention.decision_log"):
         for i in range(5):
             dlog.log(_record(i))
@@ -203,7 +205,7 @@ def test_killing_the_writer_process_loses_no_answered_decision_or_outcome(
 def test_a_hung_writer_process_makes_ready_503_until_it_catches_up(
     client_for: Any, pki: TestPKI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(decision_log, "STALL_S", 0.5)
+    monkeypatch.setattr(log_writer, "STALL_S", 0.5)
     c = client_for(log_writer="process")
     dlog = c.app.state.service.decision_log
     answered = [answer(c, pki)]
@@ -245,11 +247,11 @@ def test_a_batch_sent_twice_is_stored_once(tmp_path: Path, writer: str) -> None:
 def test_a_version_1_log_file_is_read_migrated_and_written_without_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "decisions-old-7.sqlite"
     conn = sqlite3.connect(path)  # a file as the previous version wrote it: no unique request_id
-    conn.executescript(decision_log._DDL)
+    conn.executescript(TABLES_SQL)
     conn.execute("INSERT INTO log_meta VALUES ('schema_version', '1')")
-    row = decision_log._decision_row(_record(1), 1_700_000_000_000)
-    conn.execute(decision_log._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
-    conn.execute(decision_log._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
+    row = decision_row(_record(1), 1_700_000_000_000)
+    conn.execute(log_writer._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
+    conn.execute(log_writer._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
     conn.commit()
     conn.close()
     assert [d["request_id"] for d in read_decisions(path)] == ["req-1"]  # readable as it is, each decision once
@@ -451,7 +453,7 @@ def test_export_reads_the_good_files_names_each_bad_one_and_fails_only_when_stri
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import retention
-    from serving.decision_log import read_decisions_file
+    from serving.log_reader import read_decisions_file
 
     data = tmp_path / "data"
     _write_log(data / "decisions-a-1.sqlite", range(0, 50), ("n-1",))
@@ -484,7 +486,7 @@ def test_export_of_a_file_damaged_below_its_header_keeps_every_readable_row_and_
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import retention
-    from serving.decision_log import read_decisions_file
+    from serving.log_reader import read_decisions_file
 
     data = tmp_path / "data"
     path = data / "decisions-a-1.sqlite"
@@ -516,7 +518,7 @@ def test_damage_below_the_header_is_found_by_the_writer_and_a_fresh_file_started
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Appends never read the damaged pages: the writer's periodic quick_check finds them, off the request path."""
-    monkeypatch.setattr(decision_log, "QUICK_CHECK_S", 0.0)
+    monkeypatch.setattr(log_writer, "QUICK_CHECK_S", 0.0)
     faults: list[str] = []
     path = tmp_path / "decisions-h-1.sqlite"
     dlog = DecisionLog(path, batch_ms=5.0, writer="thread", on_fault=faults.append)

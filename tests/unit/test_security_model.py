@@ -236,7 +236,7 @@ def test_children_started_from_a_folder_with_decoy_modules_run_our_code(
     r = c.post(URL, content=pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))
     assert r.status_code == 200
     svc.decision_log.flush()
-    from serving.decision_log import read_decisions
+    from serving.log_reader import read_decisions
 
     assert len(list(read_decisions(svc.decision_log.path))) == 1  # the real writer wrote the row
     assert svc.decision_log.writer == "process"
