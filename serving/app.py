@@ -196,7 +196,7 @@ class RetentionService:
         else:
             self.decision_log = DecisionLog(
                 data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
-                writer=settings.log_writer, on_fault=self.metrics.decision_log_fault,
+                on_fault=self.metrics.decision_log_fault,
             )
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)

@@ -1,40 +1,25 @@
 """The decision log's writer: every answered request and every outcome, written to SQLite off the request path.
 
 The request path only appends a :class:`~serving.log_schema.DecisionRecord` to an in-memory queue (``log``
-never blocks, never touches disk, never raises). A background thread wakes every ``batch_ms`` and writes
-everything queued in one transaction to a SQLite file in WAL mode with ``synchronous=NORMAL``, either itself
-(``writer="thread"``) or by shipping it, msgpack-encoded, to a child process that does (``writer="process"``,
-the server's default: :func:`main`, ``python -m serving.log_writer PATH``, off this process's GIL): a
-committed batch survives a killed process, so a SIGKILL loses at most the decisions answered within the last
-batch window, and ``close()`` (graceful shutdown) writes them all.
+never blocks, never touches disk, never raises). A thread of the server process wakes every ``batch_ms``
+and writes everything queued in one transaction to a SQLite file in WAL mode with ``synchronous=NORMAL``: a
+committed batch survives a killed process, so a SIGKILL loses at most the decisions answered within the
+last batch window, and ``close()`` (graceful shutdown) writes them all. Rows are built and inserted a
+256-row statement at a time, so the thread takes the GIL a few times per batch, not once per row.
 
-Nothing is lost silently (docs/failure-modes.md): every batch is kept until its writer confirms it, and sent
-again to a restarted writer or retried while the file cannot be written (disk full, read-only), with
-:meth:`DecisionLog.health` (``/ready``) saying why meanwhile. Decisions are unique by ``request_id`` and
-outcomes by ``notificationUUID`` (``INSERT OR IGNORE``), so a batch written twice is stored once.
-:class:`LogFile` checks the file around every transaction and starts a fresh one when it was deleted,
-replaced, overwritten or found corrupt. A batch holding an outcome is committed with ``synchronous=FULL``.
-Only what exceeds ``max_queue`` is dropped, counted and logged.
+Nothing is lost silently (docs/failure-modes.md): every batch is kept until it is committed, and retried
+while the file cannot be written (disk full, read-only), with :meth:`DecisionLog.health` (``/ready``) saying
+why meanwhile. Decisions are unique by ``request_id`` and outcomes by ``notificationUUID`` (``INSERT OR
+IGNORE``), so a batch written twice is stored once. :class:`LogFile` checks the file around every
+transaction and starts a fresh one, writing the batch to it, when it was deleted, replaced, overwritten or
+found corrupt. A batch holding an outcome is committed with ``synchronous=FULL``. Only what exceeds
+``max_queue`` is dropped, counted and logged.
 
 Each server process writes its own file, ``DATA_DIR/decisions-<host>-<pid>.sqlite`` (SQLite has one writer
 per file; one file per process needs no locking between workers or replicas), held with a shared ``flock``
 while open: :func:`compact_logs` (``retention decisions compact``) merges the files no running writer holds
 into one archive. ``serving/log_reader.py`` reads and exports them all; ``serving/log_schema.py`` is the
 row layout.
-
-The writer process's protocol (both directions): frames of a 4-byte little-endian length and a msgpack body.
-
-- in:  ``["d", record fields in order]`` a decision, ``["o", outcome fields]``, ``["s", [sha, names]]``,
-  ``["m", marker id]`` (ack me once everything before me is committed).
-- out: ``["ready"]`` or ``["error", message]`` once at start; then after each transaction
-  ``["ack", [marker ids committed], [marker ids not committed], why not or None, written, new outcomes,
-  batches, write errors, bad records]`` (running totals), and ``["fault", reason, line]`` when the file
-  was deleted, replaced or corrupt and a fresh one started (the server logs the line and counts it).
-
-The writer process ignores SIGINT and SIGTERM: it ends when its stdin closes (the server closed it, or the
-server died, SIGKILL included), after writing everything it has read. So a killed server loses only what it
-had not yet shipped, at most one batch window; a killed writer loses nothing (the server sends its
-unconfirmed batches to the next one).
 """
 
 from __future__ import annotations
@@ -45,17 +30,13 @@ import contextlib
 import errno
 import fcntl
 import functools
-import itertools
 import logging
 import os
 import re
 import secrets
-import signal
 import socket
 import sqlite3
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,10 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from models.data_files import EVENTS, unstorable
-from serving import children
 from serving.log_reader import OnBadFile, log_files, report_bad_file
 from serving.log_schema import (
     DECISION_COLUMNS_SQL,
@@ -80,9 +59,6 @@ from serving.log_schema import (
 )
 
 log = logging.getLogger("retention.decision_log")
-
-#: Where rows are written: a thread of this process, or a child process (:func:`main`).
-WRITERS: tuple[str, ...] = ("thread", "process")
 
 
 def log_file_name(worker_id: str | int | None = None) -> str:
@@ -106,7 +82,7 @@ _ROWS_PER_STATEMENT = 256  # 29 parameters a row: well under SQLite's 32,766-var
 @functools.lru_cache(maxsize=64)
 def _multi_insert_sql(rows: int) -> str:
     one = "(" + ", ".join("?" * _N_DECISION_COLUMNS) + ")"
-    # OR IGNORE: a batch sent again (the writer restarted before confirming it) adds nothing twice
+    # OR IGNORE: a batch written again (to a fresh file after a fault, or a compacted one) adds nothing twice
     return f"INSERT OR IGNORE INTO decisions ({DECISION_COLUMNS_SQL}) VALUES " + ", ".join([one] * rows)
 
 
@@ -182,13 +158,13 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: What can happen to a log file under a running writer (the ``reason`` of ``on_fault`` and of the metric).
 FILE_FAULTS: tuple[str, ...] = ("deleted", "replaced", "corrupt")
-#: Seconds between two attempts to write while the log cannot be written (disk full, read-only, writer down).
+#: Seconds between two attempts to write while the log cannot be written (disk full, read-only).
 RETRY_S = 1.0
 #: Seconds between two ``PRAGMA quick_check`` runs of the open log file, on a thread of the writer, off the
 #: request path: damage below the header (pages an append never reads) is found within this bound.
 QUICK_CHECK_S = 60.0
-#: Seconds a batch may wait for its writer's confirmation before ``/ready`` answers 503 (a hung writer,
-#: a stalled disk): the notification path's own wait (serving/notifications.py STORE_TIMEOUT_S).
+#: Seconds a commit may take before ``/ready`` answers 503 (a hung disk, a stalled file system): the
+#: notification path's own wait (serving/notifications.py STORE_TIMEOUT_S).
 STALL_S = 2.0
 
 
@@ -450,27 +426,15 @@ class _Waiter:
             self.event.set()
 
 
-class _Shipped:
-    """A batch sent to the writer process, kept until it confirms the batch's marker (sent again otherwise)."""
-
-    __slots__ = ("data", "failed", "records", "sent_at", "waiters")
-
-    def __init__(self, data: bytes, records: int, waiters: list[_Waiter]) -> None:
-        self.data = data
-        self.records = records
-        self.waiters = waiters
-        self.failed = False
-        self.sent_at = time.monotonic()  # (again at each resend)
-
-
 class DecisionLog:
-    """Queue of decisions and outcomes written to one SQLite file by a background writer, in batches.
+    """Queue of decisions and outcomes written to one SQLite file by a background thread, in batches.
 
-    Nothing is dropped silently: a batch is kept (in memory, counted against `max_queue`) until its
-    writer confirms it, re-sent to a restarted writer, and retried every :data:`RETRY_S` while the file
-    cannot be written; :meth:`health` says why meanwhile (``/ready`` answers 503 with it). Only records
-    past `max_queue` are dropped, counted by `on_drop` and logged. `on_fault(reason)` counts a file
-    deleted, replaced or corrupt (:data:`FILE_FAULTS`), ``unavailable`` and ``writer_died``.
+    Nothing is dropped silently: a batch is kept (in memory, counted against `max_queue`) until it is
+    committed, written again to a fresh file when its file was deleted, replaced or found corrupt, and
+    retried every :data:`RETRY_S` while the file cannot be written; :meth:`health` says why meanwhile
+    (``/ready`` answers 503 with it). Only records past `max_queue` are dropped, counted by `on_drop` and
+    logged. `on_fault(reason)` counts a file deleted, replaced or corrupt (:data:`FILE_FAULTS`) and
+    ``unavailable``. `batch_ms` is the batch window in milliseconds (> 0); raises ValueError otherwise.
     """
 
     def __init__(
@@ -480,11 +444,8 @@ class DecisionLog:
         batch_ms: float = 100.0,
         max_queue: int = 100_000,
         on_drop: Callable[[int], None] | None = None,
-        writer: str = "thread",
         on_fault: Callable[[str], None] | None = None,
     ) -> None:
-        if writer not in WRITERS:
-            raise ValueError(f"the decision log writer must be one of {', '.join(WRITERS)}, not {writer!r}")
         if batch_ms <= 0:
             raise ValueError("the decision log batch window must be > 0 ms")
         if max_queue < 1:
@@ -508,25 +469,14 @@ class DecisionLog:
         self._outcomes_written = 0
         self._batches = 0
         self._write_errors = 0
-        self.writer = writer
-        # rows not yet confirmed by the writer, kept to be written again: counted against max_queue
+        # rows not yet committed, kept to be written again: counted against max_queue
         self._held_records = 0
         self._unavailable: str | None = None  # why rows cannot be written now (None: they can)
-        self._committing_since: float | None = None  # thread writer: a commit under way since (monotonic)
+        self._committing_since: float | None = None  # a commit under way since (monotonic)
         self._retry_at = 0.0
-        # thread writer: its file and the rows it could not write yet
+        # the file, and the rows that could not be written yet
         self._file: LogFile | None = None
         self._held: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[str, str]]] = ([], [], [])
-        # process writer: the child, the batches it has not confirmed, and the running totals of children before it
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._ack_thread: threading.Thread | None = None
-        self._ack_lock = threading.Lock()
-        self._unacked: dict[int, _Shipped] = {}
-        self._marker_ids = itertools.count(1)
-        self._spawn_at = 0.0
-        self._writer_deaths = 0
-        self._child_totals = (0, 0, 0, 0, 0)
-        self._base_totals = (0, 0, 0, 0, 0)
 
     # -- request path ----------------------------------------------------------------------
     def log(self, record: DecisionRecord) -> None:
@@ -608,14 +558,11 @@ class DecisionLog:
         """Open the file (WAL) and start the writer; raises OSError (one line) if the file cannot be opened."""
         if self._thread is not None:
             return
-        if self.writer == "process":
-            self._spawn()  # fails here, at start-up, when the file cannot be opened
-        else:
-            self._file = LogFile(self.path, on_fault=self._file_fault)
-            try:
-                self._file.open()  # fail here, at start-up, not silently in the thread
-            except LogUnavailableError as exc:
-                raise OSError(str(exc)) from None
+        self._file = LogFile(self.path, on_fault=self._file_fault)
+        try:
+            self._file.open()  # fail here, at start-up, not silently in the thread
+        except LogUnavailableError as exc:
+            raise OSError(str(exc)) from None
         self._thread = threading.Thread(target=self._run, name="decision-log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -661,30 +608,23 @@ class DecisionLog:
         why = self._unavailable
         if why is not None:
             return False, f"decisions cannot be written: {why}; {self._held_records} rows kept, retrying"
-        waited = self._unconfirmed_for()
+        waited = self._committing_for()
         if waited > STALL_S:
             return False, (
-                f"decisions cannot be written: the decision log writer has not confirmed a batch for {waited:.0f} s "
-                f"(hung or stopped?); {self._held_records} rows kept"
+                f"decisions cannot be written: a commit to the decision log has taken {waited:.0f} s so far "
+                f"(a hung or stalled disk?); {self._held_records} rows kept"
             )
         return True, "ok"
 
-    def _unconfirmed_for(self) -> float:
-        """Seconds the oldest batch sent to the writer has waited for its confirmation (0 when none waits)."""
-        now = time.monotonic()
-        if self.writer == "process":
-            with self._ack_lock:
-                sent = [b.sent_at for b in self._unacked.values() if not b.failed]
-            return now - min(sent) if sent else 0.0
+    def _committing_for(self) -> float:
+        """Seconds the commit under way has taken so far (0 when none is): a hung disk, a stalled file system."""
         since = self._committing_since
-        return now - since if since is not None else 0.0
+        return time.monotonic() - since if since is not None else 0.0
 
     def stats(self) -> dict[str, int]:
         """Return counts: queued, unconfirmed (kept until written), written (new decisions), outcomes (new ones),
         batches, dropped, write_errors, writer_alive."""
         alive = self._thread is not None and self._thread.is_alive()
-        if self.writer == "process":
-            alive = alive and self._proc is not None and self._proc.poll() is None
         return {
             "queued": len(self._q),
             "unconfirmed": self._held_records,
@@ -705,13 +645,10 @@ class DecisionLog:
                 if not stopping:
                     self._wake.wait(self.batch_s)
                     self._wake.clear()
-                elif self._unavailable is not None or (self.writer == "process" and not self._q):
-                    self._wake.wait(0.05)  # closing: wait for the writer's confirmations, or retry, without spinning
+                elif self._unavailable is not None:
+                    self._wake.wait(0.05)  # closing while the file cannot be written: retry without spinning
                     self._wake.clear()
-                if self.writer == "process":
-                    self._ship_batch()
-                else:
-                    self._write_batch()
+                self._write_batch()
                 self._report_drops()
                 if stopping:
                     if not self._q and not self._held_records:
@@ -724,21 +661,14 @@ class DecisionLog:
                             self._give_up()
                             break
         finally:
-            if self.writer == "process":
-                self._end_child()
-            elif self._file is not None:
+            if self._file is not None:
                 self._file.close()
 
     def _give_up(self) -> None:
         """At close, rows that still cannot be written: counted as dropped and logged, never silent."""
-        with self._ack_lock:
-            n = self._held_records
-            self._held_records = 0
-            self._held = ([], [], [])
-            for b in self._unacked.values():
-                for w in b.waiters:
-                    w.done(False)
-            self._unacked.clear()
+        n = self._held_records
+        self._held_records = 0
+        self._held = ([], [], [])
         if n:
             log.error("decision log: closing with %d rows that could not be written (%s)", n, self._unavailable)
             self._drop(n)
@@ -823,223 +753,6 @@ class DecisionLog:
         for w in waiters:
             w.done(True)
 
-    # -- process writer (main, below) ---------------------------------------------
-    def _spawn(self) -> None:
-        """Start the writer process and wait for it to open the file; raises OSError when it cannot."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(  # -P: never a serving/log_writer.py of the working directory (serving/children.py)
-            children.command("serving.log_writer", str(self.path)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=children.environment(), close_fds=True,
-        )
-        assert proc.stdout is not None and proc.stdin is not None
-        buf = bytearray()
-        msgs: list[Any] = []
-        while not msgs:  # the writer's first frame: "ready", or "error" and why
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                proc.kill()
-                proc.wait()
-                raise OSError(f"the decision log writer process did not start for {self.path}")
-            buf += chunk
-            msgs = _read_frames(buf)
-        if msgs[0][0] != "ready":
-            proc.wait(timeout=10)
-            raise OSError(str(msgs[0][1]))
-        with contextlib.suppress(OSError):  # a bigger pipe: one batch rarely waits for the writer
-            fcntl.fcntl(proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-        self._base_totals = tuple(a + b for a, b in zip(self._base_totals, self._child_totals, strict=True))  # type: ignore[assignment]
-        self._child_totals = (0, 0, 0, 0, 0)
-        self._proc = proc
-        self._ack_thread = threading.Thread(
-            target=self._read_acks, args=(proc, buf), name="decision-log-acks", daemon=True
-        )
-        self._ack_thread.start()
-
-    def _read_acks(self, proc: subprocess.Popen[bytes], buf: bytearray) -> None:
-        assert proc.stdout is not None
-        while True:
-            try:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buf += chunk
-            try:
-                for msg in _read_frames(buf):
-                    if msg[0] == "fault":
-                        self._file_fault(str(msg[1][0]), str(msg[1][1]))
-                    elif msg[0] == "ack":
-                        self._take_ack(msg[1])
-            except Exception as exc:  # not our protocol (another version's writer?): replace it
-                log.error("decision log: the writer process sent what this server cannot read (%r); stopping it", exc)
-                with contextlib.suppress(OSError):
-                    proc.kill()
-                return
-
-    def _take_ack(self, payload: list[Any]) -> None:
-        ok, failed, unavailable, *totals = payload
-        with self._ack_lock:
-            for mid in ok:
-                b = self._unacked.pop(mid, None)
-                if b is not None:
-                    self._held_records -= b.records
-                    for w in b.waiters:
-                        w.done(True)
-            if not self._unacked:
-                self._wake.set()  # a closing log waits for this
-            for mid in failed:
-                b = self._unacked.get(mid)
-                if b is not None:
-                    b.failed = True
-                    for w in b.waiters:
-                        w.done(False)
-        if failed:
-            self._retry_at = time.monotonic() + RETRY_S
-        bad_before = self._child_totals[4]
-        self._child_totals = tuple(totals)
-        base = self._base_totals
-        self._written = base[0] + totals[0]
-        self._outcomes_written = base[1] + totals[1]
-        self._batches = base[2] + totals[2]
-        self._write_errors = base[3] + totals[3] + self._writer_deaths
-        if totals[4] > bad_before:
-            log.error("decision log: %d records could not be written and were dropped", totals[4] - bad_before)
-            self._drop(totals[4] - bad_before)
-        self._set_unavailable(unavailable)
-
-    def _ship_batch(self) -> None:
-        """Send everything queued to the writer process as one batch ending in its marker; keep it until confirmed."""
-        q = self._q
-        n = len(q)
-        items = [q.popleft() for _ in range(n)]
-        frames: list[bytes] = []
-        waiters: list[_Waiter] = []
-        records = bad = 0
-        for it in items:
-            try:
-                if isinstance(it, DecisionRecord):
-                    frames.append(_frame("d", msgspec.structs.astuple(it)))
-                    records += 1
-                elif isinstance(it, OutcomeRecord):
-                    frames.append(_frame("o", msgspec.structs.astuple(it)))
-                    records += 1
-                elif isinstance(it, FeatureSchema):
-                    frames.append(_frame("s", [it.sha, it.names]))
-                elif isinstance(it, _Waiter):
-                    waiters.append(it)
-            except Exception:
-                bad += 1
-        if bad:
-            log.error("decision log: %d records could not be encoded and were dropped", bad)
-            self._drop(bad)
-        batch: _Shipped | None = None
-        if frames or waiters:
-            mid = next(self._marker_ids)
-            frames.append(_frame("m", mid))
-            batch = _Shipped(b"".join(frames), records, waiters)
-            with self._ack_lock:
-                self._unacked[mid] = batch
-                self._held_records += records
-        self._send(batch)
-
-    def _send(self, batch: _Shipped | None) -> None:
-        """Send `batch` (and failed batches when due); start a new writer, sending it every unconfirmed batch, when needed."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            self._restart_child()
-            return
-        with self._ack_lock:
-            # while the file cannot be written, what is held is tried again every RETRY_S (all of it), and a
-            # new batch goes at once only when a caller waits for it (a notification): no resend every window
-            out: list[_Shipped] = []
-            if self._unavailable is None or time.monotonic() >= self._retry_at:
-                out = [b for b in self._unacked.values() if b.failed]
-                if self._unavailable is not None:
-                    self._retry_at = time.monotonic() + RETRY_S
-            if batch is not None:
-                if self._unavailable is None or batch.waiters:
-                    out.append(batch)
-                else:
-                    batch.failed = True  # held for the next retry
-            now = time.monotonic()
-            for b in out:
-                b.failed = False
-                b.sent_at = now
-        if not out:
-            return
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(b"".join(b.data for b in out))
-            proc.stdin.flush()
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
-            self._restart_child()
-
-    def _restart_child(self) -> None:
-        """The writer process is gone: start another and send it every batch not yet confirmed, in order."""
-        proc = self._proc
-        if proc is not None:
-            code = proc.poll()
-            self._writer_deaths += 1
-            self._write_errors += 1
-            log.error(
-                "decision log: the writer process exited (status %s); starting a new one and sending it the %d "
-                "rows it had not confirmed",
-                code, self._held_records,
-            )  # fmt: skip
-            self._fault("writer_died")
-            self._end_child(timeout=5.0)
-        now = time.monotonic()
-        if now < self._spawn_at:
-            return
-        try:
-            self._spawn()
-        except Exception as exc:
-            self._spawn_at = now + RETRY_S
-            self._set_unavailable(f"the writer process cannot start ({str(exc).strip().splitlines()[0]})")
-            with self._ack_lock:
-                for b in self._unacked.values():
-                    for w in b.waiters:
-                        w.done(False)
-            return
-        self._set_unavailable(None)
-        new = self._proc
-        assert new is not None and new.stdin is not None
-        with self._ack_lock:
-            out = list(self._unacked.values())
-            now = time.monotonic()
-            for b in out:
-                b.failed = False
-                b.sent_at = now
-        try:
-            if out:
-                new.stdin.write(b"".join(b.data for b in out))
-                new.stdin.flush()
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                new.kill()  # the next batch window starts another
-
-    def _end_child(self, timeout: float = 30.0) -> None:
-        """Close the writer's stdin (it writes what it has, then exits) and wait for it and its acks."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            if proc.stdin is not None:
-                proc.stdin.close()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.error("decision log: the writer process did not finish within %.0f s; stopping it", timeout)
-            proc.kill()
-            proc.wait()
-        if self._ack_thread is not None:
-            self._ack_thread.join(5.0)
-            self._ack_thread = None
-
     def _report_drops(self) -> None:
         with self._report_lock:
             self._report_drops_locked()
@@ -1061,148 +774,6 @@ class DecisionLog:
             log.warning(
                 "decision log: %d records dropped so far (queue full at %d, or log closed)", dropped, self.max_queue
             )
-
-
-# -- the writer process (writer="process"): python -m serving.log_writer PATH ------------------------
-_LEN = struct.Struct("<I")
-_ND_EXT = 1
-
-
-def _enc_hook(obj: Any) -> Any:
-    """Encode NumPy values for the pipe: arrays as an extension (dtype, shape, raw bytes), scalars as Python numbers."""
-    if isinstance(obj, np.ndarray):
-        header = msgspec.msgpack.encode([obj.dtype.str, list(obj.shape)])
-        return msgspec.msgpack.Ext(_ND_EXT, _LEN.pack(len(header)) + header + np.ascontiguousarray(obj).tobytes())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: memoryview) -> Any:
-    """Decode the NumPy array extension of :func:`_enc_hook`."""
-    if code != _ND_EXT:
-        raise ValueError(f"unknown extension {code}")
-    (n,) = _LEN.unpack_from(data)
-    dtype, shape = msgspec.msgpack.decode(data[4 : 4 + n])
-    return np.frombuffer(bytes(data[4 + n :]), dtype=np.dtype(dtype)).reshape(shape)
-
-
-_encode = msgspec.msgpack.Encoder(enc_hook=_enc_hook).encode
-_decode = msgspec.msgpack.Decoder(ext_hook=_ext_hook).decode
-
-
-def _frame(kind: str, payload: Any) -> bytes:
-    """Return one length-prefixed frame."""
-    body = _encode((kind, payload))
-    return _LEN.pack(len(body)) + body
-
-
-def _read_frames(buf: bytearray) -> list[Any]:
-    """Remove and return every complete frame at the start of `buf` (decoded)."""
-    out = []
-    pos = 0
-    n = len(buf)
-    while n - pos >= 4:
-        (size,) = _LEN.unpack_from(buf, pos)
-        if n - pos - 4 < size:
-            break
-        out.append(_decode(memoryview(buf)[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    del buf[:pos]
-    return out
-
-
-def _send_frame(fd: int, kind: str, *payload: Any) -> None:
-    data = _frame(kind, list(payload))
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the writer for the SQLite file named by the one argument; returns the exit status."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError):  # background work: the server's request path goes first for a core
-        os.nice(5)
-    args = sys.argv[1:] if argv is None else argv
-    out_fd = sys.stdout.fileno()
-    in_fd = sys.stdin.fileno()
-
-    def on_fault(reason: str, line: str) -> None:
-        with contextlib.suppress(OSError):
-            _send_frame(out_fd, "fault", reason, line)
-
-    log_file = LogFile(Path(args[0]), on_fault=on_fault)
-    try:
-        log_file.open()
-    except Exception as exc:
-        _send_frame(out_fd, "error", str(exc))
-        return 1
-    _send_frame(out_fd, "ready")
-    written = outcomes_new = batches = write_errors = bad = 0
-    unavailable: str | None = None
-    # True when the batch still open (its marker not read yet) had rows in a transaction that failed:
-    # its marker is then answered as failed, and the server sends the whole batch again
-    tainted = False
-    buf = bytearray()
-    eof = False
-    fields = DecisionRecord.__struct_fields__
-    while not eof:
-        chunk = os.read(in_fd, 1 << 20)
-        if not chunk:
-            eof = True
-        buf += chunk
-        # take what else is already there, so one transaction covers the whole batch the server shipped
-        msgs = _read_frames(buf)
-        if not msgs:
-            continue
-        now_ms = int(time.time() * 1000)
-        decisions: list[tuple[Any, ...]] = []
-        outcomes: list[tuple[Any, ...]] = []
-        schemas: list[tuple[str, str]] = []
-        markers: list[tuple[int, bool]] = []  # (marker id, its batch had rows in this transaction)
-        rows = False  # rows read since the last marker
-        for kind, payload in msgs:
-            try:
-                if kind in ("d", "o"):
-                    rows = True
-                if kind == "d":
-                    decisions.append(decision_row(DecisionRecord(**dict(zip(fields, payload, strict=True))), now_ms))
-                elif kind == "o":
-                    outcomes.append(tuple(payload))
-                elif kind == "s":
-                    schemas.append((payload[0], encode_json(payload[1]).decode()))
-                elif kind == "m":
-                    markers.append((int(payload), rows))
-                    rows = False
-            except Exception:
-                bad += 1
-        committed = True
-        try:
-            if decisions or outcomes or schemas:
-                new_decisions, new = log_file.commit(decisions, outcomes, schemas)
-                written += new_decisions
-                outcomes_new += new
-                batches += 1
-                unavailable = None  # (a transaction without rows tells nothing about the file)
-        except LogUnavailableError as exc:  # the server keeps the batch and sends it again
-            committed = False
-            write_errors += 1
-            unavailable = str(exc)
-        except Exception as exc:  # rows SQLite cannot take (a bug, not the disk): counted as dropped
-            write_errors += 1
-            bad += len(decisions) + len(outcomes)
-            print(f"decision log writer: a batch of {len(decisions) + len(outcomes)} rows failed: {exc}", file=sys.stderr)
-        ok: list[int] = []
-        failed: list[int] = []
-        for i, (mid, had_rows) in enumerate(markers):
-            (failed if (i == 0 and tainted) or (had_rows and not committed) else ok).append(mid)
-        tainted = (tainted and not markers) or (rows and not committed)
-        with contextlib.suppress(OSError):  # the server is gone: keep writing what is left to read
-            _send_frame(out_fd, "ack", ok, failed, unavailable, written, outcomes_new, batches, write_errors, bad)
-    log_file.close()
-    return 0
 
 
 # -- compaction ---------------------------------------------------------------------------------
@@ -1315,6 +886,3 @@ def _merge_into(conn: sqlite3.Connection, src: Path) -> tuple[int, int]:
         conn.execute("DETACH DATABASE src")
     return added[0], added[1]
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
