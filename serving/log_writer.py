@@ -251,7 +251,7 @@ class LogFile:
     gone) or that SQLite finds corrupt is closed and a fresh file is started at the same path; a
     replaced or corrupt file is first moved aside as ``<name>.<reason>-<ms>.sqlite`` (export still
     reads what it can of it). ``on_fault(reason, line)`` says so, and the batch is written to the fresh
-    file: no row that was not yet confirmed is lost. Rows confirmed before the fault went with the file.
+    file: no row that was not yet committed is lost. Rows committed before the fault went with the file.
 
     While open, the file is held with a shared ``flock``: ``retention decisions compact`` merges only
     files that no live writer holds. Raises :class:`LogUnavailableError` when rows cannot be written now.
