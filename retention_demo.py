@@ -191,7 +191,7 @@ def _show_decisions(data_dir: Path) -> None:
 
     catalog = Catalog.load(DEMO_CATALOG)
     print("\ndecisions logged (P(stay), expected value, probability; * = shown):")
-    from serving.decision_log import log_files, read_decisions
+    from serving.log_reader import log_files, read_decisions
 
     for r in read_decisions(log_files(data_dir)):
         print(f"- {r['request_id'][:8]} {r['product_id']} {r['user_locale']} policy={r['policy']} "

@@ -47,7 +47,7 @@ APP_ID = 1234567890
 def record(i: int) -> Any:
     import numpy as np
 
-    from serving.decision_log import DecisionRecord
+    from serving.log_schema import DecisionRecord
 
     return DecisionRecord(
         request_id=f"bench-{uuid.uuid4()}", original_transaction_id=str(10_000_000 + i), product_id="pro.monthly",
@@ -74,7 +74,7 @@ def write_cost(log: Any, n: int, batch: int) -> float:
 
 
 def part_writes(url: str, tmp: Path, n: int, batch: int, rounds: int) -> dict[str, float]:
-    from serving.decision_log import DecisionLog
+    from serving.log_writer import DecisionLog
     from serving.pg_log import PostgresDecisionLog
 
     res: dict[str, list[float]] = {"sqlite": [], "copy": [], "insert": []}

@@ -103,7 +103,7 @@ def bench_profiles(tmp: Path) -> None:
 
 
 def _record(i: int, feats: np.ndarray) -> object:
-    from serving.decision_log import DecisionRecord
+    from serving.log_schema import DecisionRecord
 
     return DecisionRecord(
         request_id=f"req-{i}",
@@ -131,7 +131,8 @@ def _record(i: int, feats: np.ndarray) -> object:
 
 
 def bench_decision_log(tmp: Path) -> None:
-    from serving.decision_log import _INSERT_DECISION, DecisionLog, _connect_writer, _decision_row
+    from serving.log_schema import decision_row
+    from serving.log_writer import _INSERT_DECISION, DecisionLog, _connect_writer
 
     feats = np.random.default_rng(0).random((8, 40), dtype=np.float32)
     records = [_record(i, feats) for i in range(20_000)]
@@ -148,7 +149,7 @@ def bench_decision_log(tmp: Path) -> None:
 
     def sync_one() -> None:
         conn.execute("BEGIN")
-        conn.execute(_INSERT_DECISION, _decision_row(next(it2), 0))  # type: ignore[arg-type]
+        conn.execute(_INSERT_DECISION, decision_row(next(it2), 0))  # type: ignore[arg-type]
         conn.execute("COMMIT")
 
     base = per_call_us(sync_one, 500)

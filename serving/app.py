@@ -27,8 +27,9 @@ from litestar.exceptions import HTTPException
 from models.catalog import Catalog, CatalogMessage
 from models.data_files import APPLE_FALLBACK_POLICY
 from serving.database import FleetSync, PostgresReplayMemory
-from serving.decision_log import DecisionLog, DecisionRecord, log_file_name
 from serving.errors import ERROR_STATUS, ApiError, VerificationError
+from serving.log_schema import DecisionRecord
+from serving.log_writer import DecisionLog, log_file_name
 from serving.metrics import Metrics
 from serving.notifications import configured_bundle_id, receive_notification
 from serving.offers import OfferSigner
@@ -195,7 +196,7 @@ class RetentionService:
         else:
             self.decision_log = DecisionLog(
                 data_dir / log_file_name(), batch_ms=settings.log_batch_ms, on_drop=self.metrics.decision_log_dropped,
-                writer=settings.log_writer, on_fault=self.metrics.decision_log_fault,
+                on_fault=self.metrics.decision_log_fault,
             )
         self.profiles = ProfileStore(data_dir / "profiles.sqlite")
         self.offer_signer = OfferSigner.from_settings(settings)

@@ -2,7 +2,7 @@
 
 ``python -m pkg.mod`` puts the directory it was started from first on ``sys.path`` (and ``python -c`` puts
 ``''``, the same directory), so a ``serving/sigproc.py`` lying in that folder would be run in place of ours.
-Every child the server starts (the signature process, the decision log writer, uvicorn's worker processes)
+Every child the server starts (the signature process, uvicorn's worker processes)
 therefore runs in Python 3.11's safe-path mode, ``-P`` (``PYTHONSAFEPATH``), which leaves that directory off
 ``sys.path`` and keeps everything else.
 

@@ -84,7 +84,8 @@ def check_url(url: str) -> str:
     return url
 
 
-def _why(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """Return the first line of an error's text (psycopg's can span several), or its type's name when empty."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -113,7 +114,7 @@ def connect(url: str, *, timeout_s: float = 5.0, autocommit: bool = True, **kw: 
               "tcp_user_timeout": 15_000, **kw}
         return psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=autocommit, **kw)
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot connect to the database {safe_url(url)}: {_why(exc)}") from None
+        raise DatabaseError(f"cannot connect to the database {safe_url(url)}: {error_line(exc)}") from None
 
 
 def schema_version(conn: Any) -> int:
@@ -154,7 +155,7 @@ def migrate(url: str) -> tuple[int, int]:
                     log.info("database %s: migrated to schema version %d (%s)", safe_url(url), version, what)
             after = schema_version(conn)
         except psycopg.Error as exc:
-            raise DatabaseError(f"migrating the database {safe_url(url)} failed: {_why(exc)}") from None
+            raise DatabaseError(f"migrating the database {safe_url(url)} failed: {error_line(exc)}") from None
     if after > SCHEMA_VERSION:
         raise DatabaseError(_too_new(url, after))
     return before, after
@@ -181,7 +182,7 @@ def require_schema(url: str, *, run_migrations: bool = False) -> int:
         with connect(url) as conn:
             version = schema_version(conn)
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot read the schema version of {safe_url(url)}: {_why(exc)}") from None
+        raise DatabaseError(f"cannot read the schema version of {safe_url(url)}: {error_line(exc)}") from None
     if version > SCHEMA_VERSION:
         raise DatabaseError(_too_new(url, version))
     if version < SCHEMA_VERSION:
@@ -299,7 +300,7 @@ class PostgresReplayMemory:
         except psycopg.errors.QueryCanceled:
             raise TimeoutError(f"the database did not answer within {self.budget_s * 1000:.0f} ms") from None
         except psycopg.Error as exc:
-            raise ConnectionError(f"the database failed: {_why(exc)}") from None
+            raise ConnectionError(f"the database failed: {error_line(exc)}") from None
         out: list[bool] = []
         for rid, _, _ in items:
             out.append(rid in new)
@@ -406,7 +407,7 @@ class FleetSync:
                 self.profiles_version = version
             self.ok, self.last_error = True, None
         except (psycopg.Error, DatabaseError, OSError, sqlite3.Error) as exc:
-            self.ok, self.last_error = False, _why(exc)
+            self.ok, self.last_error = False, error_line(exc)
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._conn.close()
@@ -485,7 +486,7 @@ def import_profiles(src: str | Path, url: str) -> int:
                             cp.write_row((row[0], enc(dict(zip(names, row[1:], strict=True))).decode()))
                     conn.execute("INSERT INTO profile_imports (source, rows) VALUES (%s, %s)", (str(src), n))
             except psycopg.Error as exc:
-                raise DatabaseError(f"importing profiles into {safe_url(url)} failed: {_why(exc)}") from None
+                raise DatabaseError(f"importing profiles into {safe_url(url)} failed: {error_line(exc)}") from None
         finally:
             lite.close()
     return n
@@ -590,6 +591,6 @@ def main(argv: Sequence[str]) -> int:
         print(f"retention db: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a psycopg error we did not wrap: still one line
-        print(f"retention db: {_why(exc)}", file=sys.stderr)
+        print(f"retention db: {error_line(exc)}", file=sys.stderr)
         return 1
     return 0

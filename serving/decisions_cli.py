@@ -19,14 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.decision_log import (
-    compact_logs,
-    count_unanswered,
-    export_decisions,
-    export_outcomes,
-    latest_decisions,
-    log_files,
-)
+from serving.log_reader import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
+from serving.log_writer import compact_logs
 
 
 def _data_dirs(args: argparse.Namespace) -> list[Path]:

@@ -14,8 +14,7 @@ Series:
 - ``retention_reload_failures_total{what}``;
 - ``retention_decision_log_dropped_total`` (rows the log could not keep: queue full, or unwritable at shutdown);
 - ``retention_decision_log_faults_total{reason}`` (a log file deleted, replaced or corrupt and a fresh one
-  started; ``unavailable``: writing began to fail, disk full or read-only; ``writer_died``: the writer
-  process was started again);
+  started; ``unavailable``: writing began to fail, disk full or read-only);
 - ``retention_http_5xx_total{path, status}`` every answer with a 5xx status the app sent (``path`` is one of
   the app's routes, or ``other``);
 - ``retention_connections_refused_total{code}`` (connections answered and closed by serving/http_limits.py:
@@ -131,7 +130,7 @@ class Metrics:
         self._log_faults = Counter(
             "retention_decision_log_faults",
             "Decision log faults by reason: deleted, replaced, corrupt (a fresh file was started), "
-            "unavailable (writes began to fail), writer_died (the writer process was started again).",
+            "unavailable (writes began to fail).",
             ["reason"],
             registry=reg,
         )
@@ -295,7 +294,7 @@ class Metrics:
             self._dropped.inc(n)
 
     def decision_log_fault(self, reason: str) -> None:
-        """Count one decision log fault (deleted, replaced, corrupt, unavailable, writer_died)."""
+        """Count one decision log fault (deleted, replaced, corrupt, unavailable)."""
         self._log_faults.labels(reason).inc()
 
     def http_5xx(self, path: str, status: int) -> None:

@@ -48,7 +48,7 @@ def parse_time(text: str) -> int:
 
 def recorded_uuids(data_dir: Path) -> set[str]:
     """Return the notificationUUIDs already recorded in any decision log file of `data_dir`."""
-    from serving.decision_log import log_files
+    from serving.log_reader import log_files
 
     seen: set[str] = set()
     for path in log_files(data_dir):
@@ -103,8 +103,8 @@ def backfill(
     from appstoreserverlibrary.models.NotificationHistoryRequest import NotificationHistoryRequest
     from tqdm import tqdm
 
-    from serving.decision_log import DecisionLog, log_file_name
     from serving.errors import VerificationError
+    from serving.log_writer import DecisionLog, log_file_name
     from serving.notifications import parse_notification
 
     data_dir = Path(settings.data_dir)
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> int:
     settings = Settings.from_env(**overrides)
     data_dir = Path(settings.data_dir)
     if not args.create_data_dir:
-        from serving.decision_log import log_files
+        from serving.log_reader import log_files
 
         why = ("does not exist" if not data_dir.is_dir()
                else None if log_files(data_dir) else "holds no decision log (decisions-*.sqlite)")

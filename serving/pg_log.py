@@ -1,6 +1,6 @@
 """The decision and outcome log in the fleet's PostgreSQL database, with a local spill file for outages.
 
-:class:`PostgresDecisionLog` has the interface of :class:`serving.decision_log.DecisionLog` (``log``,
+:class:`PostgresDecisionLog` has the interface of :class:`serving.log_writer.DecisionLog` (``log``,
 ``log_outcome``, ``register_feature_names``, ``start``, ``flush``, ``close``, ``health``, ``stats``): the app
 calls the same methods, and ``RETENTION_DATABASE_URL`` picks this backend. The request path only appends to an
 in-memory queue. A writer thread wakes every ``batch_ms`` and writes everything queued in one transaction:
@@ -40,8 +40,23 @@ from typing import Any, Final
 import msgspec
 
 from models.data_files import EVENTS
-from serving import decision_log as dl
-from serving.database import DatabaseError, _why, check_url, connect, require_schema, safe_url
+from serving.database import DatabaseError, check_url, connect, error_line, require_schema, safe_url
+from serving.log_schema import (
+    DECISION_COLUMNS_SQL,
+    OUTCOME_COLUMNS,
+    SCHEMA_VERSION,
+    DecisionRecord,
+    FeatureSchema,
+    OutcomeRecord,
+    as_apple_fallback,
+    decision_row,
+    decisions_arrow_schema,
+    decode_decision,
+    decode_json,
+    encode_json,
+    export_format,
+    feature_names_sha,
+)
 
 log = logging.getLogger("retention.pg_log")
 
@@ -52,7 +67,7 @@ RETRY_S: Final = 1.0
 DRAIN_ROWS: Final = 20_000
 SPILL_PREFIX: Final = "pg-spill-"
 _LEN = struct.Struct("<I")
-_DECISION_COLS: Final = [c.strip() for c in dl._DECISION_COLUMNS_SQL.split(",")]
+_DECISION_COLS: Final = [c.strip() for c in DECISION_COLUMNS_SQL.split(",")]
 _OUTCOME_COLS: Final = ", ".join(
     ["notification_uuid", "original_transaction_id", "event", "at", "raw_type", "raw_subtype", "received_at",
      "offer_type", "offer_identifier", "offer_discount_type", "transaction_reason"]
@@ -211,7 +226,7 @@ class PostgresDecisionLog:
         self._temp_ready = False
 
     # -- request path ----------------------------------------------------------------------
-    def log(self, record: dl.DecisionRecord) -> None:
+    def log(self, record: DecisionRecord) -> None:
         """Queue one decision; returns at once, never raises, counts a drop when the queue is full."""
         try:
             if len(self._q) >= self.max_queue or self._closed:
@@ -241,7 +256,7 @@ class PostgresDecisionLog:
         """
         if event not in EVENTS:
             raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
-        outcome = dl._Outcome(
+        outcome = OutcomeRecord(
             notification_uuid, original_transaction_id, event, int(at_ms), raw_type, raw_subtype,
             int(time.time() * 1000), offer_type, offer_identifier, offer_discount_type, transaction_reason,
         )
@@ -252,8 +267,8 @@ class PostgresDecisionLog:
 
     def register_feature_names(self, names: Sequence[str]) -> str:
         """Return the schema hash of `names` and record the names once in the log (call at model load)."""
-        sha = dl.feature_names_sha(names)
-        self._q.append(dl._Schema(sha, list(names)))
+        sha = feature_names_sha(names)
+        self._q.append(FeatureSchema(sha, list(names)))
         return sha
 
     def _drop(self, n: int) -> None:
@@ -376,15 +391,15 @@ class PostgresDecisionLog:
         markers: list[_Marker] = []
         bad = 0
         for it in items:
-            if isinstance(it, dl.DecisionRecord):
+            if isinstance(it, DecisionRecord):
                 try:
-                    decisions.append(list(dl._decision_row(it, now_ms)))
+                    decisions.append(list(decision_row(it, now_ms)))
                 except Exception:
                     bad += 1
-            elif isinstance(it, dl._Outcome):
+            elif isinstance(it, OutcomeRecord):
                 outcomes.append(list(msgspec.structs.astuple(it)))
-            elif isinstance(it, dl._Schema):
-                schemas.append([it.sha, dl._json(it.names).decode()])
+            elif isinstance(it, FeatureSchema):
+                schemas.append([it.sha, encode_json(it.names).decode()])
             elif isinstance(it, _Marker):
                 markers.append(it)
         if bad:
@@ -454,7 +469,7 @@ class PostgresDecisionLog:
                 if schemas:
                     conn.cursor().executemany(_INSERT_SCHEMA, schemas)
         except psycopg.Error as exc:
-            self._went_down(_why(exc))
+            self._went_down(error_line(exc))
             return False
         self._written += len(decisions)
         self._batches += 1
@@ -564,7 +579,7 @@ class PostgresDecisionLog:
 
 # -- reading and export ------------------------------------------------------------------------------------
 def read_decisions(url: str, *, batch: int = 5000) -> Iterator[dict[str, Any]]:
-    """Yield every decision in the database as :func:`serving.decision_log.read_decisions` does, answered_at order.
+    """Yield every decision in the database as :func:`serving.log_reader.read_decisions` does, answered_at order.
 
     A server-side cursor fetches `batch` rows at a time, so memory stays bounded whatever the table's size.
     """
@@ -576,13 +591,13 @@ def read_decisions(url: str, *, batch: int = 5000) -> Iterator[dict[str, Any]]:
         cur.itersize = batch
         cur.execute(f"SELECT id, {cols} FROM decisions ORDER BY answered_at, id")
         for row in cur:
-            yield dl._decode_decision(row)
+            yield decode_decision(row)
 
 
 def feature_schemas(url: str) -> dict[str, list[str]]:
     """Return {feature_names_sha: feature names} recorded in the database."""
     with connect(url) as conn:
-        return {sha: dl._unjson(names) for sha, names in conn.execute("SELECT sha, names FROM feature_schemas")}
+        return {sha: decode_json(names) for sha, names in conn.execute("SELECT sha, names FROM feature_schemas")}
 
 
 def read_outcomes(url: str) -> list[dict[str, Any]]:
@@ -599,7 +614,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
                      progress: bool = False) -> int:
     """Return the number of decisions written from the database at `url` to `out` (Parquet or CSV by suffix).
 
-    Same columns and metadata as :func:`serving.decision_log.export_decisions`; rows are streamed through a
+    Same columns and metadata as :func:`serving.log_reader.export_decisions`; rows are streamed through a
     server-side cursor and written `chunk` at a time, so memory is bounded by `chunk`, not the table.
     Raises DatabaseError (one sentence) when the database cannot be read, ValueError for a bad output name.
     """
@@ -609,9 +624,9 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
     import pyarrow.parquet as pq
 
     out = Path(out)
-    fmt = dl._out_format(out)
+    fmt = export_format(out)
     require_schema(url)  # a schema this release does not know is not read as if it did
-    schema = dl._decisions_arrow_schema()
+    schema = decisions_arrow_schema()
     names = [f.name for f in schema]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -621,8 +636,8 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
         schemas = feature_schemas(url)
         if fmt == "parquet":
             meta = {
-                b"retention.feature_schemas": dl._json(schemas),
-                b"retention.schema_version": str(dl.SCHEMA_VERSION).encode(),
+                b"retention.feature_schemas": encode_json(schemas),
+                b"retention.schema_version": str(SCHEMA_VERSION).encode(),
             }
             writer = pq.ParquetWriter(tmp, schema.with_metadata(meta))
         rows_iter = read_decisions(url, batch=min(chunk, 5000))
@@ -632,11 +647,11 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
             rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
             cols: dict[str, list[Any]] = {n: [] for n in names}
             for d in rows:
-                d = dl.as_apple_fallback(d)
+                d = as_apple_fallback(d)
                 for n in names:
                     v = d[n]
                     if n == "policy_params":
-                        v = dl._json(v).decode() if v is not None else None
+                        v = encode_json(v).decode() if v is not None else None
                     elif n == "features" and v is not None:
                         v = v.tolist()
                     cols[n].append(v)
@@ -646,7 +661,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
             elif rows or first:
                 frame = pd.DataFrame(cols, columns=names)
                 for n in ("candidates", "scores", "values", "probabilities", "features"):
-                    frame[n] = [None if v is None else dl._json(v).decode() for v in frame[n]]
+                    frame[n] = [None if v is None else encode_json(v).decode() for v in frame[n]]
                 frame.to_csv(tmp, mode="w" if first else "a", header=first, index=False)
             first = False
             written += len(rows)
@@ -659,7 +674,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
             writer = None
         os.replace(tmp, out)
     except psycopg.Error as exc:
-        raise DatabaseError(f"reading decisions from {safe_url(url)} failed: {_why(exc)}") from None
+        raise DatabaseError(f"reading decisions from {safe_url(url)} failed: {error_line(exc)}") from None
     finally:
         if writer is not None:
             writer.close()
@@ -672,8 +687,8 @@ def export_outcomes(url: str, out: str | Path) -> int:
     import pandas as pd
 
     out = Path(out)
-    fmt = dl._out_format(out)
-    frame = pd.DataFrame(read_outcomes(url), columns=list(dl.OUTCOME_COLUMNS))
+    fmt = export_format(out)
+    frame = pd.DataFrame(read_outcomes(url), columns=list(OUTCOME_COLUMNS))
     frame["at"] = frame["at"].astype("int64")
     frame["offer_type"] = frame["offer_type"].astype("Int64")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -688,28 +703,3 @@ def export_outcomes(url: str, out: str | Path) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return len(frame)
-
-
-def source(value: str) -> str | Path:
-    """argparse type of a training input: a ``postgresql://`` URL (kept as text) or a file path."""
-    return value if value.startswith(("postgresql://", "postgres://")) else Path(value)
-
-
-@contextlib.contextmanager
-def training_inputs(decisions: str | Path, outcomes: str | Path) -> Iterator[tuple[Path, Path]]:
-    """Yield (decisions file, outcomes file) for ``retention train`` / ``evaluate``; a database URL is exported first.
-
-    A URL's decisions (the 404s included, policy ``apple_fallback``, as ``retention decisions export`` writes by default) and
-    outcomes are streamed into temporary Parquet files, removed afterwards; a path is yielded as it is.
-    """
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="retention-db-export-") as tmp:
-        d, o = decisions, outcomes
-        if isinstance(d, str):
-            d = Path(tmp) / "decisions.parquet"
-            export_decisions(str(decisions), d)
-        if isinstance(o, str):
-            o = Path(tmp) / "outcomes.parquet"
-            export_outcomes(str(outcomes), o)
-        yield Path(d), Path(o)

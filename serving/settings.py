@@ -1,7 +1,8 @@
 """The server's settings: one typed object, each field a CLI flag and a ``RETENTION_<NAME>`` variable.
 
 A field's ``help`` metadata is its documentation; ``retention serve --help`` prints it.
-Precedence: command-line flag, then environment variable, then the default here.
+Precedence: command-line flag, then environment variable, then the default here. A setting that was removed
+(:data:`REMOVED_SETTINGS`) is refused, as a flag or a variable, with one line naming what replaced it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from models.exploration import Exploration
 
 #: models.registry.DEFAULT_REGISTRY, spelled out: importing models.registry here would load NumPy for every verb
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry"
+
+
+#: Settings that were removed (field name -> what replaced them), sorted by name: ``--log-writer X`` or
+#: ``RETENTION_LOG_WRITER=X`` stops the start with :class:`SettingsError`, one line, rather than being ignored.
+REMOVED_SETTINGS: dict[str, str] = {
+    "log_writer": "the decision log is always written by a thread of the server process",
+}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -121,10 +129,6 @@ class Settings:
     seed: int | None = _f(None, "Seed of the exploration generator (tests and benchmarks); unset means OS entropy.")
     reload_interval_s: float = _f(2.0, "How often the catalog file and the registry's current pointer are checked for changes.")
     log_batch_ms: float = _f(100.0, "Decision log batch window: rows are written at least this often.")
-    log_writer: str = _f(
-        "process",
-        "Who writes the decision log: process (a child process per server process, off this one's GIL) or thread.",
-    )
     # ---- a fleet of replicas sharing PostgreSQL (docs/deployment-postgresql.md) ----
     database_url: str | None = _f(
         None,
@@ -163,6 +167,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Return settings from ``RETENTION_*`` variables, then `overrides` (keyword per field)."""
         env = os.environ if environ is None else environ
+        for name in REMOVED_SETTINGS:
+            if env.get("RETENTION_" + name.upper()):
+                raise _removed(name)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get("RETENTION_" + f.name.upper())
@@ -182,10 +189,17 @@ class Settings:
                 parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
             else:
                 parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
+        for name in REMOVED_SETTINGS:  # accepted by the parser only to be refused by from_args, in one line
+            flag = "--" + name.replace("_", "-")
+            parser.add_argument(flag, "--no-" + flag[2:], dest=_REMOVED_DEST + name, nargs="?", const="",
+                                default=None, help=argparse.SUPPRESS)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
         """Return settings from parsed flags over the environment over the defaults."""
+        for name in REMOVED_SETTINGS:
+            if getattr(args, _REMOVED_DEST + name, None) is not None:
+                raise _removed(name)
         overrides: dict[str, Any] = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for name, f in fields.items():
@@ -201,8 +215,6 @@ class Settings:
                 f"environment (RETENTION_ENVIRONMENT, --environment) must be Sandbox or Production, not {self.environment!r}"
             )
         Exploration(self.epsilon, self.exploration, self.temperature, self.holdout)  # raises ValueError out of range
-        if self.log_writer not in ("process", "thread"):
-            raise ValueError(f"log_writer must be process or thread, not {self.log_writer!r}")
         if self.verify_with not in ("process", "thread"):
             raise ValueError(f"verify_with must be process or thread, not {self.verify_with!r}")
         if self.workers < 1:
@@ -256,6 +268,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 class SettingsError(ValueError):
     """A setting's value cannot be read; the message names the variable."""
+
+
+_REMOVED_DEST = "removed_setting_"
+
+
+def _removed(name: str) -> SettingsError:
+    """Return the one-line refusal of the removed setting `name` (a key of :data:`REMOVED_SETTINGS`)."""
+    flag, env = "--" + name.replace("_", "-"), "RETENTION_" + name.upper()
+    return SettingsError(f"{flag} ({env}) was removed: {REMOVED_SETTINGS[name]}")
 
 
 def _kind(f: dataclasses.Field[Any]) -> type:

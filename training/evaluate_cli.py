@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from models.exploration import Exploration
-from serving.pg_log import source, training_inputs
+from serving.log_reader import source, training_inputs
 from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
 
 

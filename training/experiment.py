@@ -537,7 +537,6 @@ def _traffic(text: str) -> float:
 def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
     import os
 
-    import pandas as pd
 
     if args.decisions is not None:
         from training.data_io import read_decisions, read_outcomes
@@ -545,15 +544,13 @@ def _load_data(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.outcomes is None:
             raise ValueError("--decisions needs --outcomes")
         return read_decisions(args.decisions), read_outcomes(args.outcomes)
-    from serving.decision_log import OUTCOME_COLUMNS, decisions_frame, log_files
-    from serving.decision_log import read_outcomes as log_outcomes
+    from serving.log_reader import decisions_frame, log_files, outcomes_frame
 
     data_dir = args.data_dir or os.environ.get("RETENTION_DATA_DIR") or "data"
     files = log_files(data_dir)
     if not files:
         raise ValueError(f"no decision log files in {data_dir} (decisions-*.sqlite); give --data-dir or --decisions")
-    outcomes = pd.DataFrame(log_outcomes(files), columns=list(OUTCOME_COLUMNS))
-    return decisions_frame(files), outcomes
+    return decisions_frame(files), outcomes_frame(files)
 
 
 def _stop(registry: Any, exp: Any) -> None:

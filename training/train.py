@@ -31,7 +31,7 @@ from models import data_files
 from models.data_files import APPLE_FALLBACK_POLICY
 from models.features import FEATURIZER_VERSION, OTHER, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry, registry_spec
-from serving.pg_log import source, training_inputs
+from serving.log_reader import source, training_inputs
 from training.fit import (
     CREDIBILITY_Z,
     MODEL_CHOICES,

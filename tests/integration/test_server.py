@@ -62,7 +62,7 @@ class Server:
 
 
 def logged_rows(data_dir: Path) -> list[dict[str, Any]]:
-    from serving.decision_log import read_decisions
+    from serving.log_reader import read_decisions
 
     rows: list[dict[str, Any]] = []
     for db in sorted(data_dir.glob("decisions-*.sqlite")):

@@ -15,8 +15,8 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from serving import database, pg_log
-from serving.decision_log import DecisionRecord
+from serving import database, log_reader, pg_log
+from serving.log_schema import DecisionRecord
 from serving.profiles import ProfileStore
 
 
@@ -307,7 +307,7 @@ def test_decisions_export_from_the_database_and_training_inputs(migrated: str, t
     assert table.num_rows == 26 and b"retention.feature_schemas" in table.schema.metadata
     assert table.column("policy").to_pylist()[-1] == "apple_fallback"
     read_decisions(tmp_path / "d.parquet")
-    with pg_log.training_inputs(pg_log.source(migrated), pg_log.source(migrated)) as (d, o):
+    with log_reader.training_inputs(log_reader.source(migrated), log_reader.source(migrated)) as (d, o):
         assert pq.read_table(d).num_rows == 26 and pq.read_table(o).num_rows == 1
     bad = retention("decisions", "export", "--database-url", dead_url(), "--out", str(tmp_path / "x.parquet"))
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1

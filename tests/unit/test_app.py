@@ -38,7 +38,7 @@ def offer_key(tmp_path: Path) -> tuple[Path, ec.EllipticCurvePublicKey]:
 
 def decisions(client: TestClient[Any]) -> list[dict[str, Any]]:
     """Return the rows the service logged so far (flushes the background writer first)."""
-    from serving.decision_log import read_decisions
+    from serving.log_reader import read_decisions
 
     svc = client.app.state.service
     svc.decision_log.flush()
@@ -312,7 +312,7 @@ def test_requests_ready_together_are_scored_in_one_run_each_with_its_own_scores(
     import asyncio
 
     from serving.app import RetentionService
-    from serving.decision_log import read_decisions
+    from serving.log_reader import read_decisions
     from serving.policy import candidates_for
 
     svc = RetentionService(make_settings(epsilon=0.0, verify_threads=0, verify_with="thread"))  # all five reach scoring in one turn

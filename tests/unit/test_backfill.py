@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import retention
-from serving.decision_log import DecisionLog, log_file_name, log_files, read_outcomes
+from serving.log_reader import log_files, read_outcomes
+from serving.log_writer import DecisionLog, log_file_name
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID
 from tests.unit.test_notifications import notification_payload

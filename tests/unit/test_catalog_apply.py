@@ -253,7 +253,7 @@ def test_a_rejected_text_is_reported_and_never_answered(apple, cat, make_setting
             answers.append((r.status_code, r.text))
         svc = client.app.state.service
         svc.decision_log.flush()
-        from serving.decision_log import read_decisions
+        from serving.log_reader import read_decisions
 
         rows = list(read_decisions(svc.decision_log.path))
     assert all(fr_text not in text for _, text in answers)

@@ -19,28 +19,20 @@ import pandas as pd
 import pytest
 
 import retention
-from serving.decision_log import (
-    REQUIRED_DECISION_COLUMNS,
-    DecisionLog,
-    DecisionRecord,
-    event_for_notification,
+from models.data_files import event_for_notification
+from serving.decisions_cli import main as decisions_main
+from serving.log_reader import (
     export_decisions,
     export_outcomes,
-    log_file_name,
     log_files,
     read_decisions,
     read_decisions_file,
     read_outcomes,
 )
-from serving.decisions_cli import main as decisions_main
+from serving.log_schema import REQUIRED_DECISION_COLUMNS, DecisionRecord
+from serving.log_writer import DecisionLog, log_file_name
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=["thread", "process"])
-def writer(request: pytest.FixtureRequest) -> str:
-    """Every behaviour holds for both writers: a thread of this process, or the writer process."""
-    return str(request.param)
 
 
 def _record(i: int, *, answered_at: int = 0, fallback: bool = False) -> DecisionRecord:
@@ -101,9 +93,9 @@ def _count(path: Path) -> int:
         conn.close()
 
 
-def test_rows_are_written_in_batches_without_close(tmp_path: Path, writer: str) -> None:
+def test_rows_are_written_in_batches_without_close(tmp_path: Path) -> None:
     path = tmp_path / log_file_name()
-    dlog = DecisionLog(path, batch_ms=50, writer=writer)
+    dlog = DecisionLog(path, batch_ms=50)
     dlog.start()
     try:
         for i in range(500):
@@ -123,9 +115,9 @@ def test_rows_are_written_in_batches_without_close(tmp_path: Path, writer: str) 
         dlog.close()
 
 
-def test_close_flushes_everything_and_the_rows_read_back(tmp_path: Path, writer: str) -> None:
+def test_close_flushes_everything_and_the_rows_read_back(tmp_path: Path) -> None:
     path = tmp_path / "decisions-test-1.sqlite"
-    dlog = DecisionLog(path, batch_ms=10_000, writer=writer)  # a long window: only close() can write these
+    dlog = DecisionLog(path, batch_ms=10_000)  # a long window: only close() can write these
     dlog.start()
     for i in range(300):
         dlog.log(_record(i, fallback=i % 10 == 0))
@@ -152,9 +144,9 @@ def test_close_flushes_everything_and_the_rows_read_back(tmp_path: Path, writer:
     assert rows[0]["answered_at"] > 1_700_000_000_000  # 0 means "when logged"
 
 
-def test_full_queue_drops_are_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture, writer: str) -> None:
+def test_full_queue_drops_are_counted_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     dropped: list[int] = []
-    dlog = DecisionLog(tmp_path / "d.sqlite", max_queue=10, on_drop=dropped.append, writer=writer)
+    dlog = DecisionLog(tmp_path / "d.sqlite", max_queue=10, on_drop=dropped.append)
     for i in range(15):
         dlog.log(_record(i))  # the writer is not started yet: the queue fills up
     assert dlog.stats()["dropped"] == 5
@@ -169,8 +161,8 @@ def test_full_queue_drops_are_counted_and_logged(tmp_path: Path, caplog: pytest.
     assert sum(dropped) == 6
 
 
-def test_numpy_values_and_odd_records_never_break_the_writer(tmp_path: Path, writer: str) -> None:
-    dlog = DecisionLog(tmp_path / "d.sqlite", writer=writer)
+def test_numpy_values_and_odd_records_never_break_the_writer(tmp_path: Path) -> None:
+    dlog = DecisionLog(tmp_path / "d.sqlite")
     dlog.start()
     r = _record(1)
     r.policy_params = {"epsilon": np.float32(0.05), "k": np.int64(3), "weights": np.array([1.0, 2.0])}
@@ -191,8 +183,9 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {repo!r})
-    from serving.decision_log import DecisionLog, DecisionRecord
-    dlog = DecisionLog({path!r}, batch_ms={batch_ms}, writer={writer!r})
+    from serving.log_schema import DecisionRecord
+    from serving.log_writer import DecisionLog
+    dlog = DecisionLog({path!r}, batch_ms={batch_ms})
     dlog.start()
     i = 0
     while True:
@@ -208,11 +201,11 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_loses_at_most_the_last_batch_window(tmp_path: Path, writer: str) -> None:
+def test_sigkill_loses_at_most_the_last_batch_window(tmp_path: Path) -> None:
     batch_ms = 100
     path = tmp_path / "killed.sqlite"
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD.format(repo=str(REPO), path=str(path), batch_ms=batch_ms, writer=writer)],
+        [sys.executable, "-c", _CHILD.format(repo=str(REPO), path=str(path), batch_ms=batch_ms)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -249,10 +242,10 @@ def test_sigkill_loses_at_most_the_last_batch_window(tmp_path: Path, writer: str
     assert len(missing) <= recent, (len(missing), recent)
 
 
-def test_export_writes_design_columns_readable_by_pandas(tmp_path: Path, writer: str) -> None:
+def test_export_writes_design_columns_readable_by_pandas(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for worker in (1, 2):  # two workers' files, interleaved in time
-        dlog = DecisionLog(data / f"decisions-host-{worker}.sqlite", writer=writer)
+        dlog = DecisionLog(data / f"decisions-host-{worker}.sqlite")
         dlog.start()
         for i in range(worker, 40, 2):
             dlog.log(_record(i, answered_at=1_800_000_000_000 + i, fallback=i == 5))
@@ -305,8 +298,8 @@ def test_export_writes_design_columns_readable_by_pandas(tmp_path: Path, writer:
     assert sorted(out["notification_uuid"]) == ["uuid-1", "uuid-2", "uuid-shared"]
 
 
-def test_outcome_events_are_checked_and_notifications_map_to_them(tmp_path: Path, writer: str) -> None:
-    dlog = DecisionLog(tmp_path / "d.sqlite", writer=writer)
+def test_outcome_events_are_checked_and_notifications_map_to_them(tmp_path: Path) -> None:
+    dlog = DecisionLog(tmp_path / "d.sqlite")
     with pytest.raises(ValueError, match="unknown outcome event"):
         dlog.log_outcome("u", "t", "churned", 1)
     assert event_for_notification("DID_CHANGE_RENEWAL_STATUS", "AUTO_RENEW_DISABLED") == "cancelled"
@@ -367,32 +360,9 @@ def test_cli_export_keeps_404s_as_apple_s_arm_readable_by_training(tmp_path: Pat
     assert len(pd.read_parquet(out)) == 1 and "left out 2 request(s)" in capsys.readouterr().out
 
 
-def test_a_dead_writer_process_is_replaced_and_logging_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "d.sqlite"
-    dlog = DecisionLog(path, batch_ms=20, writer="process")
-    dlog.start()
-    for i in range(50):
-        dlog.log(_record(i))
-    assert dlog.flush(10.0)
-    assert dlog._proc is not None
-    first = dlog._proc.pid
-    dlog._proc.kill()
-    dlog._proc.wait()
-    assert dlog.stats()["writer_alive"] == 0  # what /ready and the notification path look at
-    with caplog.at_level(logging.ERROR, logger="retention.decision_log"):
-        for i in range(50, 100):
-            dlog.log(_record(i))
-        assert dlog.flush(10.0)
-    assert dlog._proc is not None and dlog._proc.pid != first
-    assert any("starting a new one" in r.getMessage() for r in caplog.records)
-    dlog.close()
-    assert _count(path) == 100  # the batch that met the dead writer went to the new one
-    assert dlog.stats()["written"] == 100 and dlog.stats()["dropped"] == 0
-
-
-def test_process_writer_refuses_to_start_on_a_file_it_cannot_open(tmp_path: Path) -> None:
+def test_the_writer_refuses_to_start_on_a_file_it_cannot_open(tmp_path: Path) -> None:
     (tmp_path / "a-folder.sqlite").mkdir()
-    dlog = DecisionLog(tmp_path / "a-folder.sqlite", writer="process")
+    dlog = DecisionLog(tmp_path / "a-folder.sqlite")
     with pytest.raises(OSError, match="cannot open the decision log"):
         dlog.start()
     dlog.close()
@@ -423,7 +393,7 @@ INSERT INTO decisions (request_id, original_transaction_id, product_id, user_loc
 """
 
 
-def test_a_log_made_before_the_offer_and_profile_columns_reads_and_grows(tmp_path: Path, writer: str) -> None:
+def test_a_log_made_before_the_offer_and_profile_columns_reads_and_grows(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
         conn.executescript(_OLD_DDL)
@@ -433,7 +403,7 @@ def test_a_log_made_before_the_offer_and_profile_columns_reads_and_grows(tmp_pat
     assert (old["event"], old["offer_type"], old["transaction_reason"]) == ("expired", None, None)
     assert [d["profile"] for d in read_decisions(path)] == [None]
     # a writer opening it adds the columns and writes rows with them
-    dlog = DecisionLog(path, writer=writer)
+    dlog = DecisionLog(path)
     dlog.start()
     dlog.log_outcome("new-1", "otid-1", "offer_redeemed", 9, "OFFER_REDEEMED", None, offer_type=5,
                      offer_identifier="apple-7", offer_discount_type="FREE_TRIAL", transaction_reason="RENEWAL")

@@ -245,7 +245,7 @@ def two_model_registry(tmp_path_factory: pytest.TempPathFactory, trained_registr
 
 
 def _served(client: Any, pki: Any, n: int, prefix: str) -> list[dict[str, Any]]:
-    from serving.decision_log import read_decisions
+    from serving.log_reader import read_decisions
     from tests.conftest import APP_ID
 
     for i in range(n):

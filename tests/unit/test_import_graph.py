@@ -25,18 +25,6 @@ TOP_LEVEL = ("retention", "retention_demo")
 #: the one serving module training may import: reading the decision log is how training gets its data
 LOG_READER = "serving.log_reader"
 
-# PENDING: known violations being removed on branch i13-log (the decision log split by role: schema and row
-# encoding, writer, reader and export). Each entry must still be a violation, so the set shrinks to empty
-# when that branch lands; delete the entries (and this set) then.
-PENDING_CYCLES: set[frozenset[str]] = {
-    frozenset({"serving.decision_log", "serving.log_writer"}),  # decision_log imports log_writer; main() back
-}
-PENDING_EDGES: set[tuple[str, str]] = {
-    ("training.experiment", "serving.decision_log"),  # reads decisions and outcomes: to serving.log_reader
-    ("training.train", "serving.pg_log"),  # training_inputs/source: to serving.log_reader
-    ("training.evaluate_cli", "serving.pg_log"),  # training_inputs/source: to serving.log_reader
-}
-
 
 def project_modules() -> dict[str, Path]:
     """Return every project module's dotted name and file (a package's ``__init__`` under the package's name)."""
@@ -92,11 +80,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[tuple[frozenset[str], list[str]]]:
-    """Return each strongly connected component of more than one module with a circle through it (``a, b, ..., a``).
-
-    The component, not the circle, is what is compared with :data:`PENDING_CYCLES`: a new import that joins a
-    pending circle makes its component larger, and fails.
-    """
+    """Return each strongly connected component of more than one module with a circle through it (``a, b, ..., a``)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -172,22 +156,16 @@ def test_the_graph_sees_every_kind_of_import() -> None:
 
 def test_no_import_circle_deferred_or_type_only_included() -> None:
     found = cycles(import_graph())
-    new = [(c, path) for c, path in found if c not in PENDING_CYCLES]
-    assert not new, "import circles:\n" + "\n".join(
+    assert not found, "import circles:\n" + "\n".join(
         " -> ".join(path) + (f"  (circles among {', '.join(sorted(c))})" if len(c) > len(path) - 1 else "")
-        for c, path in new
+        for c, path in found
     )
-    stale = PENDING_CYCLES - {c for c, _ in found}
-    assert not stale, f"no longer circles, remove them from PENDING_CYCLES: {sorted(map(sorted, stale))}"
 
 
 def test_training_and_serving_meet_only_through_models_and_the_log_reader() -> None:
     found = layer_violations(import_graph())
-    new = found - PENDING_EDGES
-    assert not new, "imports across the layers (serving never imports training, models neither, training only " \
-        f"{LOG_READER}):\n" + "\n".join(f"{a} imports {b}" for a, b in sorted(new))
-    stale = PENDING_EDGES - found
-    assert not stale, f"no longer imported, remove them from PENDING_EDGES: {sorted(stale)}"
+    assert not found, "imports across the layers (serving never imports training, models neither, training only " \
+        f"{LOG_READER}):\n" + "\n".join(f"{a} imports {b}" for a, b in sorted(found))
 
 
 def test_a_circle_is_reported_as_its_path() -> None:

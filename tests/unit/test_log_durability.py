@@ -1,7 +1,7 @@
 """Nothing acknowledged is lost, nothing is lost silently: the decision log under a careless operator.
 
 Each test does to a serving endpoint (or to its log) what an operator or the machine might: delete the
-log files, overwrite them in place, corrupt them, kill the writer process, fill the disk, make the
+log files, overwrite them in place, corrupt them, hang or fail a commit, fill the disk, make the
 folder read-only. Every answered decision and every outcome answered 200 must be in a log file that
 export reads, and the fault must be visible (a log line, a metric, ``/ready``).
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
-import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,10 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-import serving.decision_log as decision_log
-from serving.decision_log import DecisionLog, DecisionRecord, log_files, read_decisions, read_outcomes
+import serving.log_writer as log_writer
+from serving.log_reader import log_files, read_decisions, read_outcomes
+from serving.log_schema import TABLES_SQL, DecisionRecord, decision_row
+from serving.log_writer import DecisionLog
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID
 from tests.unit.test_notifications import notification_body
@@ -44,11 +45,6 @@ def caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixtur
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
-
-
-@pytest.fixture(params=["process", "thread"])
-def writer(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def answer(c: TestClient[Any], pki: TestPKI) -> str:
@@ -95,9 +91,9 @@ def delete_log_files(path: Path) -> None:
 
 # ---- the file deleted, overwritten or corrupt while serving --------------------------------------------------
 def test_deleting_the_log_files_while_serving_loses_no_later_decision_or_outcome(
-    client_for: Any, pki: TestPKI, writer: str, caplog: pytest.LogCaptureFixture
+    client_for: Any, pki: TestPKI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    c = client_for(log_writer=writer)
+    c = client_for()
     svc = c.app.state.service
     data = Path(svc.settings.data_dir)
     answer(c, pki)
@@ -115,9 +111,9 @@ def test_deleting_the_log_files_while_serving_loses_no_later_decision_or_outcome
 
 
 def test_a_log_file_overwritten_in_place_is_set_aside_and_a_fresh_one_started(
-    client_for: Any, pki: TestPKI, writer: str, caplog: pytest.LogCaptureFixture
+    client_for: Any, pki: TestPKI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    c = client_for(log_writer=writer)
+    c = client_for()
     svc = c.app.state.service
     path = svc.decision_log.path
     first = answer(c, pki)
@@ -147,7 +143,7 @@ def test_a_corruption_error_starts_a_fresh_file_and_loses_none_of_the_batch(
     faults: list[str] = []
     dlog = DecisionLog(tmp_path / "decisions-h-1.sqlite", batch_ms=5.0, on_fault=faults.append)
     dlog.start()
-    real = decision_log._commit_rows
+    real = log_writer._commit_rows
     calls = {"n": 0}
 
     def corrupt_once(conn: sqlite3.Connection, *a: Any, **kw: Any) -> tuple[int, int]:
@@ -156,7 +152,7 @@ def test_a_corruption_error_starts_a_fresh_file_and_loses_none_of_the_batch(
             raise sqlite3.DatabaseError("database disk image is malformed")
         return real(conn, *a, **kw)
 
-    monkeypatch.setattr(decision_log, "_commit_rows", corrupt_once)
+    monkeypatch.setattr(log_writer, "_commit_rows", corrupt_once)
     with caplog.at_level(logging.ERROR, logger="retention.decision_log"):
         for i in range(5):
             dlog.log(_record(i))
@@ -168,59 +164,36 @@ def test_a_corruption_error_starts_a_fresh_file_and_loses_none_of_the_batch(
     assert dlog.stats()["dropped"] == 0
 
 
-# ---- the writer process killed under load --------------------------------------------------------------------
-def test_killing_the_writer_process_loses_no_answered_decision_or_outcome(
-    client_for: Any, pki: TestPKI, caplog: pytest.LogCaptureFixture
-) -> None:
-    c = client_for(log_writer="process")
-    svc = c.app.state.service
-    dlog = svc.decision_log
-    answered = [answer(c, pki) for _ in range(5)]
-    for _ in range(2):
-        proc = dlog._proc
-        assert proc is not None
-        os.kill(proc.pid, signal.SIGSTOP)  # the writer stops reading: what is shipped now sits in its pipe
-        batches = dlog.stats()["batches"]
-        answered += [answer(c, pki) for _ in range(20)]
-        time.sleep(0.3)  # several batch windows: the rows are shipped into the pipe
-        assert dlog.stats()["unconfirmed"] >= 20 and dlog.stats()["batches"] == batches
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        answered += [answer(c, pki) for _ in range(5)]
-        # while the new writer starts, a notification may get 503 (Apple sends it again): never a lost 200
-        body = notification_body(pki, "DID_RENEW", otid=f"20000001{len(answered)}")
-        codes = [c.post(NOTIFICATIONS, content=body, headers=JSON).status_code for _ in range(3)]
-        assert 200 in codes and set(codes) <= {200, 503}, codes
-        assert dlog.flush()
-    ids, otids = stored(Path(svc.settings.data_dir))
-    assert sorted(ids) == sorted(answered)  # every answered decision, each once
-    assert len(otids) == 2
-    assert dlog.stats()["dropped"] == 0 and dlog.stats()["unconfirmed"] == 0
-    assert metric(c, "retention_decision_log_faults_total", reason="writer_died") == 2
-    assert c.get("/ready").status_code == 200
-
-
-def test_a_hung_writer_process_makes_ready_503_until_it_catches_up(
+# ---- a commit that hangs ------------------------------------------------------------------------------------
+def test_a_hung_commit_makes_ready_503_until_it_ends(
     client_for: Any, pki: TestPKI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(decision_log, "STALL_S", 0.5)
-    c = client_for(log_writer="process")
+    """A commit that does not return (a stalled disk): /ready and notifications say so; nothing is lost."""
+    monkeypatch.setattr(log_writer, "STALL_S", 0.5)
+    c = client_for()
     dlog = c.app.state.service.decision_log
     answered = [answer(c, pki)]
     assert dlog.flush() and c.get("/ready").status_code == 200
-    proc = dlog._proc
-    assert proc is not None
-    os.kill(proc.pid, signal.SIGSTOP)  # hung: it reads nothing and confirms nothing
+    real, stalled, go_on = log_writer._commit_rows, threading.Event(), threading.Event()
+
+    def stall(*a: Any, **kw: Any) -> tuple[int, int]:
+        stalled.set()
+        go_on.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(log_writer, "_commit_rows", stall)
     try:
         answered.append(answer(c, pki))
+        assert stalled.wait(10)
         deadline = time.monotonic() + 30
         while c.get("/ready").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         r = c.get("/ready")
-        assert r.status_code == 503 and "has not confirmed a batch" in r.text, r.text
+        assert r.status_code == 503 and "a commit to the decision log has taken" in r.text, r.text
         assert notify(c, pki, "2000000077") == 503  # what /ready now says: notifications cannot be stored
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
+        go_on.set()
+        monkeypatch.setattr(log_writer, "_commit_rows", real)
     assert dlog.flush()
     assert c.get("/ready").status_code == 200
     assert notify(c, pki, "2000000077") == 200
@@ -228,8 +201,8 @@ def test_a_hung_writer_process_makes_ready_503_until_it_catches_up(
     assert sorted(ids) == sorted(answered)
 
 
-def test_a_batch_sent_twice_is_stored_once(tmp_path: Path, writer: str) -> None:
-    dlog = DecisionLog(tmp_path / "decisions-h-2.sqlite", batch_ms=5.0, writer=writer)
+def test_a_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
+    dlog = DecisionLog(tmp_path / "decisions-h-2.sqlite", batch_ms=5.0)
     dlog.start()
     for _ in range(2):
         for i in range(10):
@@ -245,11 +218,11 @@ def test_a_batch_sent_twice_is_stored_once(tmp_path: Path, writer: str) -> None:
 def test_a_version_1_log_file_is_read_migrated_and_written_without_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "decisions-old-7.sqlite"
     conn = sqlite3.connect(path)  # a file as the previous version wrote it: no unique request_id
-    conn.executescript(decision_log._DDL)
+    conn.executescript(TABLES_SQL)
     conn.execute("INSERT INTO log_meta VALUES ('schema_version', '1')")
-    row = decision_log._decision_row(_record(1), 1_700_000_000_000)
-    conn.execute(decision_log._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
-    conn.execute(decision_log._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
+    row = decision_row(_record(1), 1_700_000_000_000)
+    conn.execute(log_writer._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
+    conn.execute(log_writer._multi_insert_sql(1).replace(" OR IGNORE", ""), row)
     conn.commit()
     conn.close()
     assert [d["request_id"] for d in read_decisions(path)] == ["req-1"]  # readable as it is, each decision once
@@ -285,25 +258,27 @@ def test_an_outcome_batch_is_committed_with_synchronous_full(tmp_path: Path) -> 
 
 # ---- decisions that cannot be written: /ready says so, nothing is dropped while memory holds -----------------
 def test_a_writer_that_cannot_write_makes_ready_503_and_keeps_the_rows(
-    client_for: Any, pki: TestPKI, caplog: pytest.LogCaptureFixture
+    client_for: Any, pki: TestPKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A write limit on the writer process (what a full disk does: every write fails), then lifted."""
-    c = client_for(log_writer="process")
+    """Every commit fails as SQLite does on a full disk, then succeeds again: rows kept, /ready says why meanwhile."""
+    c = client_for()
     svc = c.app.state.service
     dlog = svc.decision_log
     before = [answer(c, pki) for _ in range(3)]
     assert dlog.flush() and c.get("/ready").status_code == 200
-    proc = dlog._proc
-    assert proc is not None
+    real = log_writer._commit_rows
+
+    def disk_full(*a: Any, **kw: Any) -> tuple[int, int]:
+        raise sqlite3.OperationalError("database or disk is full")
+
     with caplog.at_level(logging.ERROR, logger="retention.decision_log"):
-        hard = resource.prlimit(proc.pid, resource.RLIMIT_FSIZE)[1]
-        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, hard))  # no write past the first byte succeeds
+        monkeypatch.setattr(log_writer, "_commit_rows", disk_full)
         during = [answer(c, pki) for _ in range(30)]
         assert notify(c, pki, "2000000010") == 503  # not stored: Apple sends it again
         ready = c.get("/ready")
         assert ready.status_code == 503 and "decisions cannot be written" in ready.json()["detail"], ready.text
         assert any("retrying" in r.getMessage() for r in caplog.records)
-        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        monkeypatch.setattr(log_writer, "_commit_rows", real)
         assert notify(c, pki, "2000000010") == 200  # Apple's retry
         assert dlog.flush()
     assert c.get("/ready").status_code == 200
@@ -328,7 +303,7 @@ def _can_mount_tmpfs(tmp_path: Path) -> bool:
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs folder (needs root and mount; skipped otherwise)."""
     if not _can_mount_tmpfs(tmp_path):
-        pytest.skip("cannot mount a tmpfs here (needs root); the write-limit test covers the same path")
+        pytest.skip("cannot mount a tmpfs here (needs root); the disk-full commit test covers the same path")
     folder = tmp_path / "disk"
     folder.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], check=True)
@@ -339,9 +314,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_and_a_read_only_folder_make_ready_503_until_they_pass(
-    small_disk: Path, client_for: Any, pki: TestPKI, writer: str
+    small_disk: Path, client_for: Any, pki: TestPKI
 ) -> None:
-    c = client_for(log_writer=writer, data_dir=str(small_disk / "data"))
+    c = client_for(data_dir=str(small_disk / "data"))
     svc = c.app.state.service
     dlog = svc.decision_log
     answered = [answer(c, pki) for _ in range(3)]
@@ -379,36 +354,6 @@ def test_a_full_disk_and_a_read_only_folder_make_ready_503_until_they_pass(
     ids, otids = stored(Path(svc.settings.data_dir))
     assert set(ids) >= set(answered[203:]) and "2000000021" in otids  # what came before went with the deleted file
     assert dlog.stats()["dropped"] == 0
-
-
-def test_a_writer_that_cannot_be_started_again_makes_ready_503(
-    client_for: Any, pki: TestPKI, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    c = client_for(log_writer="process")
-    svc = c.app.state.service
-    dlog = svc.decision_log
-    answered = [answer(c, pki)]
-    spawn = dlog._spawn
-
-    def cannot_start() -> None:
-        raise OSError("cannot open the decision log: not writable")
-
-    monkeypatch.setattr(dlog, "_spawn", cannot_start)
-    proc = dlog._proc
-    assert proc is not None
-    proc.kill()
-    proc.wait()
-    answered.append(answer(c, pki))
-    deadline = time.monotonic() + 10
-    while c.get("/ready").status_code != 503 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    ready = c.get("/ready")
-    assert ready.status_code == 503 and "writer process cannot start" in ready.json()["detail"], ready.text
-    monkeypatch.setattr(dlog, "_spawn", spawn)
-    assert notify(c, pki, "2000000030") == 200
-    assert c.get("/ready").status_code == 200
-    ids, _ = stored(Path(svc.settings.data_dir))
-    assert sorted(ids) == sorted(answered)
 
 
 def _record(i: int) -> DecisionRecord:
@@ -451,7 +396,7 @@ def test_export_reads_the_good_files_names_each_bad_one_and_fails_only_when_stri
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import retention
-    from serving.decision_log import read_decisions_file
+    from serving.log_reader import read_decisions_file
 
     data = tmp_path / "data"
     _write_log(data / "decisions-a-1.sqlite", range(0, 50), ("n-1",))
@@ -484,7 +429,7 @@ def test_export_of_a_file_damaged_below_its_header_keeps_every_readable_row_and_
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import retention
-    from serving.decision_log import read_decisions_file
+    from serving.log_reader import read_decisions_file
 
     data = tmp_path / "data"
     path = data / "decisions-a-1.sqlite"
@@ -516,10 +461,10 @@ def test_damage_below_the_header_is_found_by_the_writer_and_a_fresh_file_started
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Appends never read the damaged pages: the writer's periodic quick_check finds them, off the request path."""
-    monkeypatch.setattr(decision_log, "QUICK_CHECK_S", 0.0)
+    monkeypatch.setattr(log_writer, "QUICK_CHECK_S", 0.0)
     faults: list[str] = []
     path = tmp_path / "decisions-h-1.sqlite"
-    dlog = DecisionLog(path, batch_ms=5.0, writer="thread", on_fault=faults.append)
+    dlog = DecisionLog(path, batch_ms=5.0, on_fault=faults.append)
     dlog.start()
     for i in range(2000):
         dlog.log(_record(i))
@@ -550,7 +495,7 @@ def test_compact_merges_retired_files_keeps_the_live_one_and_export_sees_every_r
     data = tmp_path / "data"
     _write_log(data / "decisions-h-1.sqlite", range(0, 100), ("n-1", "n-2"))
     _write_log(data / "decisions-h-2.sqlite", range(90, 200), ("n-2", "n-3"))  # a batch written to two files
-    live = DecisionLog(data / "decisions-h-3.sqlite", batch_ms=5.0, writer="process")
+    live = DecisionLog(data / "decisions-h-3.sqlite", batch_ms=5.0)
     live.start()
     for i in range(200, 220):
         live.log(_record(i))

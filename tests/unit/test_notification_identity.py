@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from litestar.testing import TestClient
 
 from serving.app import create_app
-from serving.decision_log import read_outcomes
+from serving.log_reader import read_outcomes
 from serving.settings import Settings, SettingsError
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID, BUNDLE_ID

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from serving.decision_log import export_outcomes, log_files, read_outcomes
+from serving.log_reader import export_outcomes, log_files, read_outcomes
 from serving.testpki import TestPKI
 from tests.conftest import APP_ID
 

@@ -199,14 +199,6 @@ while True:
         os.write(1, RESULT.pack(n, 1, 0))
 '''
 
-DECOY_LOG_WRITER = '''\
-"""A decoy decision log writer: leaves a mark and exits."""
-import pathlib
-pathlib.Path({mark!r}).write_text("decoy log writer ran")
-raise SystemExit(1)
-'''
-
-
 @pytest.fixture
 def decoy_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Return a working directory holding a decoy ``serving`` package (and make it the current directory)."""
@@ -214,7 +206,6 @@ def decoy_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (cwd / "serving").mkdir(parents=True)
     (cwd / "serving" / "__init__.py").write_text("")
     (cwd / "serving" / "sigproc.py").write_text(DECOY_SIGPROC.format(mark=str(tmp_path / "decoy-sigproc")))
-    (cwd / "serving" / "log_writer.py").write_text(DECOY_LOG_WRITER.format(mark=str(tmp_path / "decoy-writer")))
     monkeypatch.chdir(cwd)
     return cwd
 
@@ -222,9 +213,9 @@ def decoy_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_children_started_from_a_folder_with_decoy_modules_run_our_code(
     client: Any, pki: Any, decoy_cwd: Path, tmp_path: Path
 ) -> None:
-    """A decoy serving/sigproc.py and serving/log_writer.py in the working directory are never run.
+    """A decoy serving/sigproc.py in the working directory is never run.
 
-    The decoy signature process would answer "valid" to any signature; the decoy writer would write nothing.
+    The decoy signature process would answer "valid" to any signature.
     """
     c = client(verify_with="process")
     svc = c.app.state.service
@@ -236,10 +227,8 @@ def test_children_started_from_a_folder_with_decoy_modules_run_our_code(
     r = c.post(URL, content=pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))
     assert r.status_code == 200
     svc.decision_log.flush()
-    from serving.decision_log import read_decisions
+    from serving.log_reader import read_decisions
 
     assert len(list(read_decisions(svc.decision_log.path))) == 1  # the real writer wrote the row
-    assert svc.decision_log.writer == "process"
     assert not (tmp_path / "decoy-sigproc").exists()
-    assert not (tmp_path / "decoy-writer").exists()
     assert os.getcwd() == str(decoy_cwd)

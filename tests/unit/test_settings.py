@@ -9,7 +9,7 @@ import pytest
 
 from models.catalog import DEMO_CATALOG
 from serving.server import preflight, settings_to_env
-from serving.settings import Settings, SettingsError, parse_settings
+from serving.settings import REMOVED_SETTINGS, Settings, SettingsError, parse_settings
 from tests.conftest import BUNDLE_ID
 
 
@@ -95,6 +95,24 @@ def test_a_pinned_or_shadow_version_that_does_not_exist_refuses_to_start(pki_dir
         preflight(parse_settings([*base, "--model", str(tmp_path / "typo")]))
     startup = preflight(parse_settings([*base, "--model", f"{trained_registry}@latest", "--shadow-model", "current"]))
     assert startup.model_version == startup.shadow_version and startup.model_version is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [(["--log-writer", "process"], {}), (["--log-writer"], {}), ([], {"RETENTION_LOG_WRITER": "thread"})],
+)
+def test_the_removed_log_writer_flag_or_variable_is_refused_in_one_line_naming_what_replaced_it(
+    argv: list[str], env: dict[str, str]
+) -> None:
+    p = argparse.ArgumentParser()
+    Settings.add_arguments(p)
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_args(p.parse_args(argv), env)
+    assert str(exc.value) == ("--log-writer (RETENTION_LOG_WRITER) was removed: the decision log is always written "
+                              "by a thread of the server process")
+    assert list(REMOVED_SETTINGS) == sorted(REMOVED_SETTINGS)
+    assert not set(REMOVED_SETTINGS) & set(Settings.field_names())
+    assert "--log-writer" not in p.format_help()  # not offered in --help either
 
 
 def test_workers_zero_and_missing_tls_files_are_named(pki_dir: Path, tmp_path: Path) -> None:

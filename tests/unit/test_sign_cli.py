@@ -15,7 +15,7 @@ from litestar.testing import TestClient
 
 import retention
 from serving.app import create_app
-from serving.decision_log import read_outcomes
+from serving.log_reader import read_outcomes
 from serving.settings import Settings
 from tests.conftest import APP_ID
 
