@@ -6,9 +6,11 @@ Every verb module exposes ``main(argv: list[str]) -> int``.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 VERBS: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "run the endpoint (uvicorn)"),
@@ -26,21 +28,46 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": ("training.score", "batch-score logged requests with a model version"),
     "evaluate": ("training.evaluate_cli", "compare model versions off-policy; HTML report and JSON summary"),
     "models": ("training.models_cli", "list, show, promote, roll back and prune model versions"),
-    "experiment": ("training.experiment", "a challenger on live traffic: start, status, promote, plan"),
+    "experiment": ("training.experiment", "a challenger on live traffic: start, status, promote, plan, share, stop"),
 }
+
+
+class VerbParser(argparse.ArgumentParser):
+    """The argument parser of every verb: a usage error is one line on stderr and exit status 2.
+
+    argparse would print the whole usage block first; the user gets ``retention VERB: error: MESSAGE``
+    and where the options are listed instead. Sub-commands (``add_subparsers``) inherit the class.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _usage() -> str:
     lines = ["usage: retention VERB [options]   (retention VERB --help for a verb's options)", "", "verbs:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, desc) in VERBS.items()]
+    width = max(map(len, VERBS))
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in VERBS.items()]
     return "\n".join(lines)
+
+
+def _reader_gone() -> int:
+    """Return 141 after the reader went away (`retention ... | head`): quiet, as a command killed by SIGPIPE.
+
+    stdout goes to /dev/null so the interpreter's final flush cannot raise again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status; bad input is one line on stderr, never a traceback."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
-        print(_usage())
+        try:
+            print(_usage(), flush=True)
+        except BrokenPipeError:
+            return _reader_gone()
         return 0 if args else 2
     verb, rest = args[0], args[1:]
     if verb not in VERBS:
@@ -52,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # the reader went away (`retention ... | head`): stop quietly, as a command killed by SIGPIPE would;
-        # stdout goes to /dev/null so the interpreter's final flush cannot raise again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+        return _reader_gone()
     except SystemExit:
         raise
     except Exception as exc:  # the user gets one line; RETENTION_DEBUG=1 shows the traceback

@@ -11,7 +11,6 @@ simulator and trainer of ``training``, the server of ``serving``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from models.catalog import DEMO_CATALOG
+from retention import VerbParser
 from serving import children
 from serving.settings import DEFAULT_REGISTRY
 
@@ -82,7 +82,7 @@ def ensure_model(registry: Path, n_decisions: int) -> str:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``retention demo``."""
-    p = argparse.ArgumentParser(prog="retention demo", description=__doc__)
+    p = VerbParser(prog="retention demo", description=__doc__)
     p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="model registry (trained into when empty)")
     p.add_argument("--requests", type=int, default=8, help="signed requests to send")
     p.add_argument("--decisions", type=int, default=20000, help="simulated decisions to train the demo model on")

@@ -20,6 +20,7 @@ from typing import Any
 
 from appstoreserverlibrary.api_client import APIError, APIException
 
+from retention import VerbParser
 from serving.apple_api import AppleSetupError, add_arguments, check_arguments, client_from_arguments
 
 PENDING_EXIT = 3
@@ -64,7 +65,7 @@ def refusal(exc: APIException, *, environment: str, transaction_id: str | None =
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retention apple",
+    p = VerbParser(prog="retention apple",
                                 description="Apple's realtime URL and Sandbox performance test. See docs/apple-setup.md.")
     sub = p.add_subparsers(dest="cmd", required=True)
     rt = sub.add_parser("realtime-url", help="show, set or delete the URL Apple calls for retention messages")

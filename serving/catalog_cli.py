@@ -8,12 +8,13 @@ import sys
 from collections import Counter
 
 from models.catalog import DEMO_CATALOG, Catalog, CatalogError
+from retention import VerbParser
 from serving.apple_api import add_arguments, check_arguments
 
 
 def main(argv: list[str]) -> int:
     """Entry point of ``retention catalog``."""
-    p = argparse.ArgumentParser(prog="retention catalog", description="Validate the catalog of approved messages.")
+    p = VerbParser(prog="retention catalog", description="Validate the catalog of approved messages.")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in (("validate", "load and validate the catalog; print a summary"),
                         ("coverage", "list products and locales that have no default message")):

@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from retention import VerbParser
+
 log = logging.getLogger("retention.database")
 
 #: The schema version this release knows (the last of :data:`MIGRATIONS`).
@@ -560,7 +562,7 @@ def _url_arg(value: str | None) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``retention db migrate|version|kill-switch``; return the exit status (1 with one line on error)."""
-    parser = argparse.ArgumentParser(prog="retention db", description="The fleet's PostgreSQL database.")
+    parser = VerbParser(prog="retention db", description="The fleet's PostgreSQL database.")
     parser.add_argument("--database-url", default=None, help="postgresql:// URL [env RETENTION_DATABASE_URL]")
     # the URL may also follow the action (retention db migrate --database-url URL), as the docs write it
     url_after = argparse.ArgumentParser(add_help=False)

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from retention import VerbParser
 from serving.log_reader import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
 from serving.log_writer import compact_logs
 
@@ -38,7 +39,7 @@ def _files(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``retention decisions export|show|compact``; return the exit status."""
-    parser = argparse.ArgumentParser(prog="retention decisions", description="Work with the server's decision log.")
+    parser = VerbParser(prog="retention decisions", description="Work with the server's decision log.")
     sub = parser.add_subparsers(dest="command", required=True)
     data_help = "data folder of the server; repeat for several replicas [env RETENTION_DATA_DIR; default 'data']"
     exp = sub.add_parser("export", help="write the decisions (and outcomes) files that retention train reads")

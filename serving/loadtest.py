@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from retention import VerbParser
+
 ANSWER_KEYS = frozenset({"message", "alternateProduct", "promotionalOffer", "advancedCommerceInfo"})
 
 
@@ -332,7 +334,7 @@ def run(coro: Any) -> LoadTestResult:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention loadtest",
         description=(
             "Run Apple's performance test shape against URL (a Get Retention Message endpoint): totalRequests "

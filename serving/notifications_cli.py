@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from retention import VerbParser
 from serving.settings import Settings
 
 #: Apple keeps about 180 days of notification history.
@@ -158,7 +159,7 @@ def backfill(
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="retention notifications", description="App Store Server Notifications.")
+    p = VerbParser(prog="retention notifications", description="App Store Server Notifications.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser(
         "backfill",

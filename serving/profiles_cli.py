@@ -8,12 +8,12 @@ on stderr and exit status 1, and the stored profiles are kept.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from collections.abc import Sequence
 
+from retention import VerbParser
 from serving import database
 from serving.profiles import ProfileStore, import_profiles, profiles_path
 
@@ -24,7 +24,7 @@ def _default_data_dir() -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``retention profiles import FILE [--data-dir DIR]`` or ``retention profiles show ID``; return the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = VerbParser(
         prog="retention profiles",
         description="Import the developer's subscriber profiles into the embedded store the server reads.",
     )

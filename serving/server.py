@@ -7,7 +7,6 @@ worker processes through the environment, so every worker builds the same app wi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import logging
@@ -22,6 +21,7 @@ from typing import Any
 
 from models.catalog import DEMO_CATALOG
 from models.registry import RegistryError
+from retention import VerbParser
 from serving.settings import Settings, SettingsError
 from serving.stderr_log import logging_config
 
@@ -270,7 +270,7 @@ def serve(settings: Settings, sock: socket.socket | None = None) -> None:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``retention serve``."""
-    parser = argparse.ArgumentParser(prog="retention serve", description="Run the Get Retention Message endpoint.")
+    parser = VerbParser(prog="retention serve", description="Run the Get Retention Message endpoint.")
     Settings.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

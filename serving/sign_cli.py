@@ -23,13 +23,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from retention import VerbParser
 from serving.schemas import Environment
 
 _PROGRESS_FROM = 2000  # below this, signing takes well under a second: no bar
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention sign",
         usage="retention sign [request] --ca DIR [options]\n       retention sign notification --ca DIR --type TYPE "
               "[options]\n       retention sign iap-key --out FILE [--key-id ID]",
@@ -133,7 +134,7 @@ def _field(text: str) -> tuple[str, Any]:
 
 
 def _notification_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention sign notification",
         description=(
             "Print one App Store Server Notification V2 body, {\"signedPayload\": ...}, signed by the test CA in DIR "
@@ -207,7 +208,7 @@ def _notification(argv: list[str]) -> int:
 
 
 def _iap_key(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention sign iap-key",
         description=(
             "Write a new test In-App Purchase key: a P-256 private key in PKCS#8 PEM, the format of the "

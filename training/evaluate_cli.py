@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 from models.exploration import Exploration
+from retention import VerbParser
 from serving.log_reader import source, training_inputs
 from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention evaluate",
         description="Compare model versions (and the logging policy, whose value is the observed mean) off-policy "
         "on logged decisions and outcomes: IPS, SNIPS, direct method, doubly robust and switch-DR estimates with "

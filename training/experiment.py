@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from retention import VerbParser
+
 DAY_MS = 86_400_000
 MIN_PER_ARM = 30  # below this the running variance is too rough for the asymptotic boundary
 
@@ -461,7 +463,7 @@ def format_plan(p: Plan) -> str:
 
 # ---- the command line --------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retention experiment", description="Run a challenger model on live traffic and "
+    p = VerbParser(prog="retention experiment", description="Run a challenger model on live traffic and "
                                 "decide it with an anytime-valid confidence sequence.")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from models.registry import ModelLoadError, Registry, registry_spec
+from retention import VerbParser
 
 
 def _registry(arg: str | None) -> Registry:
@@ -25,7 +26,7 @@ def _registry(arg: str | None) -> Registry:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention models",
         description="List, show, promote and roll back model versions. Registry: --registry, else $RETENTION_MODEL, "
         "else models/registry.",

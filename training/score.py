@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from models import data_files
+from retention import VerbParser
 
 # the DESIGN.md decision columns that describe a request (what was shown and why is not needed to score it)
 SCORE_COLUMNS = tuple(
@@ -27,7 +28,7 @@ SCORE_COLUMNS = tuple(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention score",
         description="Batch-score logged requests with a model version: one row per request with the greedy "
         "message among its own candidates and its expected value.",

@@ -76,6 +76,7 @@ import pyarrow as pa
 from models.catalog import DEMO_CATALOG, Catalog, CatalogMessage, language
 from models.data_files import EVENTS
 from models.exploration import action_probabilities
+from retention import VerbParser
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -955,7 +956,7 @@ def gap_captured(v_model: float, v_static: float, v_oracle: float) -> float:
 # CLI
 # ---------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention simulate",
         description="Write a synthetic world's decisions, outcomes and profiles (DESIGN.md data files), "
         "its ground truth and the catalog used, deterministic by seed.",

@@ -31,6 +31,7 @@ from models import data_files
 from models.data_files import APPLE_FALLBACK_POLICY
 from models.features import FEATURIZER_VERSION, OTHER, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry, registry_spec
+from retention import VerbParser
 from serving.log_reader import source, training_inputs
 from training.fit import (
     CREDIBILITY_Z,
@@ -897,7 +898,7 @@ def write_result(result: TrainResult, registry: Registry, *, promote: bool = Fal
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="retention train",
         description="Fit P(stay) on logged decisions joined with outcomes, export ONNX, check parity and write a "
         "new model version into the registry. The version id is the last line of stdout.",
