@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     return 1
 
 
-def _add_apply_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_apply_parsers(sub: argparse._SubParsersAction[VerbParser]) -> None:
     for name, help_ in (
         ("plan", "read Apple's messages, images, default messages and realtime URL; print what apply would change"),
         ("apply", "upload the catalog's images and texts to Apple, set default messages once approved "
@@ -131,7 +131,7 @@ def _apply(args: argparse.Namespace) -> int:
     return 1 if result.plan.rejected else 0
 
 
-def _add_sync_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_sync_parser(sub: argparse._SubParsersAction[VerbParser]) -> None:
     env = os.environ.get
     sp = sub.add_parser(
         "sync",

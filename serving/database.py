@@ -565,7 +565,7 @@ def main(argv: Sequence[str]) -> int:
     parser = VerbParser(prog="retention db", description="The fleet's PostgreSQL database.")
     parser.add_argument("--database-url", default=None, help="postgresql:// URL [env RETENTION_DATABASE_URL]")
     # the URL may also follow the action (retention db migrate --database-url URL), as the docs write it
-    url_after = argparse.ArgumentParser(add_help=False)
+    url_after = VerbParser(add_help=False)
     url_after.add_argument("--database-url", default=argparse.SUPPRESS, help="postgresql:// URL [env RETENTION_DATABASE_URL]")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", parents=[url_after], help=f"create or migrate the schema to version {SCHEMA_VERSION}")

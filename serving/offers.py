@@ -119,7 +119,10 @@ class OfferSigner:
         ]
         if missing:
             raise ValueError(
-                f"--offer-key-file is set but {', '.join(missing)} is missing; promotional offers need all four"
+                f"--offer-key-file is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing; "
+                "promotional offers need all four of "
+                "--offer-key-file, --offer-key-id, --offer-issuer-id and --bundle-id (RETENTION_OFFER_KEY_FILE, "
+                "RETENTION_OFFER_KEY_ID, RETENTION_OFFER_ISSUER_ID, RETENTION_BUNDLE_ID)"
             )
         key = load_offer_key(settings.offer_key_file)
         return cls(

@@ -104,6 +104,13 @@ def preflight(settings: Settings) -> Startup:
         )
     _check_data_dir(settings)
     _check_tls_files(settings)
+    if settings.offer_key_file:  # an unreadable key or a missing id: one line now, not after the app has started
+        from serving.offers import OfferSigner
+
+        try:
+            OfferSigner.from_settings(settings)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     catalog = Catalog.load(settings.catalog, settings.environment)  # raises CatalogError with the entry and the reason
     content = content_problems(catalog, Path(settings.catalog).resolve().parent)
     if content:  # the same check as `retention catalog validate`: Apple would refuse this content

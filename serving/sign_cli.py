@@ -71,7 +71,18 @@ def _test_ca(folder: str) -> Any:
     if TestPKI.exists_in(path):
         return TestPKI.load(path)
     pki = TestPKI.mint()
-    root = pki.write(path)  # FileExistsError (one line, exit 1) when the folder holds other files of that name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # no such parent, permissions, a read-only file system
+        raise ValueError(f"cannot create the test CA folder {folder} (--ca): {exc.strerror or type(exc).__name__}"
+                         ) from None
+    try:
+        root = pki.write(path)
+    except FileExistsError:  # the folder holds other files of those names, never overwritten: one line, exit 1
+        raise
+    except OSError as exc:
+        raise ValueError(f"cannot write the test CA into {folder} (--ca): {exc.strerror or type(exc).__name__}"
+                         f" ({exc.filename})") from None
     print(f"retention sign: minted a new test CA in {folder}; trust it with RETENTION_ROOT_CERTS={root}", file=sys.stderr)
     return pki
 
@@ -96,6 +107,9 @@ def _requests(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.count < 1:
         print(f"retention sign: error: --count must be 1 or more, not {args.count}", file=sys.stderr)
+        return 2
+    if not args.locale or args.locale != args.locale.strip():
+        print(f"retention sign: error: --locale must be a locale such as en-US, not {args.locale!r}", file=sys.stderr)
         return 2
     if Environment.parse(args.environment) is None:
         print(f"retention sign: error: --environment must be Sandbox or Production, not {args.environment!r}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -151,10 +152,15 @@ def _first_bad(mask: np.ndarray) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
+def _shown(value: Any) -> str:
+    """Return `value` as an error message shows it: a numpy number plainly (1.5, not np.float64(1.5)), text quoted."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _row_name(df: pd.DataFrame, pos: int, key: str) -> str:
     """Return 'row N (key=value)' for error messages; N counts data rows from 1."""
     if key in df.columns:
-        return f"row {pos + 1} ({key} {df[key].iloc[pos]!r})"
+        return f"row {pos + 1} ({key} {_shown(df[key].iloc[pos])})"
     return f"row {pos + 1}"
 
 
@@ -171,7 +177,7 @@ def _require_ms(df: pd.DataFrame, column: str, path: Path, key: str) -> None:
     arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = _first_bad(~np.isfinite(arr) | (arr != np.round(arr)))
     if bad is not None:
-        raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} {df[column].iloc[bad]!r} is not a time in ms")
+        raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} {_shown(df[column].iloc[bad])} is not a time in ms")
     df[column] = values.astype(np.int64)
 
 
@@ -196,7 +202,7 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
     bad = _first_bad(~((prop > 0.0) & (prop <= 1.0)))
     if bad is not None:
         raise DataError(
-            f"{p}: {_row_name(df, bad, 'request_id')}: propensity {df['propensity'].iloc[bad]!r} is outside (0, 1]"
+            f"{p}: {_row_name(df, bad, 'request_id')}: propensity {_shown(df['propensity'].iloc[bad])} is outside (0, 1]"
         )
     df["propensity"] = prop
     candidates = df["candidates"].tolist()
@@ -226,7 +232,7 @@ def read_outcomes(path: str | Path) -> pd.DataFrame:
     bad = _first_bad(~known)
     if bad is not None:
         raise DataError(
-            f"{p}: {_row_name(df, bad, 'original_transaction_id')}: unknown event {df['event'].iloc[bad]!r} "
+            f"{p}: {_row_name(df, bad, 'original_transaction_id')}: unknown event {_shown(df['event'].iloc[bad])} "
             f"(expected one of {', '.join(EVENTS)})"
         )
     _require_ms(df, "at", p, "original_transaction_id")

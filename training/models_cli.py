@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         description="List, show, promote and roll back model versions. Registry: --registry, else $RETENTION_MODEL, "
         "else models/registry.",
     )
-    reg = argparse.ArgumentParser(add_help=False)
+    reg = VerbParser(add_help=False)
     reg.add_argument("--registry", help="model registry folder")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("list", parents=[reg], help="list versions, newest last; * marks the current one")

@@ -320,7 +320,9 @@ def _check_frames(decisions: pd.DataFrame, outcomes: pd.DataFrame, profiles: pd.
     bad = np.flatnonzero(~((prop > 0.0) & (prop <= 1.0)))
     if bad.size:
         rid = decisions["request_id"].iloc[bad[0]]
-        raise TrainError(f"decision {rid}: propensity {decisions['propensity'].iloc[bad[0]]!r} is outside (0, 1]")
+        value = decisions["propensity"].iloc[bad[0]]
+        value = value.item() if isinstance(value, np.generic) else value  # 1.5, not np.float64(1.5)
+        raise TrainError(f"decision {rid}: propensity {value!r} is outside (0, 1]")
     policy = decisions["policy"].astype("str").tolist() if "policy" in decisions.columns else [""] * len(decisions)
     for rid, m, c, pol in zip(decisions["request_id"], decisions["message_id"], decisions["candidates"], policy,
                               strict=True):

@@ -137,6 +137,13 @@ def test_production_defaults_and_a_missing_pinned_version_refuse_to_start(env: d
         ([], {"RETENTION_BUNDLE_ID": BUNDLE_ID + " "}, "bundle_id (RETENTION_BUNDLE_ID, --bundle-id) has spaces around it"),
         (["--environment", "Production", "--catalog", str(DEMO_CATALOG)], {},
          f"Production refuses the demo catalog {DEMO_CATALOG}: set RETENTION_CATALOG"),
+        (["--offer-key-file", "{tmp}/request.json", "--offer-key-id", "K", "--offer-issuer-id", "I"], {},
+         "the In-App Purchase key file '{tmp}/request.json' is not an unencrypted PEM private key (.p8)"),
+        (["--offer-key-file", "{tmp}/absent.p8", "--offer-key-id", "K", "--offer-issuer-id", "I"], {},
+         "cannot read the In-App Purchase key file '{tmp}/absent.p8': No such file or directory"),
+        (["--offer-key-file", "{tmp}/request.json"], {},
+         "--offer-key-id and --offer-issuer-id are missing; promotional offers need all four of --offer-key-file, "
+         "--offer-key-id, --offer-issuer-id and --bundle-id"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it_before_the_banner(

@@ -22,6 +22,18 @@ def test_output_piped_into_head_ends_without_a_broken_pipe_error(pki_dir: Path) 
     assert r.stderr == ""
 
 
+@pytest.mark.parametrize("args", [[], ["--help"]])
+def test_usage_to_a_reader_that_went_away_ends_quietly(args: list[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `retention --help | head -0`: nobody reads, the first write fails
+    try:
+        r = subprocess.run([sys.executable, "-m", "retention", *args], stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")  # as a command stopped by SIGPIPE; no BrokenPipeError traceback
+
+
 def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "retention", "simulate", "--n", "2000", "--seed", "0"]
     with open(tmp_path / "log", "w+b") as log_file:
@@ -61,8 +73,45 @@ def test_retention_help_names_every_action_of_decisions_models_and_sign(capsys: 
         "decisions": ("export", "show", "compact"),
         "models": ("list", "show", "promote", "roll back", "prune"),
         "sign": ("requests", "notifications", "In-App Purchase key"),
+        "experiment": ("start", "status", "promote", "plan", "share", "stop"),
     }.items():
         assert all(a in lines[verb] for a in actions), lines[verb]
+    # every description starts in one column
+    assert len({len(ln) - len(ln.split(maxsplit=1)[1]) for ln in lines.values()}) == 1, list(lines.values())
+
+
+@pytest.mark.parametrize("verb", [
+    "serve", "demo", "sign", "catalog", "apple", "loadtest", "decisions", "notifications", "db", "profiles",
+    "simulate", "train", "score", "evaluate", "models", "experiment",
+])
+def test_a_bad_flag_is_one_line_naming_the_verb(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    with pytest.raises(SystemExit) as exit_:
+        retention.main([verb, "--bogus"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"retention {verb}: error: "), lines
+    assert lines[0].endswith(f"(see retention {verb} --help)")  # not the whole usage block
+
+
+def test_every_verb_is_in_the_parametrized_list() -> None:
+    import retention
+
+    assert set(retention.VERBS) == {"serve", "demo", "sign", "catalog", "apple", "loadtest", "decisions",
+                                    "notifications", "db", "profiles", "simulate", "train", "score", "evaluate",
+                                    "models", "experiment"}
+
+
+def test_a_missing_required_option_of_an_action_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(["sign", "notification", "--ca", "ca"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("retention sign notification: error: the following arguments are required: "
+                                       "--type (see retention sign notification --help)\n")
 
 
 @pytest.mark.parametrize("doc", ["docs/cli.md"])

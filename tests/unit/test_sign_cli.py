@@ -104,3 +104,21 @@ def test_sign_count_below_one_is_refused_in_one_line(
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "--count must be 1 or more" in err[0] and captured.out == ""
+
+
+def test_sign_ca_that_cannot_be_created_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert retention.main(["sign", "--ca", "/proc/forbidden"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err == ["retention sign: error: cannot create the test CA folder /proc/forbidden (--ca): "
+                   "No such file or directory"] and captured.out == ""
+
+
+@pytest.mark.parametrize("locale", ["", " ", " en-US"])
+def test_sign_blank_locale_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], locale: str
+) -> None:
+    assert retention.main(["sign", "--ca", str(tmp_path / "ca"), "--locale", locale]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"retention sign: error: --locale must be a locale such as en-US, not {locale!r}\n"
+    assert captured.out == "" and not (tmp_path / "ca").exists()  # refused before a CA is minted

@@ -263,8 +263,8 @@ def _broken(paths: dict[str, Path], tmp: Path, what: str) -> dict[str, Path]:
     ("what", "expected"),
     [
         ("missing column", "lacks column(s) propensity"),
-        ("propensity zero", "outside (0, 1]"),
-        ("propensity above one", "outside (0, 1]"),
+        ("propensity zero", "propensity 0.0 is outside (0, 1]"),
+        ("propensity above one", "propensity 1.5 is outside (0, 1]"),  # a plain number, not np.float64(1.5)
         ("message not in candidates", "not in its own candidates"),
         ("no rows after the join", "no rows after the join"),
         ("unreadable file", "cannot read"),
