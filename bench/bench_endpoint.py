@@ -25,6 +25,7 @@ the log writer).
                          for a choice of settings; reports each one's per-round ratio to the default endpoint
     --workers N          uvicorn workers of every endpoint server (the echo and the reference keep one)
     --no-echo            only the endpoint servers
+    --before-root DIR    also the endpoint of another checkout (with its own .venv), default settings, as 'before'
 """
 
 from __future__ import annotations
@@ -214,6 +215,9 @@ def main() -> None:
                          "'loop=RETENTION_LOG_LEVEL=warning'")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of every endpoint server")
     ap.add_argument("--no-echo", action="store_true", help="run only the endpoint servers (no echo, no reference)")
+    ap.add_argument("--before-root", default=None, metavar="DIR",
+                    help="also run, as 'before', the endpoint of another checkout with its own .venv (e.g. the code "
+                         "before a change), with the default settings, alternating with the others")
     args = ap.parse_args()
     configs: dict[str, dict[str, str]] = {}
     for item in args.config:
@@ -229,7 +233,9 @@ def main() -> None:
               for i in range(n_bodies)]
 
     port_echo, port_ref = free_port(), free_port()
-    data_dirs = {name: tmp / f"data-{name}" for name in ["endpoint", *configs]}
+    before_root = Path(args.before_root).resolve() if args.before_root else None
+    names = ["endpoint", *configs, *(["before"] if before_root else [])]
+    data_dirs = {name: tmp / f"data-{name}" for name in names}
     if args.profiles:
         _write_profiles(tmp, n_bodies, list(data_dirs.values()))
     env = server_env(root, registry, None if args.no_offers else p8, RETENTION_MAX_AGE_S="3600",
@@ -239,6 +245,11 @@ def main() -> None:
         port = free_port()
         server_env_ = dict(env, **extra, RETENTION_PORT=str(port), RETENTION_DATA_DIR=str(data_dirs[name]))
         servers[name] = (port, subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=server_env_, cwd=ROOT))
+    if before_root is not None:  # its own interpreter and working directory: it imports its own packages
+        port = free_port()
+        server_env_ = dict(env, RETENTION_PORT=str(port), RETENTION_DATA_DIR=str(data_dirs["before"]))
+        servers["before"] = (port, subprocess.Popen([str(before_root / ".venv" / "bin" / "python"), "-m", "retention", "serve"],
+                                                    env=server_env_, cwd=before_root))
     uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                "--log-level", "warning"]
     others: dict[str, tuple[int, subprocess.Popen[bytes], str]] = {}  # name: (port, process, path)
@@ -313,7 +324,7 @@ def main() -> None:
         print(f"reference (the protocol's mandatory work only) / echo requests per second: "
               f"{med('reference', 'rps') / med('echo', 'rps'):.2f}")
         print(f"endpoint / reference requests per second: {med('endpoint', 'rps') / med('reference', 'rps'):.2f}")
-    for name in configs:
+    for name in [*configs, *(["before"] if before_root else [])]:
         per_round = [b["rps"] / a["rps"] for a, b in zip(res["endpoint"], res[name], strict=True)]
         p99_round = [b["p99_ms"] / a["p99_ms"] for a, b in zip(res["endpoint"], res[name], strict=True)]
         print(f"{name} / endpoint: req/s {med(name, 'rps') / med('endpoint', 'rps'):.2f} on the medians "
