@@ -137,6 +137,9 @@ def test_production_defaults_and_a_missing_pinned_version_refuse_to_start(env: d
         ([], {"RETENTION_BUNDLE_ID": BUNDLE_ID + " "}, "bundle_id (RETENTION_BUNDLE_ID, --bundle-id) has spaces around it"),
         (["--environment", "Production", "--catalog", str(DEMO_CATALOG)], {},
          f"Production refuses the demo catalog {DEMO_CATALOG}: set RETENTION_CATALOG"),
+        (["--verify-with", "thread"], {}, "--verify-with (RETENTION_VERIFY_WITH) was removed: request signatures are "
+         "always checked on the event loop"),
+        ([], {"RETENTION_SCORE_IN_THREAD": "1"}, "--score-in-thread (RETENTION_SCORE_IN_THREAD) was removed: "),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it_before_the_banner(
