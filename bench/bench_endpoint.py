@@ -5,19 +5,17 @@
 Needs ``wrk`` (Debian: ``apt-get install wrk``). Every server runs as one uvicorn worker
 (httptools + uvloop; `--workers N` for the endpoint servers) on 127.0.0.1; wrk runs one thread with 16 connections. A second baseline,
 ``reference`` (bench/reference_app.py), does only the work the protocol makes every answer pay (one
-ES256 check of Apple's signature, one 8-row ONNX run, one offer signature, the ECDSA work done the way
-the endpoint does it) and nothing else, so the endpoint can also be read against what this machine allows
+ES256 check of Apple's signature, one 8-row ONNX run, one offer signature, both ECDSA operations on the
+event loop as the endpoint does them) and nothing else, so the endpoint can also be read against what this machine allows
 at all. The full endpoint verifies a fresh signed request each time (each body is used once: replay
 protection is on), featurizes and scores 8 candidates (offers enabled), samples, answers, and logs the
 decision.
 Reports requests/s (median over rounds, alternating the servers), the ratio, p50/p99 latency,
 non-2xx answers, the fallbacks counted in the decision log, and where the endpoint's CPU went during
-its rounds (its event loop's thread, its other threads, its child processes: the signature process and
-the log writer).
+its rounds (its event loop's thread; its other threads: the log writer and the worker thread; its child
+processes, if any).
 
     --no-offers          no In-App Purchase key (no offer candidates, no offer signatures)
-    --reference-thread   the reference checks signatures on a thread (by default it does it the endpoint's way,
-                         in the signature process); offers are signed by OpenSSL on the loop either way
     --profiles           every subscriber has a profile in the store (without it every request is a
                          profile miss, and the featurizer serves its matrix from its cache)
     --config NAME=ENV    also run the endpoint with other settings (space-separated RETENTION_*=VALUE pairs),
@@ -205,8 +203,6 @@ def main() -> None:
     ap.add_argument("--bodies", type=int, default=0, help="pre-signed bodies (default: enough for the run)")
     ap.add_argument("--no-offers", action="store_true",
                     help="no In-App Purchase key: no offer candidates and no offer signatures (6 candidates)")
-    ap.add_argument("--reference-thread", action="store_true",
-                    help="the reference checks signatures on a thread instead of in the signature process")
     ap.add_argument("--profiles", action="store_true",
                     help="import a profile for every benchmark subscriber (each request then reads and featurizes one)")
     ap.add_argument("--config", action="append", default=[], metavar="NAME=ENV",
@@ -256,8 +252,7 @@ def main() -> None:
     if not args.no_echo:
         echo = subprocess.Popen([*uvicorn, "bench.echo_app:app", "--port", str(port_echo)], cwd=ROOT)
         ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8),
-                       BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1",
-                       BENCH_REFERENCE_VERIFY="thread" if args.reference_thread else "process")
+                       BENCH_REFERENCE_OFFERS="0" if args.no_offers else "1")
         reference = subprocess.Popen([*uvicorn, "bench.reference_app:app", "--port", str(port_ref)], cwd=ROOT,
                                      env=ref_env)
         others = {"echo": (port_echo, echo, "/echo"), "echo-json": (port_echo, echo, "/echo-json"),

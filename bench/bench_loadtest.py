@@ -44,8 +44,7 @@ def main() -> None:
     endpoint = subprocess.Popen([sys.executable, "-m", "retention", "serve"], env=env, cwd=ROOT)
     uvicorn = [sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
                "--log-level", "warning"]
-    ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8), BENCH_REFERENCE_OFFERS="1",
-                   BENCH_REFERENCE_VERIFY="process")
+    ref_env = dict(os.environ, BENCH_MODEL=str(registry), BENCH_OFFER_KEY=str(p8), BENCH_REFERENCE_OFFERS="1")
     reference = subprocess.Popen([*uvicorn, "bench.reference_app:app", "--port", str(port_ref)], cwd=ROOT, env=ref_env)
     targets = {"endpoint": f"http://127.0.0.1:{port_app}/retention/message",
                "reference": f"http://127.0.0.1:{port_ref}/retention/message"}

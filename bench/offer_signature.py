@@ -8,7 +8,7 @@ Lines, all in the same run:
   with the key object; nothing made ahead, nothing from another process);
 - its parts: the signing input alone (claims and encoding, no signature), so the rest is OpenSSL's;
 - baseline: one ES256 check of a signature of the same size with ``serving.verify.verify_es256``, what every
-  request pays once for Apple's signature (in the signature process or on the signature thread);
+  request pays once for Apple's signature (on the event loop);
 - Apple's ``PromotionalOfferV2SignatureCreator`` (PyJWT) for the same offer, for comparison.
 """
 

@@ -3,9 +3,8 @@
 ``POST /retention/message`` here decodes the body, checks the ES256 signature of Apple's JWS once with the
 leaf certificate's key, scores one 8-row matrix with the benchmark's ONNX model, and, unless
 ``BENCH_REFERENCE_OFFERS=0``, mints one ``promotionalOfferSignatureV2``. The two ECDSA operations are done
-the way ``retention serve`` does them: the offer signed by OpenSSL on the loop, and with
-``BENCH_REFERENCE_VERIFY=process`` (the default) the check in the signature process (``serving/sigproc.py``);
-with ``thread``, the check on a thread beside the event loop. Nothing else: no certificate chain, no claim, freshness or replay check,
+the way ``retention serve`` does them: both by OpenSSL on the event loop (``serving.verify.verify_es256``,
+``serving.offers.OfferSigner``). Nothing else: no certificate chain, no claim, freshness or replay check,
 no catalog, features, exploration, decision log or metrics. It is not a server anyone should run (it
 trusts any certificate); it tells how far this machine lets a Python endpoint go at all, so the full
 endpoint can be read against it as well as against the bare echo.
@@ -17,22 +16,18 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
 import numpy as np
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from litestar import Litestar, asgi, get
 
 from models.registry import Registry
 from models.scoring import Scorer
 from serving.offers import OfferSigner
-from serving.offload import Offloader
-from serving.sigproc import SignatureProcess
-from serving.verify import offloaded_check, verify_es256
+from serving.verify import verify_es256
 
 _scorer = Scorer(Registry(os.environ["BENCH_MODEL"]).load())
 _rows = np.random.default_rng(0).random((8, _scorer.n_features), dtype=np.float32)
@@ -41,20 +36,7 @@ _signer = (
     if os.environ.get("BENCH_REFERENCE_OFFERS", "1") == "1"
     else None
 )
-_offload = Offloader(1, name="reference-verify")
-_sigproc = (
-    SignatureProcess(offloaded_check(_offload))
-    if os.environ.get("BENCH_REFERENCE_VERIFY", "process") == "process"
-    else None
-)
-_leaves: dict[str, Leaf] = {}
-
-
-class Leaf(msgspec.Struct, frozen=True):
-    """What a signature check needs of the leaf certificate (no chain is built or checked here)."""
-
-    leaf_key: Any
-    leaf_point: bytes
+_leaves: dict[str, ec.EllipticCurvePublicKey] = {}  # header -> its leaf certificate's key (no chain is checked)
 
 
 class _Body(msgspec.Struct):
@@ -69,14 +51,14 @@ def _b64url(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
-def _leaf(header: str) -> Leaf:
-    leaf = _leaves.get(header)
-    if leaf is None:
+def _leaf_key(header: str) -> ec.EllipticCurvePublicKey:
+    key = _leaves.get(header)
+    if key is None:
         x5c = msgspec.json.decode(_b64url(header))["x5c"]
-        key = x509.load_der_x509_certificate(base64.b64decode(x5c[0])).public_key()
-        point = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-        leaf = _leaves[header] = Leaf(key, point)
-    return leaf
+        leaf_key = x509.load_der_x509_certificate(base64.b64decode(x5c[0])).public_key()
+        assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
+        key = _leaves[header] = leaf_key
+    return key
 
 
 @asgi("/retention/message", copy_scope=False)
@@ -88,11 +70,7 @@ async def reference(scope: Any, receive: Any, send: Any) -> None:
         if not event.get("more_body", False):
             break
     header, payload, signature = _decode(b"".join(chunks)).signedPayload.split(".")
-    leaf, signing_input, raw = _leaf(header), f"{header}.{payload}".encode(), _b64url(signature)
-    if _sigproc is not None:
-        ok = await _sigproc(leaf, signing_input, raw)  # type: ignore[arg-type]  # a Leaf has what a check reads
-    else:
-        ok = await _offload(verify_es256, leaf.leaf_key, signing_input, raw)
+    ok = verify_es256(_leaf_key(header), f"{header}.{payload}".encode(), _b64url(signature))
     p_stay = float(_scorer.p_stay(_rows).max())
     offer = _signer.sign(product_id="p", offer_identifier="o", transaction_id="1") if _signer else ""
     body = _encode({"ok": ok, "p": p_stay, "promotionalOfferSignatureV2": offer})
@@ -107,17 +85,4 @@ def health() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@asynccontextmanager
-async def _lifespan(_: Litestar) -> AsyncIterator[None]:
-    _offload.start()
-    if _sigproc is not None:
-        _sigproc.start()
-    try:
-        yield
-    finally:
-        if _sigproc is not None:
-            _sigproc.stop()
-        _offload.stop()
-
-
-app = Litestar(route_handlers=[reference, health], openapi_config=None, lifespan=[_lifespan])
+app = Litestar(route_handlers=[reference, health], openapi_config=None)

@@ -1,10 +1,11 @@
 """The Litestar application: ``create_app(settings)`` builds everything; nothing is global.
 
 Request path of ``POST /retention/message`` (all in memory, no network, no synchronous disk write):
-verify Apple's JWS (the P-256 check on the offload thread, the rest on the loop) → eligible candidates
-→ featurize → score with the other requests ready in the same loop turn (one ONNX Runtime run, timed
-against the budget, behind a circuit breaker) → expected value → exact exploration probabilities →
-sample → answer → enqueue the decision for the log (written by a child process).
+verify Apple's JWS (on the event loop; only a never-seen certificate chain's CA signatures and the shared
+replay store's write go to the worker thread) → eligible candidates → featurize → score with the other
+requests ready in the same loop turn (one ONNX Runtime run, timed against the budget, behind a circuit
+breaker) → expected value → exact exploration probabilities → sample → answer → enqueue the decision for
+the log (written by a thread of this process).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -33,7 +34,6 @@ from serving.log_writer import DecisionLog, log_file_name
 from serving.metrics import Metrics
 from serving.notifications import configured_bundle_id, receive_notification
 from serving.offers import OfferSigner
-from serving.offload import Offloader
 from serving.pg_log import PostgresDecisionLog
 from serving.policy import (
     Choice,
@@ -56,12 +56,12 @@ from serving.schemas import (
     RealtimeResponseBody,
 )
 from serving.settings import Settings
-from serving.sigproc import SignatureProcess
 from serving.snapshot import Runtime, Snapshot
 from serving.stderr_log import refusals
-from serving.verify import RequestVerifier, SignatureCheck, offloaded_check
+from serving.verify import RequestVerifier
 
 log = logging.getLogger("retention.app")
+T = TypeVar("T")
 
 _decode_body = msgspec.json.Decoder(RealtimeRequestBody).decode
 _encode = msgspec.json.Encoder().encode
@@ -205,16 +205,10 @@ class RetentionService:
         self.rng = np.random.default_rng(settings.seed)
         self.budget_s = settings.budget_ms / 1000.0
         self.breaker = CircuitBreaker()
-        # one scoring thread: ONNX Runtime runs single-threaded per process, and a model stuck past
-        # the deadline blocks only this thread, never the event loop
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-score")
-        self.score_in_thread = settings.score_in_thread
-        self.offload = Offloader(settings.verify_threads, name="retention-verify")
-        self.check_signature: SignatureCheck = offloaded_check(self.offload)
-        self.sigproc: SignatureProcess | None = None
-        if settings.verify_with == "process":
-            self.sigproc = SignatureProcess(self.check_signature, on_restart=self.metrics.signature_process_restart)
-            self.check_signature = self.sigproc
+        # the one thread for the blocking work kept off the event loop (off_loop): a never-seen certificate
+        # chain's CA signatures (OpenSSL releases the GIL meanwhile), bounded by --chain-checks, and the shared
+        # replay store's batched writes (SQLite or PostgreSQL)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention-worker")
         self.kill_switch_file = data_dir / "kill-switch"
         self.killed = settings.kill_switch
         self._kill_checked_at = 0.0
@@ -230,16 +224,10 @@ class RetentionService:
         if self.fleet is not None:
             self.fleet.start()
         self.runtime.start(self.settings.reload_interval_s)
-        self.offload.start()
-        if self.sigproc is not None:
-            self.sigproc.start()
 
     def stop(self) -> None:
         """Flush the decision log and stop the background threads."""
         self.runtime.stop()
-        if self.sigproc is not None:
-            self.sigproc.stop()
-        self.offload.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.decision_log.close()
         if self.replay is not None:
@@ -277,6 +265,10 @@ class RetentionService:
             self._kill_file_present = present
         return self._kill_file_present
 
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Return ``fn(*args)``, run on the worker thread (``loop.run_in_executor``) while the loop serves others."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     # ---- the request path ---------------------------------------------------------
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """Return (HTTP status, JSON body) for one Get Retention Message body (never raises for bad input)."""
@@ -286,7 +278,7 @@ class RetentionService:
         except Exception:  # whatever the bytes make the decoder raise (UnicodeDecodeError too) is the sender's fault
             return self._refuse("malformed_body", "The body must be a JSON object with a string signedPayload.")
         try:
-            request = await self.verifier.verify_async(outer.signedPayload, self.check_signature, self.offload)
+            request = await self.verifier.verify_async(outer.signedPayload, self.off_loop)
         except VerificationError as exc:
             return self._refuse(exc.code, exc.detail)
         snap = self.runtime.snapshot
@@ -347,10 +339,7 @@ class RetentionService:
             c = fallback_choice(candidates, default_index, "circuit_open")
             c.model_version = model.version
             return c
-        if self.score_in_thread:
-            outcome = await self._score_in_thread(snap, request, candidates)
-        else:
-            outcome = await self._score_batched(snap, request, candidates)
+        outcome = await self._score_batched(snap, request, candidates)
         if isinstance(outcome, str):
             c = fallback_choice(candidates, default_index, outcome)
             c.model_version = model.version
@@ -484,33 +473,6 @@ class RetentionService:
                 if not fut.done():
                     fut.set_result(P[start : start + n])
                 start += n
-
-    async def _score_in_thread(
-        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> _Scored | str:
-        """Score on the scoring thread with a timeout: the answer never waits past the budget."""
-        fut = self.executor.submit(self._score, snap, request, candidates)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.budget_s)
-        except TimeoutError:
-            fut.cancel()
-            self.breaker.failure(time.monotonic())
-            return "deadline"
-        except Exception as exc:
-            self.breaker.failure(time.monotonic())
-            log.warning("model %s failed: %s", snap.model.version if snap.model else None, exc)
-            return "model_error"
-
-    def _score(
-        self, snap: Snapshot, request: DecodedRealtimeRequestBody, candidates: tuple[CatalogMessage, ...]
-    ) -> _Scored:
-        """Featurize and score on the scoring thread; returns (features, P(stay), shadow P(stay), profile, challenger's)."""
-        model = snap.model
-        assert model is not None
-        profile = self.profiles.get(request.originalTransactionId)
-        X, p = model.score(request, profile, candidates)
-        return (X, p, self._shadow_scores(snap, request, profile, candidates), profile,
-                self._challenger_scores(snap, request, profile, candidates))
 
     def _response_for(self, catalog: Catalog, m: CatalogMessage, request: DecodedRealtimeRequestBody) -> RealtimeResponseBody:
         """Return the answer for `m`; an offer's signature is made here, by OpenSSL.

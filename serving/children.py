@@ -1,9 +1,9 @@
 """How the server starts Python child processes: they import our package and the interpreter's, never the working directory's.
 
 ``python -m pkg.mod`` puts the directory it was started from first on ``sys.path`` (and ``python -c`` puts
-``''``, the same directory), so a ``serving/sigproc.py`` lying in that folder would be run in place of ours.
-Every child the server starts (the signature process, uvicorn's worker processes)
-therefore runs in Python 3.11's safe-path mode, ``-P`` (``PYTHONSAFEPATH``), which leaves that directory off
+``''``, the same directory), so a ``retention.py`` or ``serving/server.py`` lying in that folder would be run in
+place of ours. Every Python child started by our code (the server ``retention demo`` starts, uvicorn's worker
+processes) therefore runs in Python 3.11's safe-path mode, ``-P`` (``PYTHONSAFEPATH``), which leaves that directory off
 ``sys.path`` and keeps everything else.
 
 Why ``-P`` and not ``-I`` (isolated mode): ``-I`` would also drop ``PYTHONPATH`` and the user's site-packages.

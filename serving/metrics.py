@@ -21,9 +21,7 @@ Series:
   request_timeout, too_many_connections, request_header_fields_too_large, uri_too_long, malformed_request);
 - with a database (``RETENTION_DATABASE_URL``): ``retention_database_up`` (1 while it takes the log's batches,
   min over workers), ``retention_database_spilled_records`` (records waiting in the local spill files, summed),
-  ``retention_database_misses_total{what}`` (request-path reads that did not answer within the budget);
-- ``retention_signature_process_restarts_total`` (the child that checks request signatures died;
-  the server checked them itself until it started again).
+  ``retention_database_misses_total{what}`` (request-path reads that did not answer within the budget).
 
 The request path calls ``observe_request`` once per answer. It only adds to per-process tallies
 under a lock (about 1 µs); the tallies are moved into the Prometheus series at most every
@@ -139,11 +137,6 @@ class Metrics:
             "Connections refused by the HTTP limits, by stable error code (request_timeout, too_many_connections, "
             "request_header_fields_too_large, uri_too_long, malformed_request).",
             ["code"],
-            registry=reg,
-        )
-        self._sigproc_restarts = Counter(
-            "retention_signature_process_restarts",
-            "Times the signature process died and was started again (its jobs were done in the server meanwhile).",
             registry=reg,
         )
         self._db_up = Gauge(
@@ -313,10 +306,6 @@ class Metrics:
     def database_miss(self, what: str) -> None:
         """Count one request-path read of the database that failed or came too late (`what`: replay)."""
         self._db_misses.labels(what).inc()
-
-    def signature_process_restart(self) -> None:
-        """Count one death of the signature process."""
-        self._sigproc_restarts.inc()
 
     def replay_store_error(self) -> None:
         """Count one request the shared replay store could not record."""

@@ -16,8 +16,8 @@ One small interface, :class:`ReplayMemory` (``remember(id, expires_at, now) -> b
   or replay. Expired ids are deleted at most once a second (an index on the expiry).
 * :class:`LayeredReplayMemory`: the in-process memory in front of a shared store (the default). A replay to
   the same worker is refused without touching the file; a new id is written to both (on the event loop,
-  :meth:`LayeredReplayMemory.remember_async` writes the ids of one loop turn to the store in one go, through
-  the server's signature thread). When the shared store
+  :meth:`LayeredReplayMemory.remember_async` writes the ids of one loop turn to the store in one go, on
+  the server's worker thread, off the loop). When the shared store
   fails (a full or read-only disk, a lock held too long), the request is answered on the in-process
   memory's word alone: counted (``retention_replay_store_errors``), logged (at most once a minute), and shown
   on ``/ready`` (``replay_store``). This is the documented policy (docs/security.md, "Replay protection and
@@ -47,7 +47,8 @@ __all__ = [
 
 log = logging.getLogger("retention.replay")
 
-#: Runs ``fn(*args)`` somewhere and returns its result (``serving.offload.Offloader``).
+#: ``await offload(fn, *args)`` runs ``fn(*args)`` off the event loop and returns its result (the server's
+#: ``loop.run_in_executor`` on its one worker thread).
 Offload = Callable[..., Awaitable[Any]]
 
 #: The shared store's file name inside the data folder.
@@ -250,8 +251,9 @@ class LayeredReplayMemory:
 
     async def remember_async(self, request_id: str, expires_at: float, now: float, offload: Offload) -> bool:
         """:meth:`remember` for the event loop: the front answers now; the store's write goes through `offload`
-        (the server's signature thread: SQLite releases the GIL while it writes), together with the writes of
-        every other request that reached this point in the same turn of the loop (one transaction for all).
+        (off the loop, on the server's worker thread: SQLite and the PostgreSQL driver release the GIL while they
+        wait), together with the writes of every other request that reached this point in the same turn of the
+        loop (one transaction for all).
         """
         if not self.front.remember(request_id, expires_at, now):
             return False
@@ -303,7 +305,7 @@ class LayeredReplayMemory:
         return [self.remember(*item) for item in items]
 
     def remember_shared(self, request_id: str, expires_at: float, now: float) -> bool:
-        """The shared store's half of :meth:`remember` (thread-safe: the server calls it on its offload thread)."""
+        """The shared store's half of :meth:`remember` (thread-safe: it may run on any thread)."""
         store = self.store
         if store is None:
             return True

@@ -25,6 +25,11 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry
 #: ``RETENTION_LOG_WRITER=X`` stops the start with :class:`SettingsError`, one line, rather than being ignored.
 REMOVED_SETTINGS: dict[str, str] = {
     "log_writer": "the decision log is always written by a thread of the server process",
+    "score_in_thread": "requests are always scored on the event loop, batched with the others ready in the same "
+    "loop turn, behind the circuit breaker (--budget-ms)",
+    "verify_threads": "request signatures are always checked on the event loop; a never-seen certificate chain's "
+    "CA signatures run on the worker thread, bounded by --chain-checks",
+    "verify_with": "request signatures are always checked on the event loop (no signature process or thread)",
 }
 
 
@@ -95,21 +100,6 @@ class Settings:
     )
     experiment_id: str | None = _f(None, "Experiment id with --challenger (default exp-<challenger version>).")
     budget_ms: float = _f(50.0, "Internal deadline for featurizing and scoring; past it the default message is answered.")
-    score_in_thread: bool = _f(
-        False,
-        "Score on a separate thread under a timeout instead of inline behind a circuit breaker "
-        "(a hung model can then never hold an answer, at the cost of a thread hop per request).",
-    )
-    verify_threads: int = _f(
-        1,
-        "Threads that check request signatures beside the event loop (OpenSSL releases the GIL, so the "
-        "check runs on another core); 0 checks them on the event loop.",
-    )
-    verify_with: str = _f(
-        "process",
-        "Where request signatures are checked: process (a child process per server process, off this one's GIL; "
-        "the server checks them itself while it is down) or thread (the signature threads, --verify-threads).",
-    )
     apple_wait_ms: float = _f(
         700.0,
         "How long Apple waits for an answer (its responseTimeThreshold); a decision that took longer, or was "
@@ -117,7 +107,7 @@ class Settings:
     )
     chain_checks: int = _f(
         2,
-        "Never-seen certificate chains checked at once per worker (their CA signatures, on the signature thread); "
+        "Never-seen certificate chains checked at once per worker (their CA signatures, on the worker thread); "
         "one more is refused at once with chain_check_busy (503). Known chains are not counted.",
     )
     replay_store: str = _f(
@@ -215,8 +205,6 @@ class Settings:
                 f"environment (RETENTION_ENVIRONMENT, --environment) must be Sandbox or Production, not {self.environment!r}"
             )
         Exploration(self.epsilon, self.exploration, self.temperature, self.holdout)  # raises ValueError out of range
-        if self.verify_with not in ("process", "thread"):
-            raise ValueError(f"verify_with must be process or thread, not {self.verify_with!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be 1 or more, not {self.workers}")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -234,8 +222,6 @@ class Settings:
             raise ValueError(f"replay_store must be sqlite or memory, not {self.replay_store!r}")
         if self.chain_checks < 1:
             raise ValueError(f"chain_checks must be >= 1, not {self.chain_checks}")
-        if self.verify_threads < 0:
-            raise ValueError(f"verify_threads must be >= 0, not {self.verify_threads}")
         if self.challenger_share is not None and not 0.0 < self.challenger_share < 1.0:
             raise ValueError(f"challenger_share must be strictly between 0 and 1, not {self.challenger_share}")
         if self.challenger is None and (self.challenger_share is not None or self.experiment_id is not None):

@@ -19,9 +19,10 @@ with our own few lines over ``cryptography`` and ``msgspec``, stricter than Appl
   replay memory of ``serving.replay``).
 
 Verified chains are cached (bounded LRU) by the header bytes and by the x5c certificates, so a request on a
-known chain costs one P-256 signature check, one payload decode and a date comparison (~0.15 ms). A
-never-seen chain is checked cheapest first, its CA signatures last, off the event loop and a bounded number
-at a time (:class:`RequestVerifier`; docs/security.md, "Replay protection and certificate chains").
+known chain costs one P-256 signature check, one payload decode and a date comparison (~0.15 ms), all on
+the event loop. A never-seen chain is checked cheapest first, its CA signatures last, off the event loop and
+a bounded number at a time (:class:`RequestVerifier`; docs/security.md, "Replay protection and certificate
+chains").
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from models.data_files import unstorable
@@ -67,7 +68,6 @@ __all__ = [
     "fingerprint_sha256",
     "has_apple_root_g3",
     "load_roots",
-    "offloaded_check",
     "validate_chain",
     "verify_es256",
 ]
@@ -103,20 +103,9 @@ _decode_request = msgspec.json.Decoder(DecodedRealtimeRequestBody).decode
 _decode_any = msgspec.json.Decoder().decode
 
 
-#: Runs ``fn(*args)`` somewhere and returns its result (``serving.offload.Offloader``).
+#: ``await offload(fn, *args)`` runs ``fn(*args)`` off the event loop and returns its result (the server's
+#: ``loop.run_in_executor`` on its one worker thread, ``RetentionService.off_loop``).
 Offload = Callable[..., Awaitable[Any]]
-#: ``await check(chain, signing_input, signature)``: True when the ES256 signature holds for the chain's leaf
-#: (:func:`offloaded_check` on a thread, ``serving.sigproc.SignatureProcess`` in a child process).
-SignatureCheck = Callable[["VerifiedChain", bytes, bytes], Awaitable[bool]]
-
-
-def offloaded_check(offload: Offload) -> SignatureCheck:
-    """Return a :data:`SignatureCheck` that runs :func:`verify_es256` through `offload` (a thread, or inline)."""
-
-    async def check(chain: VerifiedChain, signing_input: bytes, signature: bytes) -> bool:
-        return bool(await offload(verify_es256, chain.leaf_key, signing_input, signature))
-
-    return check
 
 
 class _UnforeseenAsMalformed:
@@ -217,7 +206,6 @@ class VerifiedChain:
     intermediate: x509.Certificate
     root: x509.Certificate
     leaf_key: ec.EllipticCurvePublicKey
-    leaf_point: bytes  # the leaf key as an uncompressed X9.62 point (65 bytes), as the signature process takes it
     not_before: float  # epoch seconds: the latest notBefore of the three
     not_after: float  # epoch seconds: the earliest notAfter of the three
 
@@ -292,7 +280,7 @@ def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     """Return True when `parent`'s key signed `child` (the costly step: an ECDSA check, P-384 for Apple's CAs).
 
     The ECDSA check runs first through the key object, which releases the GIL while OpenSSL works (the
-    event loop keeps running when this is called on the offload thread); only a signature that holds is
+    event loop keeps running when this is called on the server's worker thread); only a signature that holds is
     then checked again by ``verify_directly_issued_by``, which also compares the inner and outer signature
     algorithms. A forged certificate therefore costs one check that holds no lock.
     """
@@ -389,7 +377,7 @@ def _precheck(
 
 def _check_signatures(pending: _PendingChain) -> tuple[VerifiedChain | _Refusal, x509.Certificate | None]:
     """Check the certificate signatures of `pending`: (the chain or a refusal, the intermediate's root when
-    it was learnt here). Pure and thread-safe: the verifier runs it on the offload thread."""
+    it was learnt here). Pure and thread-safe: the server runs it off the event loop, on its worker thread."""
     root, learnt = pending.root, None
     try:
         if root is None:
@@ -401,8 +389,7 @@ def _check_signatures(pending: _PendingChain) -> tuple[VerifiedChain | _Refusal,
         key = pending.leaf.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)  # _precheck made sure
         nb, na = _window((pending.leaf, pending.intermediate, root))
-        point = key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-        return VerifiedChain(pending.leaf, pending.intermediate, root, key, point, nb, na), learnt
+        return VerifiedChain(pending.leaf, pending.intermediate, root, key, nb, na), learnt
     except Exception as exc:  # a malformed field surfaces only when read
         return ("untrusted_chain", f"the certificate chain could not be read ({type(exc).__name__})."), None
 
@@ -482,8 +469,8 @@ class RequestVerifier:
     answered from memory; an intermediate known good (by the SHA-256 of its DER) is not checked again; then
     every check that needs no signature (names, key identifiers, CA flags, keys, Apple's OIDs); last, the
     certificate signatures (P-384 for Apple's CAs). In :meth:`verify_async` that last step runs through the
-    given offload (the signature thread), at most `chain_checks` at a time: one more is refused at once with
-    ``chain_check_busy`` (503). Known-good chains, known-bad chains and known-good intermediates are kept in
+    given offload (off the event loop, on the server's worker thread), at most `chain_checks` at a time: one
+    more is refused at once with ``chain_check_busy`` (503). Known-good chains, known-bad chains and known-good intermediates are kept in
     three separate bounded caches, so a flood of never-seen forged chains evicts no good one.
     """
 
@@ -579,15 +566,13 @@ class RequestVerifier:
         with _unforeseen_as_malformed:
             return self._verify_request(signed_payload)
 
-    async def verify_async(
-        self, signed_payload: str | bytes, check: SignatureCheck, offload: Offload | None = None
-    ) -> DecodedRealtimeRequestBody:
-        """:meth:`verify`, with the costly steps awaited: the P-256 signature check from `check`, and a
-        never-seen chain's certificate signatures from `offload` (``serving.offload.Offloader``; None runs
-        them inline), at most ``chain_checks`` at a time (beyond: ``chain_check_busy``).
+    async def verify_async(self, signed_payload: str | bytes, offload: Offload | None = None) -> DecodedRealtimeRequestBody:
+        """:meth:`verify` for the event loop: a never-seen chain's certificate signatures are awaited from
+        `offload` (off the loop; None runs them inline), at most ``chain_checks`` at a time (beyond:
+        ``chain_check_busy``), and so is the shared replay store's write (``LayeredReplayMemory.remember_async``).
 
-        Everything else (parsing, the cached chain, the payload's checks, replay) runs on the caller's
-        thread, so the replay memory sees requests in the order they are verified.
+        Everything else, the P-256 check of the request's signature included (about 0.1 ms of OpenSSL), runs
+        on the caller's thread, so the replay memory sees requests in the order they are verified.
         """
         with _unforeseen_as_malformed:
             payload_seg, found, signing_input, signature = self._parse(signed_payload, bounded=True)
@@ -595,7 +580,7 @@ class RequestVerifier:
             chain = await self._check_pending(found, offload)
         else:
             chain = found
-        if not await check(chain, signing_input, signature):
+        if not verify_es256(chain.leaf_key, signing_input, signature):
             raise _bad_signature()
         with _unforeseen_as_malformed:
             body, now = self._check_payload(payload_seg, chain)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import concurrent.futures
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,21 @@ from serving.settings import Settings
 APP_ID = 1234567890
 BUNDLE_ID = "com.example.app"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@contextlib.contextmanager
+def off_loop(threads: int = 1) -> Iterator[Callable[..., Awaitable[Any]]]:
+    """Yield ``await off(fn, *args)``, which runs ``fn`` on a pool of `threads` threads, as the server does
+    (``RetentionService.off_loop``: ``loop.run_in_executor``); the pool is shut down on exit."""
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="test-off-loop")
+
+    async def off(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    try:
+        yield off
+    finally:
+        pool.shutdown()
 
 
 @pytest.fixture(scope="session")

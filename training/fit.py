@@ -270,12 +270,14 @@ def credibility_factors(
     code. Per message m, over the decisions where it was a candidate: the model's mean value
     M = mean r̂(x, m), r̂ = P(stay) × value_after, and the doubly robust mean
     D = mean [r̂(x, m) + 1{a = m} / μ · (r − r̂(x, m))] (Dudík, Langford & Li 2011) with its standard
-    error s. The factor is max(D − z·s, 0.001·D) / M: the model's values of m rescaled so that they
+    error s. The factor is min(1, max(D − z·s, 0.001·D) / M): the model's values of m rescaled so that they
     average the lower bound of what the logs say m earns (a thousandth of D where that bound is not
     above zero, so such messages rank below every credible one and by D among themselves). A message
     the logs rarely showed has a wide interval and a small factor, so the policy does not switch to
     it on the strength of a few dozen rows; with enough data s shrinks and the factor is D / M, the
-    model's own values recalibrated.
+    model's own values recalibrated downwards. It is never above 1, so the scaled P(stay) that serving
+    logs and that the evaluation's reward model reads stays a probability (a message the model
+    undervalues keeps the model's own values).
     A message no decision had as a candidate gets 0.
     """
     q = np.asarray(p_stay, dtype=np.float64) * np.asarray(value_after, dtype=np.float64)
@@ -289,7 +291,7 @@ def credibility_factors(
         second = np.bincount(message, weights=gamma * gamma, minlength=n_messages) / count
         se = np.sqrt(np.maximum(second - dr_mean**2, 0.0) * count / np.maximum(count - 1.0, 1.0) / count)
         floor = CREDIBILITY_FLOOR * np.maximum(dr_mean, 0.0)
-        factors = np.maximum(dr_mean - z * se, floor) / model_mean
+        factors = np.minimum(np.maximum(dr_mean - z * se, floor) / model_mean, 1.0)  # P(stay) stays a probability
     factors = np.where(np.isfinite(factors) & (count > 1), factors, 0.0)
     return factors, {"model_mean": model_mean, "dr_mean": dr_mean, "se": se, "count": count}
 

@@ -292,10 +292,10 @@ raise SystemExit(3)
 def test_two_workers_started_from_a_folder_of_decoys_run_only_our_code(
     server_env: dict[str, str], tmp_path: Path, pki: Any  # noqa: F811
 ) -> None:
-    """uvicorn's workers, the signature process and the log writer ignore a multiprocessing/ and a serving/
-    in the working directory (each decoy would leave a mark and exit); the workers keep the request limits."""
+    """uvicorn's workers ignore a multiprocessing/ and a serving/ in the working directory (each decoy would
+    leave a mark and exit); the workers keep the request limits."""
     cwd = tmp_path / "cwd"
-    for package, modules in (("multiprocessing", ("__init__", "spawn")), ("serving", ("__init__", "sigproc", "log_writer"))):
+    for package, modules in (("multiprocessing", ("__init__", "spawn")), ("serving", ("__init__", "server", "log_writer"))):
         (cwd / package).mkdir(parents=True)
         for m in modules:
             (cwd / package / f"{m}.py").write_text(DECOY.format(mark=str(tmp_path / f"mark-{package}-{m}"), what=m))

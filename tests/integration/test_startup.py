@@ -144,6 +144,9 @@ def test_production_defaults_and_a_missing_pinned_version_refuse_to_start(env: d
         (["--offer-key-file", "{tmp}/request.json"], {},
          "--offer-key-id and --offer-issuer-id are missing; promotional offers need all four of --offer-key-file, "
          "--offer-key-id, --offer-issuer-id and --bundle-id"),
+        (["--verify-with", "thread"], {}, "--verify-with (RETENTION_VERIFY_WITH) was removed: request signatures are "
+         "always checked on the event loop"),
+        ([], {"RETENTION_SCORE_IN_THREAD": "1"}, "--score-in-thread (RETENTION_SCORE_IN_THREAD) was removed: "),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it_before_the_banner(

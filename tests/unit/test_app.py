@@ -63,12 +63,11 @@ def test_signed_request_gets_exactly_one_answer_and_is_logged(client_for: Any, p
     assert abs(sum(row["probabilities"]) - 1) < 1e-9
 
 
-@pytest.mark.parametrize("verify_with", ["process", "thread"])
-def test_all_three_answers_and_the_offer_signature(client_for: Any, pki: Any, offer_key: Any, verify_with: str) -> None:
-    """With the signature checks in the child or on a thread, offers are signed in the server and verify."""
+def test_all_three_answers_and_the_offer_signature(client_for: Any, pki: Any, offer_key: Any) -> None:
+    """Messages, alternate products and promotional offers are answered; offers are signed in the server and verify."""
     p8, public = offer_key
     c = client_for(epsilon=1.0, offer_key_file=str(p8), offer_key_id="KEY1", offer_issuer_id="issuer-1",
-                   bundle_id="com.example.app", verify_with=verify_with)
+                   bundle_id="com.example.app")
     catalog = Catalog.load(DEMO_CATALOG)
     seen: dict[str, dict[str, Any]] = {}
     for i in range(60):
@@ -89,37 +88,6 @@ def test_all_three_answers_and_the_offer_signature(client_for: Any, pki: Any, of
     assert claims["transactionId"] == offer["_otid"]
     assert claims["offerIdentifier"] == catalog.messages[offer["messageIdentifier"]].offerIdentifier
     assert claims["productId"] == PM and claims["bid"] == "com.example.app" and claims["iss"] == "issuer-1"
-
-
-def test_a_killed_signature_process_costs_no_answer(client_for: Any, pki: Any, offer_key: Any) -> None:
-    """The child dies between requests: every answer is still right, offers verify, and the death is counted."""
-    import os
-    import signal
-
-    p8, public = offer_key
-    c = client_for(epsilon=1.0, offer_key_file=str(p8), offer_key_id="KEY1", offer_issuer_id="issuer-1",
-                   bundle_id="com.example.app")
-    svc = c.app.state.service
-    assert svc.sigproc is not None and svc.sigproc.pid is not None
-    offers = 0
-    for i in range(40):
-        if i == 10:
-            os.kill(svc.sigproc.pid, signal.SIGKILL)
-        otid = f"71000{i}"
-        r = post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox", original_transaction_id=otid))
-        assert r.status_code == 200, r.text
-        (kind, obj), = r.json().items()
-        if kind == "promotionalOffer":
-            claims = jwt.decode(obj["promotionalOfferSignatureV2"], public, algorithms=["ES256"], audience="promotional-offer")
-            assert claims["transactionId"] == otid
-            offers += 1
-    head, payload, sig = pki.signed_request(app_apple_id=APP_ID, environment="Sandbox").split(".")
-    sig = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
-    tampered = json.dumps({"signedPayload": f"{head}.{payload}.{sig}"}).encode()
-    assert post(c, tampered).json()["error"] == "bad_signature"
-    assert offers > 0
-    assert len(decisions(c)) == 40
-    assert "retention_signature_process_restarts_total 1.0" in c.get("/metrics").text
 
 
 @pytest.mark.parametrize(
@@ -185,25 +153,19 @@ def _break_model(client: TestClient[Any], behaviour: str) -> None:
     svc.runtime.snapshot = dataclasses.replace(snap, model=bad)
 
 
-@pytest.mark.parametrize("in_thread", [False, True], ids=["inline", "thread"])
 @pytest.mark.parametrize(("behaviour", "reason"), [("raise", "model_error"), ("nan", "model_nan"), ("sleep", "deadline")])
-def test_a_broken_model_never_costs_the_message(
-    client_for: Any, pki: Any, behaviour: str, reason: str, in_thread: bool
-) -> None:
-    c = client_for(score_in_thread=in_thread)
+def test_a_broken_model_never_costs_the_message(client_for: Any, pki: Any, behaviour: str, reason: str) -> None:
+    c = client_for()
     _break_model(c, behaviour)
     default = Catalog.load(DEMO_CATALOG).default_for(PM, "en-US")
-    worst = 0.0
     for _ in range(4):
-        t0 = time.perf_counter()
         r = post(c, pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))
-        worst = max(worst, time.perf_counter() - t0)
         assert r.status_code == 200 and r.json() == {"message": {"messageIdentifier": default.messageIdentifier}}
     rows = decisions(c)
     assert {row["fallback_reason"] for row in rows} <= {reason, "circuit_open"}
     assert rows[0]["policy"] == f"fallback:{reason}" and rows[0]["propensity"] == 1.0
-    if behaviour == "sleep":
-        assert worst < 0.25
+    if behaviour == "sleep":  # one run past the budget opens the circuit at once: the model is not asked again
+        assert [row["fallback_reason"] for row in rows[1:]] == ["circuit_open"] * 3
 
 
 def test_without_a_model_the_rules_answer_and_ready_is_false(client_for: Any, pki: Any, tmp_path: Path) -> None:
@@ -315,7 +277,9 @@ def test_requests_ready_together_are_scored_in_one_run_each_with_its_own_scores(
     from serving.log_reader import read_decisions
     from serving.policy import candidates_for
 
-    svc = RetentionService(make_settings(epsilon=0.0, verify_threads=0, verify_with="thread"))  # all five reach scoring in one turn
+    # a known chain and the in-process replay memory: all five are verified on the loop and reach scoring in one turn
+    svc = RetentionService(make_settings(epsilon=0.0, replay_store="memory"))
+    svc.verifier.verify(json.loads(pki.signed_request_body(app_apple_id=APP_ID, environment="Sandbox"))["signedPayload"])
     snap = svc.runtime.snapshot
     assert snap is not None and snap.model is not None
     calls: list[int] = []

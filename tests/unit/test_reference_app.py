@@ -25,15 +25,14 @@ from tests.conftest import APP_ID
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["process", "thread"])
-def reference(request: Any, trained_registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+@pytest.fixture
+def reference(trained_registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     key = ec.generate_private_key(ec.SECP256R1())
     p8 = tmp_path / "key.p8"
     p8.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption()))
     monkeypatch.setenv("BENCH_MODEL", str(trained_registry))
     monkeypatch.setenv("BENCH_OFFER_KEY", str(p8))
-    monkeypatch.setenv("BENCH_REFERENCE_VERIFY", request.param)
     monkeypatch.syspath_prepend(str(ROOT))
     sys.modules.pop("bench.reference_app", None)  # it reads its settings when imported
     module = importlib.import_module("bench.reference_app")

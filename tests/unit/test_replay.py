@@ -160,8 +160,8 @@ def test_a_batch_is_one_transaction_that_answers_each_id(tmp_path: Path) -> None
 def test_requests_verified_in_one_loop_turn_share_one_write_and_each_gets_its_own_answer(tmp_path: Path) -> None:
     import asyncio
 
-    from serving.offload import Offloader
-    from serving.verify import RequestVerifier, offloaded_check
+    from serving.verify import RequestVerifier
+    from tests.conftest import off_loop
 
     pki = TestPKI.mint()
     batches: list[int] = []
@@ -177,24 +177,20 @@ def test_requests_verified_in_one_loop_turn_share_one_write_and_each_gets_its_ow
 
     tokens = [pki.signed_request(app_apple_id=APP_ID, environment="Sandbox") for _ in range(12)]
     worker_a, worker_b = verifier(), verifier()
-    off = Offloader(1)
-    off.start()
 
-    async def send(v: RequestVerifier, token: str) -> str:
-        try:
-            await v.verify_async(token, offloaded_check(off), off)
-        except Exception as exc:
-            return getattr(exc, "code", repr(exc))
-        return "ok"
+    async def main(off: Any) -> tuple[list[str], list[str]]:
+        async def send(v: RequestVerifier, token: str) -> str:
+            try:
+                await v.verify_async(token, off)
+            except Exception as exc:
+                return getattr(exc, "code", repr(exc))
+            return "ok"
 
-    async def main() -> tuple[list[str], list[str]]:
         first = await asyncio.gather(*(send(worker_a, t) for t in tokens))
         again = await asyncio.gather(*(send(worker_b, t) for t in tokens))  # the other worker, same bodies
         return list(first), list(again)
 
-    try:
-        first, again = asyncio.run(main())
-    finally:
-        off.stop()
+    with off_loop() as off:
+        first, again = asyncio.run(main(off))
     assert first == ["ok"] * 12 and again == ["replayed_request"] * 12
     assert sum(batches) == 24 and max(batches) > 1  # fewer transactions than requests

@@ -115,6 +115,31 @@ def test_the_removed_log_writer_flag_or_variable_is_refused_in_one_line_naming_w
     assert "--log-writer" not in p.format_help()  # not offered in --help either
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "want"),
+    [
+        (["--verify-with", "process"], {}, "--verify-with (RETENTION_VERIFY_WITH) was removed: request signatures are "
+         "always checked on the event loop"),
+        (["--verify-threads", "2"], {}, "--verify-threads (RETENTION_VERIFY_THREADS) was removed: "),
+        (["--score-in-thread"], {}, "--score-in-thread (RETENTION_SCORE_IN_THREAD) was removed: requests are always "
+         "scored on the event loop"),
+        (["--no-score-in-thread"], {}, "--score-in-thread (RETENTION_SCORE_IN_THREAD) was removed: "),
+        ([], {"RETENTION_VERIFY_WITH": "thread"}, "--verify-with (RETENTION_VERIFY_WITH) was removed: "),
+        ([], {"RETENTION_VERIFY_THREADS": "0"}, "--verify-threads (RETENTION_VERIFY_THREADS) was removed: "),
+        ([], {"RETENTION_SCORE_IN_THREAD": "true"}, "--score-in-thread (RETENTION_SCORE_IN_THREAD) was removed: "),
+    ],
+)
+def test_the_removed_signature_and_scoring_flags_or_variables_are_refused_in_one_line_naming_what_replaced_them(
+    argv: list[str], env: dict[str, str], want: str
+) -> None:
+    p = argparse.ArgumentParser()
+    Settings.add_arguments(p)
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_args(p.parse_args(argv), env)
+    assert str(exc.value).startswith(want) and "\n" not in str(exc.value)
+    assert "--verify-with" not in p.format_help() and "--score-in-thread" not in p.format_help()
+
+
 def test_workers_zero_and_missing_tls_files_are_named(pki_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers must be 1 or more"):
         parse_settings(["--workers", "0"])

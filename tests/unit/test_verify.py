@@ -30,7 +30,8 @@ from serving.testpki import (
     token_corpus,
     unknown_critical_extension,
 )
-from serving.verify import RequestVerifier, has_apple_root_g3, load_roots, offloaded_check, validate_chain
+from serving.verify import RequestVerifier, has_apple_root_g3, load_roots, validate_chain
+from tests.conftest import off_loop
 
 APP_ID = 1234567890
 # chain_check_busy depends on load, not on the token: test_a_flood_of_forged_chains_... reaches it
@@ -93,36 +94,30 @@ def test_corpus_gives_each_expected_code_and_reaches_every_code() -> None:
     assert None in seen
 
 
-def test_verify_async_on_the_offload_thread_gives_the_same_answer_for_every_corpus_case() -> None:
-    """The server's path (signature check on the offload thread) agrees with verify() on every case."""
+def test_verify_async_gives_the_same_answer_for_every_corpus_case() -> None:
+    """The server's path (on the loop, a never-seen chain's CA signatures on a thread) agrees with verify()."""
     import asyncio
-
-    from serving.offload import Offloader
 
     cases = corpus()
     pki_root = _corpus_root(cases)
-    off = Offloader(1)
-    off.start()
 
-    async def code_async(v: RequestVerifier, token: str | bytes) -> str | None:
+    async def code_async(v: RequestVerifier, token: str | bytes, off: Any) -> str | None:
         try:
-            await v.verify_async(token, offloaded_check(off))
+            await v.verify_async(token, off)
         except VerificationError as exc:
             return exc.code
         return None
 
-    async def main() -> None:
+    async def main(off: Any) -> None:
         for case in cases:
             v = RequestVerifier([pki_root], app_apple_id=APP_ID, environment=case.environment)
-            got = await code_async(v, case.token)
+            got = await code_async(v, case.token, off)
             if case.twice:
-                got = await code_async(v, case.token)
+                got = await code_async(v, case.token, off)
             assert got == case.code, case.name
 
-    try:
-        asyncio.run(main())
-    finally:
-        off.stop()
+    with off_loop() as off:
+        asyncio.run(main(off))
 
 
 def _corpus_root(cases: list[CorpusCase]) -> Any:
@@ -698,17 +693,10 @@ def signature_spy(monkeypatch: pytest.MonkeyPatch) -> _SignatureSpy:
 def test_a_leaf_with_one_byte_changed_is_refused_as_untrusted_on_both_paths(pki: TestPKI) -> None:
     import asyncio
 
-    from serving.offload import Offloader
-
     token = pki.sign(payload(), x5c=pki.x5c_with_forged_leaf(3))
     assert code_of(make(pki), token) == "untrusted_chain"
-    off = Offloader(1)
-    off.start()
-    try:
-        with pytest.raises(VerificationError) as exc:
-            asyncio.run(make(pki).verify_async(token, offloaded_check(off), off))
-    finally:
-        off.stop()
+    with off_loop() as off, pytest.raises(VerificationError) as exc:
+        asyncio.run(make(pki).verify_async(token, off))
     assert exc.value.code == "untrusted_chain" and ERROR_STATUS[exc.value.code] == 401
 
 
@@ -717,32 +705,26 @@ def test_a_flood_of_distinct_forged_chains_checks_at_most_the_bound_at_once_and_
 ) -> None:
     import asyncio
 
-    from serving.offload import Offloader
-
     signature_spy.hold_s = 0.005
     v = make(pki, chain_checks=2)
     assert code_of(v, pki.signed_request()) is None  # the good chain is known, its intermediate too
     signature_spy.calls.clear()
     forged = [pki.sign(payload(), x5c=pki.x5c_with_forged_leaf(i)) for i in range(60)]
-    off = Offloader(2)
-    off.start()
 
-    async def flood() -> tuple[int, list[str]]:
+    async def flood(off: Any) -> tuple[int, list[str]]:
         loop_thread = threading.get_ident()
 
         async def one(token: str) -> str:
             try:
-                await v.verify_async(token, offloaded_check(off), off)
+                await v.verify_async(token, off)
             except VerificationError as exc:
                 return exc.code
             return "accepted"
 
         return loop_thread, list(await asyncio.gather(*(one(t) for t in forged)))
 
-    try:
-        loop_thread, codes = asyncio.run(flood())
-    finally:
-        off.stop()
+    with off_loop(2) as off:
+        loop_thread, codes = asyncio.run(flood(off))
     assert set(codes) <= {"untrusted_chain", "chain_check_busy"} and "untrusted_chain" in codes
     assert "chain_check_busy" in codes  # beyond the bound, refused at once (503), not queued
     assert ERROR_STATUS["chain_check_busy"] == 503
@@ -784,28 +766,22 @@ def test_concurrent_first_requests_on_one_new_chain_are_all_answered_after_one_c
 ) -> None:
     import asyncio
 
-    from serving.offload import Offloader
-
     signature_spy.hold_s = 0.005
     v = make(pki, chain_checks=1)  # a worker just started: Apple's first requests all carry one unseen chain
     tokens = [pki.signed_request() for _ in range(20)]
-    off = Offloader(1)
-    off.start()
 
-    async def send(token: str) -> str | None:
-        try:
-            await v.verify_async(token, offloaded_check(off), off)
-        except VerificationError as exc:
-            return exc.code
-        return None
+    async def burst(off: Any) -> list[str | None]:
+        async def send(token: str) -> str | None:
+            try:
+                await v.verify_async(token, off)
+            except VerificationError as exc:
+                return exc.code
+            return None
 
-    async def burst() -> list[str | None]:
         return list(await asyncio.gather(*(send(t) for t in tokens)))
 
-    try:
-        codes = asyncio.run(burst())
-    finally:
-        off.stop()
+    with off_loop() as off:
+        codes = asyncio.run(burst(off))
     assert codes == [None] * 20
     assert len(signature_spy.calls) == 2  # the intermediate's and the leaf's signatures, once
 
