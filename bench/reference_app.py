@@ -31,6 +31,10 @@ from serving.verify import verify_es256
 
 _scorer = Scorer(Registry(os.environ["BENCH_MODEL"]).load())
 _rows = np.random.default_rng(0).random((8, _scorer.n_features), dtype=np.float32)
+# each row shows one message, as a featurized candidate does (the model scales P(stay) by that message's factor)
+_message_cols = [i for i, name in enumerate(_scorer.model.schema.names) if name.startswith("message=")]
+_rows[:, _message_cols] = 0.0
+_rows[np.arange(8), [_message_cols[i % len(_message_cols)] for i in range(8)]] = 1.0
 _signer = (
     OfferSigner.from_key_file(os.environ["BENCH_OFFER_KEY"], key_id="BENCH", issuer_id="bench", bundle_id="com.example")
     if os.environ.get("BENCH_REFERENCE_OFFERS", "1") == "1"
