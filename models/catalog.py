@@ -455,7 +455,7 @@ class Catalog:
         return m.alternateProductId if m.kind == "alternateProduct" and m.alternateProductId else current_product
 
     def value_after(self, m: CatalogMessage, current_product: str) -> float:
-        """Return V(product after m) - cost(m), the reward of a subscriber who stays (DESIGN.md)."""
+        """Return V(product after m) - cost(m), the reward of a subscriber who stays (docs/data-formats.md, "The reward")."""
         return self.products[self.product_after(m, current_product)].value - m.cost
 
     def missing_defaults(self, locales: Iterable[str]) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ outcome event is here too (:func:`event_for_notification`), for the same reason.
 
 from __future__ import annotations
 
-#: The DESIGN.md decisions columns, in order (the server's export adds its own columns after them).
+#: The decisions file's columns (docs/data-formats.md), in order (the server's export adds its own columns after them).
 DECISION_COLUMNS: tuple[str, ...] = (
     "request_id",
     "original_transaction_id",
@@ -21,9 +21,9 @@ DECISION_COLUMNS: tuple[str, ...] = (
     "model_version",
     "policy",
 )
-#: The DESIGN.md outcomes columns.
+#: The outcomes file's columns (docs/data-formats.md).
 OUTCOME_COLUMNS: tuple[str, ...] = ("original_transaction_id", "event", "at")
-#: The outcome events: DESIGN.md's seven first (their positions are codes in simulated files), then the
+#: The outcome events: Apple's seven first (docs/data-formats.md, "Events") (their positions are codes in simulated files), then the
 #: finer ones the notifications carry. ``switched`` is written by the simulator and by logs made before
 #: UPGRADE and DOWNGRADE were told apart; ``other`` is a notification stored raw that no label reads.
 EVENTS: tuple[str, ...] = (

@@ -1,6 +1,6 @@
 """Choosing the message: the ML policy (score, expected value, explore) and the rule policy behind it.
 
-    value(m) = P(stay | x, m) × (V(product after m) − cost(m))        (DESIGN.md)
+    value(m) = P(stay | x, m) × (V(product after m) − cost(m))        (docs/choosing-a-message.md)
 
 The ML policy scores every eligible candidate with the current model, turns values into
 exact probabilities (models.exploration), samples one, and returns a :class:`Choice`

@@ -1,6 +1,6 @@
 """msgspec structs for every Apple object of the Retention Messaging API.
 
-Field names are Apple's, exactly (see ../shared/spec/apple-retention-messaging.md).
+Field names are Apple's, exactly (Apple's Retention Messaging API: Get Retention Message, RealtimeRequestBody and RealtimeResponseBody).
 Enums that come from Apple keep a raw-string twin, so a value Apple adds tomorrow
 does not break parsing: ``environment`` is an :class:`Environment` or ``None`` and
 ``rawEnvironment`` is always the string Apple sent.

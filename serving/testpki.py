@@ -1,7 +1,7 @@
 """A test PKI shaped like Apple's App Store signing chain, and the signed requests it makes.
 
 Used by the tests, the demo and the load tests; nothing here touches the network. The chain copies the
-shape of Apple's real one (``../shared/vectors/apple/``): a P-384 root and intermediate, a P-256 leaf,
+shape of Apple's real one: a P-384 root and intermediate, a P-256 leaf,
 ECDSA-with-SHA-384 certificate signatures, Apple's two marker OIDs, subject and authority key identifiers,
 critical BasicConstraints (the intermediate a CA with path length 0, the leaf not a CA) and critical key
 usages. A test CA is trusted only when it is configured like any other root.

@@ -1,4 +1,4 @@
-"""Reading and writing the training data files (DESIGN.md, "Data files"), with validation.
+"""Reading and writing the training data files (docs/data-formats.md), with validation.
 
 Parquet or CSV, chosen by the file's suffix (``.parquet``/``.pq``, ``.csv``, optionally
 ``.csv.gz``). In CSV the ``candidates`` column holds a JSON list of message ids, so a

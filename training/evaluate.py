@@ -6,7 +6,7 @@ estimator of training.ope; the logging policy's own value is the observed mean r
 estimates of all policies come from one bootstrap (the same resampled requests), so a paired
 difference between two versions is as tight as the data allows.
 
-Rewards follow DESIGN.md: label × (V(product after m) − cost(m)), the label from
+Rewards follow docs/data-formats.md ("The reward"): label × (V(product after m) − cost(m)), the label from
 training.labels (censored decisions are left out and counted). The reward model of the direct
 and doubly robust methods is, by default, each version's own P(stay) × value; ``reward_model``
 can name one version to judge all of them.

@@ -242,7 +242,7 @@ class MessageCredibility:
     ``predict_proba(X)[:, 1]`` is the model's P(stay) × ``factors[j]``, j the message one-hot column of `X`
     that is 1 (`columns`: the feature positions of the message one-hot, ``factors`` one per column); column
     0 is 1 minus that. Serving multiplies the output by V(product after m) − cost(m) and takes the highest
-    (DESIGN.md), so the greedy choice becomes argmax factor(m) × P(stay | x, m) × value: a pessimistic value
+    (docs/choosing-a-message.md), so the greedy choice becomes argmax factor(m) × P(stay | x, m) × value: a pessimistic value
     (see :func:`credibility_factors`). The same scaling is appended to the ONNX graph (:func:`export_onnx`).
     """
 

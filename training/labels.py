@@ -1,4 +1,4 @@
-"""The label of a logged decision (DESIGN.md, "The label of a decision"), implemented once.
+"""The label of a logged decision (docs/data-formats.md, "The label rule"), implemented once.
 
 A decision at time t for subscription s, with horizon H, looks only at the events of s
 in the window [t, t + H), cut short by the next decision for s (the window then ends

@@ -2,7 +2,7 @@
 
 Notation, for n logged requests with at most K candidate actions each (rows padded to K):
 
-    r_i        observed reward of request i: label × (V(product after a_i) − cost(a_i))   (DESIGN.md)
+    r_i        observed reward of request i: label × (V(product after a_i) − cost(a_i))   (docs/data-formats.md, "The reward")
     a_i        index of the action (message) the logging policy showed
     μ_i        its logged probability (propensity), 0 < μ_i ≤ 1
     π(a|x_i)   the target policy's probability of action a (a row of ``target_probs``; padding 0)

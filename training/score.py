@@ -1,6 +1,6 @@
 """``retention score``: batch-score a file of logged requests with a model version.
 
-For each request (a row of a DESIGN.md decisions file; only the context columns and
+For each request (a row of a decisions file, docs/data-formats.md; only the context columns and
 ``candidates`` are needed), every candidate is featurized with the model's own schema and
 scored with ONNX Runtime; the output has one row per request: ``request_id``,
 ``message_id`` (the greedy choice among that request's own candidates, by
@@ -21,7 +21,7 @@ import pandas as pd
 from models import data_files
 from retention import VerbParser
 
-# the DESIGN.md decision columns that describe a request (what was shown and why is not needed to score it)
+# the decisions file's columns (docs/data-formats.md) that describe a request (what was shown and why is not needed to score it)
 SCORE_COLUMNS = tuple(
     c for c in data_files.DECISION_COLUMNS if c not in ("message_id", "propensity", "model_version", "policy")
 )

@@ -1,6 +1,6 @@
 """A synthetic world with ground truth: subscribers, logged decisions, outcome events.
 
-``retention simulate`` writes the DESIGN.md data files (decisions, outcomes, profiles)
+``retention simulate`` writes the data files of docs/data-formats.md (decisions, outcomes, profiles)
 plus ``ground_truth`` (every eligible candidate of every decision with its true
 P(stay) and value) and the catalog used, so an evaluator can compute any policy's
 true value and compare it with the oracle and the best single static message.
@@ -50,7 +50,7 @@ The world, deterministic by seed (one ``numpy.random.Generator``):
 - Decisions span about 60 days; some subscriptions get a second decision later (some
   inside the first one's horizon, which cuts its label window short; a subscriber who
   accepted a switch is on the new product by then).
-- Outcome events are drawn so that the DESIGN.md label rule recovers the sampled
+- Outcome events are drawn so that the label rule (docs/data-formats.md) recovers the sampled
   stay/churn for every uncensored decision: a churn is a ``cancelled`` (sometimes a
   cancel, re-enable, cancel sequence, sometimes followed by ``expired`` or
   ``refunded``); a stay is a ``renewed`` when the renewal date falls in the window
@@ -120,7 +120,7 @@ ROLE_NAMES: tuple[str, ...] = ("neutral", "feature", "whats_new", "loyalty", "pl
 
 @dataclass
 class World:
-    """A simulated world: the three DESIGN.md tables, the ground truth, and the catalog used."""
+    """A simulated world: the three data tables (docs/data-formats.md), the ground truth, and the catalog used."""
 
     decisions: pd.DataFrame
     outcomes: pd.DataFrame
@@ -603,7 +603,7 @@ def _events(
     period_ms: np.ndarray,
     observed_until: int,
 ) -> pd.DataFrame:
-    """Return outcome events that the DESIGN.md label rule reads back as each decision's sampled outcome.
+    """Return outcome events that the label rule (docs/data-formats.md) reads back as each decision's sampled outcome.
 
     Every event is placed strictly inside its decision's window [t, end), so a later
     decision of the same subscription never sees it. Events after `observed_until`
@@ -958,7 +958,7 @@ def gap_captured(v_model: float, v_static: float, v_oracle: float) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = VerbParser(
         prog="retention simulate",
-        description="Write a synthetic world's decisions, outcomes and profiles (DESIGN.md data files), "
+        description="Write a synthetic world's decisions, outcomes and profiles (the data files of docs/data-formats.md), "
         "its ground truth and the catalog used, deterministic by seed.",
     )
     p.add_argument("--n", type=int, default=100_000, help="number of logged decisions (default 100000)")

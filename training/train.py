@@ -1,6 +1,6 @@
 """``retention train``: fit P(stay) on logged decisions joined with outcomes, export ONNX, write a version.
 
-Steps (DESIGN.md, "The loop"): read and validate the files; label each decision with the
+Steps (docs/training-and-evaluation.md): read and validate the files; label each decision with the
 one rule in :mod:`training.labels` (censored decisions are counted and left out); featurize
 the shown message of each labelled decision with :mod:`models.features` (the same code
 serving runs); fit and calibrate (:mod:`training.fit`); export to ONNX; check parity between
@@ -9,7 +9,7 @@ sklearn and ONNX Runtime on held-out requests, with every candidate of each; wit
 the static-to-oracle gap it captures; write a new registry version. The new version's id is
 the last line of stdout, so scripts can ``version=$(retention train ... | tail -n1)``.
 
-Expected value (DESIGN.md): value(m) = P(stay | x, m) × (V(product after m) − cost(m)).
+Expected value (docs/choosing-a-message.md): value(m) = P(stay | x, m) × (V(product after m) − cost(m)).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ MAX_CATEGORIES = 50  # per categorical profile column; rarer values share the <o
 MIN_CATEGORY_COUNT = 5
 PARITY_MAX_REQUESTS = 20_000
 SELECT_MIN_ROWS = 5_000  # below this many labelled decisions, no cross-validated choice: the boosted trees
-# the DESIGN.md decision columns training needs (model_version and policy are not used to fit)
+# the decisions file's columns (docs/data-formats.md) training needs (model_version and policy are not used to fit)
 DECISION_COLUMNS = tuple(c for c in data_files.DECISION_COLUMNS if c not in ("model_version", "policy"))
 
 
