@@ -71,7 +71,7 @@ def ensure_model(registry: Path, n_decisions: int) -> str:
     if current:
         print(f"model: using {current} from {registry}")
         return current
-    print(f"model: none in {registry}; simulating {n_decisions:,} decisions and training (a few seconds)...")
+    print(f"model: none in {registry}; simulating {n_decisions:,} decisions and training (a minute or so on 2 cores)...")
     from training.train import train_demo_model
 
     t0 = time.perf_counter()
