@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the project with its test extras, pinned in pyproject.toml.
+# Create .venv (if missing) and install the project with its test extras (versions as pyproject.toml gives them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
