@@ -31,12 +31,12 @@ from serving.log_schema import (
     OUTCOME_COLUMNS,
     REQUIRED_DECISION_COLUMNS,
     SCHEMA_VERSION,
-    as_apple_fallback,
     columns_sql,
     decisions_arrow_schema,
     decode_decision,
     decode_json,
     encode_json,
+    export_columns,
     export_format,
 )
 
@@ -399,16 +399,7 @@ def export_decisions(
             if not raw and not first:
                 break
             rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
-            cols: dict[str, list[Any]] = {n: [] for n in names}
-            for d in rows:
-                d = as_apple_fallback(d)
-                for n in names:
-                    v = d[n]
-                    if n == "policy_params":
-                        v = encode_json(v).decode() if v is not None else None
-                    elif n == "features" and v is not None:
-                        v = v.tolist()
-                    cols[n].append(v)
+            cols = export_columns(rows, names)
             if fmt == "parquet":
                 writer.write_table(pa.table(cols, schema=schema))
             else:

@@ -374,3 +374,23 @@ def as_apple_fallback(d: dict[str, Any]) -> dict[str, Any]:
     reason = d["fallback_reason"]
     return {**d, "policy": APPLE_FALLBACK_POLICY,
             "fallback_reason": f"{reason}; no_eligible_message" if reason else "no_eligible_message"}
+
+
+def export_columns(rows: list[dict[str, Any]], names: list[str]) -> dict[str, list[Any]]:
+    """Return the export's columns `names` (each a list, one value per row) of decision dicts `rows`.
+
+    Each row is read as :func:`as_apple_fallback` gives it; ``policy_params`` becomes its JSON text and
+    ``features`` a plain list, as the export's Arrow schema (:func:`decisions_arrow_schema`) expects.
+    Shared by the SQLite and the PostgreSQL exports.
+    """
+    cols: dict[str, list[Any]] = {n: [] for n in names}
+    for d in rows:
+        d = as_apple_fallback(d)
+        for n in names:
+            v = d[n]
+            if n == "policy_params":
+                v = encode_json(v).decode() if v is not None else None
+            elif n == "features" and v is not None:
+                v = v.tolist()
+            cols[n].append(v)
+    return cols

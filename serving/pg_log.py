@@ -48,12 +48,12 @@ from serving.log_schema import (
     DecisionRecord,
     FeatureSchema,
     OutcomeRecord,
-    as_apple_fallback,
     decision_row,
     decisions_arrow_schema,
     decode_decision,
     decode_json,
     encode_json,
+    export_columns,
     export_format,
     feature_names_sha,
 )
@@ -645,16 +645,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
         while True:
             raw = list(itertools.islice(rows_iter, chunk))
             rows = [d for d in raw if d["message_id"] is not None] if shown_only else raw
-            cols: dict[str, list[Any]] = {n: [] for n in names}
-            for d in rows:
-                d = as_apple_fallback(d)
-                for n in names:
-                    v = d[n]
-                    if n == "policy_params":
-                        v = encode_json(v).decode() if v is not None else None
-                    elif n == "features" and v is not None:
-                        v = v.tolist()
-                    cols[n].append(v)
+            cols = export_columns(rows, names)
             if fmt == "parquet":
                 if rows or first:
                     writer.write_table(pa.table(cols, schema=schema))
