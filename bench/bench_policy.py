@@ -17,7 +17,11 @@ the world's ground truth as the *captured gap* (V_policy − V_best static) / (V
   the action VW's predicted distribution favours.
 
 Rows: mean captured gap of each, the mean and worst per-seed difference learned − s-learner
-(the bar: mean >= −0.01, worst >= −0.05) and learned − vw.
+(the bar: mean >= −0.01, worst >= −0.05) and learned − vw. The S-learner is also refitted with
+other random states on the same logs (``--s-refits``): ``s_self_worst`` is the worst per-seed
+difference of the reference against itself (its own fitting noise, what a per-seed bar of −0.05
+must allow for), and ``*_diff_s_mean`` compare the learned policy with the reference's mean over
+its refits.
 
     .venv/bin/python bench/bench_policy.py --sizes 20000,50000,200000 --seeds 10 --json /tmp/policy.json
     .venv/bin/python bench/bench_policy.py --presets apple-segments --sizes 20000 --seeds 2   # a quick look
@@ -87,8 +91,12 @@ def _greedy_value(world: Any, cand: pd.DataFrame, p: np.ndarray) -> float:
     return policy_value(world.ground_truth, cand[["request_id", "message_id"]].assign(prob=prob))
 
 
-def s_learner(world: Any, labels: pd.Series, seed: int) -> float:
-    """Return the true value of the plain HistGradientBoosting S-learner's greedy policy."""
+def s_learner(world: Any, labels: pd.Series, seed: int, refits: int = 1) -> list[float]:
+    """Return the true values of the plain HistGradientBoosting S-learner's greedy policy, one per refit.
+
+    Refit k uses ``random_state = seed + 100·k`` on the same rows: only the 10% that scikit-learn's
+    early stopping holds out changes, so the spread of the values is the reference's own fitting noise.
+    """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     d = world.decisions
@@ -99,9 +107,12 @@ def s_learner(world: Any, labels: pd.Series, seed: int) -> float:
                "user_locale": sorted(d["user_locale"].astype(str).unique()),
                "message_id": sorted(world.catalog.messages)}
     X = _plain_matrix(d.loc[use], world.profiles, levels)
-    model = HistGradientBoostingClassifier(random_state=seed).fit(X, labels[use].to_numpy().astype(int))
-    p = model.predict_proba(_plain_matrix(cand, world.profiles, levels))[:, 1]
-    return _greedy_value(world, cand, p)
+    Xc = _plain_matrix(cand, world.profiles, levels)
+    out = []
+    for k in range(refits):
+        model = HistGradientBoostingClassifier(random_state=seed + 100 * k).fit(X, labels[use].to_numpy().astype(int))
+        out.append(_greedy_value(world, cand, model.predict_proba(Xc)[:, 1]))
+    return out
 
 
 def _vw_text(shared: str, actions: list[str], label: tuple[int, float, float] | None) -> str:
@@ -165,7 +176,7 @@ def learned(world: Any, seed: int) -> tuple[float, dict[str, Any]]:
     return float(res.gap["v_model"]), res.fit_info.to_dict()
 
 
-def one(preset: str, n: int, seed: int, vw: bool) -> dict[str, Any]:
+def one(preset: str, n: int, seed: int, vw: bool, s_refits: int = 3) -> dict[str, Any]:
     world = simulate(n, seed=seed, epsilon=EPSILON, preset=preset)
     labels, _ = label_decisions(world.decisions, world.outcomes)
     gt = world.ground_truth
@@ -174,10 +185,11 @@ def one(preset: str, n: int, seed: int, vw: bool) -> dict[str, Any]:
     v_learned, fit = learned(world, seed)
     t_learned = time.perf_counter() - t
     t = time.perf_counter()
-    v_s = s_learner(world, labels, seed)
-    t_s = time.perf_counter() - t
+    v_s = s_learner(world, labels, seed, s_refits)
+    t_s = (time.perf_counter() - t) / len(v_s)
+    s_gaps = [gap_captured(v, v_static, v_oracle) for v in v_s]
     out = {"preset": preset, "n": n, "seed": seed, "v_oracle": v_oracle, "v_static": v_static,
-           "learned": gap_captured(v_learned, v_static, v_oracle), "s_learner": gap_captured(v_s, v_static, v_oracle),
+           "learned": gap_captured(v_learned, v_static, v_oracle), "s_learner": s_gaps[0], "s_refits": s_gaps,
            "fit": {k: fit.get(k) for k in ("model", "params", "n_iter", "selection", "credibility")},
            "seconds": {"learned": round(t_learned, 1), "s_learner": round(t_s, 1)}}
     if vw:
@@ -193,6 +205,13 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     agg: dict[str, Any] = {"seeds": ("seed", "count"), "learned": ("learned", "mean"),
                            "s_learner": ("s_learner", "mean"), "mean_diff_s": ("diff_s", "mean"),
                            "worst_diff_s": ("diff_s", "min")}
+    if "s_refits" in df and df["s_refits"].map(len).min() > 1:
+        # the reference against itself: another random_state on the same logs (its own fitting noise), and
+        # the learned policy against the reference's mean over its refits (its expected value on these logs)
+        df["s_self"] = df["s_refits"].map(lambda v: min(v[1:]) - v[0])
+        df["diff_s_mean"] = df["learned"] - df["s_refits"].map(np.mean)
+        agg |= {"s_self_worst": ("s_self", "min"), "mean_diff_s_mean": ("diff_s_mean", "mean"),
+                "worst_diff_s_mean": ("diff_s_mean", "min")}
     if "vw" in df:
         df["diff_vw"] = df["learned"] - df["vw"]
         df["beats_vw"] = (df["diff_vw"] > 0).astype(float)
@@ -208,6 +227,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--no-vw", action="store_true", help="leave Vowpal Wabbit out")
+    ap.add_argument("--s-refits", type=int, default=3,
+                    help="fits of the S-learner per seed, random_state seed + 100·k (default 3): the first is the "
+                         "reference, the others measure its own fitting noise")
     ap.add_argument("--json", type=Path, help="write every run's results here (rewritten after each run)")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="run nothing: print the summary of the runs in these --json files (one per piece of a grid)")
@@ -223,7 +245,7 @@ def main() -> int:
     for preset in [p for p in args.presets.split(",") if p] if not args.merge else []:
         for n in [int(s) for s in args.sizes.split(",") if s]:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                r = one(preset, n, seed, not args.no_vw)
+                r = one(preset, n, seed, not args.no_vw, args.s_refits)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "fit"}), file=sys.stderr, flush=True)
                 if args.json:
