@@ -61,7 +61,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def unstorable(fields: dict[str, object]) -> str | None:
     """Return a phrase naming the first value of `fields` (name -> value) the log cannot store, else None.
 
-    Integers must fit 64 bits; text must be encodable as UTF-8 (no lone surrogate). The endpoints
+    Integers must fit 64 bits; text must be encodable as UTF-8 (no lone surrogate) and hold no NUL
+    (U+0000: PostgreSQL's text type cannot, and one such row would stop every batch behind it). The endpoints
     refuse such a value with ``400 invalid_payload`` before acknowledging it, so that it is never
     acknowledged and then dropped, nor answered 503 on every retry.
     """
@@ -73,6 +74,8 @@ def unstorable(fields: dict[str, object]) -> str | None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 return f"{name} is not valid Unicode text"
+            if "\x00" in value:
+                return f"{name} contains a NUL character"
     return None
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from models.data_files import APPLE_FALLBACK_POLICY, DECISION_COLUMNS
+from models.data_files import APPLE_FALLBACK_POLICY, DECISION_COLUMNS, EVENTS, unstorable
 
 SCHEMA_VERSION = 2  # 2: request_id unique (a batch written twice adds nothing)
 
@@ -136,6 +136,28 @@ class OutcomeRecord(msgspec.Struct):
     offer_identifier: str | None = None
     offer_discount_type: str | None = None
     transaction_reason: str | None = None
+
+
+def outcome_record(
+    notification_uuid: str, original_transaction_id: str, event: str, at_ms: int, raw_type: str | None = None,
+    raw_subtype: str | None = None, *, offer_type: int | None = None, offer_identifier: str | None = None,
+    offer_discount_type: str | None = None, transaction_reason: str | None = None,
+) -> OutcomeRecord:
+    """Return the outcome row both decision logs (SQLite and PostgreSQL) queue, received now.
+
+    Raises ValueError for an event outside :data:`models.data_files.EVENTS` or a value the log cannot
+    store (:func:`models.data_files.unstorable`): callers check what they receive before this.
+    """
+    if event not in EVENTS:
+        raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
+    problem = unstorable({"notification_uuid": notification_uuid, "original_transaction_id": original_transaction_id,
+                          "at": at_ms, "raw_type": raw_type, "raw_subtype": raw_subtype, "offer_type": offer_type,
+                          "offer_identifier": offer_identifier, "offer_discount_type": offer_discount_type,
+                          "transaction_reason": transaction_reason})
+    if problem is not None:
+        raise ValueError(f"the outcome cannot be stored: {problem}")
+    return OutcomeRecord(notification_uuid, original_transaction_id, event, int(at_ms), raw_type, raw_subtype,
+                         int(time.time() * 1000), offer_type, offer_identifier, offer_discount_type, transaction_reason)
 
 
 class FeatureSchema(msgspec.Struct):

@@ -45,7 +45,6 @@ from typing import Any
 
 import msgspec
 
-from models.data_files import EVENTS, unstorable
 from serving.log_reader import OnBadFile, log_files, report_bad_file
 from serving.log_schema import (
     DECISION_COLUMNS_SQL,
@@ -56,6 +55,7 @@ from serving.log_schema import (
     encode_json,
     feature_names_sha,
     migrate,
+    outcome_record,
 )
 
 log = logging.getLogger("retention.decision_log")
@@ -516,26 +516,10 @@ class DecisionLog:
         Raises ValueError for an event outside :data:`EVENTS` or a value the log cannot store
         (:func:`models.data_files.unstorable`): callers check what they receive before this.
         """
-        if event not in EVENTS:
-            raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
-        problem = unstorable({"notification_uuid": notification_uuid, "original_transaction_id": original_transaction_id,
-                              "at": at_ms, "raw_type": raw_type, "raw_subtype": raw_subtype, "offer_type": offer_type,
-                              "offer_identifier": offer_identifier, "offer_discount_type": offer_discount_type,
-                              "transaction_reason": transaction_reason})
-        if problem is not None:
-            raise ValueError(f"the outcome cannot be stored: {problem}")
-        outcome = OutcomeRecord(
-            notification_uuid,
-            original_transaction_id,
-            event,
-            int(at_ms),
-            raw_type,
-            raw_subtype,
-            int(time.time() * 1000),
-            offer_type,
-            offer_identifier,
-            offer_discount_type,
-            transaction_reason,
+        outcome = outcome_record(
+            notification_uuid, original_transaction_id, event, at_ms, raw_type, raw_subtype, offer_type=offer_type,
+            offer_identifier=offer_identifier, offer_discount_type=offer_discount_type,
+            transaction_reason=transaction_reason,
         )
         if self._closed or len(self._q) + self._held_records >= self.max_queue:
             self._drop(1)

@@ -39,7 +39,6 @@ from typing import Any, Final
 
 import msgspec
 
-from models.data_files import EVENTS
 from serving.database import DatabaseError, check_url, connect, error_line, require_schema, safe_url
 from serving.log_schema import (
     DECISION_COLUMNS_SQL,
@@ -56,6 +55,7 @@ from serving.log_schema import (
     export_columns,
     export_format,
     feature_names_sha,
+    outcome_record,
 )
 
 log = logging.getLogger("retention.pg_log")
@@ -252,13 +252,13 @@ class PostgresDecisionLog:
     ) -> None:
         """Queue one outcome (idempotent by `notification_uuid`); :meth:`flush` says when it is committed.
 
-        Raises ValueError for an event outside :data:`models.data_files.EVENTS`.
+        Raises ValueError for an event outside :data:`models.data_files.EVENTS` or a value the log cannot
+        store (:func:`models.data_files.unstorable`), as the SQLite log does.
         """
-        if event not in EVENTS:
-            raise ValueError(f"unknown outcome event {event!r}; one of {', '.join(EVENTS)}")
-        outcome = OutcomeRecord(
-            notification_uuid, original_transaction_id, event, int(at_ms), raw_type, raw_subtype,
-            int(time.time() * 1000), offer_type, offer_identifier, offer_discount_type, transaction_reason,
+        outcome = outcome_record(
+            notification_uuid, original_transaction_id, event, at_ms, raw_type, raw_subtype, offer_type=offer_type,
+            offer_identifier=offer_identifier, offer_discount_type=offer_discount_type,
+            transaction_reason=transaction_reason,
         )
         if self._closed or len(self._q) >= self.max_queue:
             self._drop(1)

@@ -811,7 +811,9 @@ class RequestVerifier:
             raise _fail("invalid_payload", "the payload is not a JSON object.") from None
         if _UUID_RE.fullmatch(body.requestIdentifier) is None:
             raise _fail("invalid_payload", "the payload's requestIdentifier is not a UUID.")
-        problem = unstorable({"appAppleId": body.appAppleId, "signedDate": body.signedDate})
+        problem = unstorable({"appAppleId": body.appAppleId, "signedDate": body.signedDate,
+                              "originalTransactionId": body.originalTransactionId, "productId": body.productId,
+                              "userLocale": body.userLocale})
         if problem is not None:  # logged with the decision: refused now rather than answered and dropped
             raise _fail("invalid_payload", f"the payload cannot be stored: {problem}.")
         signed_s = body.signedDate / 1000.0

@@ -132,6 +132,23 @@ def test_decisions_and_outcomes_are_committed_once_even_when_sent_twice(
     assert pg_log.feature_schemas(migrated) != {}
 
 
+def test_an_outcome_postgresql_cannot_store_is_refused_at_the_door_and_the_log_goes_on(
+    migrated: str, tmp_path: Path
+) -> None:
+    log = pg_log.PostgresDecisionLog(migrated, tmp_path, batch_ms=10)
+    log.start()
+    try:
+        with pytest.raises(ValueError, match="NUL"):  # one such row would make every batch behind it fail
+            log.log_outcome("n-1", "otx\x001", "renewed", 1_700_000_100_000, "DID_RENEW", None)
+        with pytest.raises(ValueError, match="64-bit"):
+            log.log_outcome("n-2", "otx-2", "renewed", 1_700_000_100_000, "DID_RENEW", None, offer_type=2**63)
+        log.log_outcome("n-3", "otx-3", "renewed", 1_700_000_100_000, "DID_RENEW", None)
+        assert log.flush()
+    finally:
+        log.close()
+    assert query(migrated, "SELECT notification_uuid FROM outcomes") == [("n-3",)]
+
+
 def test_an_unreachable_database_spills_in_order_and_writes_it_all_once_when_it_returns(
     migrated: str, tmp_path: Path
 ) -> None:

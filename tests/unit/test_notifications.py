@@ -399,6 +399,7 @@ def test_an_offer_type_that_is_not_an_integer_is_invalid(client_for: Any, pki: T
     [
         ("offerType", {"transaction_extra": {"offerType": 10**30}}),
         ("offerType", {"renewal_extra": {"offerType": -(2**63) - 1}}),
+        ("offerIdentifier", {"transaction_extra": {"offerType": 2, "offerIdentifier": "winback\x00"}}),  # PostgreSQL text has no NUL
     ],
 )
 def test_a_value_the_log_cannot_store_is_refused_not_answered_503_forever(

@@ -790,3 +790,12 @@ def test_an_app_apple_id_the_log_cannot_store_is_refused_even_when_relaxed(pki: 
     relaxed = make(pki, relax_app_id_in_sandbox=True)  # any appAppleId passes, so it must fit the log's 64 bits
     assert code_of(relaxed, pki.sign(payload(app_apple_id=2**63))) == "invalid_payload"
     assert code_of(relaxed, pki.sign(payload(app_apple_id=2**63 - 1))) is None
+
+
+@pytest.mark.parametrize("field", ["original_transaction_id", "product_id", "user_locale"])
+def test_a_nul_character_the_postgresql_log_cannot_store_is_refused(pki: TestPKI, field: str) -> None:
+    # PostgreSQL's text cannot hold U+0000: logged, such a decision would stop every batch behind it
+    v = make(pki)
+    value = {"original_transaction_id": "2000\x00001", "product_id": "com.example.premium.monthly\x00",
+             "user_locale": "en\x00US"}[field]
+    assert code_of(v, pki.sign(payload(**{field: value}))) == "invalid_payload"
