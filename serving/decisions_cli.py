@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from retention import VerbParser
 from serving.log_reader import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
@@ -60,6 +61,8 @@ def main(argv: Sequence[str]) -> int:
     comp.add_argument("--strict", action="store_true", help="exit 1 when a log file cannot be read (it is left in place)")
     show = sub.add_parser("show", help="print the latest decisions: candidates, scores, probabilities, chosen message")
     show.add_argument("--data-dir", action="append", help=data_help)
+    show.add_argument("--database-url", default=None,
+                      help="read the fleet's PostgreSQL database instead of a data folder [env RETENTION_DATABASE_URL]")
     show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
     args = parser.parse_args(list(argv))
     bad: dict[Path, list[str]] = {}
@@ -92,6 +95,15 @@ def main(argv: Sequence[str]) -> int:
         )
         return 1 if bad and args.strict else 0
 
+    if args.command == "show" and args.last < 1:
+        print("retention decisions: --last must be at least 1", file=sys.stderr)
+        return 2
+    if args.command == "show" and url:
+        from serving import pg_log
+        from serving.database import check_url
+
+        _print_decisions(pg_log.latest_decisions(check_url(url), args.last))
+        return 0
     files = _files(args)
     if args.command == "export":
         n = None
@@ -116,11 +128,14 @@ def main(argv: Sequence[str]) -> int:
             print(f"exported {n_outcomes} outcomes to {args.outcomes_out}")
         return 0
 
-    if args.last < 1:
-        print("retention decisions: --last must be at least 1", file=sys.stderr)
-        return 2
     rows = latest_decisions(files, args.last, on_bad_file=on_bad_file)
     report()
+    _print_decisions(rows)
+    return 0
+
+
+def _print_decisions(rows: list[dict[str, Any]]) -> None:
+    """Print decisions candidate by candidate: P(stay), value and probability of each, the shown one marked."""
     for d in rows:
         print(
             f"{d['request_id']}  {d['product_id']} {d['user_locale']}  policy={d['policy']} "
@@ -134,7 +149,6 @@ def main(argv: Sequence[str]) -> int:
             prob = f"{probs[j]:.4f}" if j < len(probs) else "-"
             mark = "*" if m == d["message_id"] else " "
             print(f"   {mark} {m}  P(stay)={score}  value={value}  prob={prob}")
-    return 0
 
 
 def _export_database(args: argparse.Namespace, url: str) -> int:

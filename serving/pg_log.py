@@ -594,6 +594,17 @@ def read_decisions(url: str, *, batch: int = 5000) -> Iterator[dict[str, Any]]:
             yield decode_decision(row)
 
 
+def latest_decisions(url: str, n: int) -> list[dict[str, Any]]:
+    """Return the `n` most recently answered decisions in the database, oldest first (as the SQLite reader does)."""
+    from psycopg.rows import dict_row
+
+    cols = ", ".join(_DECISION_COLS)
+    with connect(url) as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        rows = cur.execute(f"SELECT id, {cols} FROM decisions ORDER BY answered_at DESC, id DESC LIMIT %s", (n,))
+        return [decode_decision(r) for r in reversed(list(rows))]
+
+
 def feature_schemas(url: str) -> dict[str, list[str]]:
     """Return {feature_names_sha: feature names} recorded in the database."""
     with connect(url) as conn:

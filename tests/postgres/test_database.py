@@ -328,6 +328,13 @@ def test_decisions_export_from_the_database_and_training_inputs(migrated: str, t
         assert pq.read_table(d).num_rows == 26 and pq.read_table(o).num_rows == 1
     bad = retention("decisions", "export", "--database-url", dead_url(), "--out", str(tmp_path / "x.parquet"))
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    # the fleet's latest decisions, as `decisions show` prints a data folder's: here from the database
+    shown = retention("decisions", "show", "--last", "2", env={"RETENTION_DATABASE_URL": migrated})
+    assert shown.returncode == 0, shown.stderr
+    heads = [line.split()[0] for line in shown.stdout.splitlines() if not line.startswith(" ")]
+    assert heads == ["req-24", "req-25"] and "P(stay)=0.500" in shown.stdout
+    bad = retention("decisions", "show", "--database-url", dead_url())
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_export_memory_is_bounded_by_its_chunk_not_by_the_table(migrated: str, tmp_path: Path) -> None:
