@@ -21,7 +21,8 @@ difference, 90% interval, subscribers resampled together, 1000 resamples):
 Coverage: each candidate's 90% SNIPS and DR intervals against its true value on the same requests
 (must be >= 85%). Every verdict and interval is computed with each method of
 ``training.ope.INTERVALS`` from the same resamples (``hull``, the gate's and ``retention
-evaluate``'s, is the hull of ``percentile`` and ``bca``). The reward model is the trained model's
+evaluate``'s, is the hull of ``percentile``, ``bca`` and ``studentized``; ``--merge`` recomputes it from
+them, so files written when it was the hull of the first two give the gate's verdicts now). The reward model is the trained model's
 P(stay) × value for every policy (DR is unbiased whatever the reward model).
 
     .venv/bin/python bench/bench_gate.py --presets apple-smooth --n 100000 --replicates 100 --json /tmp/gate_smooth.json
@@ -197,7 +198,7 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
     truth_cur = v_cur
     cover_cur = {}
     for est in ("snips", "dr"):
-        for m in ("percentile", "bca", "hull"):
+        for m in ope.INTERVALS:
             lo, hi = boot.interval(f"current/{est}", 0.9, m)
             cover_cur[f"{est}_{m}"] = [lo, hi, bool(lo <= truth_cur <= hi)]
     out["current"] = {"truth": truth_cur, "intervals": cover_cur}
@@ -226,18 +227,28 @@ def replicate(preset: str, n: int, seed: int, scorer: Any, version: str, registr
 
 
 def _add_hull(reps: list[dict[str, Any]]) -> None:
-    """Fill in the hull verdicts and intervals of replicates written before the bench computed them (same numbers)."""
+    """(Re)compute the hull verdicts and intervals from the methods a replicate holds (``training.ope._hull``'s rule).
+
+    Replicates written before the gate's hull took in the bootstrap-t hold the hull of the percentile and
+    BCa intervals alone; their stored components give the gate's verdict now (same resamples, same numbers).
+    The current policy's own interval has no bootstrap-t in files written before 2026-11-30: its hull there
+    is of the other two.
+    """
     for r in reps:
         for row in r.values():
             if not isinstance(row, dict) or "intervals" not in row:
                 continue
-            if "promote_percentile" in row and "promote_hull" not in row:
-                row["promote_hull"] = bool(row["promote_percentile"] and row["promote_bca"])
+            parts = [m for m in ("percentile", "bca", "studentized") if f"diff_{m}" in row]
+            if parts:
+                lo = min(row[f"diff_{m}"][0] for m in parts)
+                row["diff_hull"] = [lo, max(row[f"diff_{m}"][1] for m in parts)]
+                row["promote_hull"] = bool(lo > 0)
             for est in ("snips", "dr"):
                 iv = row["intervals"]
-                if f"{est}_hull" not in iv and f"{est}_bca" in iv:
-                    lo = min(iv[f"{est}_percentile"][0], iv[f"{est}_bca"][0])
-                    hi = max(iv[f"{est}_percentile"][1], iv[f"{est}_bca"][1])
+                have = [iv[f"{est}_{m}"] for m in ("percentile", "bca", "studentized") if f"{est}_{m}" in iv]
+                finite = [x for x in have if np.isfinite(x[0]) and np.isfinite(x[1])]
+                if finite:
+                    lo, hi = min(x[0] for x in finite), max(x[1] for x in finite)
                     iv[f"{est}_hull"] = [lo, hi, bool(lo <= row["truth"] <= hi)]
 
 

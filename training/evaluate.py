@@ -407,6 +407,15 @@ def evaluate(
     boot = ope.Bootstrap(flat, n_resamples=cfg.n_resamples, seed=cfg.seed, clusters=clusters) \
         if cfg.n_resamples else None
     if boot is not None:
+        if cfg.interval in ("studentized", "hull"):  # every bootstrap-t interval below in one pass over the resamples
+            current_in = current if current is not None and current in versions else None
+            boot.prepare_studentized(
+                [(name, None) for name in flat]
+                + [(f"{v}/{name}", f"{LOGGING}/observed") for v in versions for name in results[v]]
+                + [(f"{v}/{name}", f"{current_in}/{name}") for v in versions for name in results[v]
+                   if current_in is not None and v != current_in],
+                cfg.level,
+            )
         observed = boot.with_interval(f"{LOGGING}/observed", cfg.level, cfg.interval)
         for v, res in results.items():
             results[v] = {name: boot.with_interval(f"{v}/{name}", cfg.level, cfg.interval) for name in res}

@@ -22,7 +22,9 @@ when the logging distribution was not given).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -276,10 +278,12 @@ def bca_ci(samples: np.ndarray, estimate: float, influence: np.ndarray, level: f
 
 
 INTERVALS = ("percentile", "bca", "studentized", "hull")
-# "hull": from the lower of the percentile and BCa lower bounds to the higher of their upper bounds.
-# On estimates that rest on a few large terms each of the two misses the truth on one side more often
-# than its level says (the percentile interval on the side the data showed little of, BCa on the other);
-# their hull covered where either alone did not (bench/bench_gate.py, BENCHMARKS.md)
+# "hull": from the lowest lower bound of the percentile, BCa and bootstrap-t (studentized) intervals to the
+# highest upper bound (the bootstrap-t left out of a paired difference whose two results have different
+# denominators, SNIPS's). On estimates that rest on a few large terms each interval misses the truth on one
+# side more often than its level says (the percentile one on the side the data showed little of, BCa on the
+# other, the bootstrap-t where its per-resample SE rests on a handful of terms); their hull covered where
+# each alone did not, and promoted no more often than the hull of the first two (bench/bench_gate.py, BENCHMARKS.md)
 
 
 def _t_interval(theta: float, se: float, t_star: np.ndarray, level: float) -> tuple[float, float]:
@@ -291,12 +295,12 @@ def _t_interval(theta: float, se: float, t_star: np.ndarray, level: float) -> tu
     return float(theta - t_hi * se), float(theta - t_lo * se)
 
 
-def _hull(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    if not all(np.isfinite(a)):
-        return b
-    if not all(np.isfinite(b)):
-        return a
-    return min(a[0], b[0]), max(a[1], b[1])
+def _hull(*intervals: tuple[float, float]) -> tuple[float, float]:
+    """Return the smallest interval holding every finite one of `intervals` (the first when none is finite)."""
+    finite = [iv for iv in intervals if all(np.isfinite(iv))]
+    if not finite:
+        return intervals[0]
+    return min(lo for lo, _ in finite), max(hi for _, hi in finite)
 
 
 def ratio_ci(
@@ -600,6 +604,7 @@ class Bootstrap:
         self._col = {name: 2 * i for i, name in enumerate(self.results)}
         n = sizes.pop() if sizes else 0
         self._seed = seed
+        self._t_cache: dict[tuple[str, str | None, float], tuple[float, float]] = {}
         if n == 0 or n_resamples <= 0 or not self.results:
             self.sums = np.full((0, 2 * len(self.results)), np.nan)
             self.units = np.zeros((0, 2 * len(self.results)))
@@ -625,10 +630,30 @@ class Bootstrap:
         SE grows with it: the percentile interval is then too narrow on the side the data happened
         to show little of, and the bootstrap-t is not. The same resamples are drawn again (same seed),
         so the intervals agree with every other one of this Bootstrap. A paired difference needs
-        both results on the same denominators (IPS, DM, DR, observed); ValueError otherwise.
+        both results on the same denominators (IPS, DM, DR, observed); ValueError otherwise. Intervals
+        are kept: asking for all of them in one call costs one pass (about a second per 1,000 resamples
+        of 100,000 decisions), asking again costs nothing.
         """
         if self.sums.shape[0] == 0 or not pairs:
             return [(float("nan"), float("nan"))] * len(pairs)
+        missing = list(dict.fromkeys((a, b, level) for a, b in pairs if (a, b, level) not in self._t_cache))
+        if missing:  # one pass over the resamples for all of them, whatever was asked before
+            computed = self._studentized([(a, b) for a, b, _ in missing], level)
+            self._t_cache.update(zip(missing, computed, strict=True))
+        return [self._t_cache[(a, b, level)] for a, b in pairs]
+
+    def prepare_studentized(self, pairs: Sequence[tuple[str, str | None]], level: float = DEFAULT_LEVEL) -> None:
+        """Compute, in one pass over the resamples, the bootstrap-t intervals of `pairs` that exist.
+
+        Paired differences of results on different denominators (SNIPS's) are skipped: they have none.
+        """
+        def paired(a: str, b: str | None) -> bool:
+            return b is None or np.array_equal(self.units[:, self._col[a] + 1], self.units[:, self._col[b] + 1])
+
+        if self.sums.shape[0]:
+            self.studentized([(a, b) for a, b in pairs if paired(a, b)], level)
+
+    def _studentized(self, pairs: list[tuple[str, str | None]], level: float) -> list[tuple[float, float]]:
         cols, thetas, ses = [], [], []
         for a, b in pairs:
             ja = self._col[a]
@@ -664,11 +689,14 @@ class Bootstrap:
         return (num - theta * den) / (total / max(len(den), 1))
 
     def interval(self, name: str, level: float = DEFAULT_LEVEL, method: str = "percentile") -> tuple[float, float]:
-        """Return the interval of result `name`: ``percentile``, ``bca`` (:func:`bca_ci`) or ``studentized``."""
+        """Return the interval of result `name`: ``percentile``, ``bca`` (:func:`bca_ci`), ``studentized`` or ``hull``.
+
+        ``hull`` spans the other three (:data:`INTERVALS`).
+        """
         if method == "studentized":
             return self.studentized([(name, None)], level)[0]
         if method == "hull":
-            return _hull(self.interval(name, level, "percentile"), self.interval(name, level, "bca"))
+            return _hull(*(self.interval(name, level, m) for m in ("percentile", "bca", "studentized")))
         if method == "bca":
             return bca_ci(self.samples(name), self.results[name].estimate, self.influence(name), level)
         if method != "percentile":
@@ -676,11 +704,18 @@ class Bootstrap:
         return _percentile_ci(self.samples(name), level)
 
     def difference_interval(self, a: str, b: str, level: float = DEFAULT_LEVEL, method: str = "percentile") -> tuple[float, float]:
-        """Return the paired interval of result `a` minus result `b` (``percentile`` or ``bca``)."""
+        """Return the paired interval of result `a` minus result `b` (a method of :data:`INTERVALS`).
+
+        ``studentized`` needs both results on the same denominators (ValueError otherwise); ``hull`` spans
+        the percentile and BCa intervals and, where it exists, the studentized one.
+        """
         if method == "studentized":
             return self.studentized([(a, b)], level)[0]
         if method == "hull":
-            return _hull(self.difference_interval(a, b, level, "percentile"), self.difference_interval(a, b, level, "bca"))
+            parts = [self.difference_interval(a, b, level, m) for m in ("percentile", "bca")]
+            with contextlib.suppress(ValueError):  # SNIPS results have their own denominators: no bootstrap-t
+                parts.append(self.studentized([(a, b)], level)[0])
+            return _hull(*parts)
         samples = self.difference_samples(a, b)
         if method == "bca":
             estimate = self.results[a].estimate - self.results[b].estimate

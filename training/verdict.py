@@ -2,7 +2,7 @@
 
 :func:`judge` reads a :class:`training.ope.Bootstrap` (candidate and reference resampled with the same
 subscribers) and returns a :class:`Judgement`: the doubly robust difference per request, its paired interval
-at ``level`` (by default the hull of the percentile and BCa intervals), and the *minimum detectable
+at ``level`` (by default the hull of the percentile, BCa and bootstrap-t intervals), and the *minimum detectable
 difference* (MDD), the true advantage this data reveals with probability ``power`` (80%):
 
     MDD = (z_{1−α} + z_{power}) · SE,    α = (1 − level) / 2,    SE = the bootstrap sd of the difference
