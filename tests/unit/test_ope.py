@@ -233,9 +233,17 @@ def test_studentized_paired_intervals_are_computed_in_one_pass_and_agree_with_on
     res = _rare(6)
     boot = ope.Bootstrap(res, n_resamples=500, seed=3, clusters=np.arange(4000) // 3)
     both = boot.studentized([("ips", "obs"), ("ips", None)], 0.9)
-    assert both[0] == boot.difference_interval("ips", "obs", 0.9, "studentized")
-    assert both[1] == boot.interval("ips", 0.9, "studentized")
+
+    def fresh() -> ope.Bootstrap:  # the same resamples, nothing computed yet
+        return ope.Bootstrap(res, n_resamples=500, seed=3, clusters=np.arange(4000) // 3)
+
+    assert both[0] == fresh().difference_interval("ips", "obs", 0.9, "studentized")
+    assert both[1] == fresh().interval("ips", 0.9, "studentized")
+    assert boot.studentized([("ips", None)], 0.9) == [both[1]]  # kept, not drawn again
     snips = ope.snips(np.ones(4), np.zeros(4, dtype=np.intp), np.full(4, 0.5), np.tile([1.0, 0.0], (4, 1)), n_resamples=0)
     mixed = ope.Bootstrap({"a": snips, "b": ope.observed(np.ones(4), n_resamples=0)}, n_resamples=50, seed=0)
     with pytest.raises(ValueError, match="different denominators"):
         mixed.difference_interval("a", "b", 0.9, "studentized")
+    # the hull of such a difference is that of the two intervals that exist
+    parts = [mixed.difference_interval("a", "b", 0.9, m) for m in ("percentile", "bca")]
+    assert mixed.difference_interval("a", "b", 0.9, "hull") == (min(p[0] for p in parts), max(p[1] for p in parts))
