@@ -231,17 +231,18 @@ def _add_hull(reps: list[dict[str, Any]]) -> None:
 
     Replicates written before the gate's hull took in the bootstrap-t hold the hull of the percentile and
     BCa intervals alone; their stored components give the gate's verdict now (same resamples, same numbers).
-    The current policy's own interval has no bootstrap-t in files written before 2026-11-30: its hull there
-    is of the other two.
+    The current policy's own interval has no bootstrap-t in files written before commit 67bd8a2: its hull
+    there is of the other two.
     """
     for r in reps:
         for row in r.values():
             if not isinstance(row, dict) or "intervals" not in row:
                 continue
-            parts = [m for m in ("percentile", "bca", "studentized") if f"diff_{m}" in row]
+            parts = [row[f"diff_{m}"] for m in ("percentile", "bca", "studentized") if f"diff_{m}" in row]
+            parts = [x for x in parts if np.isfinite(x[0]) and np.isfinite(x[1])]  # as training.ope._hull
             if parts:
-                lo = min(row[f"diff_{m}"][0] for m in parts)
-                row["diff_hull"] = [lo, max(row[f"diff_{m}"][1] for m in parts)]
+                lo = min(x[0] for x in parts)
+                row["diff_hull"] = [lo, max(x[1] for x in parts)]
                 row["promote_hull"] = bool(lo > 0)
             for est in ("snips", "dr"):
                 iv = row["intervals"]

@@ -615,6 +615,7 @@ def create_app(settings: Settings, *, service: RetentionService | None = None) -
                 "decisions": "written" if st["database_up"] else "spilled",
                 "spilled_records": st["spilled"],
                 "dropped": st["dropped"],
+                "rejected": st["rejected"],  # refused by PostgreSQL for their values, kept in pg-rejected-*.bin
                 "fleet_state": "ok" if svc.fleet.ok else f"stale: {svc.fleet.last_error}",
                 "kill_switch": svc.fleet.kill_switch,
             }

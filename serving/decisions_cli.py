@@ -98,11 +98,18 @@ def main(argv: Sequence[str]) -> int:
     if args.command == "show" and args.last < 1:
         print("retention decisions: --last must be at least 1", file=sys.stderr)
         return 2
+    if args.command == "show" and args.database_url and args.data_dir:
+        print("retention decisions: give --database-url or --data-dir, not both", file=sys.stderr)
+        return 2
     if args.command == "show" and url:
         from serving import pg_log
-        from serving.database import check_url
+        from serving.database import check_url, safe_url
 
-        _print_decisions(pg_log.latest_decisions(check_url(url), args.last))
+        rows = pg_log.latest_decisions(check_url(url), args.last)
+        if not rows:
+            print(f"retention decisions: no decisions in {safe_url(url)}", file=sys.stderr)
+            return 1
+        _print_decisions(rows)
         return 0
     files = _files(args)
     if args.command == "export":
@@ -136,11 +143,14 @@ def main(argv: Sequence[str]) -> int:
 
 def _print_decisions(rows: list[dict[str, Any]]) -> None:
     """Print decisions candidate by candidate: P(stay), value and probability of each, the shown one marked."""
+    def num(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
     for d in rows:
         print(
             f"{d['request_id']}  {d['product_id']} {d['user_locale']}  policy={d['policy']} "
-            f"model={d['model_version']}  shown={d['message_id']} (p={d['propensity']:.4f}, {d['kind']})  "
-            f"{d['latency_ms']:.2f} ms"
+            f"model={d['model_version']}  shown={d['message_id']} (p={num(d['propensity'], '.4f')}, {d['kind']})  "
+            f"{num(d['latency_ms'], '.2f')} ms"
         )
         scores, values, probs = d["scores"] or [], d["values"] or [], d["probabilities"] or []
         for j, m in enumerate(d["candidates"] or []):

@@ -66,6 +66,7 @@ RETRY_S: Final = 1.0
 #: Spilled rows written to the database per writer wake-up at most (the rest on the next ones).
 DRAIN_ROWS: Final = 20_000
 SPILL_PREFIX: Final = "pg-spill-"
+REJECTED_PREFIX: Final = "pg-rejected-"  # rows PostgreSQL refused for their values, set aside for an operator
 _LEN = struct.Struct("<I")
 _DECISION_COLS: Final = [c.strip() for c in DECISION_COLUMNS_SQL.split(",")]
 _OUTCOME_COLS: Final = ", ".join(
@@ -212,6 +213,7 @@ class PostgresDecisionLog:
         self._closed = False
         self._lock = threading.Lock()
         self._dropped = 0
+        self._rejected = 0  # rows PostgreSQL refused for their values, kept in a pg-rejected file (_set_aside)
         self._dropped_reported = 0
         self._last_drop_log = 0.0
         self._written = 0
@@ -341,7 +343,7 @@ class PostgresDecisionLog:
         return True, reason
 
     def stats(self) -> dict[str, int]:
-        """Return counts: queued, written, outcomes, batches, dropped, write_errors, writer_alive, spilled, database_up."""
+        """Return counts: queued, written, outcomes, batches, dropped, rejected, write_errors, writer_alive, spilled, database_up."""
         alive = self._thread is not None and self._thread.is_alive()
         spill = self._spill
         return {
@@ -350,6 +352,7 @@ class PostgresDecisionLog:
             "outcomes": self._outcomes_written,
             "batches": self._batches,
             "dropped": self._dropped,
+            "rejected": self._rejected,
             "write_errors": self._write_errors,
             "writer_alive": int(alive),
             "spilled": (spill.rows if spill else 0) + sum(o.rows for o in self._orphans),
@@ -454,10 +457,29 @@ class PostgresDecisionLog:
         self._down = why
 
     def _commit(self, decisions: list[Any], outcomes: list[Any], schemas: list[Any]) -> bool:
-        """Write one batch in one transaction; return False (and mark the database down) on failure."""
+        """Write one batch in one transaction; return False (and mark the database down) on failure.
+
+        A batch PostgreSQL refuses for its values (a data or integrity error, not a connection one) is
+        written row by row instead, and the rows it refuses are set aside (:meth:`_set_aside`): one such
+        row must not make every batch behind it wait.
+        """
         import psycopg
 
+        try:
+            outcomes_in = self._write(decisions, outcomes, schemas)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            return self._commit_rows(decisions, outcomes, schemas, error_line(exc))
+        except psycopg.Error as exc:
+            self._went_down(error_line(exc))
+            return False
+        self._committed(len(decisions), outcomes_in)
+        return True
+
+    def _write(self, decisions: list[Any], outcomes: list[Any], schemas: list[Any]) -> int:
+        """Write rows in one transaction; return the outcomes inserted (a repeat of a stored one is not)."""
         conn = self._conn
+        inserted = 0
+        temp_ready = self._temp_ready
         try:
             with conn.transaction():
                 if decisions:
@@ -465,18 +487,69 @@ class PostgresDecisionLog:
                 if outcomes:
                     cur = conn.cursor()
                     cur.executemany(_INSERT_OUTCOME, outcomes)
-                    self._outcomes_written += max(cur.rowcount, 0)
+                    inserted = max(cur.rowcount, 0)
                 if schemas:
                     conn.cursor().executemany(_INSERT_SCHEMA, schemas)
-        except psycopg.Error as exc:
-            self._went_down(error_line(exc))
-            return False
-        self._written += len(decisions)
+        except BaseException:
+            self._temp_ready = temp_ready  # a temp table created by a transaction that rolled back is gone with it
+            raise
+        return inserted
+
+    def _committed(self, decisions: int, outcomes: int) -> None:
+        self._written += decisions
+        self._outcomes_written += outcomes
         self._batches += 1
         if self._down is not None:
             log.warning("decision log: the database %s takes batches again", safe_url(self.url))
             self._down = None
+
+    def _commit_rows(self, decisions: list[Any], outcomes: list[Any], schemas: list[Any], why: str) -> bool:
+        """Write a refused batch one row at a time; set aside the rows refused again; False if the database goes."""
+        import psycopg
+
+        refused: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+        written = [0, 0]
+        for kind, rows in enumerate((decisions, outcomes, schemas)):
+            for row in rows:
+                one: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+                one[kind].append(row)
+                try:
+                    inserted = self._write(*one)
+                except (psycopg.DataError, psycopg.IntegrityError):
+                    refused[kind].append(row)
+                    continue
+                except psycopg.Error as exc:  # the rows written so far are written again later: inserts are idempotent
+                    self._went_down(error_line(exc))
+                    return False
+                if kind == 0:
+                    written[0] += 1
+                elif kind == 1:
+                    written[1] += inserted
+        self._committed(*written)
+        self._set_aside(refused, why)
         return True
+
+    def _set_aside(self, refused: tuple[list[Any], list[Any], list[Any]], why: str) -> None:
+        """Keep rows PostgreSQL refused in ``pg-rejected-<host>-<pid>.bin`` (the spill file's format), counted and logged."""
+        n = len(refused[0]) + len(refused[1]) + len(refused[2])
+        if not n:
+            return
+        path = self.data_dir / (REJECTED_PREFIX + spill_file_name()[len(SPILL_PREFIX):])
+        try:
+            keep = SpillFile.open_own(path)
+            try:
+                keep.append(list(refused), n)
+            finally:
+                keep.close()
+        except OSError as exc:
+            log.error("decision log: cannot write %s (%s); %d refused records dropped", path, exc, n)
+            self._drop(n)
+            return
+        self._rejected += n
+        log.error(
+            "decision log: the database %s refused %d record(s) (%s); they are kept in %s for an operator "
+            "and the log goes on", safe_url(self.url), n, why, path,
+        )
 
     def _insert_decisions(self, conn: Any, rows: list[Any]) -> None:
         cols = ", ".join(_DECISION_COLS)
@@ -598,10 +671,14 @@ def latest_decisions(url: str, n: int) -> list[dict[str, Any]]:
     """Return the `n` most recently answered decisions in the database, oldest first (as the SQLite reader does)."""
     from psycopg.rows import dict_row
 
+    from serving.database import require_schema
+
+    require_schema(url)
     cols = ", ".join(_DECISION_COLS)
     with connect(url) as conn:
         cur = conn.cursor(row_factory=dict_row)
-        rows = cur.execute(f"SELECT id, {cols} FROM decisions ORDER BY answered_at DESC, id DESC LIMIT %s", (n,))
+        rows = cur.execute(f"SELECT id, {cols} FROM decisions WHERE answered_at IS NOT NULL "
+                           "ORDER BY answered_at DESC, id DESC LIMIT %s", (n,))
         return [decode_decision(r) for r in reversed(list(rows))]
 
 

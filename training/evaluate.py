@@ -60,8 +60,9 @@ class EvaluationConfig:
     holdout_fraction: float = 0.2
     min_ess: float = 100.0
     min_ess_fraction: float = 0.01
-    # the policies' intervals and paired differences (training.ope.INTERVALS): the hull of the percentile
-    # and BCa intervals, which covered the truth on Apple-sized worlds where the percentile one alone did not
+    # the policies' intervals and paired differences (training.ope.INTERVALS): the hull of the percentile,
+    # BCa and bootstrap-t intervals (of the first two for a SNIPS difference), which covered the truth on
+    # Apple-sized worlds where each alone did not
     interval: str = "hull"
     reward_model: str = "own"
     # only decisions whose whole label window has passed: recent ones get a label early only when

@@ -3,7 +3,8 @@
 ``retention models promote VERSION --if-better`` calls :func:`promotion_gate`. The rule: the
 doubly robust estimate of (candidate − current), bootstrapped with the same resampled subscribers
 for both (paired; a subscriber's decisions are resampled together), must have its lower confidence
-bound above zero: the lower of the percentile and BCa bounds (see :func:`training.verdict.judge`). With the default 90% two-sided interval that bound is a 95% one-sided one, so a
+bound above zero: the lowest of the percentile, BCa and bootstrap-t bounds (see
+:func:`training.verdict.judge`). With the default 90% two-sided interval that bound is a 95% one-sided one, so a
 candidate no better than the current version is promoted at most about 5% of the time. With no
 current version the candidate must beat the logging policy's observed value the same way.
 

@@ -22,7 +22,6 @@ when the logging distribution was not given).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -603,7 +602,9 @@ class Bootstrap:
         self.n_resamples = n_resamples
         self._col = {name: 2 * i for i, name in enumerate(self.results)}
         n = sizes.pop() if sizes else 0
-        self._seed = seed
+        # one integer for every pass over the resamples: a Generator (or None) would draw other resamples for
+        # the bootstrap-t than for the other intervals, and other ones again in each call
+        self._seed = seed if isinstance(seed, (int, np.integer)) else int(_rng(seed).integers(2**63))
         self._t_cache: dict[tuple[str, str | None, float], tuple[float, float]] = {}
         if n == 0 or n_resamples <= 0 or not self.results:
             self.sums = np.full((0, 2 * len(self.results)), np.nan)
@@ -612,7 +613,7 @@ class Bootstrap:
             cols = np.column_stack([c for r in self.results.values() for c in (r.num, r.den)])
             # the resampled units: whole clusters when given (the same draws as bootstrap_sums(..., clusters))
             self.units = cluster_sums(cols, clusters) if clusters is not None else cols
-            self.sums = bootstrap_sums(self.units, n_resamples, seed)
+            self.sums = bootstrap_sums(self.units, n_resamples, self._seed)
 
     def samples(self, name: str) -> np.ndarray:
         """Return the bootstrap replicates of result `name`'s estimate."""
@@ -634,6 +635,9 @@ class Bootstrap:
         are kept: asking for all of them in one call costs one pass (about a second per 1,000 resamples
         of 100,000 decisions), asking again costs nothing.
         """
+        unpaired = [f"{a} and {b}" for a, b in pairs if not self.paired(a, b)]
+        if unpaired:
+            raise ValueError(f"{'; '.join(unpaired)} have different denominators: no studentized paired interval")
         if self.sums.shape[0] == 0 or not pairs:
             return [(float("nan"), float("nan"))] * len(pairs)
         missing = list(dict.fromkeys((a, b, level) for a, b in pairs if (a, b, level) not in self._t_cache))
@@ -647,29 +651,28 @@ class Bootstrap:
 
         Paired differences of results on different denominators (SNIPS's) are skipped: they have none.
         """
-        def paired(a: str, b: str | None) -> bool:
-            return b is None or np.array_equal(self.units[:, self._col[a] + 1], self.units[:, self._col[b] + 1])
-
         if self.sums.shape[0]:
-            self.studentized([(a, b) for a, b in pairs if paired(a, b)], level)
+            self.studentized([(a, b) for a, b in pairs if self.paired(a, b)], level)
+
+    def paired(self, a: str, b: str | None) -> bool:
+        """Return True when result `a` alone (`b` None), or `a` − `b`, has a bootstrap-t: the same denominators."""
+        return b is None or np.array_equal(self.units[:, self._col[a] + 1], self.units[:, self._col[b] + 1])
 
     def _studentized(self, pairs: list[tuple[str, str | None]], level: float) -> list[tuple[float, float]]:
-        cols, thetas, ses = [], [], []
-        for a, b in pairs:
+        cols = np.empty((self.units.shape[0], 5 * len(pairs)))  # one array: the resampled sums' only copy
+        thetas, ses = [], []
+        for i, (a, b) in enumerate(pairs):
             ja = self._col[a]
             num, den = self.units[:, ja].copy(), self.units[:, ja + 1]
             if b is not None:
-                jb = self._col[b]
-                if not np.array_equal(den, self.units[:, jb + 1]):
-                    raise ValueError(f"{a} and {b} have different denominators: no studentized paired interval")
-                num -= self.units[:, jb]
+                num -= self.units[:, self._col[b]]
             total = float(den.sum())
             theta = float(num.sum()) / total if total != 0 else float("nan")
             e = num - theta * den
             ses.append(float(np.sqrt(np.dot(e, e))) / abs(total) if total != 0 else float("nan"))
             thetas.append(theta)
-            cols += [num, den, num * num, num * den, den * den]
-        sums = bootstrap_sums(np.column_stack(cols), self.n_resamples, self._seed)
+            cols[:, 5 * i : 5 * i + 5] = np.column_stack([num, den, num * num, num * den, den * den])
+        sums = bootstrap_sums(cols, self.n_resamples, self._seed)
         out = []
         for i, (theta, se) in enumerate(zip(thetas, ses, strict=True)):
             s_num, s_den, s_nn, s_nd, s_dd = (sums[:, 5 * i + j] for j in range(5))
@@ -713,7 +716,7 @@ class Bootstrap:
             return self.studentized([(a, b)], level)[0]
         if method == "hull":
             parts = [self.difference_interval(a, b, level, m) for m in ("percentile", "bca")]
-            with contextlib.suppress(ValueError):  # SNIPS results have their own denominators: no bootstrap-t
+            if self.paired(a, b):  # SNIPS results have their own denominators: no bootstrap-t
                 parts.append(self.studentized([(a, b)], level)[0])
             return _hull(*parts)
         samples = self.difference_samples(a, b)

@@ -68,8 +68,8 @@ def judge(
     and bootstrap-t intervals: its lower bound is the lowest of theirs. Where the difference rests on
     a few rare outcomes under large weights, the percentile bound alone promoted a candidate exactly
     as good as the current one 15% of the time (visitors who were not leaving, the rare outcome a
-    leaver), BCa's or the bootstrap-t's alone 5-8% (cancel intents, the rare outcome a stay); the
-    lowest of the three at most 5% in every preset, and a candidate whose true advantage is the
+    leaver), BCa's or the bootstrap-t's alone 5-7% (cancel intents, the rare outcome a stay); the
+    lowest of the three at most 4% in every preset, and a candidate whose true advantage is the
     stated MDD 86-93% of the time (bench/bench_gate.py, BENCHMARKS.md).
     """
     a = boot.results[candidate]

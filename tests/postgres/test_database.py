@@ -194,6 +194,37 @@ def test_a_spill_file_left_by_a_dead_process_is_written_by_the_next_one(migrated
     assert not orphan.exists()
 
 
+def test_a_row_postgresql_refuses_is_set_aside_and_the_rows_around_it_are_written(
+    migrated: str, tmp_path: Path
+) -> None:
+    # a spill file of an older release may hold a row PostgreSQL cannot store (a NUL in a text field);
+    # it must not make every batch behind it wait, nor be lost
+    from serving.log_schema import OutcomeRecord
+
+    log = pg_log.PostgresDecisionLog(dead_url(), tmp_path, batch_ms=10)
+    log.start()
+    log.log(record(1))
+    log._q.append(OutcomeRecord("n-bad", "otx\x001", "renewed", 1_700_000_100_000, "DID_RENEW", None, 0))
+    log._q.append(OutcomeRecord("n-good", "otx-2", "renewed", 1_700_000_100_000, "DID_RENEW", None, 0))
+    log.log(record(2))
+    log.close()
+    orphan = tmp_path / "pg-spill-otherhost-4343.bin"
+    log.path.rename(orphan)
+    after = pg_log.PostgresDecisionLog(migrated, tmp_path, batch_ms=10)
+    after.start()
+    try:
+        after.log(record(3))
+        assert after.flush()
+        stats = after.stats()
+    finally:
+        after.close()
+    assert [r["request_id"] for r in pg_log.read_decisions(migrated)] == ["req-1", "req-2", "req-3"]
+    assert query(migrated, "SELECT notification_uuid FROM outcomes") == [("n-good",)]
+    assert stats["rejected"] == 1 and stats["database_up"] == 1 and stats["dropped"] == 0
+    [kept] = tmp_path.glob("pg-rejected-*.bin")
+    assert b"n-bad" in kept.read_bytes() and not orphan.exists()
+
+
 def test_beyond_the_spill_bound_records_are_dropped_counted_and_ready_says_so(tmp_path: Path) -> None:
     dropped: list[int] = []
     log = pg_log.PostgresDecisionLog(dead_url(), tmp_path, batch_ms=10, spill_max_bytes=1, on_drop=dropped.append)
@@ -335,6 +366,8 @@ def test_decisions_export_from_the_database_and_training_inputs(migrated: str, t
     assert heads == ["req-24", "req-25"] and "P(stay)=0.500" in shown.stdout
     bad = retention("decisions", "show", "--database-url", dead_url())
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    both = retention("decisions", "show", "--database-url", migrated, "--data-dir", str(tmp_path))
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_export_memory_is_bounded_by_its_chunk_not_by_the_table(migrated: str, tmp_path: Path) -> None:

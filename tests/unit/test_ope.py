@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -229,17 +231,34 @@ def test_on_a_few_large_terms_bca_and_the_bootstrap_t_reach_further_up_than_the_
     assert boot.with_interval("ips", 0.9, "hull").ci == hull
 
 
-def test_studentized_paired_intervals_are_computed_in_one_pass_and_agree_with_one_at_a_time() -> None:
+def test_studentized_paired_intervals_are_computed_in_one_pass_and_agree_with_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     res = _rare(6)
     boot = ope.Bootstrap(res, n_resamples=500, seed=3, clusters=np.arange(4000) // 3)
+    passes: list[int] = []
+    real = ope.bootstrap_sums
+
+    def counted(*args: Any, **kw: Any) -> np.ndarray:
+        passes.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ope, "bootstrap_sums", counted)
     both = boot.studentized([("ips", "obs"), ("ips", None)], 0.9)
+    assert len(passes) == 1  # both intervals from one pass over the resamples
 
     def fresh() -> ope.Bootstrap:  # the same resamples, nothing computed yet
         return ope.Bootstrap(res, n_resamples=500, seed=3, clusters=np.arange(4000) // 3)
 
     assert both[0] == fresh().difference_interval("ips", "obs", 0.9, "studentized")
     assert both[1] == fresh().interval("ips", 0.9, "studentized")
-    assert boot.studentized([("ips", None)], 0.9) == [both[1]]  # kept, not drawn again
+    passes.clear()
+    assert boot.studentized([("ips", None)], 0.9) == [both[1]] and passes == []  # kept, not drawn again
+    # a Generator seed: the same resamples whatever was asked before (one integer seed for every pass)
+    grouped = ope.Bootstrap(res, n_resamples=200, seed=np.random.default_rng(3))
+    grouped.studentized([("ips", "obs")], 0.9)
+    alone = ope.Bootstrap(res, n_resamples=200, seed=np.random.default_rng(3))
+    assert grouped.studentized([("ips", None)], 0.9) == alone.studentized([("ips", None)], 0.9)
     snips = ope.snips(np.ones(4), np.zeros(4, dtype=np.intp), np.full(4, 0.5), np.tile([1.0, 0.0], (4, 1)), n_resamples=0)
     mixed = ope.Bootstrap({"a": snips, "b": ope.observed(np.ones(4), n_resamples=0)}, n_resamples=50, seed=0)
     with pytest.raises(ValueError, match="different denominators"):
