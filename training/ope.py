@@ -285,6 +285,11 @@ INTERVALS = ("percentile", "bca", "studentized", "hull")
 # each alone did not, and promoted no more often than the hull of the first two (bench/bench_gate.py, BENCHMARKS.md)
 
 
+#: Bootstrap-t intervals computed per pass over the resamples: each takes 5 columns per resampled unit, so 8
+#: bound the pass's memory to 40 columns (about 270 MB for 850,000 subscribers), as much as the estimates' own.
+STUDENTIZED_PAIRS_PER_PASS = 8
+
+
 def _t_interval(theta: float, se: float, t_star: np.ndarray, level: float) -> tuple[float, float]:
     t = t_star[np.isfinite(t_star)]
     if t.size == 0 or not (np.isfinite(theta) and np.isfinite(se)):
@@ -632,8 +637,9 @@ class Bootstrap:
         to show little of, and the bootstrap-t is not. The same resamples are drawn again (same seed),
         so the intervals agree with every other one of this Bootstrap. A paired difference needs
         both results on the same denominators (IPS, DM, DR, observed); ValueError otherwise. Intervals
-        are kept: asking for all of them in one call costs one pass (about a second per 1,000 resamples
-        of 100,000 decisions), asking again costs nothing.
+        are kept: asking for many in one call costs one pass over the resamples per
+        :data:`STUDENTIZED_PAIRS_PER_PASS` of them (about a second per 1,000 resamples of 100,000
+        decisions), asking again costs nothing.
         """
         unpaired = [f"{a} and {b}" for a, b in pairs if not self.paired(a, b)]
         if unpaired:
@@ -641,9 +647,9 @@ class Bootstrap:
         if self.sums.shape[0] == 0 or not pairs:
             return [(float("nan"), float("nan"))] * len(pairs)
         missing = list(dict.fromkeys((a, b, level) for a, b in pairs if (a, b, level) not in self._t_cache))
-        if missing:  # one pass over the resamples for all of them, whatever was asked before
-            computed = self._studentized([(a, b) for a, b, _ in missing], level)
-            self._t_cache.update(zip(missing, computed, strict=True))
+        for s in range(0, len(missing), STUDENTIZED_PAIRS_PER_PASS):  # one pass per 8, whatever was asked before
+            part = missing[s : s + STUDENTIZED_PAIRS_PER_PASS]
+            self._t_cache.update(zip(part, self._studentized([(a, b) for a, b, _ in part], level), strict=True))
         return [self._t_cache[(a, b, level)] for a, b in pairs]
 
     def prepare_studentized(self, pairs: Sequence[tuple[str, str | None]], level: float = DEFAULT_LEVEL) -> None:

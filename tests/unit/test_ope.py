@@ -245,7 +245,7 @@ def test_studentized_paired_intervals_are_computed_in_one_pass_and_agree_with_on
 
     monkeypatch.setattr(ope, "bootstrap_sums", counted)
     both = boot.studentized([("ips", "obs"), ("ips", None)], 0.9)
-    assert len(passes) == 1  # both intervals from one pass over the resamples
+    assert len(passes) == 1  # both intervals from one pass over the resamples (up to 8 a pass)
 
     def fresh() -> ope.Bootstrap:  # the same resamples, nothing computed yet
         return ope.Bootstrap(res, n_resamples=500, seed=3, clusters=np.arange(4000) // 3)
