@@ -38,6 +38,7 @@ from serving.log_schema import (
     encode_json,
     export_columns,
     export_format,
+    write_outcomes_file,
 )
 
 
@@ -432,26 +433,8 @@ def export_outcomes(
     db_paths: Sequence[str | Path], out: str | Path, *, on_bad_file: OnBadFile | None = None
 ) -> int:
     """Return the number of outcomes written from the log files `db_paths` to `out` (Parquet or CSV), one per notification."""
-    import pandas as pd
-
-    out = Path(out)
-    fmt = export_format(out)
-    rows = read_outcomes(db_paths, on_bad_file=on_bad_file)
-    frame = pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
-    frame["at"] = frame["at"].astype("int64")
-    frame["offer_type"] = frame["offer_type"].astype("Int64")  # Apple's raw integer; missing stays missing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        if fmt == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return len(frame)
+    export_format(Path(out))  # a bad name is refused before the logs are read
+    return write_outcomes_file(read_outcomes(db_paths, on_bad_file=on_bad_file), out)
 
 
 def read_decisions_file(path: str | Path) -> Any:

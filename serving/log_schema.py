@@ -348,6 +348,35 @@ def export_format(out: Path) -> str:
     raise ValueError(f"output {str(out)!r} must end in .parquet or .csv")
 
 
+
+def write_outcomes_file(rows: Sequence[Mapping[str, Any]], out: str | Path) -> int:
+    """Write outcome rows (:data:`OUTCOME_COLUMNS`) to `out` (Parquet or CSV by suffix) atomically; return how many.
+
+    ``at`` is int64 and ``offer_type`` a nullable integer (Apple's raw value; missing stays missing). The
+    file appears whole or not at all (written beside it, then renamed). ValueError for a bad output name.
+    """
+    import os
+
+    import pandas as pd
+
+    out = Path(out)
+    fmt = export_format(out)
+    frame = pd.DataFrame(list(rows), columns=list(OUTCOME_COLUMNS))
+    frame["at"] = frame["at"].astype("int64")
+    frame["offer_type"] = frame["offer_type"].astype("Int64")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        if fmt == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(frame)
+
 def decisions_arrow_schema() -> Any:
     """Return the exported decisions file's ``pyarrow.Schema``: the columns of :func:`decode_decision`, in order."""
     import pyarrow as pa

@@ -42,7 +42,6 @@ import msgspec
 from serving.database import DatabaseError, check_url, connect, error_line, require_schema, safe_url
 from serving.log_schema import (
     DECISION_COLUMNS_SQL,
-    OUTCOME_COLUMNS,
     SCHEMA_VERSION,
     DecisionRecord,
     FeatureSchema,
@@ -56,6 +55,7 @@ from serving.log_schema import (
     export_format,
     feature_names_sha,
     outcome_record,
+    write_outcomes_file,
 )
 
 log = logging.getLogger("retention.pg_log")
@@ -671,8 +671,6 @@ def latest_decisions(url: str, n: int) -> list[dict[str, Any]]:
     """Return the `n` most recently answered decisions in the database, oldest first (as the SQLite reader does)."""
     from psycopg.rows import dict_row
 
-    from serving.database import require_schema
-
     require_schema(url)
     cols = ", ".join(_DECISION_COLS)
     with connect(url) as conn:
@@ -763,22 +761,5 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
 
 def export_outcomes(url: str, out: str | Path) -> int:
     """Return the number of outcomes written from the database to `out` (Parquet or CSV), one per notification."""
-    import pandas as pd
-
-    out = Path(out)
-    fmt = export_format(out)
-    frame = pd.DataFrame(read_outcomes(url), columns=list(OUTCOME_COLUMNS))
-    frame["at"] = frame["at"].astype("int64")
-    frame["offer_type"] = frame["offer_type"].astype("Int64")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        if fmt == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return len(frame)
+    export_format(Path(out))  # a bad name is refused before the database is read
+    return write_outcomes_file(read_outcomes(url), out)
