@@ -47,6 +47,9 @@ DAY_MS = 86_400_000
 _ROW = "_decision_row"  # position of a decision in the decisions file, carried through prepare_logged
 
 
+EVALUATION_INTERVALS = ("hull", "percentile", "bca")  # training.ope.INTERVALS less the bootstrap-t alone
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     """Knobs of an evaluation; the defaults are what ``retention evaluate`` uses."""
@@ -82,6 +85,11 @@ class EvaluationConfig:
             raise ValueError("the number of bootstrap resamples must be >= 0")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"the held-out fraction must be within (0, 1), not {self.holdout_fraction}")
+        if self.interval not in EVALUATION_INTERVALS:
+            # a SNIPS difference has no bootstrap-t (its two results have their own denominators), so an
+            # evaluation cannot be made of bootstrap-t intervals alone
+            raise ValueError(f"unknown interval {self.interval!r} for an evaluation; one of "
+                             f"{', '.join(EVALUATION_INTERVALS)}")
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -182,6 +183,24 @@ def test_evaluation_summary(lab: Lab) -> None:
     assert d["decisions_for_one_percent"] == math.ceil(s["data"]["evaluated"] * (d["mdd"] / (0.01 * d["reference_value"])) ** 2)
     assert f"MDD {d['mdd']:.3f}; an advantage of 1% ({0.01 * d['reference_value']:.4f}) needs about " \
            f"{d['decisions_for_one_percent']:,} decisions" in table
+
+
+def test_an_evaluation_takes_the_intervals_it_can_give_every_row(lab: Lab) -> None:
+    """The percentile interval alone nests in the default hull; the bootstrap-t alone is refused up front.
+
+    (A SNIPS difference has no bootstrap-t: its two results have their own denominators.)
+    """
+    reg = Registry(lab.registry)
+    cfg = dataclasses.replace(FAST, segments=False)
+    hull = evaluate(_inputs(lab.world), reg, [lab.weak, lab.strong], cfg).summary["policies"]
+    pct = evaluate(_inputs(lab.world), reg, [lab.weak, lab.strong],
+                   dataclasses.replace(cfg, interval="percentile")).summary["policies"]
+    for h, p in zip(hull[1:], pct[1:], strict=True):
+        for name in ("snips", "dr"):
+            e, f = h["estimates"][name], p["estimates"][name]
+            assert e["estimate"] == f["estimate"] and e["ci_low"] <= f["ci_low"] <= f["ci_high"] <= e["ci_high"]
+    with pytest.raises(ValueError, match="unknown interval 'studentized' for an evaluation; one of hull"):
+        EvaluationConfig(interval="studentized")
 
 
 def test_the_logging_policy_as_target_gives_its_observed_mean(lab: Lab) -> None:
