@@ -83,13 +83,8 @@ MODEL_CHOICES: tuple[ModelChoice, ...] = (
                                       "n_iter_no_change": 30}),
 )
 # The policy acts on the lower bound DR mean − z·SE of each message's value (credibility_factors): how many
-# standard errors of pessimism. The default; select_model also weighs the others of CREDIBILITY_CHOICES.
+# standard errors of pessimism. Measured on the Apple-sized presets (BENCHMARKS.md, issue 16).
 CREDIBILITY_Z = 1.0
-# The pessimism select_model chooses among with the model: z = 1, z = 0 (the model's values recalibrated
-# to the DR mean of each message) and None (no factors: the model's own values). Measured on the
-# Apple-sized presets (BENCHMARKS.md): z = 1 helps where each message's DR value is uncertain, and
-# costs where the model is right for some subscribers and the global factor scales them down too.
-CREDIBILITY_CHOICES: tuple[float | None, ...] = (CREDIBILITY_Z, 0.0, None)
 # A message whose lower bound is not above zero keeps this share of its doubly robust mean: it is chosen
 # only where no message has credible value, and then the one the logs say earns most.
 CREDIBILITY_FLOOR = 1e-3
@@ -472,23 +467,21 @@ def select_model(
     n_messages: int,
     seed: int = 0,
     choices: tuple[ModelChoice, ...] = MODEL_CHOICES,
-    credibility: tuple[float | None, ...] = CREDIBILITY_CHOICES,
     folds: int = SELECTION_FOLDS,
     margin_se: float = SELECTION_MARGIN_SE,
     max_rows: int = SELECTION_MAX_ROWS,
-) -> tuple[ModelChoice, float | None, dict[str, Any]]:
-    """Return the model choice and credibility z with the best cross-validated doubly robust policy value, and the evidence.
+) -> tuple[ModelChoice, dict[str, Any]]:
+    """Return the model choice with the best cross-validated doubly robust policy value, and the evidence.
 
     `X`, `y`: the shown rows (one per labelled decision); `rewards` = label × value_after of the shown
     message, `propensities` its logged probability; `groups` a subscriber code per decision (a
     subscriber's decisions share a fold). `candidate_rows(idx)` returns (X_c, owner, shown,
     value_after, message code 0..n_messages−1) for every candidate of decisions `idx`, owner indexing
     into `idx`. Each choice is fitted on the other folds, its message factors
-    (:func:`credibility_factors`, once per z of `credibility`; None: no factors) computed there too,
-    and the greedy policy of the scaled values (what serving would run) valued on the held-out fold
-    with :func:`greedy_dr_terms`. The options are the pairs (choice, z); the first pair stays unless
-    another beats it by `margin_se` paired standard errors (selection on noisy values otherwise
-    favours whichever overfits the noise most). Above `max_rows` decisions the
+    (:func:`credibility_factors`) computed there too, and the greedy policy of the scaled values
+    (what serving would run) valued on the held-out fold with :func:`greedy_dr_terms`; the first
+    choice stays unless another beats it by `margin_se` paired standard errors (selection on noisy
+    values otherwise favours whichever overfits the noise most). Above `max_rows` decisions the
     choice is made on a random share of the subscribers, so that its folds × choices fits cost the
     same whatever the size of the data (9 fits of about 20,000 rows).
     """
@@ -505,8 +498,7 @@ def select_model(
             return inner(keep[idx])
     n = len(y)
     fold = fold_of_group[codes]
-    options = [(ch, z) for ch in choices for z in credibility]
-    terms = np.full((len(options), n), np.nan)
+    terms = np.full((len(choices), n), np.nan)
     for f in range(folds):
         test = np.flatnonzero(fold == f)
         train = np.flatnonzero(fold != f)
@@ -516,38 +508,26 @@ def select_model(
         Xt, owner_t, shown_t, va_t, code_t = candidate_rows(train)
         for c, choice in enumerate(choices):
             est, _ = fit_model(X[train], y[train], model=choice.model, seed=seed, params=choice.params or None)
-            p_train, p_test = est.predict_proba(Xt)[:, 1], est.predict_proba(Xc)[:, 1]
-            for k, z in enumerate(credibility):
-                p = p_test
-                if z is not None:
-                    factors, _ = credibility_factors(p_train, va_t, code_t, owner_t, shown_t, rewards[train],
-                                                     propensities[train], z=z, n_messages=n_messages)
-                    p = p_test * factors[code]
-                terms[c * len(credibility) + k, test] = greedy_dr_terms(p, va, owner, shown, rewards[test],
-                                                                        propensities[test])
+            factors, _ = credibility_factors(est.predict_proba(Xt)[:, 1], va_t, code_t, owner_t, shown_t,
+                                             rewards[train], propensities[train], z=CREDIBILITY_Z,
+                                             n_messages=n_messages)
+            p = est.predict_proba(Xc)[:, 1] * factors[code]
+            terms[c, test] = greedy_dr_terms(p, va, owner, shown, rewards[test], propensities[test])
     ok = np.isfinite(terms).all(axis=0)
     t = terms[:, ok]
     m = int(ok.sum())
-    values = t.mean(axis=1) if m else np.full(len(options), np.nan)
+    values = t.mean(axis=1) if m else np.full(len(choices), np.nan)
     diff = t - t[0]
-    se = diff.std(axis=1, ddof=1) / np.sqrt(m) if m > 1 else np.full(len(options), np.inf)
-    score = np.where(np.arange(len(options)) == 0, 0.0, (values - values[0]) - margin_se * se)
+    se = diff.std(axis=1, ddof=1) / np.sqrt(m) if m > 1 else np.full(len(choices), np.inf)
+    score = np.where(np.arange(len(choices)) == 0, 0.0, (values - values[0]) - margin_se * se)
     pick = int(np.argmax(score)) if m and score.max() > 0 else 0
-    names = [f"{ch.name} {_z_name(z)}" for ch, z in options]
     evidence = {
-        "rule": f"{folds}-fold cross-validated doubly robust value of the greedy policy of each model choice "
-                f"and credibility z (folds by subscriber); {names[0]} unless another wins by {margin_se:g} "
-                "paired standard errors",
+        "rule": f"{folds}-fold cross-validated doubly robust value of each choice's greedy policy, message "
+                f"factors included (folds by "
+                f"subscriber); {choices[0].name} unless another wins by {margin_se:g} paired standard errors",
         "decisions": m,
-        "values": {nm: float(v) for nm, v in zip(names, values, strict=True)},
-        "se_vs_first": {nm: float(s_) for nm, s_ in zip(names, se, strict=True)},
-        "chosen": names[pick],
-        "model": options[pick][0].name,
-        "z": options[pick][1],
+        "values": {ch.name: float(v) for ch, v in zip(choices, values, strict=True)},
+        "se_vs_first": {ch.name: float(s_) for ch, s_ in zip(choices, se, strict=True)},
+        "chosen": choices[pick].name,
     }
-    return options[pick][0], options[pick][1], evidence
-
-
-def _z_name(z: float | None) -> str:
-    """Return how the evidence names a credibility z: ``z=1``, ``z=0``, ``no factors``."""
-    return "no factors" if z is None else f"z={z:g}"
+    return choices[pick], evidence

@@ -457,8 +457,8 @@ def _message_codes(schema: FeatureSchema, message: np.ndarray) -> tuple[list[str
 def _select(
     fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, X: np.ndarray, y: np.ndarray,
     seed: int, point_in_time: bool = True,
-) -> tuple[Any, float | None, dict[str, Any]]:
-    """Return training.fit.select_model's choice, credibility z and evidence on the labelled decisions `rows` (shown rows `X`)."""
+) -> tuple[Any, dict[str, Any]]:
+    """Return training.fit.select_model's choice and evidence on the labelled decisions `rows` (shown rows `X`)."""
     va_shown = values_after(catalog, rows["product_id"], rows["message_id"])
     rewards = y * np.nan_to_num(va_shown)
     prop = rows["propensity"].to_numpy(dtype=np.float64)
@@ -475,12 +475,9 @@ def _select(
 
 def _with_credibility(
     estimator: Any, fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, y: np.ndarray,
-    point_in_time: bool = True, z: float | None = CREDIBILITY_Z,
+    point_in_time: bool = True,
 ) -> tuple[MessageCredibility, dict[str, Any]]:
-    """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence.
-
-    `z` None keeps the model's own values (every factor 1).
-    """
+    """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence."""
     schema = fz.schema
     ids = [*schema.vocabularies["message"], OTHER]
     columns = np.array([schema.names.index(f"message={m}") for m in ids], dtype=np.int64)
@@ -498,17 +495,12 @@ def _with_credibility(
         code_all.append(_message_codes(schema, message)[1])
     factors, stats = credibility_factors(
         np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
-        np.concatenate(shown_all), rewards, prop, z=0.0 if z is None else z, n_messages=len(ids),
+        np.concatenate(shown_all), rewards, prop, z=CREDIBILITY_Z, n_messages=len(ids),
     )
-    if z is None:
-        factors = np.ones_like(factors)
-        rule = "none: the model's own P(stay) (every factor 1)"
-    else:
-        rule = (f"P(stay) of each message scaled by min(1, max(DR mean − {z:g} SE, DR mean / 1000) / model "
-                "mean of its value), over the labelled decisions where it was a candidate")
     evidence = {
-        "rule": rule,
-        "z": z,
+        "rule": f"P(stay) of each message scaled by max(DR mean − {CREDIBILITY_Z:g} SE, DR mean / 1000) / model "
+                "mean of its value, over the labelled decisions where it was a candidate",
+        "z": CREDIBILITY_Z,
         "factors": {m: float(f) for m, f in zip(ids, factors, strict=True)},
         "dr_mean": {m: float(v) for m, v in zip(ids, stats["dr_mean"], strict=True) if np.isfinite(v)},
         "se": {m: float(v) for m, v in zip(ids, stats["se"], strict=True) if np.isfinite(v)},
@@ -568,12 +560,10 @@ def _fit_and_check(
     step("fit")
     t = time.perf_counter()
     selection = None
-    z: float | None = CREDIBILITY_Z
     try:
         if model == "auto":
             if n >= SELECT_MIN_ROWS and context:
-                choice, z, selection = _select(fz, rows, prof, catalog, X_all, y_all, seed,
-                                               point_in_time=point_in_time)
+                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, seed, point_in_time=point_in_time)
             else:
                 choice = MODEL_CHOICES[[c.name for c in MODEL_CHOICES].index("hgb")]
             model, params = choice.model, (params or choice.params or None)
@@ -581,7 +571,7 @@ def _fit_and_check(
         info.selection = selection
         model_only = estimator
         estimator, info.credibility = _with_credibility(estimator, fz, rows, prof, catalog, y_all,
-                                                        point_in_time=point_in_time, z=z)
+                                                        point_in_time=point_in_time)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     timings["fit"] = time.perf_counter() - t
@@ -821,11 +811,7 @@ def model_card(result: TrainResult) -> str:
            if result.fit_info.selection else ""),
         *([f"- P(stay) of each message multiplied by its factor ({result.fit_info.credibility['rule']}): "
            + ", ".join(f"{m} {f:.3g}" for m, f in result.fit_info.credibility["factors"].items())
-           + "; serving ranks candidates by factor × P(stay) × value."]
-          if result.fit_info.credibility and result.fit_info.credibility.get("z") is not None else []),
-        *(["- No message factors (the cross-validated choice): serving ranks candidates by the model's "
-           "P(stay) × value."]
-          if result.fit_info.credibility and result.fit_info.credibility.get("z") is None else []),
+           + "; serving ranks candidates by factor × P(stay) × value."] if result.fit_info.credibility else []),
         "",
         "## Metrics of P(stay) before the message factors (held-out decisions; the 2-parameter sigmoid was fitted on them)",
     ]
@@ -873,13 +859,10 @@ def summary_table(result: TrainResult) -> str:
     if f.selection:
         vals = ", ".join(f"{k} {v:.3f}" for k, v in f.selection["values"].items())
         rows.append(("chosen", f"{f.selection['chosen']} (cross-validated DR value per decision: {vals})"))
-    if f.credibility and f.credibility.get("z", CREDIBILITY_Z) is None:
-        rows.append(("factors", "none: the model's own P(stay) for every message"))
-    elif f.credibility:
+    if f.credibility:
         low = sorted(f.credibility["factors"].items(), key=lambda kv: kv[1])
         rows.append(("factors", f"per message {min(v for _, v in low):.3g} to {max(v for _, v in low):.3g} "
-                     f"(doubly robust mean − {f.credibility['z']:g} SE of its value over the model's mean; "
-                     f"lowest: {low[0][0]})"))
+                     f"(doubly robust lower bound of its value over the model's mean; lowest: {low[0][0]})"))
     if m.get("holdout_log_loss") is not None:
         auc = m.get("holdout_auc")
         rows.append(
