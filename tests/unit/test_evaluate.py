@@ -8,6 +8,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -201,6 +202,35 @@ def test_an_evaluation_takes_the_intervals_it_can_give_every_row(lab: Lab) -> No
             assert e["estimate"] == f["estimate"] and e["ci_low"] <= f["ci_low"] <= f["ci_high"] <= e["ci_high"]
     with pytest.raises(ValueError, match="unknown interval 'studentized' for an evaluation; one of hull"):
         EvaluationConfig(interval="studentized")
+
+
+def test_every_bootstrap_t_of_an_evaluation_is_computed_in_its_prepared_passes(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass over the resamples per 8 intervals, all up front: none is left to cost a pass of its own later."""
+    from training import ope
+
+    passes: list[tuple[bool, int]] = []  # (inside prepare_studentized, intervals in the pass)
+    inside = [False]
+    prepare, studentized = ope.Bootstrap.prepare_studentized, ope.Bootstrap._studentized
+
+    def prepare_spy(self: ope.Bootstrap, pairs: Any, level: float = ope.DEFAULT_LEVEL) -> None:
+        inside[0] = True
+        try:
+            prepare(self, pairs, level)
+        finally:
+            inside[0] = False
+
+    def studentized_spy(self: ope.Bootstrap, pairs: list[tuple[str, str | None]], level: float) -> Any:
+        passes.append((inside[0], len(pairs)))
+        return studentized(self, pairs, level)
+
+    monkeypatch.setattr(ope.Bootstrap, "prepare_studentized", prepare_spy)
+    monkeypatch.setattr(ope.Bootstrap, "_studentized", studentized_spy)
+    reg = Registry(lab.registry)
+    evaluate(_inputs(lab.world), reg, [lab.weak, lab.strong], dataclasses.replace(FAST, segments=False))
+    assert passes and all(prepared for prepared, _ in passes), passes
+    assert all(k == ope.STUDENTIZED_PAIRS_PER_PASS for _, k in passes[:-1]) and 0 < passes[-1][1] <= 8
 
 
 def test_the_logging_policy_as_target_gives_its_observed_mean(lab: Lab) -> None:
