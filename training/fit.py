@@ -88,6 +88,11 @@ CREDIBILITY_Z = 1.0
 # A message whose lower bound is not above zero keeps this share of its doubly robust mean: it is chosen
 # only where no message has credible value, and then the one the logs say earns most.
 CREDIBILITY_FLOOR = 1e-3
+# The logging policy's own choice (fit_baseline): a decision whose shown message had at least this
+# probability showed it; at least this many such decisions, else no baseline.
+BASELINE_MIN_PROPENSITY = 0.5
+BASELINE_MIN_DECISIONS = 1000
+BASELINE_MAX_DECISIONS = 50_000  # the newest decisions: the logging policy as it acted most recently
 SELECTION_FOLDS = 3
 SELECTION_MAX_ROWS = 30_000
 SELECTION_MARGIN_SE = 1.0  # a later choice replaces the first only if it wins by this many standard errors
@@ -239,25 +244,76 @@ def fit_model(
 class MessageCredibility:
     """A fitted P(stay) model whose output is scaled, per message, by how well the logs back that message.
 
-    ``predict_proba(X)[:, 1]`` is the model's P(stay) × ``factors[j]``, j the message one-hot column of `X`
-    that is 1 (`columns`: the feature positions of the message one-hot, ``factors`` one per column); column
-    0 is 1 minus that. Serving multiplies the output by V(product after m) − cost(m) and takes the highest
-    (docs/choosing-a-message.md), so the greedy choice becomes argmax factor(m) × P(stay | x, m) × value: a pessimistic value
-    (see :func:`credibility_factors`). The same scaling is appended to the ONNX graph (:func:`export_onnx`).
+    ``predict_proba(X)[:, 1]`` is the model's P(stay) × the row's factor; column 0 is 1 minus that.
+    `columns` are the feature positions of the message one-hot of `X` (one per message) and
+    ``factors`` the pessimistic factor of each message (:func:`credibility_factors`). With a
+    `baseline` (:func:`fit_baseline`: the probability b(x, m) that the logging policy's own choice
+    for this subscriber is m), the row's factor is ``factors[m] + b(x, m) × (1 − factors[m])``: a
+    message is judged pessimistically where the logs rarely showed it to subscribers like this one,
+    and at the model's own value where the logging policy shows it to them nearly every time (the
+    model learned that P(stay) from those very decisions). Serving
+    multiplies the output by V(product after m) − cost(m) and takes the highest
+    (docs/choosing-a-message.md). The same arithmetic is appended to the ONNX graph (:func:`export_onnx`).
     """
 
-    def __init__(self, estimator: Any, columns: np.ndarray, factors: np.ndarray) -> None:
+    def __init__(self, estimator: Any, columns: np.ndarray, factors: np.ndarray, baseline: Any = None) -> None:
         self.estimator = estimator
         self.columns = np.asarray(columns, dtype=np.int64)
         self.factors = np.asarray(factors, dtype=np.float32)
+        self.baseline = baseline
+
+    def row_factors(self, X: np.ndarray) -> np.ndarray:
+        """Return the (n,) float32 factor of each row of `X`, as the ONNX graph computes it."""
+        X = np.asarray(X, dtype=np.float32)
+        onehot = X[:, self.columns]
+        factor = onehot @ self.factors
+        if self.baseline is not None:
+            b = self.baseline.predict_proba(X)[:, 1].astype(np.float32)
+            factor = factor + b * (onehot @ (np.float32(1.0) - self.factors))
+        return factor
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Return (n, 2) float64 [1 − P′, P′] with P′ = P(stay) × the row's message factor."""
+        """Return (n, 2) float64 [1 − P′, P′] with P′ = P(stay) × the row's factor."""
         X = np.asarray(X, dtype=np.float32)
-        p = self.estimator.predict_proba(X)[:, 1]
-        factor = X[:, self.columns] @ self.factors  # float32, as the ONNX graph computes it
-        p1 = p * factor.astype(np.float64)
+        p1 = self.estimator.predict_proba(X)[:, 1] * self.row_factors(X).astype(np.float64)
         return np.column_stack([1.0 - p1, p1])
+
+
+def fit_baseline(
+    X: np.ndarray, owner: np.ndarray, shown: np.ndarray, propensities: np.ndarray, *, seed: int = 0,
+    min_propensity: float = BASELINE_MIN_PROPENSITY, min_decisions: int = BASELINE_MIN_DECISIONS,
+) -> tuple[Any, dict[str, Any]]:
+    """Return a classifier of b(x, m) = P(m is the logging policy's own choice | x), and its evidence.
+
+    Rows are (decision, candidate) pairs: `X` (m, n_features) float32 candidate rows, `owner` (m,)
+    the decision's position, `shown` (m,) bool; `propensities` (n,) the shown message's logged
+    probability. A decision whose shown message had probability >= `min_propensity` shows the
+    logging policy's own choice (ε-greedy and holdout logging show it with probability at least
+    1 − ε); those decisions are the classifier's rows, target = shown. Returns (None, evidence) when
+    fewer than `min_decisions` decisions qualify (a logging policy without a dominant choice, such as
+    a uniform one). The same boosted trees as the P(stay) model, short and uncalibrated: only where
+    b is near 0 or 1 matters. Safe policy improvement with baseline bootstrapping (SPIBB; Laroche,
+    Trichelair & Tachet des Combes, ICML 2019) is the idea: keep to the logging policy's choice
+    where the data cannot show something better.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    owner = np.asarray(owner, dtype=np.int64)
+    own = np.asarray(propensities, dtype=np.float64) >= min_propensity
+    rows = np.flatnonzero(own[owner])
+    decisions = int(own.sum())
+    evidence: dict[str, Any] = {"decisions": decisions, "min_propensity": min_propensity}
+    y = np.asarray(shown, dtype=bool)[rows]
+    if decisions < min_decisions or y.all() or not y.any():
+        evidence["fitted"] = False
+        return None, evidence
+    model = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=31, min_samples_leaf=40,
+                                           early_stopping=False, random_state=seed)
+    model.fit(np.asarray(X, dtype=np.float32)[rows], y.astype(np.int64))
+    b = model.predict_proba(np.asarray(X, dtype=np.float32)[rows])[:, 1]
+    evidence.update(fitted=True, rows=len(rows), mean_b_shown=float(b[y].mean()),
+                    mean_b_not_shown=float(b[~y].mean()))
+    return model, evidence
 
 
 def credibility_factors(
@@ -306,22 +362,30 @@ def export_onnx(estimator: Any, n_features: int) -> bytes:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
+    def convert(model: Any) -> Any:
+        return to_onnx(
+            model,
+            initial_types=[("X", FloatTensorType([None, n_features]))],
+            options={id(_classifier_of(model)): {"zipmap": False}},
+            target_opset={"": TARGET_OPSET, "ai.onnx.ml": 3},
+        )
+
     base = estimator.estimator if isinstance(estimator, MessageCredibility) else estimator
-    options = {id(_classifier_of(base)): {"zipmap": False}}
-    onx = to_onnx(
-        base,
-        initial_types=[("X", FloatTensorType([None, n_features]))],
-        options=options,
-        target_opset={"": TARGET_OPSET, "ai.onnx.ml": 3},
-    )
+    onx = convert(base)
     if isinstance(estimator, MessageCredibility):
-        _append_message_factors(onx, estimator.columns, estimator.factors)
+        baseline = convert(estimator.baseline) if estimator.baseline is not None else None
+        _append_message_factors(onx, estimator.columns, estimator.factors, baseline)
     return onx.SerializeToString()
 
 
-def _append_message_factors(onx: Any, columns: np.ndarray, factors: np.ndarray) -> None:
-    """Rewire the graph's ``probabilities`` output through the per-message scaling (in place)."""
-    from onnx import helper, numpy_helper
+def _append_message_factors(onx: Any, columns: np.ndarray, factors: np.ndarray, baseline: Any = None) -> None:
+    """Rewire the graph's ``probabilities`` output through the per-message scaling (in place).
+
+    With a `baseline` graph (:func:`fit_baseline`'s classifier, input ``X``), its nodes join this graph
+    under the prefix ``baseline_`` and the factor becomes ``onehot·factors + b × onehot·(1 − factors)``
+    (:meth:`MessageCredibility.row_factors`).
+    """
+    from onnx import compose, helper, numpy_helper
 
     g = onx.graph
     raw = "credibility_p_model"
@@ -339,7 +403,23 @@ def _append_message_factors(onx: Any, columns: np.ndarray, factors: np.ndarray) 
     ])
     g.node.extend([
         helper.make_node("Gather", ["X", "credibility_columns"], ["credibility_onehot"], axis=1),
-        helper.make_node("MatMul", ["credibility_onehot", "credibility_factors"], ["credibility_factor"]),
+        helper.make_node("MatMul", ["credibility_onehot", "credibility_factors"],
+                         ["credibility_factor" if baseline is None else "credibility_factor_pessimistic"]),
+    ])
+    if baseline is not None:
+        b = compose.add_prefix(baseline, "baseline_")
+        delta = np.float32(1.0) - np.asarray(factors, dtype=np.float32)
+        g.initializer.extend([*b.graph.initializer, numpy_helper.from_array(delta.reshape(-1, 1), "credibility_delta")])
+        g.node.extend([
+            helper.make_node("Identity", ["X"], ["baseline_X"]),
+            *b.graph.node,
+            helper.make_node("Slice", ["baseline_probabilities", "credibility_one_i", "credibility_two_i",
+                                       "credibility_one_i"], ["credibility_b"]),
+            helper.make_node("MatMul", ["credibility_onehot", "credibility_delta"], ["credibility_onehot_delta"]),
+            helper.make_node("Mul", ["credibility_b", "credibility_onehot_delta"], ["credibility_shift"]),
+            helper.make_node("Add", ["credibility_factor_pessimistic", "credibility_shift"], ["credibility_factor"]),
+        ])
+    g.node.extend([
         helper.make_node("Slice", [raw, "credibility_one_i", "credibility_two_i", "credibility_one_i"],
                          ["credibility_p1"]),
         helper.make_node("Mul", ["credibility_p1", "credibility_factor"], ["credibility_p1_scaled"]),

@@ -34,6 +34,7 @@ from models.registry import Registry, registry_spec
 from retention import VerbParser
 from serving.log_reader import source, training_inputs
 from training.fit import (
+    BASELINE_MAX_DECISIONS,
     CREDIBILITY_Z,
     MODEL_CHOICES,
     MODELS,
@@ -43,6 +44,7 @@ from training.fit import (
     check_parity,
     credibility_factors,
     export_onnx,
+    fit_baseline,
     fit_model,
     greedy_choices,
     onnx_p_stay,
@@ -475,9 +477,14 @@ def _select(
 
 def _with_credibility(
     estimator: Any, fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, y: np.ndarray,
-    point_in_time: bool = True,
+    point_in_time: bool = True, seed: int = 0,
 ) -> tuple[MessageCredibility, dict[str, Any]]:
-    """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence."""
+    """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence.
+
+    The factors are pessimistic (z = CREDIBILITY_Z) except where the logging policy's own choice
+    for the subscriber is the message (:func:`training.fit.fit_baseline`, on the newest
+    BASELINE_MAX_DECISIONS decisions): there the model's own P(stay) stands (factor 1).
+    """
     schema = fz.schema
     ids = [*schema.vocabularies["message"], OTHER]
     columns = np.array([schema.names.index(f"message={m}") for m in ids], dtype=np.int64)
@@ -493,20 +500,26 @@ def _with_credibility(
         shown_all.append(shown)
         va_all.append(va)
         code_all.append(_message_codes(schema, message)[1])
-    factors, stats = credibility_factors(
-        np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
-        np.concatenate(shown_all), rewards, prop, z=CREDIBILITY_Z, n_messages=len(ids),
-    )
+    args = (np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
+            np.concatenate(shown_all), rewards, prop)
+    factors, stats = credibility_factors(*args, z=CREDIBILITY_Z, n_messages=len(ids))
+    # the logging policy as it acted most recently: its own choice per subscriber
+    newest = np.arange(max(0, len(rows) - BASELINE_MAX_DECISIONS), len(rows))
+    Xb, owner_b, shown_b, _, _ = _candidate_rows(fz, rows, prof, catalog, newest, point_in_time)
+    baseline, baseline_evidence = fit_baseline(Xb, owner_b, shown_b, prop[newest], seed=seed)
     evidence = {
-        "rule": f"P(stay) of each message scaled by max(DR mean − {CREDIBILITY_Z:g} SE, DR mean / 1000) / model "
-                "mean of its value, over the labelled decisions where it was a candidate",
+        "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_Z:g} SE, DR mean / 1000) / "
+                "model mean of its value), over the labelled decisions where it was a candidate; where the "
+                "logging policy's own choice for the subscriber is the message (probability b), the factor "
+                "moves to 1 in proportion to b",
         "z": CREDIBILITY_Z,
         "factors": {m: float(f) for m, f in zip(ids, factors, strict=True)},
+        "baseline": baseline_evidence,
         "dr_mean": {m: float(v) for m, v in zip(ids, stats["dr_mean"], strict=True) if np.isfinite(v)},
         "se": {m: float(v) for m, v in zip(ids, stats["se"], strict=True) if np.isfinite(v)},
         "model_mean": {m: float(v) for m, v in zip(ids, stats["model_mean"], strict=True) if np.isfinite(v)},
     }
-    return MessageCredibility(estimator, columns, factors), evidence
+    return MessageCredibility(estimator, columns, factors, baseline), evidence
 
 
 def _fit_and_check(
@@ -571,7 +584,7 @@ def _fit_and_check(
         info.selection = selection
         model_only = estimator
         estimator, info.credibility = _with_credibility(estimator, fz, rows, prof, catalog, y_all,
-                                                        point_in_time=point_in_time)
+                                                        point_in_time=point_in_time, seed=seed)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     timings["fit"] = time.perf_counter() - t

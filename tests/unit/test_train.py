@@ -482,17 +482,29 @@ def test_with_little_data_the_policy_does_not_chase_a_rarely_shown_valuable_mess
 
 def test_the_message_factors_are_in_the_onnx_graph(trained_apple_small: TrainResult, apple_small: Any,
                                                    tmp_path: Path) -> None:
-    """Serving's P(stay) is the model's times the message's factor: in float32, as sklearn computes it."""
+    """Serving's P(stay) is the model's times the row's factor, baseline included: in float32, as sklearn computes it.
+
+    The factor is the message's pessimistic one, moved to 1 where the logging policy's own choice for
+    this subscriber is the message (b, the baseline classifier's probability).
+    """
     r, w = trained_apple_small, apple_small
     reg = Registry(tmp_path)
     scorer = Scorer(reg.load(write_result(r, reg)[0]))
     fz = Featurizer(r.schema, w.catalog.products, w.catalog.messages)
-    d = w.decisions.iloc[0]
+    own = w.decisions[w.decisions["propensity"] >= 0.5]  # decisions that showed the logging policy's own choice
+    d = own.iloc[0]
     prof = w.profiles.set_index("original_transaction_id").loc[d.original_transaction_id].to_dict()
     cands = tuple(w.catalog.messages[m] for m in d.candidates)
     X = fz.matrix(product_id=d.product_id, user_locale=d.user_locale, environment=d.environment,
                   signed_date_ms=d.signed_date, profile=prof, candidates=cands)
-    factors = r.manifest["hyperparameters"]["credibility"]["factors"]
-    expected = r.estimator.estimator.predict_proba(X)[:, 1] * np.array([factors[m] for m in d.candidates])
-    assert scorer.p_stay(X) == pytest.approx(expected, rel=1e-5, abs=1e-9)
-    assert len(set(np.round(np.array([factors[m] for m in d.candidates]), 6))) > 1  # the factors differ
+    cred = r.manifest["hyperparameters"]["credibility"]
+    assert cred["baseline"]["fitted"] and cred["baseline"]["mean_b_shown"] > 0.9 > 0.1 > cred["baseline"]["mean_b_not_shown"]
+    factors = np.array([cred["factors"][m] for m in d.candidates])
+    assert r.estimator.baseline is not None
+    b = r.estimator.baseline.predict_proba(X)[:, 1]
+    expected = r.estimator.estimator.predict_proba(X)[:, 1] * (factors + b * (1.0 - factors))
+    assert scorer.p_stay(X) == pytest.approx(expected, rel=1e-5, abs=1e-8)  # the graph's factor is float32
+    # the logging policy's own choice keeps (nearly) the model's P(stay); the other messages their factors
+    shown = list(d.candidates).index(d.message_id)
+    assert b[shown] > 0.9 and np.delete(b, shown).max() < 0.1
+    assert len(set(np.round(np.delete(factors, shown), 6))) > 1  # the factors differ
