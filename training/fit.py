@@ -550,6 +550,7 @@ def select_model(
     folds: int = SELECTION_FOLDS,
     margin_se: float = SELECTION_MARGIN_SE,
     max_rows: int = SELECTION_MAX_ROWS,
+    baseline: Any = None,
 ) -> tuple[ModelChoice, dict[str, Any]]:
     """Return the model choice with the best cross-validated doubly robust policy value, and the evidence.
 
@@ -559,7 +560,9 @@ def select_model(
     value_after, message code 0..n_messages−1) for every candidate of decisions `idx`, owner indexing
     into `idx`. Each choice is fitted on the other folds, its message factors
     (:func:`credibility_factors`) computed there too, and the greedy policy of the scaled values
-    (what serving would run) valued on the held-out fold with :func:`greedy_dr_terms`; the first
+    (what serving would run: with `baseline`, :func:`fit_baseline`'s classifier, each row's factor is
+    moved to 1 in proportion to b, as :class:`MessageCredibility` does; b reads no outcome, so one fit on
+    all decisions serves every fold) valued on the held-out fold with :func:`greedy_dr_terms`; the first
     choice stays unless another beats it by `margin_se` paired standard errors (selection on noisy
     values otherwise favours whichever overfits the noise most). Above `max_rows` decisions the
     choice is made on a random share of the subscribers, so that its folds × choices fits cost the
@@ -586,12 +589,13 @@ def select_model(
             continue
         Xc, owner, shown, va, code = candidate_rows(test)
         Xt, owner_t, shown_t, va_t, code_t = candidate_rows(train)
+        b = baseline.predict_proba(Xc)[:, 1] if baseline is not None else np.zeros(len(Xc))
         for c, choice in enumerate(choices):
             est, _ = fit_model(X[train], y[train], model=choice.model, seed=seed, params=choice.params or None)
             factors, _ = credibility_factors(est.predict_proba(Xt)[:, 1], va_t, code_t, owner_t, shown_t,
                                              rewards[train], propensities[train], z=CREDIBILITY_Z,
                                              n_messages=n_messages)
-            p = est.predict_proba(Xc)[:, 1] * factors[code]
+            p = est.predict_proba(Xc)[:, 1] * (factors[code] + b * (1.0 - factors[code]))
             terms[c, test] = greedy_dr_terms(p, va, owner, shown, rewards[test], propensities[test])
     ok = np.isfinite(terms).all(axis=0)
     t = terms[:, ok]

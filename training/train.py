@@ -456,9 +456,19 @@ def _message_codes(schema: FeatureSchema, message: np.ndarray) -> tuple[list[str
     return ids, np.array([code_of.get(m, len(ids) - 1) for m in message], dtype=np.int64)
 
 
+def _baseline(
+    fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, seed: int, point_in_time: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Return :func:`training.fit.fit_baseline` on the newest BASELINE_MAX_DECISIONS labelled decisions (the logging policy as it acted most recently)."""
+    newest = np.arange(max(0, len(rows) - BASELINE_MAX_DECISIONS), len(rows))
+    Xb, owner_b, shown_b, _, _ = _candidate_rows(fz, rows, prof, catalog, newest, point_in_time)
+    prop = rows["propensity"].to_numpy(dtype=np.float64)[newest]
+    return fit_baseline(Xb, owner_b, shown_b, prop, seed=seed)
+
+
 def _select(
     fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, X: np.ndarray, y: np.ndarray,
-    seed: int, point_in_time: bool = True,
+    seed: int, point_in_time: bool = True, baseline: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Return training.fit.select_model's choice and evidence on the labelled decisions `rows` (shown rows `X`)."""
     va_shown = values_after(catalog, rows["product_id"], rows["message_id"])
@@ -472,18 +482,18 @@ def _select(
 
     n_messages = len(fz.schema.vocabularies["message"]) + 1
     return select_model(X, y, rewards=rewards, propensities=prop, groups=groups, candidate_rows=candidate_rows,
-                        n_messages=n_messages, seed=seed)
+                        n_messages=n_messages, seed=seed, baseline=baseline)
 
 
 def _with_credibility(
     estimator: Any, fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, y: np.ndarray,
-    point_in_time: bool = True, seed: int = 0,
+    point_in_time: bool = True, baseline: Any = None, baseline_evidence: dict[str, Any] | None = None,
 ) -> tuple[MessageCredibility, dict[str, Any]]:
     """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence.
 
     The factors are pessimistic (z = CREDIBILITY_Z) except where the logging policy's own choice
-    for the subscriber is the message (:func:`training.fit.fit_baseline`, on the newest
-    BASELINE_MAX_DECISIONS decisions): there the model's own P(stay) stands (factor 1).
+    for the subscriber is the message (`baseline`, from :func:`_baseline`): there the model's own
+    P(stay) stands (factor 1).
     """
     schema = fz.schema
     ids = [*schema.vocabularies["message"], OTHER]
@@ -503,10 +513,6 @@ def _with_credibility(
     args = (np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
             np.concatenate(shown_all), rewards, prop)
     factors, stats = credibility_factors(*args, z=CREDIBILITY_Z, n_messages=len(ids))
-    # the logging policy as it acted most recently: its own choice per subscriber
-    newest = np.arange(max(0, len(rows) - BASELINE_MAX_DECISIONS), len(rows))
-    Xb, owner_b, shown_b, _, _ = _candidate_rows(fz, rows, prof, catalog, newest, point_in_time)
-    baseline, baseline_evidence = fit_baseline(Xb, owner_b, shown_b, prop[newest], seed=seed)
     evidence = {
         "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_Z:g} SE, DR mean / 1000) / "
                 "model mean of its value), over the labelled decisions where it was a candidate; where the "
@@ -514,7 +520,7 @@ def _with_credibility(
                 "moves to 1 in proportion to b",
         "z": CREDIBILITY_Z,
         "factors": {m: float(f) for m, f in zip(ids, factors, strict=True)},
-        "baseline": baseline_evidence,
+        "baseline": baseline_evidence or {"fitted": False},
         "dr_mean": {m: float(v) for m, v in zip(ids, stats["dr_mean"], strict=True) if np.isfinite(v)},
         "se": {m: float(v) for m, v in zip(ids, stats["se"], strict=True) if np.isfinite(v)},
         "model_mean": {m: float(v) for m, v in zip(ids, stats["model_mean"], strict=True) if np.isfinite(v)},
@@ -574,9 +580,11 @@ def _fit_and_check(
     t = time.perf_counter()
     selection = None
     try:
+        baseline, baseline_evidence = _baseline(fz, rows, prof, catalog, seed, point_in_time=point_in_time)
         if model == "auto":
             if n >= SELECT_MIN_ROWS and context:
-                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, seed, point_in_time=point_in_time)
+                choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, seed, point_in_time=point_in_time,
+                                            baseline=baseline)
             else:
                 choice = MODEL_CHOICES[[c.name for c in MODEL_CHOICES].index("hgb")]
             model, params = choice.model, (params or choice.params or None)
@@ -584,7 +592,8 @@ def _fit_and_check(
         info.selection = selection
         model_only = estimator
         estimator, info.credibility = _with_credibility(estimator, fz, rows, prof, catalog, y_all,
-                                                        point_in_time=point_in_time, seed=seed)
+                                                        point_in_time=point_in_time, baseline=baseline,
+                                                        baseline_evidence=baseline_evidence)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     timings["fit"] = time.perf_counter() - t
