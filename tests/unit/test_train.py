@@ -407,6 +407,33 @@ def test_the_model_is_chosen_by_cross_validated_policy_value(trained30: TrainRes
 
 
 # ---- the message factors: act on what the logs back ----------------------------------------------
+def test_the_baseline_learns_the_logging_policy_s_own_choice_and_only_from_decisions_that_show_it() -> None:
+    """b(x, m): whom the logging policy shows which message, learned from decisions whose shown message had
+    probability >= 0.5; exploration rows (the other 5%) do not teach it, and a logging policy without a
+    dominant choice gives no baseline at all."""
+    from training.fit import fit_baseline
+
+    rng = np.random.default_rng(0)
+    n, k = 3000, 3
+    young = rng.random(n) < 0.4  # the rule: message 1 for young subscribers, message 0 for the others
+    rule = np.where(young, 1, 0)
+    explore = rng.random(n) < 0.05
+    shown_code = np.where(explore, rng.integers(0, k, n), rule)
+    propensity = np.where(shown_code == rule, 0.95 + 0.05 / k, 0.05 / k)
+    owner = np.repeat(np.arange(n), k)
+    code = np.tile(np.arange(k), n)
+    X = np.column_stack([young[owner], *(code == j for j in range(k))]).astype(np.float32)
+    shown = code == shown_code[owner]
+    model, ev = fit_baseline(X, owner, shown, propensity, seed=0)
+    assert model is not None and ev["fitted"] and ev["decisions"] == int((propensity >= 0.5).sum())
+    b = model.predict_proba(X)[:, 1]
+    is_rule = code == rule[owner]
+    assert b[is_rule].min() > 0.95 and b[~is_rule].max() < 0.05
+    # a uniform logging policy (every probability 1/3) has no own choice: no baseline
+    model, ev = fit_baseline(X, owner, shown, np.full(n, 1 / k), seed=0)
+    assert model is None and ev == {"decisions": 0, "min_propensity": 0.5, "fitted": False}
+
+
 def test_credibility_factors_by_hand() -> None:
     from training.fit import credibility_factors
 
