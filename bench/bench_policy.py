@@ -7,8 +7,9 @@ the world's ground truth as the *captured gap* (V_policy − V_best static) / (V
 
 - ``learned``: ``retention train``'s code (``training.train.train_frames``: the featurizer, the
   model chosen by cross-validated doubly robust policy value, calibration, the per-message factors
-  of ``training.fit.credibility_factors``, ONNX export and the parity check); the policy is the
-  exported ONNX model's;
+  of ``training.fit.credibility_factors`` moved to 1 where the logging policy's own choice for the
+  subscriber is the message (``training.fit.fit_baseline``), ONNX export and the parity check); the
+  policy is the exported ONNX model's;
 - ``s-learner``: the plain reference: scikit-learn's HistGradientBoostingClassifier with its
   default settings on the covariates (profile columns, product and locale one-hot) plus a one-hot
   of the shown message, fitted on the same labelled decisions;

@@ -14,7 +14,10 @@ Scoring: one model, one request with its 8 eligible candidates (the demo catalog
 premium monthly in en-US), scored many times by ONNX Runtime through ``models.scoring.Scorer``
 (what serving runs: one thread, sequential) and by the sklearn estimator's
 ``predict_proba`` on the same float32 matrix, in the same run; medians and the ratio. The
-featurizer's ``matrix`` for that request is timed too, since it is on the request path.
+same model exported without its baseline classifier (``training.fit.fit_baseline``: the second
+tree ensemble in the graph) is timed in alternating rounds with the full one: what the baseline
+costs a request. The featurizer's ``matrix`` for that request is timed too, since it is on the
+request path.
 """
 
 from __future__ import annotations
@@ -89,11 +92,14 @@ def median_us(fn: Callable[[], object], repeat: int) -> float:
 
 def bench_scoring(n_train: int, repeat: int) -> dict[str, float]:
     """Return median µs of featurize, ONNX Runtime and sklearn scoring of one 8-candidate request."""
+    from dataclasses import replace
+
     import numpy as np
 
     from models.features import Featurizer
     from models.registry import Registry
     from models.scoring import Scorer
+    from training.fit import MessageCredibility, export_onnx
     from training.simulate import simulate
     from training.train import train_frames, write_result
 
@@ -112,11 +118,20 @@ def bench_scoring(n_train: int, repeat: int) -> dict[str, float]:
         assert X.shape[0] == 8
         est = result.estimator
         np.testing.assert_allclose(scorer.p_stay(X), est.predict_proba(X)[:, 1], atol=1e-5)
+        # the same model and factors without the baseline's trees, timed in alternating rounds
+        plain = MessageCredibility(est.estimator, est.columns, est.factors)
+        v_plain, _ = write_result(replace(result, onnx_bytes=export_onnx(plain, result.schema.n_features)), reg)
+        scorer_plain = Scorer(reg.load(v_plain))
         featurize_us = median_us(lambda: fz.matrix(**kw), repeat)
-        onnx_us = median_us(lambda: scorer.p_stay(X), repeat)
+        rounds: dict[str, list[float]] = {"onnx": [], "plain": []}
+        for _ in range(3):
+            rounds["onnx"].append(median_us(lambda: scorer.p_stay(X), repeat))
+            rounds["plain"].append(median_us(lambda: scorer_plain.p_stay(X), repeat))
         sklearn_us = median_us(lambda: est.predict_proba(X), max(200, repeat // 10))
-    return {"featurize_us": featurize_us, "onnx_us": onnx_us, "sklearn_us": sklearn_us,
-            "n_iter": result.fit_info.n_iter or 0, "n_features": result.schema.n_features}
+    return {"featurize_us": featurize_us, "onnx_us": statistics.median(rounds["onnx"]),
+            "onnx_no_baseline_us": statistics.median(rounds["plain"]), "sklearn_us": sklearn_us,
+            "n_iter": result.fit_info.n_iter or 0, "n_features": result.schema.n_features,
+            "baseline": bool(est.baseline is not None)}
 
 
 def main() -> int:
@@ -150,7 +165,10 @@ def main() -> int:
     s = bench_scoring(args.score_train, args.repeat)
     print(f"scoring one request, 8 candidates ({s['n_features']} features, {s['n_iter']} boosting iterations):")
     print(f"  featurize (Featurizer.matrix)       median {s['featurize_us']:8.1f} us")
-    print(f"  ONNX Runtime (Scorer.p_stay)        median {s['onnx_us']:8.1f} us")
+    print(f"  ONNX Runtime (Scorer.p_stay)        median {s['onnx_us']:8.1f} us"
+          + ("" if s["baseline"] else "  (this model has no baseline)"))
+    print(f"  the same without the baseline       median {s['onnx_no_baseline_us']:8.1f} us "
+          f"({s['onnx_us'] / s['onnx_no_baseline_us']:.2f}x, 3 alternating rounds)")
     print(f"  sklearn predict_proba               median {s['sklearn_us']:8.1f} us")
     print(f"  sklearn / ONNX Runtime              {s['sklearn_us'] / s['onnx_us']:8.1f}x")
     return 0
