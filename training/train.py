@@ -735,6 +735,16 @@ def greedy_table(
     )
 
 
+def _baseline_line(b: dict[str, Any]) -> str:
+    """Return one line on the baseline classifier (training.fit.fit_baseline) from its evidence."""
+    if not b.get("fitted"):
+        return (f"none: {b.get('decisions', 0):,} decisions showed a message with probability >= "
+                f"{b.get('min_propensity', 0.5):g}, too few to learn the logging policy's own choice")
+    return (f"the logging policy's own choice, learned from {b['decisions']:,} decisions that showed it "
+            f"(b {b['mean_b_shown']:.3f} on the shown message, {b['mean_b_not_shown']:.3f} on the others); "
+            "where it is the message, the factor moves to 1")
+
+
 def evaluate_gap(
     session: Any, fz: Featurizer, decisions: pd.DataFrame, prof: pd.DataFrame | None,
     ground_truth: pd.DataFrame, catalog: Any,
@@ -834,6 +844,8 @@ def model_card(result: TrainResult) -> str:
         *([f"- P(stay) of each message multiplied by its factor ({result.fit_info.credibility['rule']}): "
            + ", ".join(f"{m} {f:.3g}" for m, f in result.fit_info.credibility["factors"].items())
            + "; serving ranks candidates by factor × P(stay) × value."] if result.fit_info.credibility else []),
+        *([f"- Baseline: {_baseline_line(result.fit_info.credibility.get('baseline') or {})}."]
+          if result.fit_info.credibility else []),
         "",
         "## Metrics of P(stay) before the message factors (held-out decisions; the 2-parameter sigmoid was fitted on them)",
     ]
@@ -885,6 +897,7 @@ def summary_table(result: TrainResult) -> str:
         low = sorted(f.credibility["factors"].items(), key=lambda kv: kv[1])
         rows.append(("factors", f"per message {min(v for _, v in low):.3g} to {max(v for _, v in low):.3g} "
                      f"(doubly robust lower bound of its value over the model's mean; lowest: {low[0][0]})"))
+        rows.append(("baseline", _baseline_line(f.credibility.get("baseline") or {})))
     if m.get("holdout_log_loss") is not None:
         auc = m.get("holdout_auc")
         rows.append(

@@ -535,3 +535,4 @@ def test_the_message_factors_are_in_the_onnx_graph(trained_apple_small: TrainRes
     shown = list(d.candidates).index(d.message_id)
     assert b[shown] > 0.9 and np.delete(b, shown).max() < 0.1
     assert len(set(np.round(np.delete(factors, shown), 6))) > 1  # the factors differ
+    assert f"Baseline: the logging policy's own choice, learned from {cred['baseline']['decisions']:,} decisions" in r.card
