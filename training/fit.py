@@ -72,7 +72,8 @@ class ModelChoice:
 
 # The candidates of the cross-validated choice: which one wins on given data is what the held-out policy
 # value says. (A message-only model used to be one of them, for data too few to learn who responds to
-# what; the message factors of credibility_factors now fall back to the best-backed message instead.)
+# what; the message factors of credibility_factors and the baseline of fit_baseline now keep the policy
+# to what the logs back instead.)
 MODEL_CHOICES: tuple[ModelChoice, ...] = (
     ModelChoice("hgb"),
     ModelChoice("hgb-plain", params={"learning_rate": 0.1, "max_iter": 100, "max_leaf_nodes": 31,
@@ -92,6 +93,7 @@ CREDIBILITY_FLOOR = 1e-3
 # probability showed it; at least this many such decisions, else no baseline.
 BASELINE_MIN_PROPENSITY = 0.5
 BASELINE_MIN_DECISIONS = 1000
+BASELINE_MIN_SHOWN = 30  # a message the logging policy chose fewer times than this keeps its own factor
 BASELINE_MAX_DECISIONS = 50_000  # the newest decisions: the logging policy as it acted most recently
 SELECTION_FOLDS = 3
 SELECTION_MAX_ROWS = 30_000
@@ -247,16 +249,18 @@ class MessageCredibility:
     ``predict_proba(X)[:, 1]`` is the model's P(stay) × the row's factor; column 0 is 1 minus that.
     `columns` are the feature positions of the message one-hot of `X` (one per message) and
     ``factors`` the pessimistic factor of each message (:func:`credibility_factors`). With a
-    `baseline` (:func:`fit_baseline`: the probability b(x, m) that the logging policy's own choice
-    for this subscriber is m), the row's factor is ``factors[m] + b(x, m) × (1 − factors[m])``: a
-    message is judged pessimistically where the logs rarely showed it to subscribers like this one,
-    and at the model's own value where the logging policy shows it to them nearly every time (the
-    model learned that P(stay) from those very decisions). Serving
+    `baseline` (:class:`Baseline`: the probability b(x, m) that the logging policy's own choice for
+    this subscriber is m, 0 for a message it never learned), the row's factor is
+    ``factors[m] + b(x, m) × (1 − factors[m])``: a message is judged pessimistically where the logs
+    rarely showed it to subscribers like this one, and at the model's own value where the logging
+    policy shows it to them nearly every time (the model learned that P(stay) from those very
+    decisions). Serving
     multiplies the output by V(product after m) − cost(m) and takes the highest
     (docs/choosing-a-message.md). The same arithmetic is appended to the ONNX graph (:func:`export_onnx`).
     """
 
-    def __init__(self, estimator: Any, columns: np.ndarray, factors: np.ndarray, baseline: Any = None) -> None:
+    def __init__(self, estimator: Any, columns: np.ndarray, factors: np.ndarray,
+                 baseline: Baseline | None = None) -> None:
         self.estimator = estimator
         self.columns = np.asarray(columns, dtype=np.int64)
         self.factors = np.asarray(factors, dtype=np.float32)
@@ -268,9 +272,15 @@ class MessageCredibility:
         onehot = X[:, self.columns]
         factor = onehot @ self.factors
         if self.baseline is not None:
-            b = self.baseline.predict_proba(X)[:, 1].astype(np.float32)
-            factor = factor + b * (onehot @ (np.float32(1.0) - self.factors))
+            b = self.baseline.model.predict_proba(X)[:, 1].astype(np.float32)
+            factor = factor + b * (onehot @ self.baseline_shift())
         return factor
+
+    def baseline_shift(self) -> np.ndarray:
+        """Return (n_messages,) float32 (1 − factors) where the baseline learned the message, else 0."""
+        if self.baseline is None:
+            return np.zeros_like(self.factors)
+        return (np.float32(1.0) - self.factors) * self.baseline.messages.astype(np.float32)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Return (n, 2) float64 [1 − P′, P′] with P′ = P(stay) × the row's factor."""
@@ -279,41 +289,73 @@ class MessageCredibility:
         return np.column_stack([1.0 - p1, p1])
 
 
+@dataclass
+class Baseline:
+    """What :func:`fit_baseline` learned: a classifier of b(x, m), and the messages it may vouch for.
+
+    ``model.predict_proba(X)[:, 1]`` is b for each candidate row of `X`; ``messages`` (n_messages,)
+    bool marks the message codes the logging policy chose at least BASELINE_MIN_SHOWN times in the
+    classifier's rows. Any other message (``<other>``, one added to the catalog after training, one
+    the logging policy never chose) keeps its own factor whatever b says: the classifier never
+    learned it.
+    """
+
+    model: Any
+    messages: np.ndarray
+
+    def b(self, X: np.ndarray, code: np.ndarray) -> np.ndarray:
+        """Return (n,) float32 b(x, m) of each row of `X`, 0 for a message outside ``messages`` (`code` (n,))."""
+        b = self.model.predict_proba(np.asarray(X, dtype=np.float32))[:, 1].astype(np.float32)
+        return b * self.messages[np.asarray(code, dtype=np.int64)].astype(np.float32)
+
+
 def fit_baseline(
-    X: np.ndarray, owner: np.ndarray, shown: np.ndarray, propensities: np.ndarray, *, seed: int = 0,
-    min_propensity: float = BASELINE_MIN_PROPENSITY, min_decisions: int = BASELINE_MIN_DECISIONS,
-) -> tuple[Any, dict[str, Any]]:
-    """Return a classifier of b(x, m) = P(m is the logging policy's own choice | x), and its evidence.
+    X: np.ndarray, owner: np.ndarray, shown: np.ndarray, propensities: np.ndarray, code: np.ndarray,
+    n_messages: int, *, seed: int = 0, min_propensity: float = BASELINE_MIN_PROPENSITY,
+    min_decisions: int = BASELINE_MIN_DECISIONS, min_shown: int = BASELINE_MIN_SHOWN,
+) -> tuple[Baseline | None, dict[str, Any]]:
+    """Return the logging policy's own choice b(x, m) = P(m is its choice | x) as a :class:`Baseline`, and the evidence.
 
     Rows are (decision, candidate) pairs: `X` (m, n_features) float32 candidate rows, `owner` (m,)
-    the decision's position, `shown` (m,) bool; `propensities` (n,) the shown message's logged
-    probability. A decision whose shown message had probability >= `min_propensity` shows the
-    logging policy's own choice (ε-greedy and holdout logging show it with probability at least
-    1 − ε); those decisions are the classifier's rows, target = shown. Returns (None, evidence) when
-    fewer than `min_decisions` decisions qualify (a logging policy without a dominant choice, such as
-    a uniform one). The same boosted trees as the P(stay) model, short and uncalibrated: only where
-    b is near 0 or 1 matters. Safe policy improvement with baseline bootstrapping (SPIBB; Laroche,
-    Trichelair & Tachet des Combes, ICML 2019) is the idea: keep to the logging policy's choice
-    where the data cannot show something better.
+    the decision's position 0..n−1, `shown` (m,) bool, `code` (m,) the message code
+    0..n_messages−1; `propensities` (n,) the shown message's logged probability. A decision of at
+    least two candidates whose shown message had probability >= `min_propensity` and above
+    1 / (its number of candidates) showed the logging policy's own choice (ε-greedy and holdout
+    logging show it with probability at least 1 − ε; a uniform policy has none); those decisions
+    are the classifier's rows, target = shown. Returns (None, evidence) when fewer than
+    `min_decisions` decisions qualify. The same boosted trees as the P(stay) model, short and
+    uncalibrated: only where b is near 0 or 1 matters. Safe policy improvement with baseline
+    bootstrapping (SPIBB; Laroche, Trichelair & Tachet des Combes, ICML 2019) is the idea: keep to
+    the logging policy's choice where the data cannot show something better.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     owner = np.asarray(owner, dtype=np.int64)
-    own = np.asarray(propensities, dtype=np.float64) >= min_propensity
+    prop = np.asarray(propensities, dtype=np.float64)
+    k = np.bincount(owner, minlength=len(prop))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        own = (k >= 2) & (prop >= min_propensity) & (prop > 1.0 / k)  # NaN compares False
     rows = np.flatnonzero(own[owner])
     decisions = int(own.sum())
     evidence: dict[str, Any] = {"decisions": decisions, "min_propensity": min_propensity}
     y = np.asarray(shown, dtype=bool)[rows]
-    if decisions < min_decisions or y.all() or not y.any():
-        evidence["fitted"] = False
+    if decisions < min_decisions:
+        evidence.update(fitted=False, why=f"{decisions:,} decisions of two or more candidates showed a message with "
+                                          f"probability >= {min_propensity:g} (and above 1 / candidates), fewer than "
+                                          f"{min_decisions:,}: no dominant choice to learn")
         return None, evidence
+    if y.all() or not y.any():
+        evidence.update(fitted=False, why="every such decision showed the same candidate row: nothing to tell apart")
+        return None, evidence
+    Xr = np.asarray(X[rows], dtype=np.float32)
     model = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=31, min_samples_leaf=40,
                                            early_stopping=False, random_state=seed)
-    model.fit(np.asarray(X, dtype=np.float32)[rows], y.astype(np.int64))
-    b = model.predict_proba(np.asarray(X, dtype=np.float32)[rows])[:, 1]
+    model.fit(Xr, y.astype(np.int64))
+    b = model.predict_proba(Xr)[:, 1]
+    messages = np.bincount(np.asarray(code, dtype=np.int64)[rows][y], minlength=n_messages) >= min_shown
     evidence.update(fitted=True, rows=len(rows), mean_b_shown=float(b[y].mean()),
-                    mean_b_not_shown=float(b[~y].mean()))
-    return model, evidence
+                    mean_b_not_shown=float(b[~y].mean()), messages=int(messages.sum()))
+    return Baseline(model, messages), evidence
 
 
 def credibility_factors(
@@ -356,8 +398,9 @@ def export_onnx(estimator: Any, n_features: int) -> bytes:
     """Return the serialized ONNX model of a fitted estimator (float32 input ``X``, zipmap off).
 
     A :class:`MessageCredibility` exports its model, then scales the ``probabilities`` output in the
-    graph: Gather the message one-hot columns of ``X``, MatMul with the factors (float32), Mul with
-    P(stay); column 0 becomes 1 minus that.
+    graph: Gather the message one-hot columns of ``X``, MatMul with the factors (float32), plus, with
+    a baseline, its classifier's b times the one-hot MatMul the shift (:meth:`MessageCredibility.baseline_shift`),
+    Mul with P(stay); column 0 becomes 1 minus that.
     """
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
@@ -373,17 +416,19 @@ def export_onnx(estimator: Any, n_features: int) -> bytes:
     base = estimator.estimator if isinstance(estimator, MessageCredibility) else estimator
     onx = convert(base)
     if isinstance(estimator, MessageCredibility):
-        baseline = convert(estimator.baseline) if estimator.baseline is not None else None
-        _append_message_factors(onx, estimator.columns, estimator.factors, baseline)
+        baseline = convert(estimator.baseline.model) if estimator.baseline is not None else None
+        _append_message_factors(onx, estimator.columns, estimator.factors, baseline, estimator.baseline_shift())
     return onx.SerializeToString()
 
 
-def _append_message_factors(onx: Any, columns: np.ndarray, factors: np.ndarray, baseline: Any = None) -> None:
+def _append_message_factors(
+    onx: Any, columns: np.ndarray, factors: np.ndarray, baseline: Any = None, shift: np.ndarray | None = None,
+) -> None:
     """Rewire the graph's ``probabilities`` output through the per-message scaling (in place).
 
     With a `baseline` graph (:func:`fit_baseline`'s classifier, input ``X``), its nodes join this graph
-    under the prefix ``baseline_`` and the factor becomes ``onehot·factors + b × onehot·(1 − factors)``
-    (:meth:`MessageCredibility.row_factors`).
+    under the prefix ``baseline_`` and the factor becomes ``onehot·factors + b × onehot·shift``
+    (:meth:`MessageCredibility.row_factors`); the baseline graph's opset imports must match this one's.
     """
     from onnx import compose, helper, numpy_helper
 
@@ -406,9 +451,14 @@ def _append_message_factors(onx: Any, columns: np.ndarray, factors: np.ndarray, 
         helper.make_node("MatMul", ["credibility_onehot", "credibility_factors"],
                          ["credibility_factor" if baseline is None else "credibility_factor_pessimistic"]),
     ])
-    if baseline is not None:
+    if baseline is not None and shift is not None:
+        ours = {o.domain: o.version for o in onx.opset_import}
+        theirs = {o.domain: o.version for o in baseline.opset_import}
+        if any(ours.get(d, v) != v for d, v in theirs.items()):
+            raise ValueError(f"the baseline's ONNX opsets {theirs} differ from the model's {ours}")
+        onx.opset_import.extend(helper.make_opsetid(d, v) for d, v in theirs.items() if d not in ours)
         b = compose.add_prefix(baseline, "baseline_")
-        delta = np.float32(1.0) - np.asarray(factors, dtype=np.float32)
+        delta = np.asarray(shift, dtype=np.float32)
         g.initializer.extend([*b.graph.initializer, numpy_helper.from_array(delta.reshape(-1, 1), "credibility_delta")])
         g.node.extend([
             helper.make_node("Identity", ["X"], ["baseline_X"]),
@@ -550,7 +600,7 @@ def select_model(
     folds: int = SELECTION_FOLDS,
     margin_se: float = SELECTION_MARGIN_SE,
     max_rows: int = SELECTION_MAX_ROWS,
-    baseline: Any = None,
+    baseline: Baseline | None = None,
 ) -> tuple[ModelChoice, dict[str, Any]]:
     """Return the model choice with the best cross-validated doubly robust policy value, and the evidence.
 
@@ -589,7 +639,7 @@ def select_model(
             continue
         Xc, owner, shown, va, code = candidate_rows(test)
         Xt, owner_t, shown_t, va_t, code_t = candidate_rows(train)
-        b = baseline.predict_proba(Xc)[:, 1] if baseline is not None else np.zeros(len(Xc))
+        b = baseline.b(Xc, code) if baseline is not None else np.zeros(len(Xc), dtype=np.float32)
         for c, choice in enumerate(choices):
             est, _ = fit_model(X[train], y[train], model=choice.model, seed=seed, params=choice.params or None)
             factors, _ = credibility_factors(est.predict_proba(Xt)[:, 1], va_t, code_t, owner_t, shown_t,
@@ -607,7 +657,7 @@ def select_model(
     pick = int(np.argmax(score)) if m and score.max() > 0 else 0
     evidence = {
         "rule": f"{folds}-fold cross-validated doubly robust value of each choice's greedy policy, message "
-                f"factors included (folds by "
+                f"factors{' and baseline' if baseline is not None else ''} included (folds by "
                 f"subscriber); {choices[0].name} unless another wins by {margin_se:g} paired standard errors",
         "decisions": m,
         "values": {ch.name: float(v) for ch, v in zip(choices, values, strict=True)},

@@ -38,6 +38,7 @@ from training.fit import (
     CREDIBILITY_Z,
     MODEL_CHOICES,
     MODELS,
+    Baseline,
     FitInfo,
     MessageCredibility,
     ParityResult,
@@ -458,17 +459,18 @@ def _message_codes(schema: FeatureSchema, message: np.ndarray) -> tuple[list[str
 
 def _baseline(
     fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, seed: int, point_in_time: bool = True,
-) -> tuple[Any, dict[str, Any]]:
-    """Return :func:`training.fit.fit_baseline` on the newest BASELINE_MAX_DECISIONS labelled decisions (the logging policy as it acted most recently)."""
-    newest = np.arange(max(0, len(rows) - BASELINE_MAX_DECISIONS), len(rows))
-    Xb, owner_b, shown_b, _, _ = _candidate_rows(fz, rows, prof, catalog, newest, point_in_time)
+) -> tuple[Baseline | None, dict[str, Any]]:
+    """Return :func:`training.fit.fit_baseline` on the BASELINE_MAX_DECISIONS labelled decisions of latest ``signed_date`` (the logging policy as it acted most recently)."""
+    newest = np.sort(np.argsort(rows["signed_date"].to_numpy(), kind="stable")[-BASELINE_MAX_DECISIONS:])
+    Xb, owner_b, shown_b, _, message = _candidate_rows(fz, rows, prof, catalog, newest, point_in_time)
     prop = rows["propensity"].to_numpy(dtype=np.float64)[newest]
-    return fit_baseline(Xb, owner_b, shown_b, prop, seed=seed)
+    n_messages = len(fz.schema.vocabularies["message"]) + 1
+    return fit_baseline(Xb, owner_b, shown_b, prop, _message_codes(fz.schema, message)[1], n_messages, seed=seed)
 
 
 def _select(
     fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, X: np.ndarray, y: np.ndarray,
-    seed: int, point_in_time: bool = True, baseline: Any = None,
+    seed: int, point_in_time: bool = True, baseline: Baseline | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Return training.fit.select_model's choice and evidence on the labelled decisions `rows` (shown rows `X`)."""
     va_shown = values_after(catalog, rows["product_id"], rows["message_id"])
@@ -487,13 +489,13 @@ def _select(
 
 def _with_credibility(
     estimator: Any, fz: Featurizer, rows: pd.DataFrame, prof: pd.DataFrame | None, catalog: Any, y: np.ndarray,
-    point_in_time: bool = True, baseline: Any = None, baseline_evidence: dict[str, Any] | None = None,
+    point_in_time: bool = True, baseline: Baseline | None = None, baseline_evidence: dict[str, Any] | None = None,
 ) -> tuple[MessageCredibility, dict[str, Any]]:
     """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence.
 
-    The factors are pessimistic (z = CREDIBILITY_Z) except where the logging policy's own choice
-    for the subscriber is the message (`baseline`, from :func:`_baseline`): there the model's own
-    P(stay) stands (factor 1).
+    The factors are pessimistic (z = CREDIBILITY_Z); with a `baseline` (from :func:`_baseline`) a
+    row's factor moves towards 1 in proportion to b(x, m), the probability that the logging policy's
+    own choice for the subscriber is the message (:class:`training.fit.MessageCredibility`).
     """
     schema = fz.schema
     ids = [*schema.vocabularies["message"], OTHER]
@@ -580,7 +582,9 @@ def _fit_and_check(
     t = time.perf_counter()
     selection = None
     try:
-        baseline, baseline_evidence = _baseline(fz, rows, prof, catalog, seed, point_in_time=point_in_time)
+        # the logging policy's own choice; a model that must ignore who the subscriber is gets none (it reads them)
+        baseline, baseline_evidence = (_baseline(fz, rows, prof, catalog, seed, point_in_time=point_in_time)
+                                       if context else (None, {"fitted": False, "why": "a model without context"}))
         if model == "auto":
             if n >= SELECT_MIN_ROWS and context:
                 choice, selection = _select(fz, rows, prof, catalog, X_all, y_all, seed, point_in_time=point_in_time,
@@ -738,8 +742,7 @@ def greedy_table(
 def _baseline_line(b: dict[str, Any]) -> str:
     """Return one line on the baseline classifier (training.fit.fit_baseline) from its evidence."""
     if not b.get("fitted"):
-        return (f"none: {b.get('decisions', 0):,} decisions showed a message with probability >= "
-                f"{b.get('min_propensity', 0.5):g}, too few to learn the logging policy's own choice")
+        return f"none: {b.get('why', 'not fitted')}"
     return (f"the logging policy's own choice, learned from {b['decisions']:,} decisions that showed it "
             f"(b {b['mean_b_shown']:.3f} on the shown message, {b['mean_b_not_shown']:.3f} on the others); "
             "where it is the message, the factor moves to 1")

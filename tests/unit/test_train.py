@@ -65,6 +65,8 @@ def test_model_that_ignores_the_context_falls_short(world30: Any) -> None:
     r = train_frames(w.decisions, w.outcomes, w.profiles, w.catalog, ground_truth=w.ground_truth, context=False)
     assert r.gap is not None and r.gap["gap_captured"] < CONTEXT_FREE_BAR, r.gap
     assert r.manifest["context_features"] is False
+    # no baseline either: it reads who the subscriber is, so it would bring the context back
+    assert r.estimator.baseline is None and not r.manifest["hyperparameters"]["credibility"]["baseline"]["fitted"]
 
 
 # ---- parity -----------------------------------------------------------------------------------
@@ -409,29 +411,35 @@ def test_the_model_is_chosen_by_cross_validated_policy_value(trained30: TrainRes
 # ---- the message factors: act on what the logs back ----------------------------------------------
 def test_the_baseline_learns_the_logging_policy_s_own_choice_and_only_from_decisions_that_show_it() -> None:
     """b(x, m): whom the logging policy shows which message, learned from decisions whose shown message had
-    probability >= 0.5; exploration rows (the other 5%) do not teach it, and a logging policy without a
-    dominant choice gives no baseline at all."""
+    probability >= 0.5; exploration rows (here 30% of the decisions) do not teach it, a message it never
+    chose gets b = 0, and a logging policy without a dominant choice gives no baseline at all."""
     from training.fit import fit_baseline
 
     rng = np.random.default_rng(0)
-    n, k = 3000, 3
+    n, k, eps = 4000, 3, 0.3
     young = rng.random(n) < 0.4  # the rule: message 1 for young subscribers, message 0 for the others
     rule = np.where(young, 1, 0)
-    explore = rng.random(n) < 0.05
-    shown_code = np.where(explore, rng.integers(0, k, n), rule)
-    propensity = np.where(shown_code == rule, 0.95 + 0.05 / k, 0.05 / k)
+    shown_code = np.where(rng.random(n) < eps, rng.integers(0, k, n), rule)
+    propensity = np.where(shown_code == rule, 1 - eps + eps / k, eps / k)
     owner = np.repeat(np.arange(n), k)
     code = np.tile(np.arange(k), n)
     X = np.column_stack([young[owner], *(code == j for j in range(k))]).astype(np.float32)
     shown = code == shown_code[owner]
-    model, ev = fit_baseline(X, owner, shown, propensity, seed=0)
-    assert model is not None and ev["fitted"] and ev["decisions"] == int((propensity >= 0.5).sum())
-    b = model.predict_proba(X)[:, 1]
+    base, ev = fit_baseline(X, owner, shown, propensity, code, k + 1, seed=0)
+    assert base is not None and ev["fitted"] and ev["decisions"] == int((propensity >= 0.5).sum())
+    b = base.b(X, code)
     is_rule = code == rule[owner]
+    # learned from the rule's own decisions only: near 1 and 0 (the 30% exploration rows would pull both to ~0.8 / ~0.1)
     assert b[is_rule].min() > 0.95 and b[~is_rule].max() < 0.05
-    # a uniform logging policy (every probability 1/3) has no own choice: no baseline
-    model, ev = fit_baseline(X, owner, shown, np.full(n, 1 / k), seed=0)
-    assert model is None and ev == {"decisions": 0, "min_propensity": 0.5, "fitted": False}
+    # message 2 (never the rule's choice) and message 3 (<other>, never a candidate) are not vouched for
+    assert base.messages.tolist() == [True, True, False, False]
+    assert base.b(X[:3], np.array([3, 3, 3])).tolist() == [0.0, 0.0, 0.0]
+    # a uniform logging policy has no own choice, not even over two candidates (probability 0.5 each)
+    two = code < 2
+    owner2 = owner[two]
+    base, ev = fit_baseline(X[two], owner2, (code[two] == rng.integers(0, 2, n)[owner2]), np.full(n, 0.5),
+                            code[two], k + 1, seed=0)
+    assert base is None and not ev["fitted"] and ev["decisions"] == 0
 
 
 def test_credibility_factors_by_hand() -> None:
@@ -528,8 +536,9 @@ def test_the_message_factors_are_in_the_onnx_graph(trained_apple_small: TrainRes
     assert cred["baseline"]["fitted"] and cred["baseline"]["mean_b_shown"] > 0.9 > 0.1 > cred["baseline"]["mean_b_not_shown"]
     factors = np.array([cred["factors"][m] for m in d.candidates])
     assert r.estimator.baseline is not None
-    b = r.estimator.baseline.predict_proba(X)[:, 1]
-    expected = r.estimator.estimator.predict_proba(X)[:, 1] * (factors + b * (1.0 - factors))
+    b = r.estimator.baseline.model.predict_proba(X)[:, 1]
+    learned = np.array([r.estimator.baseline.messages[list(cred["factors"]).index(m)] for m in d.candidates])
+    expected = r.estimator.estimator.predict_proba(X)[:, 1] * (factors + b * learned * (1.0 - factors))
     assert scorer.p_stay(X) == pytest.approx(expected, rel=1e-5, abs=1e-8)  # the graph's factor is float32
     # the logging policy's own choice keeps (nearly) the model's P(stay); the other messages their factors
     shown = list(d.candidates).index(d.message_id)
