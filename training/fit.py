@@ -449,7 +449,7 @@ def _append_message_factors(
     g.node.extend([
         helper.make_node("Gather", ["X", "credibility_columns"], ["credibility_onehot"], axis=1),
         helper.make_node("MatMul", ["credibility_onehot", "credibility_factors"],
-                         ["credibility_factor" if baseline is None else "credibility_factor_pessimistic"]),
+                         ["credibility_factor" if baseline is None or shift is None else "credibility_factor_pessimistic"]),
     ])
     if baseline is not None and shift is not None:
         ours = {o.domain: o.version for o in onx.opset_import}
