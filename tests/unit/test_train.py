@@ -545,3 +545,14 @@ def test_the_message_factors_are_in_the_onnx_graph(trained_apple_small: TrainRes
     assert b[shown] > 0.9 and np.delete(b, shown).max() < 0.1
     assert len(set(np.round(np.delete(factors, shown), 6))) > 1  # the factors differ
     assert f"Baseline: the logging policy's own choice, learned from {cred['baseline']['decisions']:,} decisions" in r.card
+    # a message added to the catalog after training (<other> to the model) is vouched for by nothing: whatever
+    # the baseline's trees say about such a row, its served P(stay) stays 0, as its factor is
+    import msgspec
+
+    shown_msg = w.catalog.messages[d.message_id]
+    new = msgspec.structs.replace(shown_msg, messageIdentifier="added-after-training")
+    X_new = fz.matrix(product_id=d.product_id, user_locale=d.user_locale, environment=d.environment,
+                      signed_date_ms=d.signed_date, profile=prof, candidates=(*cands, new))
+    assert cred["factors"]["<other>"] == 0.0 and X_new[-1, r.estimator.columns[-1]] == 1.0
+    assert r.estimator.baseline_shift()[-1] == 0.0 and not r.estimator.baseline.messages[-1]
+    assert scorer.p_stay(X_new)[-1] == 0.0
