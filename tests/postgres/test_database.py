@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,21 +176,36 @@ def test_an_unreachable_database_spills_in_order_and_writes_it_all_once_when_it_
     assert not log.path.exists()  # an empty spill file is removed at close
 
 
-def test_a_spill_file_left_by_a_dead_process_is_written_by_the_next_one(migrated: str, tmp_path: Path) -> None:
+def _orphan_spill(tmp_path: Path, name: str, fill: Callable[[pg_log.PostgresDecisionLog], None]) -> Path:
+    """Return the spill file `name` left by a process that never reached the database; `fill(log)` logs its rows."""
     log = pg_log.PostgresDecisionLog(dead_url(), tmp_path, batch_ms=10)
     log.start()
-    for i in range(20):
-        log.log(record(i))
+    fill(log)
     log.close()  # the database never came back: the rows stay in the spill file
-    orphan = tmp_path / "pg-spill-otherhost-4242.bin"
+    orphan = tmp_path / name
     log.path.rename(orphan)
+    return orphan
+
+
+def _next_process(migrated: str, tmp_path: Path, i: int) -> dict[str, int]:
+    """Start a log on the database in `tmp_path`, log record(i), flush it and return its stats."""
     after = pg_log.PostgresDecisionLog(migrated, tmp_path, batch_ms=10)
     after.start()
     try:
-        after.log(record(100))
+        after.log(record(i))
         assert after.flush()
+        return after.stats()
     finally:
         after.close()
+
+
+def test_a_spill_file_left_by_a_dead_process_is_written_by_the_next_one(migrated: str, tmp_path: Path) -> None:
+    def fill(log: pg_log.PostgresDecisionLog) -> None:
+        for i in range(20):
+            log.log(record(i))
+
+    orphan = _orphan_spill(tmp_path, "pg-spill-otherhost-4242.bin", fill)
+    _next_process(migrated, tmp_path, 100)
     assert [r["request_id"] for r in pg_log.read_decisions(migrated)] == [f"req-{i}" for i in [*range(20), 100]]
     assert not orphan.exists()
 
@@ -201,23 +217,14 @@ def test_a_row_postgresql_refuses_is_set_aside_and_the_rows_around_it_are_writte
     # it must not make every batch behind it wait, nor be lost
     from serving.log_schema import OutcomeRecord
 
-    log = pg_log.PostgresDecisionLog(dead_url(), tmp_path, batch_ms=10)
-    log.start()
-    log.log(record(1))
-    log._q.append(OutcomeRecord("n-bad", "otx\x001", "renewed", 1_700_000_100_000, "DID_RENEW", None, 0))
-    log._q.append(OutcomeRecord("n-good", "otx-2", "renewed", 1_700_000_100_000, "DID_RENEW", None, 0))
-    log.log(record(2))
-    log.close()
-    orphan = tmp_path / "pg-spill-otherhost-4343.bin"
-    log.path.rename(orphan)
-    after = pg_log.PostgresDecisionLog(migrated, tmp_path, batch_ms=10)
-    after.start()
-    try:
-        after.log(record(3))
-        assert after.flush()
-        stats = after.stats()
-    finally:
-        after.close()
+    def fill(log: pg_log.PostgresDecisionLog) -> None:
+        log.log(record(1))
+        log._q.append(OutcomeRecord("n-bad", "otx\x001", "renewed", 1_700_000_100_000, "DID_RENEW", None, 0))
+        log._q.append(OutcomeRecord("n-good", "otx-2", "renewed", 1_700_000_100_000, "DID_RENEW", None, 0))
+        log.log(record(2))
+
+    orphan = _orphan_spill(tmp_path, "pg-spill-otherhost-4343.bin", fill)
+    stats = _next_process(migrated, tmp_path, 3)
     assert [r["request_id"] for r in pg_log.read_decisions(migrated)] == ["req-1", "req-2", "req-3"]
     assert query(migrated, "SELECT notification_uuid FROM outcomes") == [("n-good",)]
     assert stats["rejected"] == 1 and stats["database_up"] == 1 and stats["dropped"] == 0
