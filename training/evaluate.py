@@ -489,12 +489,11 @@ def evaluate(
         if tp.rule_rows.any():
             warnings.append(f"{v}: non-finite scores on {int(tp.rule_rows.sum())} request(s); serving's fallback rule is "
                             "evaluated there")
-        t = logged.frame["signed_date"].to_numpy(dtype=np.int64)
-        if hi is not None and t.size and (lo is None or lo <= t.max()) and hi >= t.min():
+        overlap = training_overlap(registry, v, logged.frame) if v in registry.versions() else None
+        if overlap is not None and overlap[0] > 0:
             warnings.append(
-                f"{v}: it was trained on decisions up to {_iso(hi)}, which overlap this data "
-                f"({_iso(int(t.min()))} to {_iso(int(t.max()))}): its estimates are optimistic there; evaluate on "
-                "later decisions"
+                f"{v}: {overlap[0]:,} of these {len(logged.frame):,} decisions are in its training data (matched "
+                f"{overlap[1]}): its estimates are optimistic there; evaluate on decisions it was not trained on"
             )
     steps.update()
 
@@ -586,6 +585,30 @@ def _power(boot: ope.Bootstrap, candidate: str, reference: str, cfg: EvaluationC
     one_pct = 0.01 * ref if np.isfinite(ref) and ref > 0 else float("nan")
     need = j.decisions_needed(one_pct) if np.isfinite(one_pct) and np.isfinite(j.mdd) else None
     return {"se": j.se, "mdd": j.mdd, "power": j.power, "reference_value": ref, "decisions_for_one_percent": need}
+
+
+# ---- fresh data: the candidate's training requests ------------------------------------------------
+def training_overlap(registry: Any, version: str, decisions: Any) -> tuple[int, str] | None:
+    """Return (decisions of `decisions` in `version`'s training data, how they were matched), or None if unknown.
+
+    Matched by ``request_id`` against the hashes recorded at training time
+    (:func:`training.train.request_hashes`); for a version without them, every decision inside
+    its recorded training date range counts.
+    """
+    from training.train import TRAINING_REQUESTS_FILE, read_request_hashes, request_hashes
+
+    path = registry.root / version / TRAINING_REQUESTS_FILE
+    manifest = registry.manifest(version)
+    if path.is_file():
+        known = read_request_hashes(path, manifest)
+        mine = request_hashes(decisions["request_id"].astype(str))
+        return int(np.isin(mine, known, assume_unique=False).sum()), "by request_id"
+    lo, hi = _training_window(manifest)
+    if lo is None and hi is None:
+        return None
+    t = pd.to_numeric(decisions["signed_date"], errors="coerce").to_numpy(dtype=np.float64)
+    inside = (t >= (lo if lo is not None else -np.inf)) & (t <= (hi if hi is not None else np.inf))
+    return int(inside.sum()), "by date range (this version predates request-id records)"
 
 
 def _iso(ms: int) -> str:

@@ -30,42 +30,12 @@ Refusals before any estimate:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from models.exploration import Exploration
-from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate
+from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate, training_overlap
 from training.verdict import decisions_for_ess, describe, judge
 
 MAX_UNSUPPORTED_MASS = 0.10
-# ---- fresh data: the candidate's training requests ------------------------------------------------
-def training_overlap(registry: Any, version: str, decisions: Any) -> tuple[int, str] | None:
-    """Return (decisions of `decisions` in `version`'s training data, how they were matched), or None if unknown.
-
-    Matched by ``request_id`` against the hashes recorded at training time
-    (:func:`training.train.request_hashes`); for a version without them, every decision inside
-    its recorded training date range counts.
-    """
-    import pandas as pd
-
-    from training.evaluate import _training_window
-    from training.train import TRAINING_REQUESTS_FILE, read_request_hashes, request_hashes
-
-    path = registry.root / version / TRAINING_REQUESTS_FILE
-    manifest = registry.manifest(version)
-    if path.is_file():
-        known = read_request_hashes(path, manifest)
-        mine = request_hashes(decisions["request_id"].astype(str))
-        return int(np.isin(mine, known, assume_unique=False).sum()), "by request_id"
-    lo, hi = _training_window(manifest)
-    if lo is None and hi is None:
-        return None
-    t = pd.to_numeric(decisions["signed_date"], errors="coerce").to_numpy(dtype=np.float64)
-    inside = (t >= (lo if lo is not None else -np.inf)) & (t <= (hi if hi is not None else np.inf))
-    return int(inside.sum()), "by date range (this version predates request-id records)"
-
-
 def promotion_gate(
     registry_root: Path,
     candidate: str,

@@ -243,6 +243,21 @@ def test_the_logging_policy_as_target_gives_its_observed_mean(lab: Lab) -> None:
     assert res.ess == pytest.approx(lg.n)
 
 
+def test_overlap_with_training_data_is_warned_by_request_id_not_by_date(lab: Lab) -> None:
+    # the lab's evaluation world spans the same dates as the training world, but no request of it was trained on
+    fresh = evaluate(_inputs(lab.world, lab.world.decisions.iloc[:3000].copy()), Registry(lab.registry),
+                     [lab.strong], dataclasses.replace(FAST, segments=False))
+    assert not any("training data" in w for w in fresh.summary["warnings"]), fresh.summary["warnings"]
+    # its own training decisions (the same simulator seed): warned, with how many and how they were matched
+    train = simulate(20_000, seed=100)
+    own = evaluate(_inputs(train, train.decisions.iloc[:3000].copy()), Registry(lab.registry), [lab.strong],
+                   dataclasses.replace(FAST, segments=False))
+    hits = [w for w in own.summary["warnings"] if "training data" in w]
+    assert len(hits) == 1 and hits[0].startswith(f"{lab.strong}: ") and "(matched by request_id)" in hits[0], hits
+    count = int(hits[0].split(": ")[1].split(" of ")[0].replace(",", ""))
+    assert 2500 < count <= 3000  # every labelled one of the 3,000 (the censored ones were not trained on)
+
+
 def test_fallback_decisions_put_target_mass_where_logging_had_none(lab: Lab) -> None:
     d = lab.world.decisions.iloc[:10_000].copy()
     rows = np.arange(0, len(d), 4)  # a quarter of the requests fell back to the default message
