@@ -338,7 +338,7 @@ def evaluate(
         labelled &= ~recent
     if not labelled.any():
         raise ValueError(
-            f"none of the {all_logged.n} decisions has a label window of {cfg.horizon_ms / DAY_MS:g} days that has "
+            f"none of the {all_logged.n:,} decisions has a label window of {cfg.horizon_ms / DAY_MS:g} days that has "
             f"fully passed by {_iso(as_of)}: nothing to evaluate yet"
             + (" (--all-labelled also uses early labels, biased toward churn)" if cfg.mature_only else "")
         )
@@ -360,13 +360,13 @@ def evaluate(
     if cfg.mature_only and n_recent:
         young = int((t_dec + cfg.horizon_ms > as_of).sum())
         warnings.append(
-            f"{young} of {stats.total} decisions are newer than {_iso(as_of - cfg.horizon_ms)} and left out: their "
+            f"{young:,} of {stats.total:,} decisions are newer than {_iso(as_of - cfg.horizon_ms)} and left out: their "
             f"label window has not passed ({young - n_recent} censored, {n_recent} labelled early only because the "
             "subscriber churned or renewed, an outcome-dependent sample)"
         )
     elif stats.censored:
         warnings.append(
-            f"{stats.censored} of {stats.total} decisions ({stats.censored / stats.total:.1%}) are censored (outcome "
+            f"{stats.censored:,} of {stats.total:,} decisions ({stats.censored / stats.total:.1%}) are censored (outcome "
             "not known yet) and left out of every estimate"
         )
     if not cfg.mature_only and recent.any():
@@ -477,7 +477,7 @@ def evaluate(
         # warnings the reader must see
         if res["ips"].ess < ess_floor:
             warnings.append(
-                f"{v}: effective sample size {res['ips'].ess:.0f} of {n} requests is below {ess_floor:.0f}; its "
+                f"{v}: effective sample size {res['ips'].ess:,.0f} of {n:,} requests is below {ess_floor:,.0f}; its "
                 "importance-weighted estimates (IPS, SNIPS, DR) are too noisy to trust"
             )
         if res["ips"].unsupported_mass > 1e-9:

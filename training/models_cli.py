@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("version", help="version id, 'current' or 'latest'")
     s.add_argument("--json", action="store_true", help="print the manifest JSON instead of the model card")
     pr = sub.add_parser("promote", parents=[reg], help="make a version current")
-    pr.add_argument("version", help="version id, or 'latest'")
+    pr.add_argument("version", help="version id, 'current' or 'latest'")
     pr.add_argument("--if-better", action="store_true",
                     help="promote only if the off-policy gate says it beats the current version on logged data")
     pr.add_argument("--decisions", type=Path, help="decisions file (with --if-better)")

@@ -833,7 +833,7 @@ def model_card(result: TrainResult) -> str:
         f"- {d['decisions']:,} logged decisions from {d['date_range'][0]} to {d['date_range'][1]}; "
         f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out), "
         f"{d['unknown_message']:,} with a message not in the catalog (left out).",
-        f"- label horizon {d['horizon_days']:g} days; {d['train_rows']:,} rows fit the trees, {d['holdout_rows']:,} "
+        f"- label horizon {d['horizon_days']:g} days; {d['train_rows']:,} rows fit the model, {d['holdout_rows']:,} "
         "held out from them (early stopping, the sigmoid calibration, the metrics below, parity).",
         f"- profiles: {d['profiles']:,} subscribers; columns "
         f"{', '.join(result.schema.profile_numeric + result.schema.profile_categorical) or 'none'}.",
@@ -883,13 +883,13 @@ def model_card(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def summary_table(result: TrainResult) -> str:
-    """Return the human summary printed by ``retention train`` (before the version id)."""
+def summary_table(result: TrainResult, registry: str | None = None) -> str:
+    """Return the human summary printed by ``retention train`` (before the version id), `registry` its last line."""
     d, m, p, f = result.data_summary, result.metrics, result.parity, result.fit_info
     rows: list[tuple[str, str]] = [
         ("decisions", f"{d['decisions']:,}  ({d['date_range'][0]} .. {d['date_range'][1]})"),
         ("labels", f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out)"),
-        ("rows", f"{d['train_rows']:,} fit the trees, {d['holdout_rows']:,} held out (early stopping, sigmoid, metrics, parity)"),
+        ("rows", f"{d['train_rows']:,} fit the model, {d['holdout_rows']:,} held out (early stopping, sigmoid, metrics, parity)"),
         ("features", f"{result.schema.n_features} ({result.schema.n_context} context), featurizer {FEATURIZER_VERSION}"),
         ("model", f"{f.model}, {f.n_iter} iterations, calibration {f.calibration}"),
     ]
@@ -917,6 +917,8 @@ def summary_table(result: TrainResult) -> str:
         rows.append(("gap captured", f"{g['gap_captured']:.3f}  (V_model - V_static) / (V_oracle - V_static)"))
     t = result.timings
     rows.append(("time", f"{t.get('total', 0):.1f} s (fit {t.get('fit', 0):.1f} s, export {t.get('export', 0):.1f} s)"))
+    if registry is not None:
+        rows.append(("registry", registry))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -969,7 +971,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a redemption of our promotional offer within this many days of the decision is credited "
                         "to it (default 7)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the split and the fit (default 0)")
-    p.add_argument("--promote", action="store_true", help="make the new version current (the first one always is)")
+    p.add_argument("--promote", action="store_true", help="make the new version current (without it, only a registry's first version is, and not when its logs show no exploration)")
     p.add_argument("--no-context", action="store_true", help=argparse.SUPPRESS)  # baseline: message columns only
     return p
 
@@ -1016,8 +1018,7 @@ def main(argv: list[str]) -> int:
         print(f"retention train: warning: {NO_EXPLORATION_WARNING}", file=sys.stderr)
     args.registry = Registry.parse(registry_spec(args.registry))[0].root
     version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
-    print(summary_table(result))
-    print(f"{'registry':<12}  {args.registry} ({'now current' if promoted else 'not promoted'})")
+    print(summary_table(result, f"{args.registry} ({'now current' if promoted else 'not promoted'})"))
     print(version)
     return 0
 

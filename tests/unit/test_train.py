@@ -184,8 +184,14 @@ def test_train_cli_writes_a_version_and_prints_its_id_last(
     # a second version is not promoted unless asked; CSV input and logreg work too
     assert retention.main(train_args({**small_files, "decisions": small_files["decisions_csv"]}, registry,
                                      "--model", "logreg")) == 0
-    second = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out.strip().splitlines()
+    second = out[-1]
     assert reg.current() == first and reg.versions() == [first, second]
+    # the summary's values line up in one column, the registry line's included; a logistic model has no trees
+    table = out[out.index(next(line for line in out if line.startswith("decisions"))):-1]
+    assert table[-1].startswith("registry") and table[-1].endswith("(not promoted)")
+    assert len({len(line) - len(line[line.index("  "):].lstrip()) for line in table}) == 1, table
+    assert "fit the model" in "\n".join(table) and "trees" not in "\n".join(table)
     assert reg.manifest(second)["model"] == "logreg"
     assert retention.main(train_args(small_files, registry, "--promote")) == 0
     third = capsys.readouterr().out.strip().splitlines()[-1]
