@@ -83,9 +83,10 @@ MODEL_CHOICES: tuple[ModelChoice, ...] = (
                                       "min_samples_leaf": 200, "l2_regularization": 5.0, "early_stopping": True,
                                       "n_iter_no_change": 30}),
 )
-# The policy acts on the lower bound DR mean − z·SE of each message's value (credibility_factors): how many
-# standard errors of pessimism. Measured on the Apple-sized presets (BENCHMARKS.md, issue 16).
-CREDIBILITY_Z = 1.0
+# The policy acts on a pessimistic value D − c·SE²/D of each message (credibility_factors): a penalty of c times
+# the squared relative standard error, so it fades as 1/n with more data (D − 1·SE, fading as 1/√n, still cost
+# as much as the effects to learn at 200,000 decisions). Measured on the Apple-sized presets (BENCHMARKS.md, issue 16).
+CREDIBILITY_C = 2.0
 # A message whose lower bound is not above zero keeps this share of its doubly robust mean: it is chosen
 # only where no message has credible value, and then the one the logs say earns most.
 CREDIBILITY_FLOOR = 1e-3
@@ -360,7 +361,7 @@ def fit_baseline(
 
 def credibility_factors(
     p_stay: np.ndarray, value_after: np.ndarray, message: np.ndarray, owner: np.ndarray, shown: np.ndarray,
-    rewards: np.ndarray, propensities: np.ndarray, *, z: float, n_messages: int,
+    rewards: np.ndarray, propensities: np.ndarray, *, c: float, n_messages: int,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return one factor per message code 0..n_messages−1 that turns the model's values into pessimistic ones.
 
@@ -368,12 +369,16 @@ def credibility_factors(
     code. Per message m, over the decisions where it was a candidate: the model's mean value
     M = mean r̂(x, m), r̂ = P(stay) × value_after, and the doubly robust mean
     D = mean [r̂(x, m) + 1{a = m} / μ · (r − r̂(x, m))] (Dudík, Langford & Li 2011) with its standard
-    error s. The factor is min(1, max(D − z·s, 0.001·D) / M): the model's values of m rescaled so that they
-    average the lower bound of what the logs say m earns (a thousandth of D where that bound is not
-    above zero, so such messages rank below every credible one and by D among themselves). A message
-    the logs rarely showed has a wide interval and a small factor, so the policy does not switch to
-    it on the strength of a few dozen rows; with enough data s shrinks and the factor is D / M, the
-    model's own values recalibrated downwards. It is never above 1, so the scaled P(stay) that serving
+    error s. The pessimistic value is L = D − c·s²/D = D·(1 − c·(s/D)²), the first-order shrinkage of D
+    towards zero under a normal prior of standard deviation D/√c (the value is as uncertain as its own
+    size: no scale to choose); the factor is min(1, max(L, 0.001·D) / M): the model's values of m
+    rescaled so that they average L (a thousandth of D where L is not above zero, s ≥ D/√c, so such
+    messages rank below every credible one and by D among themselves). A message the logs rarely
+    showed has a wide interval and a small factor, so the policy does not switch to it on the
+    strength of a few dozen rows. The penalty falls as s², 1/n: with c = 2 a value known to ±10%
+    loses 2%, one known to ±30% loses 18%; with enough data the factor is D / M, the model's own
+    values recalibrated downwards. A lower bound D − z·s falls only as 1/√n and at Apple's effect
+    sizes still cost as much as the effects at 200,000 decisions. It is never above 1, so the scaled P(stay) that serving
     logs and that the evaluation's reward model reads stays a probability (a message the model
     undervalues keeps the model's own values).
     A message no decision had as a candidate gets 0.
@@ -389,7 +394,8 @@ def credibility_factors(
         second = np.bincount(message, weights=gamma * gamma, minlength=n_messages) / count
         se = np.sqrt(np.maximum(second - dr_mean**2, 0.0) * count / np.maximum(count - 1.0, 1.0) / count)
         floor = CREDIBILITY_FLOOR * np.maximum(dr_mean, 0.0)
-        factors = np.minimum(np.maximum(dr_mean - z * se, floor) / model_mean, 1.0)  # P(stay) stays a probability
+        pessimistic = dr_mean - c * se * se / np.abs(dr_mean)
+        factors = np.minimum(np.maximum(pessimistic, floor) / model_mean, 1.0)  # P(stay) stays a probability
     factors = np.where(np.isfinite(factors) & (count > 1), factors, 0.0)
     return factors, {"model_mean": model_mean, "dr_mean": dr_mean, "se": se, "count": count}
 
@@ -643,7 +649,7 @@ def select_model(
         for c, choice in enumerate(choices):
             est, _ = fit_model(X[train], y[train], model=choice.model, seed=seed, params=choice.params or None)
             factors, _ = credibility_factors(est.predict_proba(Xt)[:, 1], va_t, code_t, owner_t, shown_t,
-                                             rewards[train], propensities[train], z=CREDIBILITY_Z,
+                                             rewards[train], propensities[train], c=CREDIBILITY_C,
                                              n_messages=n_messages)
             p = est.predict_proba(Xc)[:, 1] * (factors[code] + b * (1.0 - factors[code]))
             terms[c, test] = greedy_dr_terms(p, va, owner, shown, rewards[test], propensities[test])

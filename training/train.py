@@ -35,7 +35,7 @@ from retention import VerbParser
 from serving.log_reader import source, training_inputs
 from training.fit import (
     BASELINE_MAX_DECISIONS,
-    CREDIBILITY_Z,
+    CREDIBILITY_C,
     MODEL_CHOICES,
     MODELS,
     Baseline,
@@ -493,7 +493,7 @@ def _with_credibility(
 ) -> tuple[MessageCredibility, dict[str, Any]]:
     """Return the fitted model scaled by :func:`training.fit.credibility_factors` on every labelled decision, and the evidence.
 
-    The factors are pessimistic (z = CREDIBILITY_Z); with a `baseline` (from :func:`_baseline`) a
+    The factors are pessimistic (c = CREDIBILITY_C); with a `baseline` (from :func:`_baseline`) a
     row's factor moves towards 1 in proportion to b(x, m), the probability that the logging policy's
     own choice for the subscriber is the message (:class:`training.fit.MessageCredibility`).
     """
@@ -514,13 +514,13 @@ def _with_credibility(
         code_all.append(_message_codes(schema, message)[1])
     args = (np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
             np.concatenate(shown_all), rewards, prop)
-    factors, stats = credibility_factors(*args, z=CREDIBILITY_Z, n_messages=len(ids))
+    factors, stats = credibility_factors(*args, c=CREDIBILITY_C, n_messages=len(ids))
     evidence = {
-        "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_Z:g} SE, DR mean / 1000) / "
+        "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_C:g} SE² / DR mean, DR mean / 1000) / "
                 "model mean of its value), over the labelled decisions where it was a candidate; where the "
                 "logging policy's own choice for the subscriber is the message (probability b), the factor "
                 "moves to 1 in proportion to b",
-        "z": CREDIBILITY_Z,
+        "c": CREDIBILITY_C,
         "factors": {m: float(f) for m, f in zip(ids, factors, strict=True)},
         "baseline": baseline_evidence or {"fitted": False},
         "dr_mean": {m: float(v) for m, v in zip(ids, stats["dr_mean"], strict=True) if np.isfinite(v)},

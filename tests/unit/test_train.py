@@ -465,18 +465,28 @@ def test_credibility_factors_by_hand() -> None:
     rewards[np.flatnonzero(shown_b)[:10]] = 10.0  # b kept 10 of its 100
     p = np.full(2 * n, 0.1)
     value = np.full(2 * n, 10.0)
-    f0, stats = credibility_factors(p, value, code, owner, shown, rewards, mu, z=0.0, n_messages=3)
+    f0, stats = credibility_factors(p, value, code, owner, shown, rewards, mu, c=0.0, n_messages=3)
     # without pessimism the factor is the doubly robust mean over the model's mean: here both are 1
     assert stats["model_mean"][:2] == pytest.approx([1.0, 1.0])
     assert stats["dr_mean"][:2] == pytest.approx([1.0, 1.0])
     assert f0[:2] == pytest.approx([1.0, 1.0]) and f0[2] == 0.0  # no decision had message 2: factor 0
-    f1, stats = credibility_factors(p, value, code, owner, shown, rewards, mu, z=1.0, n_messages=3)
-    # one standard error of pessimism: b, shown a tenth as often with ten times the weight, loses far more
-    assert f1[0] == pytest.approx(1.0 - stats["se"][0]) and f1[1] == pytest.approx(1.0 - stats["se"][1])
-    assert 0.85 < f1[0] < 1.0 and f1[1] < 0.8 and f1[1] < f1[0]
-    # a message whose lower bound is at or below zero keeps a thousandth of its mean: ranked below the rest
-    f3, _ = credibility_factors(p, value, code, owner, shown, rewards, mu, z=10.0, n_messages=3)
-    assert f3[1] == pytest.approx(1e-3) and f3[0] > f3[1]
+    f1, stats = credibility_factors(p, value, code, owner, shown, rewards, mu, c=2.0, n_messages=3)
+    # pessimism of 2 × the squared relative standard error (D = 1 here): a, known to about ±10%, loses about 2%;
+    # b, shown a tenth as often with ten times the weight (about ±30%), loses about 18%
+    se = stats["se"]
+    assert f1[0] == pytest.approx(1.0 - 2.0 * se[0] ** 2) and f1[1] == pytest.approx(1.0 - 2.0 * se[1] ** 2)
+    assert 0.09 < se[0] < 0.11 and 0.28 < se[1] < 0.32
+    assert 0.97 < f1[0] < 0.99 and 0.78 < f1[1] < 0.86
+    # the penalty falls as the square of the standard error: 100 times the decisions, a hundredth of it
+    big = np.arange(100 * 2 * n) % (2 * n)
+    grow = np.repeat(np.arange(100), 2 * n) * n
+    fb, sb = credibility_factors(p[big], value[big], code[big], owner[big] + grow, shown[big],
+                                 np.tile(rewards, 100), np.tile(mu, 100), c=2.0, n_messages=3)
+    assert sb["se"][:2] == pytest.approx(se[:2] / 10, rel=0.01)
+    assert 1.0 - fb[:2] == pytest.approx((1.0 - f1[:2]) / 100, rel=0.02)
+    # a message whose pessimistic value is at or below zero keeps a thousandth of its mean: ranked below the rest
+    f3, _ = credibility_factors(p, value, code, owner, shown, rewards, mu, c=20.0, n_messages=3)
+    assert f3[1] == pytest.approx(1e-3) and f3[0] == pytest.approx(1.0 - 20.0 * se[0] ** 2) and f3[0] > f3[1]
 
 
 @pytest.fixture(scope="module")
