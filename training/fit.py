@@ -370,8 +370,8 @@ def credibility_factors(
     M = mean r̂(x, m), r̂ = P(stay) × value_after, and the doubly robust mean
     D = mean [r̂(x, m) + 1{a = m} / μ · (r − r̂(x, m))] (Dudík, Langford & Li 2011) with its standard
     error s. The pessimistic value is L = D − c·s²/D = D·(1 − c·(s/D)²), the first-order shrinkage of D
-    towards zero under a normal prior of standard deviation D/√c (the value is as uncertain as its own
-    size: no scale to choose); the factor is min(1, max(L, 0.001·D) / M): the model's values of m
+    towards zero under a normal prior of standard deviation D/√c (c = CREDIBILITY_C = 2, chosen on the
+    simulator's Apple-sized presets); the factor is min(1, max(L, 0.001·D) / M): the model's values of m
     rescaled so that they average L (a thousandth of D where L is not above zero, s ≥ D/√c, so such
     messages rank below every credible one and by D among themselves). A message the logs rarely
     showed has a wide interval and a small factor, so the policy does not switch to it on the

@@ -899,7 +899,7 @@ def summary_table(result: TrainResult, registry: str | None = None) -> str:
     if f.credibility:
         low = sorted(f.credibility["factors"].items(), key=lambda kv: kv[1])
         rows.append(("factors", f"per message {min(v for _, v in low):.3g} to {max(v for _, v in low):.3g} "
-                     f"(doubly robust lower bound of its value over the model's mean; lowest: {low[0][0]})"))
+                     f"(pessimistic doubly robust value over the model's mean; lowest: {low[0][0]})"))
         rows.append(("baseline", _baseline_line(f.credibility.get("baseline") or {})))
     if m.get("holdout_log_loss") is not None:
         auc = m.get("holdout_auc")
