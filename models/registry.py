@@ -290,7 +290,8 @@ class Registry:
         if not hist:
             if cur is None:
                 raise RegistryError(f"nothing to roll back to: registry {self.root} has no promoted version")
-            raise RegistryError(f"nothing to roll back to: {cur} is the only version ever promoted")
+            raise RegistryError(f"nothing to roll back to: the promotion history holds no version before {cur} "
+                                "(each rollback steps back once)")
         target = str(hist[-1]["version"])
         self.load(target)
         _write_atomic(self.root / HISTORY_FILE, (json.dumps(hist, indent=1) + "\n").encode())

@@ -156,13 +156,15 @@ def main(argv: list[str]) -> int:
             )
             print(reason)
             if not ok:
-                print(f"retention models: {args.version} left unpromoted; current stays {registry.current() or 'none'}",
+                cur = registry.current()
+                print(f"retention models: {args.version} left unpromoted; "
+                      + (f"current stays {cur}" if cur else "the registry still has no current version"),
                       file=sys.stderr)
                 return 1
         before = registry.current()
         version = registry.resolve(args.version)
         registry.promote(version)
-        print(f"promoted {version} (was {before or 'none'})")
+        print(f"{version} is already current" if version == before else f"promoted {version} (was {before or 'none'})")
         _end_experiment_of(registry, version)
         return 0
     if args.action == "rollback":

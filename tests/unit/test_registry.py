@@ -168,6 +168,12 @@ def test_models_cli(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, ca
     assert json.loads(capsys.readouterr().out)["version"] == b
     assert retention.main(["models", "rollback"]) == 0
     assert f"rolled back to {a}" in capsys.readouterr().out and reg.current() == a
+    # promoting the current version says so; once the history is stepped back to its start, rollback says that
+    assert retention.main(["models", "promote", "current"]) == 0
+    assert capsys.readouterr().out.strip() == f"{a} is already current"
+    assert retention.main(["models", "rollback"]) == 1
+    err = capsys.readouterr().err
+    assert f"the promotion history holds no version before {a}" in err and "ever promoted" not in err
     # bad input: one line, non-zero
     assert retention.main(["models", "promote", "nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
