@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the user gets one line; RETENTION_DEBUG=1 shows the traceback
         if os.environ.get("RETENTION_DEBUG"):
             raise
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:  # not "[Errno 17] File exists: 'x'"
+            text = f"{exc.filename}: {exc.strerror.lower()}"
+        else:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"retention {verb}: error: {text}", file=sys.stderr)
         return 1
 

@@ -130,3 +130,13 @@ def test_every_verb_is_in_the_verb_tables_with_its_actions(doc: str, capsys: pyt
         if choices:
             named = {a.strip() for a in rows[verb].split("/") if a.strip()}
             assert named == set(choices.group(1).split(",")), (doc, verb)
+
+
+def test_an_os_error_is_one_plain_line_naming_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file where a folder should go\n")
+    assert retention.main(["simulate", "--n", "100", "--out", str(taken)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"retention simulate: error: {taken}: file exists"], err
