@@ -489,7 +489,11 @@ def evaluate(
         if tp.rule_rows.any():
             warnings.append(f"{v}: non-finite scores on {int(tp.rule_rows.sum())} request(s); serving's fallback rule is "
                             "evaluated there")
-        overlap = training_overlap(registry, v, logged.frame) if v in registry.versions() else None
+        try:
+            overlap = training_overlap(registry, v, logged.frame) if v in registry.versions() else None
+        except (ValueError, OSError) as exc:  # an unreadable record of its training requests: say so, evaluate on
+            overlap = None
+            warnings.append(f"{v}: its training requests could not be read ({exc}); overlap with this data not checked")
         if overlap is not None and overlap[0] > 0:
             warnings.append(
                 f"{v}: {overlap[0]:,} of these {len(logged.frame):,} decisions are in its training data (matched "

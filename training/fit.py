@@ -83,11 +83,12 @@ MODEL_CHOICES: tuple[ModelChoice, ...] = (
                                       "min_samples_leaf": 200, "l2_regularization": 5.0, "early_stopping": True,
                                       "n_iter_no_change": 30}),
 )
-# The policy acts on a pessimistic value D − c·SE²/D of each message (credibility_factors): a penalty of c times
-# the squared relative standard error, so it fades as 1/n with more data (D − 1·SE, fading as 1/√n, still cost
-# as much as the effects to learn at 200,000 decisions). Measured on the Apple-sized presets (BENCHMARKS.md, issue 16).
+# The policy acts on a pessimistic value D − c·SE²/|D| of each message (credibility_factors): a penalty of c times
+# the squared relative standard error, so it fades as 1/n with more data (the lower bound D − 1·SE fades as 1/√n,
+# and cost up to 0.08 of the gap at 200,000 decisions on some worlds). Measured on the Apple-sized presets
+# (BENCHMARKS.md, issue 16).
 CREDIBILITY_C = 2.0
-# A message whose lower bound is not above zero keeps this share of its doubly robust mean: it is chosen
+# A message whose pessimistic value is not above zero keeps this share of its doubly robust mean: it is chosen
 # only where no message has credible value, and then the one the logs say earns most.
 CREDIBILITY_FLOOR = 1e-3
 # The logging policy's own choice (fit_baseline): a decision whose shown message had at least this
@@ -369,16 +370,16 @@ def credibility_factors(
     code. Per message m, over the decisions where it was a candidate: the model's mean value
     M = mean r̂(x, m), r̂ = P(stay) × value_after, and the doubly robust mean
     D = mean [r̂(x, m) + 1{a = m} / μ · (r − r̂(x, m))] (Dudík, Langford & Li 2011) with its standard
-    error s. The pessimistic value is L = D − c·s²/D = D·(1 − c·(s/D)²), the first-order shrinkage of D
+    error s. The pessimistic value is L = D − c·s²/|D| (= D·(1 − c·(s/D)²) for D > 0), the first-order shrinkage of D
     towards zero under a normal prior of standard deviation D/√c (c = CREDIBILITY_C = 2, chosen on the
     simulator's Apple-sized presets); the factor is min(1, max(L, 0.001·D) / M): the model's values of m
     rescaled so that they average L (a thousandth of D where L is not above zero, s ≥ D/√c, so such
-    messages rank below every credible one and by D among themselves). A message the logs rarely
+    messages rank below every credible one and by D among themselves; factor 0 where D ≤ 0). A message the logs rarely
     showed has a wide interval and a small factor, so the policy does not switch to it on the
     strength of a few dozen rows. The penalty falls as s², 1/n: with c = 2 a value known to ±10%
     loses 2%, one known to ±30% loses 18%; with enough data the factor is D / M, the model's own
-    values recalibrated downwards. A lower bound D − z·s falls only as 1/√n and at Apple's effect
-    sizes still cost as much as the effects at 200,000 decisions. It is never above 1, so the scaled P(stay) that serving
+    values recalibrated downwards. A lower bound D − z·s falls only as 1/√n; at Apple's effect
+    sizes it cost up to 0.08 of the gap at 200,000 decisions on some worlds. It is never above 1, so the scaled P(stay) that serving
     logs and that the evaluation's reward model reads stays a probability (a message the model
     undervalues keeps the model's own values).
     A message no decision had as a candidate gets 0.

@@ -36,6 +36,8 @@ from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate, train
 from training.verdict import decisions_for_ess, describe, judge
 
 MAX_UNSUPPORTED_MASS = 0.10
+
+
 def promotion_gate(
     registry_root: Path,
     candidate: str,

@@ -516,7 +516,7 @@ def _with_credibility(
             np.concatenate(shown_all), rewards, prop)
     factors, stats = credibility_factors(*args, c=CREDIBILITY_C, n_messages=len(ids))
     evidence = {
-        "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_C:g} SE² / DR mean, DR mean / 1000) / "
+        "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_C:g} SE² / |DR mean|, DR mean / 1000) / "
                 "model mean of its value), over the labelled decisions where it was a candidate; where the "
                 "logging policy's own choice for the subscriber is the message (probability b), the factor "
                 "moves to 1 in proportion to b",

@@ -247,7 +247,8 @@ def test_overlap_with_training_data_is_warned_by_request_id_not_by_date(lab: Lab
     # the lab's evaluation world spans the same dates as the training world, but no request of it was trained on
     fresh = evaluate(_inputs(lab.world, lab.world.decisions.iloc[:3000].copy()), Registry(lab.registry),
                      [lab.strong], dataclasses.replace(FAST, segments=False))
-    assert not any("training data" in w for w in fresh.summary["warnings"]), fresh.summary["warnings"]
+    assert not any(lab.strong in w and ("training data" in w or "optimistic" in w or "trained on" in w)
+                   for w in fresh.summary["warnings"]), fresh.summary["warnings"]
     # its own training decisions (the same simulator seed): warned, with how many and how they were matched
     train = simulate(20_000, seed=100)
     own = evaluate(_inputs(train, train.decisions.iloc[:3000].copy()), Registry(lab.registry), [lab.strong],
@@ -256,6 +257,18 @@ def test_overlap_with_training_data_is_warned_by_request_id_not_by_date(lab: Lab
     assert len(hits) == 1 and hits[0].startswith(f"{lab.strong}: ") and "(matched by request_id)" in hits[0], hits
     count = int(hits[0].split(": ")[1].split(" of ")[0].replace(",", ""))
     assert 2500 < count <= 3000  # every labelled one of the 3,000 (the censored ones were not trained on)
+
+
+def test_an_unreadable_record_of_training_requests_is_a_warning_not_a_failed_evaluation(lab: Lab, tmp_path: Path) -> None:
+    from training.train import TRAINING_REQUESTS_FILE
+
+    shutil.copytree(lab.registry, tmp_path / "registry")
+    (tmp_path / "registry" / lab.strong / TRAINING_REQUESTS_FILE).write_bytes(b"damaged")
+    ev = evaluate(_inputs(lab.world, lab.world.decisions.iloc[:2000].copy()), Registry(tmp_path / "registry"),
+                  [lab.strong], dataclasses.replace(FAST, segments=False))
+    hits = [w for w in ev.summary["warnings"] if "training requests could not be read" in w]
+    assert len(hits) == 1 and hits[0].startswith(f"{lab.strong}: ") and "sha256 mismatch" in hits[0], hits
+    assert ev.summary["policies"][1]["estimates"]["dr"]["estimate"] > 0  # evaluated all the same
 
 
 def test_fallback_decisions_put_target_mass_where_logging_had_none(lab: Lab) -> None:

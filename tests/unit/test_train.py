@@ -484,6 +484,15 @@ def test_credibility_factors_by_hand() -> None:
                                  np.tile(rewards, 100), np.tile(mu, 100), c=2.0, n_messages=3)
     assert sb["se"][:2] == pytest.approx(se[:2] / 10, rel=0.01)
     assert 1.0 - fb[:2] == pytest.approx((1.0 - f1[:2]) / 100, rel=0.02)
+    # the factors do not depend on the unit of value: ten times the values, the same factors
+    f10, s10 = credibility_factors(p, 10.0 * value, code, owner, shown, 10.0 * rewards, mu, c=2.0, n_messages=3)
+    assert f10 == pytest.approx(f1) and s10["dr_mean"][:2] == pytest.approx([10.0, 10.0])
+    # a message that loses value (D < 0: an upgrade most leave) gets factor 0, however uncertain
+    fneg, sneg = credibility_factors(p, value, code, owner, shown, np.where(rewards > 0, -rewards, 0.0), mu,
+                                     c=2.0, n_messages=3)
+    assert sneg["dr_mean"][1] < 0 and fneg[1] == 0.0
+    assert credibility_factors(p, value, code, owner, shown, np.where(rewards > 0, -rewards, 0.0), mu,
+                               c=50.0, n_messages=3)[0][1] == 0.0  # the penalty never turns a loss into a gain
     # a message whose pessimistic value is at or below zero keeps a thousandth of its mean: ranked below the rest
     f3, _ = credibility_factors(p, value, code, owner, shown, rewards, mu, c=20.0, n_messages=3)
     assert f3[1] == pytest.approx(1e-3) and f3[0] == pytest.approx(1.0 - 20.0 * se[0] ** 2) and f3[0] > f3[1]
