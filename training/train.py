@@ -512,9 +512,10 @@ def _with_credibility(
         shown_all.append(shown)
         va_all.append(va)
         code_all.append(_message_codes(schema, message)[1])
-    args = (np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
-            np.concatenate(shown_all), rewards, prop)
-    factors, stats = credibility_factors(*args, c=CREDIBILITY_C, n_messages=len(ids))
+    factors, stats = credibility_factors(
+        np.concatenate(p_all), np.concatenate(va_all), np.concatenate(code_all), np.concatenate(owner_all),
+        np.concatenate(shown_all), rewards, prop, c=CREDIBILITY_C, n_messages=len(ids),
+    )
     evidence = {
         "rule": f"P(stay) of each message scaled by min(1, max(DR mean − {CREDIBILITY_C:g} SE² / |DR mean|, DR mean / 1000) / "
                 "model mean of its value), over the labelled decisions where it was a candidate; where the "
