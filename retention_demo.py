@@ -145,7 +145,11 @@ def main(argv: list[str]) -> int:
             }
         )
         print(f"server: retention serve on {base} (Sandbox, test CA at {root_path})")
-        proc = subprocess.Popen(children.command("retention", "serve"), env=children.environment(env))
+        # the server's own log goes to a file, shown after the requests: not interleaved with their lines
+        server_log = tmpd / "server.log"
+        with server_log.open("wb") as log_out:
+            proc = subprocess.Popen(children.command("retention", "serve"), env=children.environment(env),
+                                    stdout=log_out, stderr=subprocess.STDOUT)
         try:
             ready = _wait_ready(base, proc)
             print(f"server: ready={ready.get('ready')} model={ready.get('model_version')}")
@@ -169,6 +173,10 @@ def main(argv: list[str]) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            lines = server_log.read_text(errors="replace").splitlines()
+            print("\nserver log (warnings and errors):" if lines else "\nserver log: empty (warnings and errors only)")
+            for line in lines[-40:]:
+                print(f"  {line}")
         _show_decisions(data_dir)
     print("demo: done; the server stopped cleanly")
     return 0

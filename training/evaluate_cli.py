@@ -90,10 +90,9 @@ def main(argv: list[str]) -> int:
         return 2
     from models.registry import Registry, registry_spec
 
-    args.registry = Registry.parse(registry_spec(args.registry))[0].root
-    if not args.registry.is_dir():
-        print(f"retention evaluate: error: registry {args.registry} is not a folder", file=sys.stderr)
-        return 2
+    registry = Registry.parse(registry_spec(args.registry))[0]
+    registry.require_folder()  # a missing folder is one line and exit 1, as for `retention models`
+    args.registry = registry.root
 
     from training.data_io import read_table
 

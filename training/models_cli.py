@@ -97,11 +97,11 @@ def _list(registry: Registry) -> int:
 
 def _prune(registry: Registry, args: argparse.Namespace) -> int:
     if args.keep < 1:
-        print("retention models prune: error: --keep must be 1 or more: the newest version is always kept "
+        print("retention models: error: --keep must be 1 or more: the newest version is always kept "
               "(a server pinned at DIR@latest serves it)", file=sys.stderr)
         return 2
     if args.shadow and args.shadow not in ("current", "latest") and args.shadow not in registry.versions():
-        print(f"retention models prune: error: --shadow (RETENTION_SHADOW_MODEL) {args.shadow!r} is not a version of "
+        print(f"retention models: error: --shadow (RETENTION_SHADOW_MODEL) {args.shadow!r} is not a version of "
               f"{registry.root}", file=sys.stderr)
         return 2
     pinned = Registry.parse(os.environ.get("RETENTION_MODEL", ""))[1]

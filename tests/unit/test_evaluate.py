@@ -350,7 +350,7 @@ def test_cli_prints_the_table_and_writes_json_and_html(lab: Lab, tmp_path: Path,
         (lambda a: a.__setitem__(a.index("--decisions") + 1, "/nonexistent/d.parquet"), 1, "no such file"),
         (lambda a: a.__setitem__(a.index("--versions") + 1, "nope"), 1, "not in registry"),
         (lambda a: a.extend(["--level", "1.5"]), 2, "--level"),
-        (lambda a: a.__setitem__(a.index("--registry") + 1, "/nonexistent/reg"), 2, "not a folder"),
+        (lambda a: a.__setitem__(a.index("--registry") + 1, "/nonexistent/reg"), 1, "/nonexistent/reg does not exist"),
     ],
 )
 def test_cli_bad_input_is_one_line(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str], change, code, needle) -> None:  # type: ignore[no-untyped-def]
