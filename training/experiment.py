@@ -20,7 +20,8 @@ limit theory and asymptotic confidence sequences", Annals of Statistics 52(6), 2
 
     ψ̄_t ± σ̂_t · sqrt( 2 (t ρ² + 1) / (t² ρ²) · log( sqrt(t ρ² + 1) / α ) )
 
-with ``σ̂_t`` the running standard deviation of the ψ's and ``ρ² = (−2 log α + log(−2 log α + 1)) / t*``,
+with ``σ̂_t`` the running standard deviation of the ψ's (counted by subscriber, cluster-robust: a
+subscriber's decisions share an arm and an outcome; see :func:`confidence_sequence`) and ``ρ² = (−2 log α + log(−2 log α + 1)) / t*``,
 which makes the sequence tightest near ``t*`` decisions (any ``t*`` keeps it valid). Unlike a z-test
 read every day, the whole sequence covers the true difference with probability ``1 − α``
 (asymptotically), however often and whenever it is read; so stopping as soon as it excludes zero
@@ -97,10 +98,17 @@ class SequenceState:
     sd: float
 
 
-def confidence_sequence(psi: np.ndarray, alpha: float, t_star: float, looks: np.ndarray | None = None) -> list[SequenceState]:
+def confidence_sequence(
+    psi: np.ndarray, alpha: float, t_star: float, looks: np.ndarray | None = None, groups: np.ndarray | None = None,
+) -> list[SequenceState]:
     """Return the sequence's state after each count in ``looks`` (default: only after all ``psi``).
 
     ``psi``: (n,) terms in time order; ``alpha``: 1 − level; ``t_star``: where it is tightest.
+    ``groups``: (n,) the subscriber of each term, or None when every term is its own. A subscriber's
+    decisions share an arm and, within a label window, an outcome, so they are not independent: the
+    sd is then the cluster-robust one, ``sqrt(Σ_g (Σ_{i∈g} (ψ_i − ψ̄))² / t · G/(G−1))`` over the G
+    subscribers of the first t terms (Liang & Zeger 1986), which equals the plain sd when no
+    subscriber repeats and grows with repeat visits that move together.
     """
     x = np.asarray(psi, dtype=np.float64)
     n = x.shape[0]
@@ -108,12 +116,20 @@ def confidence_sequence(psi: np.ndarray, alpha: float, t_star: float, looks: np.
         looks = np.array([n])
     c1 = np.cumsum(x)
     c2 = np.cumsum(x * x)
+    codes = None if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    if codes is not None and codes.shape[0] != n:
+        raise ValueError(f"groups has {codes.shape[0]} entries for {n} terms")
     out = []
     for t in np.asarray(looks, dtype=np.int64):
         if t < 2 or t > n:
             raise ValueError(f"a look at {t} terms needs 2 <= t <= {n}")
         mean = c1[t - 1] / t
-        var = max(c2[t - 1] / t - mean * mean, 0.0) * t / (t - 1)
+        if codes is None:
+            var = max(c2[t - 1] / t - mean * mean, 0.0) * t / (t - 1)
+        else:
+            sums = np.bincount(codes[:t], weights=x[:t] - mean)
+            g = int(np.count_nonzero(np.bincount(codes[:t])))
+            var = float(sums @ sums) / t * (g / (g - 1) if g > 1 else math.inf)
         sd = math.sqrt(var)
         hw = sd * float(boundary(t, alpha, t_star))
         out.append(SequenceState(int(t), float(mean), float(mean - hw), float(mean + hw), sd))
@@ -289,7 +305,8 @@ def experiment_status(
     if arms[0].labelled >= MIN_PER_ARM and arms[1].labelled >= MIN_PER_ARM:
         shares = logged_shares.fillna(share).to_numpy(np.float64)
         psi = aipw_terms(z[ok], y[ok], shares[ok])
-        state = confidence_sequence(psi, alpha, t_star)[0]
+        subscribers = d["original_transaction_id"].astype("str").to_numpy()[ok]
+        state = confidence_sequence(psi, alpha, t_star, groups=subscribers)[0]
     t = d["signed_date"].to_numpy(np.int64)
     span_days = max((int(t.max()) - int(t.min())) / DAY_MS, 1.0)
     per_day = len(d) / span_days

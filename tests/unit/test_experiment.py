@@ -70,6 +70,39 @@ def test_confidence_sequence_covers_under_100_looks(level: float, rate: float, v
     assert 1 - z_test_misses / experiments < level  # the naive test read daily does not hold its level
 
 
+def test_repeat_visits_that_share_an_outcome_keep_the_level_with_subscriber_groups() -> None:
+    """Subscribers who open the cancel page about 3 times each, one arm and one outcome per subscriber (a
+    label window covers their visits), no true difference, read 50 times: with the subscribers as groups the
+    95% sequence contains 0 at every look in at least 95% of 300 experiments; treating each visit as
+    independent understates the spread and calls a winner far more often."""
+    rng = np.random.default_rng(11)
+    experiments, subscribers, level = 300, 1500, 0.95
+    looks = np.linspace(300, 4000, 50).astype(int)
+    misses = {"grouped": 0, "per visit": 0}
+    for _ in range(experiments):
+        visits = 1 + rng.poisson(2.0, subscribers)
+        sub = np.repeat(np.arange(subscribers), visits)
+        order = np.argsort(rng.random(len(sub)), kind="stable")  # visits interleave in time
+        sub = sub[order][: looks[-1]]
+        z = (rng.random(subscribers) < 0.5)[sub]
+        y = (rng.random(subscribers) < 0.3)[sub] * 10.0
+        psi = aipw_terms(z, y, 0.5)
+        for name, groups in (("grouped", sub), ("per visit", None)):
+            states = confidence_sequence(psi, 1 - level, 2000, looks, groups=groups)
+            misses[name] += any(s.lower > 0 or s.upper < 0 for s in states)
+    assert 1 - misses["grouped"] / experiments >= level, misses
+    assert 1 - misses["per visit"] / experiments < level - 0.03, misses
+
+
+def test_groups_of_one_give_the_plain_sequence() -> None:
+    rng = np.random.default_rng(3)
+    psi = aipw_terms(rng.random(500) < 0.5, (rng.random(500) < 0.2) * 30.0, 0.5)
+    plain = confidence_sequence(psi, 0.05, 300, np.array([50, 500]))
+    grouped = confidence_sequence(psi, 0.05, 300, np.array([50, 500]), groups=np.arange(500)[::-1])
+    for a, b in zip(plain, grouped, strict=True):
+        assert b.sd == pytest.approx(a.sd, rel=1e-12) and b.lower == pytest.approx(a.lower, rel=1e-12)
+
+
 def test_plan_at_apples_effect_sizes_finds_the_lift_with_the_stated_power() -> None:
     plan = plan_experiment(0.0171, 0.014, 2000.0)
     assert plan.decisions_median is not None and plan.decisions_power is not None
@@ -156,6 +189,28 @@ def test_status_counts_open_windows_as_pending_not_churn() -> None:
     pending = sum(a.pending for a in s.arms)
     assert pending > 0 and labelled + pending == 400
     assert all(a.censored == 0 for a in s.arms)
+
+
+def test_status_counts_a_returning_subscriber_once_in_the_spread() -> None:
+    """The same 600 subscribers, each reaching the cancel page in three months in a row (one arm, and the same
+    choice each time: cancel or stay): the interval is about as wide as with one visit each, not √3 narrower
+    as it would be if each visit counted as an independent subscriber."""
+    cat = Catalog.load(DEMO_CATALOG)
+    dec, out = _world(cat, n=600, lift=0.0, seed=5)
+    # t_star near these sizes: there the boundary shrinks as 1/√t, so a width compares information
+    once = experiment_status(dec, out, cat, experiment_id="exp-t", challenger="v2", share=0.5, t_star=1000)
+    month = 35 * DAY
+    cancels = out[out["event"] == "cancelled"]
+    late = pd.DataFrame({"original_transaction_id": ["someone-else"], "event": ["renewed"],
+                         "at": [int(dec["signed_date"].max()) + 3 * month]})
+    thrice = pd.concat([dec.assign(request_id=dec["request_id"] + f"-{k}", signed_date=dec["signed_date"] + k * month)
+                        for k in range(3)], ignore_index=True)
+    out3 = pd.concat([*(cancels.assign(at=cancels["at"] + k * month) for k in range(3)), late], ignore_index=True)
+    three = experiment_status(thrice, out3, cat, experiment_id="exp-t", challenger="v2", share=0.5, t_star=1000)
+    assert sum(a.labelled for a in three.arms) == 3 * sum(a.labelled for a in once.arms)
+    assert once.upper is not None and once.lower is not None and three.upper is not None and three.lower is not None
+    width_once, width_three = once.upper - once.lower, three.upper - three.lower
+    assert width_three > 0.85 * width_once  # counted per visit it would be about 0.58 of it
 
 
 def _registry_with_two_versions(tmp_path: Path, trained_registry: Path) -> tuple[Path, str, str]:
