@@ -7,10 +7,12 @@ Every verb module exposes ``main(argv: list[str]) -> int``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 VERBS: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "run the endpoint (uvicorn)"),
@@ -39,8 +41,52 @@ class VerbParser(argparse.ArgumentParser):
     and where the options are listed instead. Sub-commands (``add_subparsers``) inherit the class.
     """
 
+    _commands: Any = None  # the sub-commands action, when the verb has sub-commands
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        """Add sub-commands, shown as COMMAND unless a metavar is given (never the internal dest name)."""
+        kwargs.setdefault("metavar", "COMMAND")
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Parse as argparse does; an unknown argument is reported by the sub-command it was given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            target: argparse.ArgumentParser = self
+            if self._commands is not None:
+                target = self._commands.choices.get(getattr(ns, self._commands.dest, None), self)
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
     def error(self, message: str) -> NoReturn:
+        if self._commands is not None:
+            names = ", ".join(self._commands.choices)
+            if message.endswith(f"required: {self._commands.metavar}"):
+                message = f"a command is needed: one of {names}"
+            elif message.startswith(f"argument {self._commands.metavar}: invalid choice: "):
+                given = message.removeprefix(f"argument {self._commands.metavar}: invalid choice: ").split(" (")[0]
+                message = f"unknown command {given}: one of {names}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """Return an argparse ``type`` that accepts whole numbers from `low` to `high` (inclusive; None: no top).
+
+    A value outside is a usage error: ``retention VERB: error: argument --FLAG: must be ...`` and exit 2.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low:,} to {high:,}" if high is not None else f"{low:,} or more"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {value:,}")
+        return value
+
+    return parse
 
 
 def _usage() -> str:
@@ -60,6 +106,31 @@ def _reader_gone() -> int:
     return 141
 
 
+def _stdout_broken() -> bool:
+    """Return True when writing to stdout fails (a full disk, a closed descriptor)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def _cannot_write(prog: str, exc: OSError) -> int:
+    """Say in one line that the output could not be written; return 1.
+
+    When stdout itself is what failed, it then goes to /dev/null (as in _reader_gone), so the
+    interpreter's final flush cannot raise again.
+    """
+    reason = (exc.strerror or str(exc)).lower()
+    print(f"{prog}: error: cannot write: {reason}", file=sys.stderr)
+    if _stdout_broken():
+        _reader_gone()
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status; bad input is one line on stderr, never a traceback."""
     args = sys.argv[1:] if argv is None else argv
@@ -68,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_usage(), flush=True)
         except BrokenPipeError:
             return _reader_gone()
+        except OSError as exc:
+            _reader_gone()
+            return _cannot_write("retention", exc)
         return 0 if args else 2
     verb, rest = args[0], args[1:]
     if verb not in VERBS:
@@ -75,16 +149,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(VERBS[verb][0])
     try:
-        return int(module.main(rest) or 0)
+        status = int(module.main(rest) or 0)
+        sys.stdout.flush()  # a write that fails (a full disk) fails here, not silently at exit
+        return status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return _reader_gone()
-    except SystemExit:
+    except SystemExit:  # argparse's --help and usage errors
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _reader_gone()
+        except OSError as exc:
+            return _cannot_write(f"retention {verb}", exc)
         raise
     except Exception as exc:  # the user gets one line; RETENTION_DEBUG=1 shows the traceback
         if os.environ.get("RETENTION_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in _WRITE_ERRNOS:
+            return _cannot_write(f"retention {verb}", exc)
         if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:  # not "[Errno 17] File exists: 'x'"
             text = f"{exc.filename}: {exc.strerror.lower()}"
         else:

@@ -23,11 +23,16 @@ import urllib.request
 from pathlib import Path
 
 from models.catalog import DEMO_CATALOG
-from retention import VerbParser
+from retention import VerbParser, int_in
 from serving import children
 from serving.settings import DEFAULT_REGISTRY
 
 APP_ID = 1234567890
+DESCRIPTION = """Train a model on a simulated world if the registry has none (later runs reuse it), start
+retention serve on 127.0.0.1 with a test CA and a test In-App Purchase key made for this run (in a
+temporary folder, deleted at the end), send signed requests and one forged request, then show the
+server's warnings and the decisions it logged, and stop the server."""
+MAX_REQUESTS = 1000
 
 
 def _free_port() -> int:
@@ -82,16 +87,20 @@ def ensure_model(registry: Path, n_decisions: int) -> str:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``retention demo``."""
-    p = VerbParser(prog="retention demo", description=__doc__)
-    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="model registry (trained into when empty)")
-    p.add_argument("--requests", type=int, default=8, help="signed requests to send")
-    p.add_argument("--decisions", type=int, default=20000, help="simulated decisions to train the demo model on")
+    p = VerbParser(prog="retention demo", description=DESCRIPTION)
+    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="model registry folder (trained into when empty)")
+    p.add_argument("--requests", type=int_in(1, MAX_REQUESTS), default=8,
+                   help=f"signed requests to send, one per simulated subscriber (1 to {MAX_REQUESTS:,}; default 8)")
+    p.add_argument("--decisions", type=int_in(1000), default=20000,
+                   help="simulated decisions to train the demo model on (1,000 or more; default 20,000)")
     p.add_argument("--retrain", action="store_true", help="train a new model version even if one exists")
     args = p.parse_args(argv)
 
     from serving.testpki import TestPKI
 
     registry = Path(args.registry)
+    if registry.exists() and not registry.is_dir():
+        p.error(f"--registry {registry} is a file, not a model registry folder")
     if args.retrain and registry.exists():
         from training.train import train_demo_model
 
@@ -117,7 +126,7 @@ def main(argv: list[str]) -> int:
         # the simulated subscribers' profiles, so the model personalizes the demo's answers
         from training.simulate import simulate
 
-        world = simulate(400, seed=7)
+        world = simulate(max(400, 2 * args.requests), seed=7)  # about 88% of its decisions are distinct subscribers
         prof_file = tmpd / "profiles.parquet"
         world.profiles.to_parquet(prof_file)
         from serving.profiles import import_profiles
@@ -144,7 +153,7 @@ def main(argv: list[str]) -> int:
                 "RETENTION_SEED": "1",
             }
         )
-        print(f"server: retention serve on {base} (Sandbox, test CA at {root_path})")
+        print(f"server: retention serve on {base} (Sandbox; a test CA made for this run, at {root_path})")
         # the server's own log goes to a file, shown after the requests: not interleaved with their lines
         server_log = tmpd / "server.log"
         with server_log.open("wb") as log_out:
@@ -166,7 +175,7 @@ def main(argv: list[str]) -> int:
                 print(f"  {row.product_id:<30} {row.user_locale:<6} -> {status} {_short(answer)}")
             # a forged request: signed by a CA nobody configured
             status, answer = _post(base + "/retention/message", TestPKI.mint().signed_request_body(app_apple_id=APP_ID))
-            print(f"  forged request (untrusted CA)                -> {status} {answer}")
+            print(f"  {'forged request (untrusted CA)':<37} -> {status} {answer}")
         finally:
             proc.send_signal(signal.SIGTERM)  # graceful: the decision log is flushed
             try:

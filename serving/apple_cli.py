@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Apple's realtime URL and Sandbox performance test. See docs/apple-setup.md.")
     sub = p.add_subparsers(dest="cmd", required=True)
     rt = sub.add_parser("realtime-url", help="show, set or delete the URL Apple calls for retention messages")
-    rt.add_argument("action", choices=("show", "set", "delete"))
+    rt.add_argument("action", choices=("show", "set", "delete"), metavar="show|set|delete")
     rt.add_argument("url", nargs="?", default=None, help="with set: the https URL of your endpoint")
     add_arguments(rt)
     pt = sub.add_parser("performance-test", help="run Apple's Sandbox performance test of your realtime URL",

@@ -96,10 +96,10 @@ def main(argv: Sequence[str]) -> int:
         return 1 if bad and args.strict else 0
 
     if args.command == "show" and args.last < 1:
-        print("retention decisions: --last must be at least 1", file=sys.stderr)
+        print("retention decisions show: error: --last must be at least 1", file=sys.stderr)
         return 2
     if args.command == "show" and args.database_url and args.data_dir:
-        print("retention decisions: give --database-url or --data-dir, not both", file=sys.stderr)
+        print("retention decisions show: error: give --database-url or --data-dir, not both", file=sys.stderr)
         return 2
     if args.command == "show" and url:
         from serving import pg_log
@@ -107,7 +107,7 @@ def main(argv: Sequence[str]) -> int:
 
         rows = pg_log.latest_decisions(check_url(url), args.last)
         if not rows:
-            print(f"retention decisions: no decisions in {safe_url(url)}", file=sys.stderr)
+            print(f"retention decisions show: error: no decisions in {safe_url(url)}", file=sys.stderr)
             return 1
         _print_decisions(rows)
         return 0

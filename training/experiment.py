@@ -701,7 +701,7 @@ def main(argv: list[str]) -> int:
         _stop(registry, registry_exp)
         print(f"promoted {registry_exp.challenger} to current and stopped experiment {eid}")
         return 0
-    except (ValueError, OSError, RegistryError) as exc:
+    except (ValueError, RegistryError) as exc:  # an OSError reaches the dispatcher: `PATH: reason`, or cannot write
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"retention experiment {args.cmd}: {text}", file=sys.stderr)
+        print(f"retention experiment {args.cmd}: error: {text}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     reg = VerbParser(add_help=False)
     reg.add_argument("--registry", help="model registry folder")
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", parents=[reg], help="list versions, newest last; * marks the current one")
     s = sub.add_parser("show", parents=[reg], help="print a version's model card (its manifest JSON with --json)")
     s.add_argument("version", help="version id, 'current' or 'latest'")
@@ -97,11 +97,11 @@ def _list(registry: Registry) -> int:
 
 def _prune(registry: Registry, args: argparse.Namespace) -> int:
     if args.keep < 1:
-        print("retention models: error: --keep must be 1 or more: the newest version is always kept "
+        print("retention models prune: error: --keep must be 1 or more: the newest version is always kept "
               "(a server pinned at DIR@latest serves it)", file=sys.stderr)
         return 2
     if args.shadow and args.shadow not in ("current", "latest") and args.shadow not in registry.versions():
-        print(f"retention models: error: --shadow (RETENTION_SHADOW_MODEL) {args.shadow!r} is not a version of "
+        print(f"retention models prune: error: --shadow (RETENTION_SHADOW_MODEL) {args.shadow!r} is not a version of "
               f"{registry.root}", file=sys.stderr)
         return 2
     pinned = Registry.parse(os.environ.get("RETENTION_MODEL", ""))[1]
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         if args.if_better:
             need = [f"--{n}" for n in ("decisions", "outcomes", "catalog") if getattr(args, n) is None]
             if need:
-                print(f"retention models: error: --if-better needs {', '.join(need)}", file=sys.stderr)
+                print(f"retention models promote: error: --if-better needs {', '.join(need)}", file=sys.stderr)
                 return 2
             args.version = registry.resolve(args.version)
             registry.load(args.version)  # refuse an unloadable candidate before any evaluation

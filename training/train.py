@@ -125,6 +125,10 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # data preparation
 # ---------------------------------------------------------------------------------------------
+#: The fewest decisions of each outcome (retained, churned) that training accepts.
+MIN_EACH_OUTCOME = 10
+
+
 def profile_spec(profiles: pd.DataFrame | None) -> tuple[list[str], list[str], dict[str, list[str]]]:
     """Return (numeric columns, categorical columns, vocabularies) of a profiles table.
 
@@ -409,8 +413,12 @@ def train_frames(
         )
         raise TrainError(f"no rows after the join: {why}")
     y_all = labels.to_numpy()[use].astype(np.int64)
-    if len(np.unique(y_all)) < 2:
-        raise TrainError("every labelled decision has the same outcome (all retained or all churned): nothing to learn")
+    retained, churned = int(y_all.sum()), int(len(y_all) - y_all.sum())
+    if min(retained, churned) < MIN_EACH_OUTCOME:
+        waiting = (f"; {stats.censored:,} more are censored (no outcome yet and their {horizon_days:g}-day window "
+                   "has not passed: outcomes arrive with Apple's notifications)" if stats.censored else "")
+        raise TrainError(f"{len(y_all):,} labelled decisions hold {retained:,} retained and {churned:,} churned: "
+                         f"training needs at least {MIN_EACH_OUTCOME} of each, and hundreds for a useful model{waiting}")
     timings["label"] = time.perf_counter() - t
     steps = ["featurize", "fit", "export", "parity"] + (["ground truth"] if ground_truth is not None else [])
     bar = tqdm(total=len(steps), desc="train", unit="step", file=sys.stderr, disable=None if progress else True, leave=False)

@@ -123,13 +123,20 @@ def test_every_verb_is_in_the_verb_tables_with_its_actions(doc: str, capsys: pyt
     text = (Path(__file__).resolve().parents[2] / doc).read_text()
     rows = dict(re.findall(r"^\| `retention ([a-z]+)([^`]*)` \|", text, re.M))
     assert set(rows) == set(retention.VERBS), doc
+    with_actions = 0
     for verb in retention.VERBS:  # a verb with actions names every one of them in its row
         with pytest.raises(SystemExit):
             retention.main([verb, "--help"])
-        choices = re.search(r"usage: retention [a-z]+ \[-h\] \{([a-z,-]+)\}", capsys.readouterr().out)
-        if choices:
-            named = {a.strip() for a in rows[verb].split("/") if a.strip()}
-            assert named == set(choices.group(1).split(",")), (doc, verb)
+        if not re.search(r"usage: retention [a-z]+ \[-h\] (\[[^]]*\] )*COMMAND", capsys.readouterr().out):
+            continue
+        with pytest.raises(SystemExit):  # no action given: the error names them all
+            retention.main([verb])
+        choices = re.search(r"a command is needed: one of ([a-z, -]+) \(see", capsys.readouterr().err)
+        assert choices, verb
+        named = {a.strip() for a in rows[verb].split("/") if a.strip()}
+        assert named == set(choices.group(1).split(", ")), (doc, verb)
+        with_actions += 1
+    assert with_actions >= 8  # catalog, apple, decisions, notifications, db, profiles, models, experiment
 
 
 def test_an_os_error_is_one_plain_line_naming_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,3 +147,33 @@ def test_an_os_error_is_one_plain_line_naming_the_path(tmp_path: Path, capsys: p
     assert retention.main(["simulate", "--n", "100", "--out", str(taken)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"retention simulate: error: {taken}: file exists"], err
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["models"], "retention models: error: a command is needed: one of list, show, promote, rollback, prune "
+                 "(see retention models --help)"),
+    (["models", "lst"], "retention models: error: unknown command 'lst': one of list, show, promote, rollback, "
+                        "prune (see retention models --help)"),
+    (["models", "list", "--bogus"], "retention models list: error: unrecognized arguments: --bogus "
+                                    "(see retention models list --help)"),
+    (["demo", "--requests", "-2"], "retention demo: error: argument --requests: must be from 1 to 1,000, not -2 "
+                                   "(see retention demo --help)"),
+])
+def test_usage_errors_name_the_command_and_what_it_takes(argv: list[str], expected: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err == expected + "\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
+@pytest.mark.parametrize("args", [["--help"], ["experiment", "plan", "--baseline-rate", "0.0171", "--lift", "0.014", "--traffic", "1000/day"]])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(args: list[str]) -> None:
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "retention", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "no space left on device" in lines[0] and "Traceback" not in r.stderr, lines

@@ -254,6 +254,10 @@ def _broken(paths: dict[str, Path], tmp: Path, what: str) -> dict[str, Path]:
         d.loc[3, "message_id"] = "00000000-0000-4000-8000-000000000000"
     elif what == "no rows after the join":
         o = o.iloc[:0]  # no events and an as-of at the first decision: every window is still open
+    elif what == "too few churned":  # the cancellations of three subscribers only
+        churn = o["event"].isin(["cancelled", "expired"])
+        few = o.loc[churn, "original_transaction_id"].unique()[:3]
+        o = o[~churn | o["original_transaction_id"].isin(few)]
     elif what == "unreadable file":
         (tmp / "decisions.parquet").write_bytes(b"PAR1 this is not parquet")
         out["decisions"] = tmp / "decisions.parquet"
@@ -275,6 +279,7 @@ def _broken(paths: dict[str, Path], tmp: Path, what: str) -> dict[str, Path]:
         ("propensity above one", "propensity 1.5 is outside (0, 1]"),  # a plain number, not np.float64(1.5)
         ("message not in candidates", "not in its own candidates"),
         ("no rows after the join", "no rows after the join"),
+        ("too few churned", "churned: training needs at least 10 of each, and hundreds for a useful model"),
         ("unreadable file", "cannot read"),
         ("no such file", "no such file"),
     ],
