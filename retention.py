@@ -89,8 +89,36 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def parse_time(text: str) -> int:
+    """Return a time given as milliseconds since 1970 or as an ISO 8601 date/time (UTC when no zone), in ms.
+
+    Raises ValueError with one sentence.
+    """
+    from datetime import UTC, datetime
+
+    t = text.strip()
+    if t.isdigit():
+        return int(t)
+    try:
+        when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither milliseconds nor an ISO 8601 date such as 2026-11-01T00:00:00Z") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def time_ms(text: str) -> int:
+    """argparse ``type`` of a time option: :func:`parse_time`, a bad value being a usage error (exit 2)."""
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _usage() -> str:
-    lines = ["usage: retention VERB [options]   (retention VERB --help for a verb's options)", "", "verbs:"]
+    lines = ["usage: retention VERB [options]   (retention VERB --help for a verb's options; retention --version)", "",
+             "verbs:"]
     width = max(map(len, VERBS))
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in VERBS.items()]
     return "\n".join(lines)
@@ -143,9 +171,23 @@ def main(argv: list[str] | None = None) -> int:
             _reader_gone()
             return _cannot_write("retention", exc)
         return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"retention {version('retention-endpoint')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("retention (not installed: run bash scripts/setup.sh)")
+        return 0
     verb, rest = args[0], args[1:]
     if verb not in VERBS:
-        print(f"retention: unknown verb {verb!r}; one of: {', '.join(VERBS)}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        what = "option" if verb.startswith("-") else "verb"
+        print(f"retention: unknown {what} {verb!r}; {hint}verbs: {', '.join(VERBS)} (see retention --help)",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
     try:

@@ -17,34 +17,16 @@ import os
 import sqlite3
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from retention import VerbParser
+from retention import VerbParser, parse_time
 from serving.settings import Settings
 
 #: Apple keeps about 180 days of notification history.
 HISTORY_DAYS = 180
 #: The log file the backfill writes (beside the server processes' own files, read by every export).
 BACKFILL_WORKER = "backfill"
-
-
-def parse_time(text: str) -> int:
-    """Return a time given as milliseconds since 1970 or as an ISO 8601 date/time (UTC when no zone), in ms.
-
-    Raises ValueError with one sentence.
-    """
-    t = text.strip()
-    if t.isdigit():
-        return int(t)
-    try:
-        when = datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is neither milliseconds nor an ISO 8601 date such as 2026-11-01T00:00:00Z") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
 
 
 def recorded_uuids(data_dir: Path) -> set[str]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from models.exploration import Exploration
-from retention import VerbParser
+from retention import VerbParser, time_ms
 from serving.log_reader import source, training_inputs
 from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
 
@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     e.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
-    e.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
+    e.add_argument("--as-of", type=time_ms, dest="as_of",
+                   help="treat the data as seen at this time (ms since 1970 or ISO 8601, e.g. 2026-02-01); "
+                        "default: newest event")
     e.add_argument("--all-labelled", action="store_true", help="also use decisions whose label window has not passed "
                    "(labelled early only by a churn or a renewal: biased toward churn)")
     e.add_argument("--involuntary-expiry", choices=("censor", "churn"), default="censor", dest="involuntary",

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from retention import VerbParser
+from retention import VerbParser, time_ms
 
 DAY_MS = 86_400_000
 MIN_PER_ARM = 30  # below this the running variance is too rough for the asymptotic boundary
@@ -510,7 +510,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--experiment", default=None, help="experiment id (default: the registry's experiment)")
         s.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
         s.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
-        s.add_argument("--as-of", type=int, default=None, help="as of this time (ms); default: newest event")
+        s.add_argument("--as-of", type=time_ms, default=None,
+                       help="as of this time (ms since 1970 or ISO 8601, e.g. 2026-02-01); default: newest event")
         s.add_argument("--min-difference", type=float, default=0.0, help="smallest difference in value per request "
                        "worth acting on; a sequence inside ± this ends the experiment (default 0)")
         s.add_argument("--max-days", type=float, default=90.0, help="longest wait worth it (default 90 days)")

@@ -31,7 +31,7 @@ from models import data_files
 from models.data_files import APPLE_FALLBACK_POLICY
 from models.features import FEATURIZER_VERSION, OTHER, FeatureSchema, Featurizer, build_schema, category_key
 from models.registry import Registry, registry_spec
-from retention import VerbParser
+from retention import VerbParser, time_ms
 from serving.log_reader import source, training_inputs
 from training.fit import (
     BASELINE_MAX_DECISIONS,
@@ -966,7 +966,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("auto", *MODELS), default="auto",
                    help="auto (default: chosen by cross-validated doubly robust policy value), hgb or logreg")
     p.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
-    p.add_argument("--as-of", type=int, dest="as_of", help="treat the data as seen at this time (ms); default: newest event")
+    p.add_argument("--as-of", type=time_ms, dest="as_of",
+                   help="treat the data as seen at this time (ms since 1970 or ISO 8601, e.g. 2026-02-01); "
+                        "default: newest event")
     p.add_argument("--matured-only", action="store_true",
                    help="train only on decisions whose label window has fully passed (early churn/renewal labels of "
                         "recent decisions lean toward churn)")
@@ -1000,6 +1002,9 @@ def main(argv: list[str]) -> int:
     from models.catalog import Catalog
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
 
+    target = Registry.parse(registry_spec(args.registry))[0]
+    if target.root.exists():
+        target.require_folder()  # a file where the registry should be: say so now, not after the fit
     catalog = Catalog.load(args.catalog)
     with training_inputs(args.decisions, args.outcomes) as (decisions_file, outcomes_file):
         decisions = read_decisions(decisions_file)

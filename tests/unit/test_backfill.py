@@ -218,8 +218,9 @@ def test_the_progress_bar_shows_when_asked_for_a_terminal(
     history: tuple[HistoryServer, dict[str, str]], key_file: tuple[Path, Any], make_settings: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from retention import parse_time
     from serving.apple_api import make_client
-    from serving.notifications_cli import backfill, parse_time
+    from serving.notifications_cli import backfill
 
     server, _ = history
     client = make_client(key_file[0], KEY_ID, ISSUER_ID, BUNDLE_ID, "Sandbox", base_url=server.url)

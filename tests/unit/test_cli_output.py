@@ -177,3 +177,26 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(args: list[str]) -> N
     assert r.returncode != 0
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and "no space left on device" in lines[0] and "Traceback" not in r.stderr, lines
+
+
+def test_version_and_a_mistyped_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    import retention
+
+    assert retention.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"retention {version('retention-endpoint')}\n"
+    assert retention.main(["trian"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("retention: unknown verb 'trian'; did you mean 'train'? verbs: serve,")
+
+
+def test_a_time_option_takes_an_iso_date_or_milliseconds(capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    assert retention.parse_time("2026-02-01") == retention.parse_time("1769904000000") == 1_769_904_000_000
+    assert retention.parse_time("2026-02-01T01:00:00+01:00") == 1_769_904_000_000
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(["train", "--decisions", "d", "--outcomes", "o", "--catalog", "c", "--as-of", "yesterday"])
+    assert exit_.value.code == 2
+    assert "argument --as-of: 'yesterday' is neither milliseconds nor an ISO 8601 date" in capsys.readouterr().err

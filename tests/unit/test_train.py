@@ -297,6 +297,16 @@ def test_bad_input_is_one_line_and_non_zero(
     assert "Traceback" not in captured.err and not (tmp_path / "registry").exists()
 
 
+def test_a_file_as_the_registry_is_refused_before_the_fit(small_files: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "registry.json"
+    taken.write_text("{}\n")
+    assert retention.main(train_args(small_files, taken)) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"retention train: error: model registry folder {taken} is not a folder\n"
+    assert "decisions" not in captured.out and taken.read_text() == "{}\n"  # no summary: nothing was fitted
+
+
 def test_score_refuses_a_damaged_model(small_files: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     registry = tmp_path / "registry"
