@@ -89,9 +89,15 @@ def _list(registry: Registry) -> int:
             _fmt_metric(m, "holdout_auc"),
             _fmt_metric(m, "gap_captured"),
         ))
+    gap_known = any(r[-1] not in ("-", "") for r in rows[1:])
+    if not gap_known:  # the gap needs a simulated world's ground truth: leave out a column of dashes
+        rows = [r[:-1] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if gap_known:
+        print("gap: share of the gap from the best single message to the oracle that the model captured on a "
+              "simulated world's ground truth (train --ground-truth)")
     return 0
 
 
