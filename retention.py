@@ -56,6 +56,10 @@ class VerbParser(argparse.ArgumentParser):
             target: argparse.ArgumentParser = self
             if self._commands is not None:
                 target = self._commands.choices.get(getattr(ns, self._commands.dest, None), self)
+            known = [e for e in extras if e.startswith("-") and e.split("=", 1)[0] in target._option_string_actions]
+            if known and target is not self:  # given before the command, where the verb does not take it
+                target.error(f"{known[0].split('=', 1)[0]} goes after the command: {target.prog} ... "
+                             f"{' '.join(extras)}")
             target.error(f"unrecognized arguments: {' '.join(extras)}")
         return ns
 
@@ -89,23 +93,31 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+_YEAR_10000_MS = 253_402_300_800_000
+
+
 def parse_time(text: str) -> int:
     """Return a time given as milliseconds since 1970 or as an ISO 8601 date/time (UTC when no zone), in ms.
 
     Raises ValueError with one sentence.
     """
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     t = text.strip()
-    if t.isdigit():
-        return int(t)
-    try:
-        when = datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is neither milliseconds nor an ISO 8601 date such as 2026-11-01T00:00:00Z") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
+    bad = f"{text!r} is neither milliseconds since 1970 nor an ISO 8601 date such as 2026-11-01T00:00:00Z"
+    if t.isascii() and t.isdigit() and len(t) != 8:  # 8 digits are a date, 20260201 (as ms: 5 hours into 1970)
+        ms = int(t)
+    else:
+        try:
+            when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(bad) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        ms = (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)  # exact: no float rounding
+    if not 0 <= ms < _YEAR_10000_MS:
+        raise ValueError(f"{text!r} is outside the years 1970 to 9999")
+    return ms
 
 
 def time_ms(text: str) -> int:
@@ -130,14 +142,24 @@ def _reader_gone() -> int:
     stdout goes to /dev/null so the interpreter's final flush cannot raise again.
     """
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # no stdout (descriptor 1 closed), or a replaced one
+        fd = 1
+    os.dup2(devnull, fd)
     return 141
+
+
+def _flush_stdout() -> None:
+    """Flush stdout, if there is one (a closed descriptor 1 leaves sys.stdout None)."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 def _stdout_broken() -> bool:
     """Return True when writing to stdout fails (a full disk, a closed descriptor)."""
     try:
-        sys.stdout.flush()
+        _flush_stdout()
     except (OSError, ValueError):
         return True
     return False
@@ -175,9 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            print(f"retention {version('retention-endpoint')}")
+            text = f"retention {version('retention-endpoint')}"
         except PackageNotFoundError:  # run from a checkout that was never installed
-            print("retention (not installed: run bash scripts/setup.sh)")
+            text = "retention (not installed: run bash scripts/setup.sh)"
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            return _reader_gone()
+        except OSError as exc:
+            _reader_gone()
+            return _cannot_write("retention", exc)
         return 0
     verb, rest = args[0], args[1:]
     if verb not in VERBS:
@@ -192,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(VERBS[verb][0])
     try:
         status = int(module.main(rest) or 0)
-        sys.stdout.flush()  # a write that fails (a full disk) fails here, not silently at exit
+        _flush_stdout()  # a write that fails (a full disk) fails here, not silently at exit
         return status
     except KeyboardInterrupt:
         return 130
@@ -200,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return _reader_gone()
     except SystemExit:  # argparse's --help and usage errors
         try:
-            sys.stdout.flush()
+            _flush_stdout()
         except BrokenPipeError:
             return _reader_gone()
         except OSError as exc:

@@ -99,8 +99,9 @@ def main(argv: list[str]) -> int:
     from serving.testpki import TestPKI
 
     registry = Path(args.registry)
-    if registry.exists() and not registry.is_dir():
-        p.error(f"--registry {registry} is a file, not a model registry folder")
+    from models.registry import Registry
+
+    Registry(registry).require_creatable()  # a file or a broken link: one line now, not after the training
     if args.retrain and registry.exists():
         from training.train import train_demo_model
 
@@ -183,7 +184,8 @@ def main(argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             lines = server_log.read_text(errors="replace").splitlines()
-            print("\nserver log (warnings and errors):" if lines else "\nserver log: empty (warnings and errors only)")
+            cut = f"; the last 40 of {len(lines):,} lines" if len(lines) > 40 else ""
+            print(f"\nserver log (warnings and errors{cut}):" if lines else "\nserver log: empty (warnings and errors only)")
             for line in lines[-40:]:
                 print(f"  {line}")
         _show_decisions(data_dir)

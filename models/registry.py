@@ -49,8 +49,12 @@ _VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 def registry_spec(arg: str | Path | None) -> str:
     """Return the registry the commands use: `arg` (``--registry``), else ``$RETENTION_MODEL``, else the checkout's.
 
-    The result may end in ``@VERSION`` (a pin); :meth:`Registry.parse` splits it off.
+    The result may end in ``@VERSION`` (a pin); :meth:`Registry.parse` splits it off. Raises ValueError
+    for an empty ``--registry`` (an unset shell variable must not mean the checkout's registry).
     """
+    if arg is not None and not str(arg).strip():
+        raise ValueError("--registry is empty: give a folder, or leave --registry out for $RETENTION_MODEL or "
+                         "models/registry")
     return str(arg or os.environ.get("RETENTION_MODEL") or DEFAULT_REGISTRY)
 
 
@@ -120,6 +124,26 @@ class Registry:
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
             raise RegistryError(f"model registry folder {self.root} {what}")
+
+    def require_creatable(self) -> None:
+        """Raise RegistryError unless the registry folder exists or can be made where it is named.
+
+        Checked before a long job writes into it (training): a file in its place or above it, or a
+        broken symbolic link, would otherwise fail only at the end.
+        """
+        root = self.root
+        if root.is_symlink() and not root.exists():
+            raise RegistryError(f"model registry folder {root} is a broken symbolic link")
+        if root.exists():
+            self.require_folder()
+            return
+        for parent in root.parents:
+            if parent.is_symlink() and not parent.exists():
+                raise RegistryError(f"model registry folder {root} cannot be made: {parent} is a broken symbolic link")
+            if parent.exists():
+                if not parent.is_dir():
+                    raise RegistryError(f"model registry folder {root} cannot be made: {parent} is not a folder")
+                return
 
     def resolve(self, version: str) -> str:
         """Return the version id `version` names: ``current``, ``latest`` (the newest written) or an id as is.

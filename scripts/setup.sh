@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the project with its test extras (versions as pyproject.toml gives them).
-# Python: $PYTHON, else python3.11, else python3; it must be 3.11 or newer. pip's own output goes to
+# Python: $PYTHON, else the first of python3.11, python3.12, python3.13, python3 that is 3.11 or newer. pip's own output goes to
 # .venv/setup.log; it is printed only when the installation fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 new_enough='import sys; sys.exit(sys.version_info < (3, 11))'
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
-  for candidate in python3.11 python3; do
+  for candidate in python3.11 python3.12 python3.13 python3; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "$new_enough" 2>/dev/null; then
       PY=$candidate
       break
@@ -19,9 +19,12 @@ if [ -z "$PY" ]; then
     else
       found="nor python3"
     fi
-    echo "setup: needs Python 3.11 or newer: no python3.11 on PATH, $found (set PYTHON=/path/to/python3.11)" >&2
+    echo "setup: needs Python 3.11 or newer: no python3.11, 3.12 or 3.13 on PATH, $found (set PYTHON=/path/to/python3.11)" >&2
     exit 1
   fi
+elif ! command -v "$PY" >/dev/null 2>&1; then
+  echo "setup: PYTHON=$PY: not found" >&2
+  exit 1
 elif ! "$PY" -c "$new_enough" >/dev/null 2>&1; then
   echo "setup: PYTHON=$PY is not a Python 3.11 or newer" >&2
   exit 1

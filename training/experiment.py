@@ -537,9 +537,13 @@ def _registry(args: argparse.Namespace) -> Any:
     return registry
 
 
+class UsageError(ValueError):
+    """A flag's value is out of range: a usage error (one line, exit status 2)."""
+
+
 def _fraction(name: str, value: float) -> None:
     if not (0.0 < value < 1.0):
-        raise ValueError(f"{name} {value!r}: a fraction strictly between 0 and 1 (e.g. 0.95)")
+        raise UsageError(f"{name} {value!r}: a fraction strictly between 0 and 1 (e.g. 0.95)")
 
 
 def _traffic(text: str) -> float:
@@ -548,9 +552,9 @@ def _traffic(text: str) -> float:
     try:
         value = float(number)
     except ValueError:
-        raise ValueError(f"--traffic {raw!r}: decisions per day, as N or N/day (e.g. 1000/day)") from None
+        raise UsageError(f"--traffic {raw!r}: decisions per day, as N or N/day (e.g. 1000/day)") from None
     if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"--traffic {raw!r}: decisions per day must be a positive number")
+        raise UsageError(f"--traffic {raw!r}: decisions per day must be a positive number")
     return value
 
 
@@ -591,9 +595,14 @@ def main(argv: list[str]) -> int:
             _fraction("--level", args.level)
             _fraction("--power", args.power)
             if not args.horizon_days > 0:
-                raise ValueError(f"--horizon-days {args.horizon_days!r}: must be positive")
-            print(format_plan(plan_experiment(args.baseline_rate, args.lift, _traffic(args.traffic), share=args.share,
-                                              level=args.level, power=args.power, horizon_days=args.horizon_days)))
+                raise UsageError(f"--horizon-days {args.horizon_days!r}: must be positive")
+            traffic = _traffic(args.traffic)
+            try:
+                plan = plan_experiment(args.baseline_rate, args.lift, traffic, share=args.share, level=args.level,
+                                       power=args.power, horizon_days=args.horizon_days)
+            except ValueError as exc:  # its checks name the flags
+                raise UsageError(str(exc)) from None
+            print(format_plan(plan))
             return 0
         from models.experiment import EXPERIMENT_FILE, Experiment, ExperimentError, read_experiment, write_experiment
 
@@ -634,7 +643,7 @@ def main(argv: list[str]) -> int:
             if version == current:
                 raise ValueError(f"{version} is the current version: a challenger must differ from it")
             if args.experiment_id is not None and not args.experiment_id.strip():
-                raise ValueError("--id is empty: give an experiment id, or leave --id out for exp-<UTC time>")
+                raise UsageError("--id is empty: give an experiment id, or leave --id out for exp-<UTC time>")
             eid = args.experiment_id or time.strftime("exp-%Y%m%dT%H%M%SZ", time.gmtime())
             if exp is not None and exp.experiment_id == eid:
                 raise ValueError(f"experiment {eid} ran before (now stopped): give a new --id, so that its decisions "
@@ -657,7 +666,7 @@ def main(argv: list[str]) -> int:
         # status and promote
         _fraction("--level", args.level)
         if not args.horizon_days > 0:
-            raise ValueError(f"--horizon-days {args.horizon_days!r}: must be positive")
+            raise UsageError(f"--horizon-days {args.horizon_days!r}: must be positive")
         from models.catalog import Catalog
 
         catalog_path = args.catalog or os.environ.get("RETENTION_CATALOG")
@@ -702,6 +711,10 @@ def main(argv: list[str]) -> int:
         _stop(registry, registry_exp)
         print(f"promoted {registry_exp.challenger} to current and stopped experiment {eid}")
         return 0
+    except UsageError as exc:
+        print(f"retention experiment {args.cmd}: error: {exc} (see retention experiment {args.cmd} --help)",
+              file=sys.stderr)
+        return 2
     except (ValueError, RegistryError) as exc:  # an OSError reaches the dispatcher: `PATH: reason`, or cannot write
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"retention experiment {args.cmd}: error: {text}", file=sys.stderr)

@@ -71,7 +71,7 @@ def _list(registry: Registry) -> int:
         print(f"no model versions in {registry.root}")
         return 0
     cur = registry.current()
-    rows = [("", "version", "created", "model", "rows", "log loss", "AUC", "gap")]
+    rows: list[tuple[str, ...]] = [("", "version", "created", "model", "rows", "log loss", "AUC", "gap")]
     for v in versions:
         try:
             m = registry.manifest(v)

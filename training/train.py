@@ -1002,9 +1002,7 @@ def main(argv: list[str]) -> int:
     from models.catalog import Catalog
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
 
-    target = Registry.parse(registry_spec(args.registry))[0]
-    if target.root.exists():
-        target.require_folder()  # a file where the registry should be: say so now, not after the fit
+    Registry.parse(registry_spec(args.registry))[0].require_creatable()  # say so now, not after the fit
     catalog = Catalog.load(args.catalog)
     with training_inputs(args.decisions, args.outcomes) as (decisions_file, outcomes_file):
         decisions = read_decisions(decisions_file)

@@ -179,7 +179,7 @@ def test_apple_refusing_the_token_is_one_line(
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--until", "2025-01-01"], "--since must be before --until"),
-    (["--until", "yesterday"], "neither milliseconds nor an ISO 8601 date"),
+    (["--until", "yesterday"], "neither milliseconds since 1970 nor an ISO 8601 date"),
 ])
 def test_bad_times_are_one_line(
     key_file: tuple[Path, Any], make_settings: Any, capsys: pytest.CaptureFixture[str], extra: list[str], message: str,

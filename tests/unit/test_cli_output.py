@@ -156,6 +156,9 @@ def test_an_os_error_is_one_plain_line_naming_the_path(tmp_path: Path, capsys: p
                         "prune (see retention models --help)"),
     (["models", "list", "--bogus"], "retention models list: error: unrecognized arguments: --bogus "
                                     "(see retention models list --help)"),
+    (["models", "--registry=/tmp/r", "list"], "retention models list: error: --registry goes after the command: "
+                                              "retention models list ... --registry=/tmp/r "
+                                              "(see retention models list --help)"),
     (["demo", "--requests", "-2"], "retention demo: error: argument --requests: must be from 1 to 1,000, not -2 "
                                    "(see retention demo --help)"),
 ])
@@ -195,8 +198,20 @@ def test_a_time_option_takes_an_iso_date_or_milliseconds(capsys: pytest.CaptureF
     import retention
 
     assert retention.parse_time("2026-02-01") == retention.parse_time("1769904000000") == 1_769_904_000_000
-    assert retention.parse_time("2026-02-01T01:00:00+01:00") == 1_769_904_000_000
+    assert retention.parse_time("2026-02-01T01:00:00+01:00") == retention.parse_time("20260201") == 1_769_904_000_000
+    assert retention.parse_time("2004-03-15T07:55:47.472Z") == 1_079_337_347_472  # exact, no float rounding
+    for bad in ("²", "99999999999999999999999", "-5", "yesterday"):
+        with pytest.raises(ValueError):
+            retention.parse_time(bad)
     with pytest.raises(SystemExit) as exit_:
         retention.main(["train", "--decisions", "d", "--outcomes", "o", "--catalog", "c", "--as-of", "yesterday"])
     assert exit_.value.code == 2
-    assert "argument --as-of: 'yesterday' is neither milliseconds nor an ISO 8601 date" in capsys.readouterr().err
+    assert "argument --as-of: 'yesterday' is neither milliseconds since 1970 nor an ISO 8601 date" in capsys.readouterr().err
+
+
+def test_an_empty_registry_flag_is_refused_not_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--registry "$UNSET"` must not mean the checkout's registry: prune would delete its versions."""
+    import retention
+
+    assert retention.main(["models", "prune", "--keep", "1", "--registry", ""]) == 1
+    assert capsys.readouterr().err.startswith("retention models: error: --registry is empty")
