@@ -295,7 +295,9 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
         if kind is float:
             return float(raw)
     except ValueError:
-        raise SettingsError(f"setting {f.name} (RETENTION_{f.name.upper()}): {raw!r} is not a valid {kind.__name__}") from None
+        flag = "--" + f.name.replace("_", "-")
+        raise SettingsError(f"setting {f.name} ({flag} or RETENTION_{f.name.upper()}): {raw!r} is not a valid "
+                            f"{kind.__name__}") from None
     return raw
 
 
