@@ -50,16 +50,27 @@ class VerbParser(argparse.ArgumentParser):
         return self._commands
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """Parse as argparse does; an unknown argument is reported by the sub-command it was given to."""
+        """Parse as argparse does; an unknown argument is reported by the sub-command it was given to.
+
+        An option of the sub-commands given before the command (``retention models --registry R list``)
+        is refused with where it goes, rather than read as an unknown command.
+        """
+        if self._commands is not None and args is not None:
+            for arg in args:
+                if arg in self._commands.choices or not arg.startswith("-"):
+                    break
+                name = arg.split("=", 1)[0]
+                if name in self._option_string_actions:
+                    continue
+                takers = [c for c, sub in self._commands.choices.items() if name in sub._option_string_actions]
+                given = [a for a in args if a in takers]  # the command typed later, when it takes the option
+                if takers:
+                    self.error(f"{name} goes after the command: {self.prog} {(given or takers)[0]} {name} ...")
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             target: argparse.ArgumentParser = self
             if self._commands is not None:
                 target = self._commands.choices.get(getattr(ns, self._commands.dest, None), self)
-            known = [e for e in extras if e.startswith("-") and e.split("=", 1)[0] in target._option_string_actions]
-            if known and target is not self:  # given before the command, where the verb does not take it
-                target.error(f"{known[0].split('=', 1)[0]} goes after the command: {target.prog} ... "
-                             f"{' '.join(extras)}")
             target.error(f"unrecognized arguments: {' '.join(extras)}")
         return ns
 
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         try:
-            print(_usage(), flush=True)
+            print(_usage(), file=sys.stdout if args else sys.stderr, flush=True)  # no verb: a usage error, on stderr
         except BrokenPipeError:
             return _reader_gone()
         except OSError as exc:
@@ -214,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
 
         close = difflib.get_close_matches(verb, VERBS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        what = "option" if verb.startswith("-") else "verb"
-        print(f"retention: unknown {what} {verb!r}; {hint}verbs: {', '.join(VERBS)} (see retention --help)",
-              file=sys.stderr)
+        if verb.startswith("-"):
+            print(f"retention: unknown option {verb!r}: options go after the verb (retention VERB {verb} ...); "
+                  f"verbs: {', '.join(VERBS)} (see retention --help)", file=sys.stderr)
+        else:
+            print(f"retention: unknown verb {verb!r}; {hint}verbs: {', '.join(VERBS)} (see retention --help)",
+                  file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
     try:

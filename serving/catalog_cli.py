@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     try:
         catalog = Catalog.load(args.catalog)
     except CatalogError as exc:
-        print(f"retention catalog: invalid: {exc}", file=sys.stderr)
+        print(f"retention catalog: error: invalid catalog: {exc}", file=sys.stderr)
         return 1
     if args.cmd == "validate":
         kinds = Counter(m.kind for m in catalog.messages.values())
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
         for line in problems:
             print(f"retention catalog: {line}", file=sys.stderr)
         if problems:
-            print(f"retention catalog: invalid: {len(problems)} problem(s) with Apple's limits", file=sys.stderr)
+            print(f"retention catalog: error: invalid catalog: {len(problems)} problem(s) with Apple's limits", file=sys.stderr)
             return 1
         print(f"catalog {args.catalog}: valid (sha256 {catalog.sha256[:16]})")
         print(f"  products: {len(catalog.products)}; messages: {len(catalog.messages)} "

@@ -65,6 +65,8 @@ def _test_ca(folder: str) -> Any:
     """Return the test CA in `folder`, minting one there first when it holds none; ValueError when it cannot."""
     from serving.testpki import TestPKI  # imported here so --help and usage errors stay instant
 
+    if not folder.strip():  # an unset shell variable: never mint private keys into the current folder
+        raise ValueError("--ca is empty; give a folder (a new one is created and a test CA minted there)")
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--ca {folder} is a file; give a folder (a new one is created and a test CA minted there)")
@@ -254,7 +256,9 @@ def _iap_key(argv: list[str]) -> int:
         fh.write(pem)
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
-    print(f"retention sign: wrote the test In-App Purchase key {out} (public key {pub}); serve with:", file=sys.stderr)
+    where = "these settings:" if getattr(sys.stdout, "isatty", lambda: False)() else "the settings written to stdout"
+    print(f"retention sign: wrote the test In-App Purchase key {out} (public key {pub}); serve with {where}",
+          file=sys.stderr)
     print(f"RETENTION_OFFER_KEY_FILE={out} RETENTION_OFFER_KEY_ID={key_id} "
           f"RETENTION_OFFER_ISSUER_ID={args.issuer_id or uuid.uuid4()}")
     return 0

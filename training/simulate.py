@@ -76,7 +76,7 @@ import pyarrow as pa
 from models.catalog import DEMO_CATALOG, Catalog, CatalogMessage, language
 from models.data_files import EVENTS
 from models.exploration import action_probabilities
-from retention import VerbParser
+from retention import VerbParser, int_in
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -962,9 +962,9 @@ def _parser() -> argparse.ArgumentParser:
         "its ground truth and the catalog used, deterministic by seed.",
     )
     p.add_argument("--n", type=int, default=100_000, help="number of logged decisions (default 100000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="random seed, 0 or more (default 0)")
     p.add_argument("--epsilon", type=float, default=0.1, help="exploration of the logging policy (default 0.1)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=_out_folder, help="output folder (a world already there is replaced)")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="file format (default parquet)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog JSON (default: the demo catalog)")
     p.add_argument("--start-ms", type=int, default=DEFAULT_START_MS,
@@ -976,6 +976,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the logging policy explores around: the hand-written rules (default) or the default "
                         "message (an app before its first model)")
     return p
+
+
+def _out_folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a folder for the world's files")
+    return Path(text)
 
 
 def main(argv: list[str]) -> int:
@@ -995,6 +1001,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     world = simulate(args.n, seed=args.seed, epsilon=args.epsilon, catalog=catalog, start_ms=args.start_ms,
                      horizon_ms=horizon_ms, progress=True, preset=args.preset, logging_rule=args.logging_rule)
+    replaced = any((args.out / f"{name}.{args.format}").exists() for name in ("decisions", "outcomes"))
     paths = write_world(world, args.out, args.format, progress=True)
     elapsed = time.perf_counter() - started
 
@@ -1015,7 +1022,8 @@ def main(argv: list[str]) -> int:
         f"oracle value     {v_oracle:>12.3f}  per request",
         f"best static      {v_static:>12.3f}  ({static_id}; {100 * (1 - v_static / v_oracle):.1f}% below oracle)",
         f"logging policy   {v_log:>12.3f}  (gap captured {gap_captured(v_log, v_static, v_oracle):+.3f})",
-        f"written to       {args.out!s:>12}  ({args.format}, {elapsed:.1f} s)",
+        f"written to       {args.out!s:>12}  ({args.format}, {elapsed:.1f} s"
+        + ("; the world that was there is replaced)" if replaced else ")"),
     ]
     for name, p in paths.items():
         lines.append(f"  {name:<14} {p}")

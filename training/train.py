@@ -391,6 +391,11 @@ def train_frames(
         raise TrainError("no rows after the join: the decisions file is empty")
     decisions = decisions.reset_index(drop=True)
 
+    first_ms = int(decisions["signed_date"].min())
+    if as_of_ms is not None and as_of_ms < first_ms:
+        raise TrainError(f"--as-of {_date(as_of_ms)} is before every decision (the first is {_date(first_ms)}): no "
+                         "label window had passed by then (a time in seconds? give milliseconds or a date)")
+
     # ---- labels (before any progress output, so that bad input is one line) ----
     t = time.perf_counter()
     try:

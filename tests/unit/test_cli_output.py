@@ -22,7 +22,12 @@ def test_output_piped_into_head_ends_without_a_broken_pipe_error(pki_dir: Path) 
     assert r.stderr == ""
 
 
-@pytest.mark.parametrize("args", [[], ["--help"]])
+def test_no_verb_is_a_usage_error_on_stderr() -> None:
+    r = subprocess.run([sys.executable, "-m", "retention"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.startswith("usage: retention VERB")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["help"]])
 def test_usage_to_a_reader_that_went_away_ends_quietly(args: list[str]) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)  # as `retention --help | head -0`: nobody reads, the first write fails
@@ -156,9 +161,13 @@ def test_an_os_error_is_one_plain_line_naming_the_path(tmp_path: Path, capsys: p
                         "prune (see retention models --help)"),
     (["models", "list", "--bogus"], "retention models list: error: unrecognized arguments: --bogus "
                                     "(see retention models list --help)"),
-    (["models", "--registry=/tmp/r", "list"], "retention models list: error: --registry goes after the command: "
-                                              "retention models list ... --registry=/tmp/r "
-                                              "(see retention models list --help)"),
+    (["models", "--registry=/tmp/r", "list"], "retention models: error: --registry goes after the command: "
+                                              "retention models list --registry ... (see retention models --help)"),
+    (["models", "--registry", "/tmp/r", "list"], "retention models: error: --registry goes after the command: "
+                                                 "retention models list --registry ... (see retention models --help)"),
+    (["decisions", "--data-dir", "d", "show"], "retention decisions: error: --data-dir goes after the command: "
+                                               "retention decisions show --data-dir ... "
+                                               "(see retention decisions --help)"),
     (["demo", "--requests", "-2"], "retention demo: error: argument --requests: must be from 1 to 1,000, not -2 "
                                    "(see retention demo --help)"),
 ])
@@ -215,3 +224,19 @@ def test_an_empty_registry_flag_is_refused_not_the_default(capsys: pytest.Captur
 
     assert retention.main(["models", "prune", "--keep", "1", "--registry", ""]) == 1
     assert capsys.readouterr().err.startswith("retention models: error: --registry is empty")
+
+
+def test_empty_output_folders_are_refused_and_a_replaced_world_is_said(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out "$UNSET"` must not write a world (or a test CA's private keys) into the current folder."""
+    import retention
+
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(["simulate", "--n", "50", "--out", ""])
+    assert exit_.value.code == 2 and "argument --out: is empty" in capsys.readouterr().err
+    assert retention.main(["sign", "--ca", "", "--count", "1"]) == 2
+    assert "--ca is empty" in capsys.readouterr().err
+    assert retention.main(["simulate", "--n", "50", "--out", str(tmp_path / "w")]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert retention.main(["simulate", "--n", "50", "--out", str(tmp_path / "w")]) == 0
+    assert "the world that was there is replaced" in capsys.readouterr().out

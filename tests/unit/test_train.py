@@ -297,6 +297,16 @@ def test_bad_input_is_one_line_and_non_zero(
     assert "Traceback" not in captured.err and not (tmp_path / "registry").exists()
 
 
+def test_an_as_of_before_every_decision_is_refused(small_files: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A time in seconds (a common slip) reads as January 1970: before the data, so refused, not trained on."""
+    first_s = int(read_table(small_files["decisions"])["signed_date"].min()) // 1000
+    assert retention.main(train_args(small_files, tmp_path / "registry", "--as-of", str(first_s))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("retention train: error: --as-of 1970-") and "is before every decision" in err
+    assert not (tmp_path / "registry").exists()
+
+
 def test_a_file_as_the_registry_is_refused_before_the_fit(small_files: dict[str, Path], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     taken = tmp_path / "registry.json"
