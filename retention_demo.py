@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
                 print(f"  {row.product_id:<30} {row.user_locale:<6} -> {status} {_short(answer)}")
             # a forged request: signed by a CA nobody configured
             status, answer = _post(base + "/retention/message", TestPKI.mint().signed_request_body(app_apple_id=APP_ID))
-            print(f"  {'forged request (untrusted CA)':<37} -> {status} {answer}")
+            print(f"  {'forged request (untrusted CA)':<37} -> {status} {json.dumps(answer)}")
         finally:
             proc.send_signal(signal.SIGTERM)  # graceful: the decision log is flushed
             try:
@@ -200,7 +200,11 @@ def _short(answer: dict[str, object]) -> str:
             if "productId" in val:
                 extra = f" productId={val['productId']}"
             if "promotionalOfferSignatureV2" in val:
-                extra = f" signatureV2={str(val['promotionalOfferSignatureV2'])[:24]}..."
+                from models.catalog import Catalog
+
+                msg = Catalog.load(DEMO_CATALOG).messages.get(str(val.get("messageIdentifier")))
+                offer = f" offer={msg.offerIdentifier}" if msg is not None and msg.offerIdentifier else ""
+                extra = f"{offer} signatureV2={str(val['promotionalOfferSignatureV2'])[:24]}..."
             return f"{key} {val.get('messageIdentifier')}{extra}"
     return json.dumps(answer)
 
