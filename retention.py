@@ -55,6 +55,8 @@ class VerbParser(argparse.ArgumentParser):
         An option of the sub-commands given before the command (``retention models --registry R list``)
         is refused with where it goes, rather than read as an unknown command.
         """
+        if args is not None:
+            self._refuse_empty_values(list(args))
         if self._commands is not None and args is not None:
             for arg in args:
                 if arg in self._commands.choices or not arg.startswith("-"):
@@ -73,6 +75,19 @@ class VerbParser(argparse.ArgumentParser):
                 target = self._commands.choices.get(getattr(ns, self._commands.dest, None), self)
             target.error(f"unrecognized arguments: {' '.join(extras)}")
         return ns
+
+    def _refuse_empty_values(self, args: list[str]) -> None:
+        """Refuse an option given an empty value (``--registry "$UNSET"``): it would quietly mean a default."""
+        parsers = [self, *(self._commands.choices.values() if self._commands is not None else ())]
+        takes_value = {name for p in parsers for name, action in p._option_string_actions.items() if action.nargs != 0}
+        for i, arg in enumerate(args):
+            if arg == "--":
+                return
+            name, eq, value = arg.partition("=")
+            if name not in takes_value:
+                continue
+            if (eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip()):
+                self.error(f"argument {name}: is empty")
 
     def error(self, message: str) -> NoReturn:
         if self._commands is not None:

@@ -218,12 +218,16 @@ def test_a_time_option_takes_an_iso_date_or_milliseconds(capsys: pytest.CaptureF
     assert "argument --as-of: 'yesterday' is neither milliseconds since 1970 nor an ISO 8601 date" in capsys.readouterr().err
 
 
-def test_an_empty_registry_flag_is_refused_not_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_empty_option_value_is_refused_not_read_as_the_default(capsys: pytest.CaptureFixture[str]) -> None:
     """`--registry "$UNSET"` must not mean the checkout's registry: prune would delete its versions."""
     import retention
 
-    assert retention.main(["models", "prune", "--keep", "1", "--registry", ""]) == 1
-    assert capsys.readouterr().err.startswith("retention models: error: --registry is empty")
+    for argv in (["models", "prune", "--keep", "1", "--registry", ""], ["models", "prune", "--registry= "],
+                 ["evaluate", "--versions", "", "--decisions", "d", "--outcomes", "o", "--catalog", "c"]):
+        with pytest.raises(SystemExit) as exit_:
+            retention.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "error: argument --" in err and ": is empty (see retention " in err, argv
 
 
 def test_empty_output_folders_are_refused_and_a_replaced_world_is_said(tmp_path: Path,
@@ -231,11 +235,10 @@ def test_empty_output_folders_are_refused_and_a_replaced_world_is_said(tmp_path:
     """`--out "$UNSET"` must not write a world (or a test CA's private keys) into the current folder."""
     import retention
 
-    with pytest.raises(SystemExit) as exit_:
-        retention.main(["simulate", "--n", "50", "--out", ""])
-    assert exit_.value.code == 2 and "argument --out: is empty" in capsys.readouterr().err
-    assert retention.main(["sign", "--ca", "", "--count", "1"]) == 2
-    assert "--ca is empty" in capsys.readouterr().err
+    for argv, flag in ((["simulate", "--n", "50", "--out", ""], "--out"), (["sign", "--ca", "", "--count", "1"], "--ca")):
+        with pytest.raises(SystemExit) as exit_:
+            retention.main(argv)
+        assert exit_.value.code == 2 and f"argument {flag}: is empty" in capsys.readouterr().err
     assert retention.main(["simulate", "--n", "50", "--out", str(tmp_path / "w")]) == 0
     assert "replaced" not in capsys.readouterr().out
     assert retention.main(["simulate", "--n", "50", "--out", str(tmp_path / "w")]) == 0

@@ -456,7 +456,6 @@ def test_cli_refusals_are_one_line_each(tmp_path: Path, two_model_registry: Any,
         (["plan", "--baseline-rate", "0.02", "--lift", "0.01", "--traffic", "1000/week"], "--traffic", 2),
         (["plan", "--baseline-rate", "0.02", "--lift", "0.01", "--traffic", "9", "--level", "95"], "--level", 2),
         (["plan", "--baseline-rate", "0.02", "--lift", "0.01", "--traffic", "9", "--horizon-days", "-3"], "horizon", 2),
-        (["start", *reg, "--challenger", challenger, "--id", ""], "--id is empty", 2),
         (["start", *reg, "--challenger", "nosuchversion"], "--challenger nosuchversion", 1),
         (["stop", *reg], "has no experiment", 1),
         (["status", *reg, "--level", "95"], "--level", 2),
@@ -465,6 +464,9 @@ def test_cli_refusals_are_one_line_each(tmp_path: Path, two_model_registry: Any,
         assert retention.main(["experiment", *argv]) == code, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)
+    with pytest.raises(SystemExit) as exit_:  # an empty value, as from an unset shell variable
+        retention.main(["experiment", "start", *reg, "--challenger", challenger, "--id", ""])
+    assert exit_.value.code == 2 and "argument --id: is empty" in capsys.readouterr().err
     # a registry with no current version cannot start an experiment (every request would fall back)
     empty = tmp_path / "empty"
     shutil.copytree(src, empty)
