@@ -49,12 +49,9 @@ _VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 def registry_spec(arg: str | Path | None) -> str:
     """Return the registry the commands use: `arg` (``--registry``), else ``$RETENTION_MODEL``, else the checkout's.
 
-    The result may end in ``@VERSION`` (a pin); :meth:`Registry.parse` splits it off. Raises ValueError
-    for an empty ``--registry`` (an unset shell variable must not mean the checkout's registry).
+    The result may end in ``@VERSION`` (a pin); :meth:`Registry.parse` splits it off. (An empty
+    ``--registry`` never gets here: every verb's parser refuses an empty value.)
     """
-    if arg is not None and not str(arg).strip():
-        raise ValueError("--registry is empty: give a folder, or leave --registry out for $RETENTION_MODEL or "
-                         "models/registry")
     return str(arg or os.environ.get("RETENTION_MODEL") or DEFAULT_REGISTRY)
 
 

@@ -65,8 +65,6 @@ def _test_ca(folder: str) -> Any:
     """Return the test CA in `folder`, minting one there first when it holds none; ValueError when it cannot."""
     from serving.testpki import TestPKI  # imported here so --help and usage errors stay instant
 
-    if not folder.strip():  # an unset shell variable: never mint private keys into the current folder
-        raise ValueError("--ca is empty; give a folder (a new one is created and a test CA minted there)")
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--ca {folder} is a file; give a folder (a new one is created and a test CA minted there)")

@@ -964,7 +964,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100_000, help="number of logged decisions (default 100000)")
     p.add_argument("--seed", type=int_in(0), default=0, help="random seed, 0 or more (default 0)")
     p.add_argument("--epsilon", type=float, default=0.1, help="exploration of the logging policy (default 0.1)")
-    p.add_argument("--out", required=True, type=_out_folder, help="output folder (a world already there is replaced)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (a world already there is replaced)")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="file format (default parquet)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog JSON (default: the demo catalog)")
     p.add_argument("--start-ms", type=int, default=DEFAULT_START_MS,
@@ -976,12 +976,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the logging policy explores around: the hand-written rules (default) or the default "
                         "message (an app before its first model)")
     return p
-
-
-def _out_folder(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: give a folder for the world's files")
-    return Path(text)
 
 
 def main(argv: list[str]) -> int:
