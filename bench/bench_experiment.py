@@ -55,7 +55,7 @@ def season(rng: np.random.Generator, p0: float, p1: float, cost1: float, *, shar
         m = int(n / visits)
         k = 1 + rng.poisson(visits - 1.0, m)
         sub = np.repeat(np.arange(m), k)
-        t = (rng.uniform(0, days, m) + 0.0)[sub] + rng.uniform(0, horizon, len(sub))
+        t = rng.uniform(0, days, m)[sub] + rng.uniform(0, horizon, len(sub))
         keep = t < days
         order = np.argsort(t[keep], kind="stable")
         sub, t = sub[keep][order], t[keep][order]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retention import VerbParser
+from retention import VerbParser, int_in
 from serving.log_reader import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
 from serving.log_writer import compact_logs
 
@@ -63,7 +63,7 @@ def main(argv: Sequence[str]) -> int:
     show.add_argument("--data-dir", action="append", help=data_help)
     show.add_argument("--database-url", default=None,
                       help="read the fleet's PostgreSQL database instead of a data folder [env RETENTION_DATABASE_URL]")
-    show.add_argument("--last", type=int, default=10, help="how many decisions (default 10)")
+    show.add_argument("--last", type=int_in(1), default=10, help="how many decisions, 1 or more (default 10)")
     args = parser.parse_args(list(argv))
     bad: dict[Path, list[str]] = {}
     strict = getattr(args, "strict", False)
@@ -95,9 +95,6 @@ def main(argv: Sequence[str]) -> int:
         )
         return 1 if bad and args.strict else 0
 
-    if args.command == "show" and args.last < 1:
-        print("retention decisions show: error: --last must be at least 1", file=sys.stderr)
-        return 2
     if args.command == "show" and args.database_url and args.data_dir:
         print("retention decisions show: error: give --database-url or --data-dir, not both", file=sys.stderr)
         return 2

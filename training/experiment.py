@@ -642,8 +642,6 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"--challenger {args.challenger}: {exc}") from None
             if version == current:
                 raise ValueError(f"{version} is the current version: a challenger must differ from it")
-            if args.experiment_id is not None and not args.experiment_id.strip():
-                raise UsageError("--id is empty: give an experiment id, or leave --id out for exp-<UTC time>")
             eid = args.experiment_id or time.strftime("exp-%Y%m%dT%H%M%SZ", time.gmtime())
             if exp is not None and exp.experiment_id == eid:
                 raise ValueError(f"experiment {eid} ran before (now stopped): give a new --id, so that its decisions "
