@@ -1007,7 +1007,8 @@ def main(argv: list[str]) -> int:
     from models.catalog import Catalog
     from training.data_io import read_decisions, read_outcomes, read_profiles, read_table
 
-    Registry.parse(registry_spec(args.registry))[0].require_creatable()  # say so now, not after the fit
+    target = Registry.parse(registry_spec(args.registry))[0]
+    target.require_creatable()  # say so now, not after the fit
     catalog = Catalog.load(args.catalog)
     with training_inputs(args.decisions, args.outcomes) as (decisions_file, outcomes_file):
         decisions = read_decisions(decisions_file)
@@ -1033,7 +1034,7 @@ def main(argv: list[str]) -> int:
     )
     if result.data_summary.get("no_exploration"):
         print(f"retention train: warning: {NO_EXPLORATION_WARNING}", file=sys.stderr)
-    args.registry = Registry.parse(registry_spec(args.registry))[0].root
+    args.registry = target.root
     version, promoted = write_result(result, Registry(args.registry), promote=args.promote)
     print(summary_table(result, f"{args.registry} ({'now current' if promoted else 'not promoted'})"))
     print(version)
