@@ -89,6 +89,14 @@ class VerbParser(argparse.ArgumentParser):
             if (eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip()):
                 self.error(f"argument {name}: is empty")
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        """Write as argparse does, but let a failed write (a full disk) raise: argparse would swallow it, exit 0."""
+        if message:
+            try:
+                (file or sys.stderr).write(message)
+            except AttributeError:  # no stream at all (descriptor closed): nothing to tell
+                pass
+
     def error(self, message: str) -> NoReturn:
         if self._commands is not None:
             names = ", ".join(self._commands.choices)

@@ -181,7 +181,7 @@ def test_usage_errors_name_the_command_and_what_it_takes(argv: list[str], expect
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
-@pytest.mark.parametrize("args", [["--help"], ["experiment", "plan", "--baseline-rate", "0.0171", "--lift", "0.014", "--traffic", "1000/day"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["models", "list", "--help"], ["experiment", "plan", "--baseline-rate", "0.0171", "--lift", "0.014", "--traffic", "1000/day"]])
 def test_output_to_a_full_disk_is_one_line_not_a_traceback(args: list[str]) -> None:
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "retention", *args], stdout=full, stderr=subprocess.PIPE, text=True,
