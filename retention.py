@@ -7,6 +7,7 @@ Every verb module exposes ``main(argv: list[str]) -> int``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -92,10 +93,8 @@ class VerbParser(argparse.ArgumentParser):
     def _print_message(self, message: str, file: Any = None) -> None:
         """Write as argparse does, but let a failed write (a full disk) raise: argparse would swallow it, exit 0."""
         if message:
-            try:
+            with contextlib.suppress(AttributeError):  # no stream at all (descriptor closed): nothing to tell
                 (file or sys.stderr).write(message)
-            except AttributeError:  # no stream at all (descriptor closed): nothing to tell
-                pass
 
     def error(self, message: str) -> NoReturn:
         if self._commands is not None:

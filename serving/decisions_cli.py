@@ -22,6 +22,7 @@ from typing import Any
 
 from retention import VerbParser, int_in
 from serving.log_reader import count_unanswered, export_decisions, export_outcomes, latest_decisions, log_files
+from serving.log_schema import prepare_output
 from serving.log_writer import compact_logs
 
 
@@ -68,8 +69,12 @@ def main(argv: Sequence[str]) -> int:
     bad: dict[Path, list[str]] = {}
     strict = getattr(args, "strict", False)
     url = getattr(args, "database_url", None) or (None if args.data_dir else os.environ.get("RETENTION_DATABASE_URL"))
-    if args.command == "export" and url:
-        return _export_database(args, url)
+    if args.command == "export":
+        for out in (args.out, args.outcomes_out):  # both places checked before either file is written
+            if out:
+                prepare_output(Path(out))
+        if url:
+            return _export_database(args, url)
 
     class _UnreadableError(Exception):
         pass

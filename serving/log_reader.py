@@ -38,6 +38,7 @@ from serving.log_schema import (
     encode_json,
     export_columns,
     export_format,
+    prepare_output,
     write_outcomes_file,
 )
 
@@ -377,8 +378,7 @@ def export_decisions(
     schema = decisions_arrow_schema()
     names = [f.name for f in schema]
     schemas = feature_schemas(paths, on_bad_file=on_bad_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = prepare_output(out)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -433,7 +433,7 @@ def export_outcomes(
     db_paths: Sequence[str | Path], out: str | Path, *, on_bad_file: OnBadFile | None = None
 ) -> int:
     """Return the number of outcomes written from the log files `db_paths` to `out` (Parquet or CSV), one per notification."""
-    export_format(Path(out))  # a bad name is refused before the logs are read
+    prepare_output(Path(out))  # a bad name or an unwritable place is refused before the logs are read
     return write_outcomes_file(read_outcomes(db_paths, on_bad_file=on_bad_file), out)
 
 

@@ -348,6 +348,32 @@ def export_format(out: Path) -> str:
     raise ValueError(f"output {str(out)!r} must end in .parquet or .csv")
 
 
+def prepare_output(out: Path) -> Path:
+    """Check that the export file `out` can be written; return the name it is written under first (``out`` + ``.tmp``).
+
+    Makes the folders above it. Raises ValueError, one line, for a name that is not .parquet or .csv,
+    a folder at `out`, a file where a folder must go, or a place this process cannot write
+    (read-only, no permission): said before any log is read, so nothing is half written.
+    """
+    export_format(out)
+    if out.is_dir():
+        raise ValueError(f"cannot write {str(out)!r}: it is a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {str(out)!r}: a file is where a folder above it must go") from None
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(out)!r}: {(exc.strerror or str(exc)).lower()}") from None
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(out)!r}: {(exc.strerror or str(exc)).lower()}") from None
+    return tmp
+
+
 
 def write_outcomes_file(rows: Sequence[Mapping[str, Any]], out: str | Path) -> int:
     """Write outcome rows (:data:`OUTCOME_COLUMNS`) to `out` (Parquet or CSV by suffix) atomically; return how many.
@@ -361,11 +387,10 @@ def write_outcomes_file(rows: Sequence[Mapping[str, Any]], out: str | Path) -> i
 
     out = Path(out)
     fmt = export_format(out)
+    tmp = prepare_output(out)
     frame = pd.DataFrame(list(rows), columns=list(OUTCOME_COLUMNS))
     frame["at"] = frame["at"].astype("int64")
     frame["offer_type"] = frame["offer_type"].astype("Int64")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     try:
         if fmt == "parquet":
             frame.to_parquet(tmp, index=False)

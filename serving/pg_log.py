@@ -55,6 +55,7 @@ from serving.log_schema import (
     export_format,
     feature_names_sha,
     outcome_record,
+    prepare_output,
     write_outcomes_file,
 )
 
@@ -714,8 +715,7 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
     require_schema(url)  # a schema this release does not know is not read as if it did
     schema = decisions_arrow_schema()
     names = [f.name for f in schema]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = prepare_output(out)
     written = 0
     writer: Any = None
     try:
@@ -761,5 +761,5 @@ def export_decisions(url: str, out: str | Path, *, chunk: int = 20_000, shown_on
 
 def export_outcomes(url: str, out: str | Path) -> int:
     """Return the number of outcomes written from the database to `out` (Parquet or CSV), one per notification."""
-    export_format(Path(out))  # a bad name is refused before the database is read
+    prepare_output(Path(out))  # a bad name or an unwritable place is refused before the database is read
     return write_outcomes_file(read_outcomes(url), out)

@@ -335,6 +335,17 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert retention.main(["decisions", "export", "--data-dir", str(data), "--out", str(tmp_path / "x.json")]) == 1
     assert ".parquet or .csv" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.json")
+    # a place that cannot be written is said in one line before anything is written, outcomes' place included
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.csv").mkdir()
+    for flags, said in ((["--out", str(tmp_path / "afile" / "d.csv")], "a file is where a folder above it must go"),
+                        (["--out", str(tmp_path / "adir.csv")], "it is a folder"),
+                        (["--out", str(tmp_path / "new.csv"), "--outcomes-out", str(tmp_path / "afile" / "o.csv")],
+                         "a file is where a folder above it must go")):
+        assert retention.main(["decisions", "export", "--data-dir", str(data), *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("retention decisions: error: cannot write") and said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "new.csv").exists()
 
 
 def test_cli_export_keeps_404s_as_apple_s_arm_readable_by_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
