@@ -97,9 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "iap-key":
             return _iap_key(args_list[1:])
         return _requests(args_list[1:] if verb == "request" else args_list)
-    except ValueError as exc:
+    except ValueError as exc:  # a CA folder or key file that cannot be used: bad input, not usage (exit 1)
         print(f"retention sign: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def _requests(argv: list[str]) -> int:
@@ -192,7 +192,9 @@ def _notification_parser() -> argparse.ArgumentParser:
 def _notification(argv: list[str]) -> int:
     args = _notification_parser().parse_args(argv)
     if Environment.parse(args.environment) is None:
-        raise ValueError(f"--environment must be Sandbox or Production, not {args.environment!r}")
+        print(f"retention sign: error: --environment must be Sandbox or Production, not {args.environment!r}",
+              file=sys.stderr)
+        return 2
     offer = {k: v for k, v in (("offerType", args.offer_type), ("offerIdentifier", args.offer_identifier),
                                ("offerDiscountType", args.offer_discount_type)) if v is not None}
     transaction = dict(offer)

@@ -82,7 +82,7 @@ def test_a_minted_iap_key_signs_offers_that_verify(
                         algorithms=["ES256"], audience="promotional-offer")
     assert claims["bid"] == "com.example.app"
     # a second run never overwrites the key
-    assert retention.main(["sign", "iap-key", "--out", str(key_file), "--key-id", "TEST123"]) == 2
+    assert retention.main(["sign", "iap-key", "--out", str(key_file), "--key-id", "TEST123"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already exists" in err[0]
 
@@ -90,7 +90,7 @@ def test_a_minted_iap_key_signs_offers_that_verify(
 def test_sign_ca_on_an_existing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a_file = tmp_path / "ca"
     a_file.write_text("")
-    assert retention.main(["sign", "--ca", str(a_file)]) == 2
+    assert retention.main(["sign", "--ca", str(a_file)]) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and f"--ca {a_file} is a file" in err[0] and captured.out == ""
@@ -107,7 +107,7 @@ def test_sign_count_below_one_is_refused_in_one_line(
 
 
 def test_sign_ca_that_cannot_be_created_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert retention.main(["sign", "--ca", "/proc/forbidden"]) == 2
+    assert retention.main(["sign", "--ca", "/proc/forbidden"]) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert err == ["retention sign: error: cannot create the test CA folder /proc/forbidden (--ca): "
