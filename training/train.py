@@ -38,6 +38,7 @@ from training.fit import (
     CREDIBILITY_C,
     MODEL_CHOICES,
     MODELS,
+    SELECTION_MARGIN_SE,
     Baseline,
     FitInfo,
     MessageCredibility,
@@ -897,6 +898,27 @@ def model_card(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+def _selection_line(selection: dict[str, Any]) -> str:
+    """Return the summary's "chosen" line: each choice's cross-validated DR value and its paired difference to the first.
+
+    e.g. ``hgb-smooth (cross-validated DR value per decision: hgb 2.630, hgb-plain 3.482 (+0.852 ± 0.610),
+    hgb-smooth 3.249 (+0.619 ± 0.250); the first stays unless another is ahead by more than 1 standard error)``.
+    """
+    values, se = selection["values"], selection.get("se_vs_first") or {}
+    first = next(iter(values))
+
+    def part(k: str) -> str:
+        if k == first or not np.isfinite(se.get(k, np.nan)):
+            return f"{k} {values[k]:.3f}"
+        return f"{k} {values[k]:.3f} ({values[k] - values[first]:+.3f} ± {se[k]:.3f})"
+
+    text = f"{selection['chosen']} (cross-validated DR value per decision: {', '.join(part(k) for k in values)}"
+    if len(values) > 1:
+        text += f"; the first stays unless another is ahead by more than {SELECTION_MARGIN_SE:g} standard error" \
+                + ("s" if SELECTION_MARGIN_SE != 1 else "")
+    return text + ")"
+
+
 def summary_table(result: TrainResult, registry: str | None = None) -> str:
     """Return the human summary printed by ``retention train`` (before the version id), `registry` its last line."""
     d, m, p, f = result.data_summary, result.metrics, result.parity, result.fit_info
@@ -905,11 +927,12 @@ def summary_table(result: TrainResult, registry: str | None = None) -> str:
         ("labels", f"{d['retained']:,} retained, {d['churned']:,} churned, {d['censored']:,} censored (left out)"),
         ("rows", f"{d['train_rows']:,} fit the model, {d['holdout_rows']:,} held out (early stopping, sigmoid, metrics, parity)"),
         ("features", f"{result.schema.n_features} ({result.schema.n_context} context), featurizer {FEATURIZER_VERSION}"),
-        ("model", f"{f.model}, {f.n_iter} iterations, calibration {f.calibration}"),
+        ("model", f"{f.model}"
+                  + (f" ({f.selection['chosen']} settings)" if f.selection and f.selection["chosen"] != f.model else "")
+                  + f", {f.n_iter} iterations, calibration {f.calibration}"),
     ]
     if f.selection:
-        vals = ", ".join(f"{k} {v:.3f}" for k, v in f.selection["values"].items())
-        rows.append(("chosen", f"{f.selection['chosen']} (cross-validated DR value per decision: {vals})"))
+        rows.append(("chosen", _selection_line(f.selection)))
     if f.credibility:
         low = sorted(f.credibility["factors"].items(), key=lambda kv: kv[1])
         rows.append(("factors", f"per message {min(v for _, v in low):.3g} to {max(v for _, v in low):.3g} "

@@ -437,6 +437,17 @@ def test_the_model_is_chosen_by_cross_validated_policy_value(trained30: TrainRes
     assert sel["chosen"] in values and all(np.isfinite(v) for v in values.values())
     assert trained30.manifest["context_features"] is True
     assert "cross-validated doubly robust" in sel["rule"] and "Chosen: " in trained30.card
+    # the summary shows why: each later choice's difference to the first with its standard error, and the rule
+    from training.train import summary_table
+
+    line = next(ln for ln in summary_table(trained30).splitlines() if ln.startswith("chosen"))
+    se = sel["se_vs_first"]
+    for name in ("hgb-plain", "hgb-smooth"):
+        assert f"{name} {values[name]:.3f} ({values[name] - values['hgb']:+.3f} ± {se[name]:.3f})" in line
+    assert line.split()[1] == sel["chosen"] and "ahead by more than 1 standard error" in line
+    ahead = {k: values[k] - values["hgb"] - se[k] for k in ("hgb-plain", "hgb-smooth")}
+    best = max(ahead, key=ahead.get)  # type: ignore[arg-type]
+    assert sel["chosen"] == (best if ahead[best] > 0 else "hgb")
 
 
 # ---- the message factors: act on what the logs back ----------------------------------------------
