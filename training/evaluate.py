@@ -38,6 +38,7 @@ from training.target_policy import (
     TargetPolicy,
     policy_from_scores,
     prepare_logged,
+    require_profiles,
     score_candidates,
 )
 from training.verdict import judge
@@ -77,6 +78,8 @@ class EvaluationConfig:
     progress: bool = False
     involuntary: str = "censor"  # the label rule's choice for involuntary ends (training.labels)
     offer_window_ms: int = 7 * DAY_MS  # a redemption of our offer this long after a decision is credited to it
+    # score a version that reads profile columns without them (no file, none logged) instead of refusing
+    allow_missing_profiles: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.level < 1:
@@ -284,7 +287,9 @@ def evaluate(
     """Return the evaluation of `versions` of `registry` (a models.registry.Registry) on `inputs`.
 
     `scorers` may supply ready :class:`models.scoring.Scorer` objects by version (tests, benchmarks).
-    Raises ValueError with one sentence when nothing can be evaluated.
+    Raises ValueError with one sentence when nothing can be evaluated, and
+    :class:`training.target_policy.MissingProfilesError` when a version reads profile columns that
+    neither `inputs.profiles` nor the decisions' logged values give (unless the config allows it).
     """
     from tqdm import tqdm
 
@@ -297,6 +302,9 @@ def evaluate(
     needed = list(versions)
     if cfg.reward_model not in ("own", *needed):
         needed.append(cfg.reward_model)
+    for v in needed:  # before any work: a version scored without the profiles it reads would be judged wrongly
+        model = scorers[v].model if scorers and v in scorers else registry.load(v)
+        require_profiles(model.schema, v, inputs.decisions, inputs.profiles, allow=cfg.allow_missing_profiles)
     steps = tqdm(total=5 + len(needed), desc="evaluate", unit="step", file=sys.stderr, disable=None if cfg.progress else True)
 
     # every decision, the requests answered with no message (404, policy apple_fallback) included, is

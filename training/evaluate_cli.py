@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from models.exploration import Exploration
-from retention import VerbParser, time_ms
+from retention import VerbParser, int_in, time_ms
 from serving.log_reader import source, training_inputs
 from training.evaluate import DAY_MS, EvaluationConfig, Inputs, evaluate, format_table, resolve_versions
+from training.target_policy import MissingProfilesError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
                    "the server's log")
     p.add_argument("--outcomes", required=True, type=source,
                    help="outcome events file (.parquet or .csv), or the fleet's database (postgresql:// URL)")
-    p.add_argument("--profiles", type=Path, help="subscriber profiles file (as used in training)")
+    p.add_argument("--profiles", type=Path, help="subscriber profiles file (as used in training; not needed for the "
+                   "server's own export, which logs the profile values each decision used)")
+    p.add_argument("--allow-missing-profiles", action="store_true",
+                   help="score a version trained with profile columns even when neither --profiles nor the "
+                        "decisions give them (refused by default: its choices would change)")
     p.add_argument("--catalog", required=True, type=Path, help="catalog JSON (values and costs of the messages)")
     p.add_argument("--registry", help="model registry folder [env RETENTION_MODEL; default models/registry in the "
                    "checkout]")
@@ -44,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--holdout", type=float, default=None, help="share of requests held out on the default message")
     e = p.add_argument_group("estimation")
     e.add_argument("--level", type=float, default=0.9, help="confidence level of the intervals (default 0.9)")
-    e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    e.add_argument("--resamples", type=_resamples, default=1000,
+                   help="bootstrap resamples: 0 (no intervals) or 100 or more (default 1000)")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     e.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
     e.add_argument("--as-of", type=time_ms, dest="as_of",
@@ -58,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--offer-window-days", type=float, default=7.0, help="a redemption of our promotional offer this "
                    "many days after a decision is credited to it; an Apple retention offer (type 5) never is (default 7)")
     e.add_argument("--reward-model", default="own", help="reward model of DM/DR: 'own' (each version its own "
-                   "predictions, default) or one version id for all")
+                   "predictions, default) or one version for all (an id, 'current' or 'latest')")
     e.add_argument("--holdout-fraction", type=float, default=0.2, help="latest share of decisions for the predictive "
                    "metrics (default 0.2)")
     e.add_argument("--min-ess", type=float, default=100.0, help="warn below this effective sample size (default 100, "
@@ -66,30 +72,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resamples(text: str) -> int:
+    """argparse type of ``--resamples``: 0, or 100 or more (an interval from a few resamples is noise)."""
+    n = int_in(0)(text)
+    if 0 < n < 100:
+        raise argparse.ArgumentTypeError(f"must be 0 (no intervals) or 100 or more, not {n}: an interval from "
+                                         f"{n} resample{'s' if n > 1 else ''} is noise")
+    return n
+
+
 def main(argv: list[str]) -> int:
     """Run ``retention evaluate``; return the exit status (bad input raises one clear error)."""
-    args = _parser().parse_args(argv)
-    if args.horizon_days <= 0:
-        print("retention evaluate: error: --horizon-days must be positive", file=sys.stderr)
-        return 2
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.horizon_days > 0:
+        parser.error("--horizon-days must be positive")
     if not args.offer_window_days > 0:
-        print("retention evaluate: error: --offer-window-days must be positive", file=sys.stderr)
-        return 2
+        parser.error("--offer-window-days must be positive")
     if not 0 < args.level < 1:
-        print("retention evaluate: error: --level must be within (0, 1), e.g. 0.9", file=sys.stderr)
-        return 2
-    if args.resamples < 0:
-        print("retention evaluate: error: --resamples must be >= 0", file=sys.stderr)
-        return 2
+        parser.error("--level must be within (0, 1), e.g. 0.9")
     if args.epsilon is not None and not 0 <= args.epsilon <= 1:
-        print("retention evaluate: error: --epsilon must be within [0, 1]", file=sys.stderr)
-        return 2
+        parser.error("--epsilon must be within [0, 1]")
     if args.holdout is not None and not 0 <= args.holdout <= 1:
-        print("retention evaluate: error: --holdout must be within [0, 1]", file=sys.stderr)
-        return 2
-    if args.temperature is not None and args.temperature <= 0:
-        print("retention evaluate: error: --temperature must be > 0", file=sys.stderr)
-        return 2
+        parser.error("--holdout must be within [0, 1]")
+    if args.temperature is not None and not args.temperature > 0:
+        parser.error("--temperature must be > 0")
+    if not 0 < args.holdout_fraction < 1:
+        parser.error("--holdout-fraction must be within (0, 1)")
     from models.registry import Registry, registry_spec
 
     registry = Registry.parse(registry_spec(args.registry))[0]
@@ -98,6 +107,12 @@ def main(argv: list[str]) -> int:
 
     from training.data_io import read_table
 
+    reward_model = args.reward_model
+    if reward_model != "own":
+        if reward_model in ("current", "latest"):
+            reward_model = resolve_versions(registry, reward_model)[0]
+        if reward_model not in registry.versions():
+            raise ValueError(f"--reward-model {args.reward_model!r} is neither 'own' nor a version in {registry.root}")
     base = Exploration.from_env()
     exploration = Exploration(
         epsilon=base.epsilon if args.epsilon is None else args.epsilon,
@@ -114,20 +129,22 @@ def main(argv: list[str]) -> int:
         as_of_ms=args.as_of,
         holdout_fraction=args.holdout_fraction,
         min_ess=args.min_ess,
-        reward_model=args.reward_model,
+        reward_model=reward_model,
         mature_only=not args.all_labelled,
         progress=True,
         involuntary=args.involuntary,
         offer_window_ms=int(args.offer_window_days * DAY_MS),
+        allow_missing_profiles=args.allow_missing_profiles,
     )
-    registry = Registry(args.registry)
     versions = resolve_versions(registry, args.versions)
-    if config.reward_model != "own" and config.reward_model not in registry.versions():
-        raise ValueError(f"--reward-model {config.reward_model!r} is neither 'own' nor a version in {args.registry}")
     with training_inputs(args.decisions, args.outcomes) as (decisions_file, outcomes_file):
         inputs = Inputs.load(decisions_file, outcomes_file, args.catalog, args.profiles)
     ground_truth = read_table(args.ground_truth) if args.ground_truth else None
-    evaluated = evaluate(inputs, registry, versions, config, ground_truth=ground_truth)
+    try:
+        evaluated = evaluate(inputs, registry, versions, config, ground_truth=ground_truth)
+    except MissingProfilesError as exc:
+        print(f"retention evaluate: error: {exc}", file=sys.stderr)
+        return 2
 
     from training.report import render
 

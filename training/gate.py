@@ -51,11 +51,14 @@ def promotion_gate(
     seed: int = 0,
     exploration: Exploration | None = None,
     allow_overlap: bool = False,
+    allow_missing_profiles: bool = False,
 ) -> tuple[bool, str]:
     """Return (promote?, the report saying why) for `candidate` against the registry's current version.
 
     Target policies use serving's exploration settings (``RETENTION_*`` variables) unless given.
-    Raises ValueError (or the data readers' errors) with one sentence on bad input.
+    Raises ValueError (or the data readers' errors) with one sentence on bad input, and
+    :class:`training.target_policy.MissingProfilesError` when a version reads profile columns that neither
+    `profiles` nor the decisions' logged values give, unless `allow_missing_profiles`.
     """
     from models.registry import Registry
 
@@ -85,6 +88,7 @@ def promotion_gate(
         seed=seed,
         exploration=exploration or Exploration.from_env(),
         segments=False,
+        allow_missing_profiles=allow_missing_profiles,
     )
     evaluated = evaluate(inputs, registry, versions, config)
     boot = evaluated.bootstrap

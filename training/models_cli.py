@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--outcomes", type=Path, help="outcomes file (with --if-better)")
     pr.add_argument("--profiles", type=Path, help="profiles file (optional, with --if-better)")
     pr.add_argument("--catalog", type=Path, help="catalog JSON (with --if-better)")
+    pr.add_argument("--allow-missing-profiles", action="store_true",
+                    help="with --if-better: score a version trained with profile columns even when neither --profiles "
+                         "nor the decisions give them (refused by default: its choices would change)")
     pr.add_argument("--allow-overlap", action="store_true",
                     help="with --if-better: judge even when the evaluation decisions overlap the candidate's training "
                          "data (refused by default: a model looks better on the decisions it learned from)")
@@ -128,7 +131,8 @@ def _prune(registry: Registry, args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     """Run ``retention models``; return the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     registry = _registry(args.registry)
     if args.action == "list":
         return _list(registry)
@@ -147,19 +151,30 @@ def main(argv: list[str]) -> int:
     if args.action == "prune":
         return _prune(registry, args)
     if args.action == "promote":
+        promote = parser._commands.choices["promote"]  # type: ignore[attr-defined]
+        gate_only = [f"--{n.replace('_', '-')}" for n in ("decisions", "outcomes", "catalog", "profiles")
+                     if getattr(args, n) is not None]
+        gate_only += [f"--{n.replace('_', '-')}" for n in ("allow_overlap", "allow_missing_profiles") if getattr(args, n)]
+        if gate_only and not args.if_better:  # a forgotten --if-better must not promote without the gate
+            promote.error(f"{', '.join(gate_only)} only go with --if-better (without it the version is promoted "
+                          "unchecked)")
         if args.if_better:
             need = [f"--{n}" for n in ("decisions", "outcomes", "catalog") if getattr(args, n) is None]
             if need:
-                print(f"retention models promote: error: --if-better needs {', '.join(need)}", file=sys.stderr)
-                return 2
+                promote.error(f"--if-better needs {', '.join(need)}")
             args.version = registry.resolve(args.version)
             registry.load(args.version)  # refuse an unloadable candidate before any evaluation
             from training.gate import promotion_gate  # written by the evaluation side; imported only here
+            from training.target_policy import MissingProfilesError
 
-            ok, reason = promotion_gate(
-                registry.root, args.version, args.decisions, args.outcomes, args.profiles, args.catalog,
-                allow_overlap=args.allow_overlap,
-            )
+            try:
+                ok, reason = promotion_gate(
+                    registry.root, args.version, args.decisions, args.outcomes, args.profiles, args.catalog,
+                    allow_overlap=args.allow_overlap, allow_missing_profiles=args.allow_missing_profiles,
+                )
+            except MissingProfilesError as exc:
+                print(f"retention models promote: error: {exc}", file=sys.stderr)
+                return 2
             print(reason)
             if not ok:
                 cur = registry.current()

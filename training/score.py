@@ -78,6 +78,7 @@ def main(argv: list[str]) -> int:
     from models.catalog import Catalog
     from models.registry import Registry, registry_spec
     from training.data_io import read_profiles, read_table, write_table
+    from training.target_policy import MissingProfilesError, require_profiles
 
     registry, pinned = Registry.parse(registry_spec(args.registry))
     registry.require_folder()
@@ -90,15 +91,10 @@ def main(argv: list[str]) -> int:
     bad = [i for i, c in enumerate(decisions["candidates"].tolist()) if not isinstance(c, list)]
     if bad:
         raise ValueError(f"{args.input}: row {bad[0] + 1}: candidates must be a list of message ids")
-    profile_columns = model.schema.profile_numeric + model.schema.profile_categorical
-    logged = "profile" in decisions.columns and bool(decisions["profile"].notna().all())
-    if profile_columns and args.profiles is None and not logged and not args.allow_missing_profiles:
-        print(
-            f"retention score: error: model {model.version} was trained with profile columns "
-            f"({', '.join(profile_columns[:5])}{', ...' if len(profile_columns) > 5 else ''}) and the input logs no "
-            "profile values: give --profiles, or --allow-missing-profiles to score every request without one",
-            file=sys.stderr,
-        )
+    try:
+        require_profiles(model.schema, model.version, decisions, args.profiles, allow=args.allow_missing_profiles)
+    except MissingProfilesError as exc:
+        print(f"retention score: error: {exc}", file=sys.stderr)
         return 2
     profiles = read_profiles(args.profiles) if args.profiles else None
     with tqdm(total=2, desc="score", unit="step", file=sys.stderr, leave=False, disable=None) as bar:

@@ -226,6 +226,31 @@ def _rule_index(candidates: list[str], default_index: int, catalog: Catalog) -> 
     return 0
 
 
+class MissingProfilesError(ValueError):
+    """A model that reads profile columns, and neither a profiles file nor logged profile values to give them."""
+
+
+def require_profiles(schema: Any, version: str, decisions: pd.DataFrame, profiles: Any, *, allow: bool = False) -> None:
+    """Raise :class:`MissingProfilesError` (one sentence) when `version` would be scored without its profile columns.
+
+    A model trained with profile columns (`schema`, a :class:`models.features.FeatureSchema`) scored with
+    none treats every subscriber as one without a profile: its choices, and so any estimate of its
+    value, change silently. The values come from `profiles` (a file, given) or from the decisions'
+    ``profile`` column (the values serving logged), which must then be present on every decision.
+    `allow` (``--allow-missing-profiles``) scores such requests without one instead.
+    """
+    columns = list(schema.profile_numeric) + list(schema.profile_categorical)
+    if not columns or allow or profiles is not None:
+        return
+    if "profile" in decisions.columns and bool(decisions["profile"].notna().all()):
+        return
+    raise MissingProfilesError(
+        f"model {version} was trained with profile columns ({', '.join(columns[:5])}"
+        f"{', ...' if len(columns) > 5 else ''}) and the decisions log no profile values: give --profiles, or "
+        "--allow-missing-profiles to score every request without one"
+    )
+
+
 def score_candidates(
     scorer: Any,
     logged: LoggedRequests,
@@ -238,52 +263,39 @@ def score_candidates(
     """Return the (n, K) P(stay) of every logged candidate under `scorer`'s model (NaN on padding).
 
     `scorer` is a :class:`models.scoring.Scorer`; features come from its version's schema via
-    :class:`models.features.Featurizer`, so they are built exactly as serving builds them.
+    :class:`models.features.Featurizer`, so they are built exactly as serving builds them, by
+    :func:`training.train.featurize`, as training builds them: a decision that logged the profile
+    values serving used (a ``profile`` column) is featurized with those, the others joined to
+    `profiles` by ``original_transaction_id`` (the last row of a subscriber winning).
     """
     from tqdm import tqdm
 
     from models.features import Featurizer
+    from training.train import featurize, profile_index
 
     schema = scorer.model.schema
     featurizer = Featurizer(schema, catalog.products, catalog.messages)
     r_idx, c_idx = np.nonzero(logged.valid)
     f = logged.frame
-    # pandas Series, not numpy arrays: the featurizer factorizes them with pandas' fast path
-    product = f["product_id"].astype(str).iloc[r_idx].reset_index(drop=True)
-    locale = f["user_locale"].astype(str).iloc[r_idx].reset_index(drop=True)
-    env = (f["environment"].astype(str) if "environment" in f.columns else pd.Series(["Production"] * len(f)))
-    env = env.iloc[r_idx].reset_index(drop=True)
-    signed = f["signed_date"].to_numpy(dtype=np.int64)[r_idx]
-    mids = pd.Series(logged.candidate_ids[r_idx, c_idx], dtype=object)
-    prof_cols: dict[str, pd.Series] | None = None
-    has_profile: Any = None  # a boolean array (the featurizer takes any sequence)
     wanted = list(schema.profile_numeric) + list(schema.profile_categorical)
-    if profiles is not None and wanted:
-        p = profiles.drop_duplicates("original_transaction_id").set_index("original_transaction_id")
-        pos = p.index.get_indexer(f["original_transaction_id"].astype(str).to_numpy())
-        has_req = pos >= 0
-        has_profile = has_req[r_idx]
-        cell_pos = pos[r_idx]
-        prof_cols = {}
-        for col in wanted:
-            if col in p.columns:
-                # a missing profile takes row 0's values; has_profile masks them out
-                prof_cols[col] = p[col].iloc[np.where(cell_pos >= 0, cell_pos, 0)].reset_index(drop=True) \
-                    if len(p) else pd.Series([None] * len(cell_pos))
+    src = pd.DataFrame({
+        "product_id": f["product_id"].astype(str).to_numpy(dtype=object),
+        "user_locale": f["user_locale"].astype(str).to_numpy(dtype=object),
+        "environment": f["environment"].astype(str).to_numpy(dtype=object) if "environment" in f.columns else "Production",
+        "signed_date": f["signed_date"].to_numpy(dtype=np.int64),
+        "original_transaction_id": f["original_transaction_id"].astype(str).to_numpy(dtype=object),
+    })
+    if wanted and "profile" in f.columns:  # the values serving used, as it logged them (point in time)
+        src["profile"] = f["profile"].to_numpy(dtype=object)
+    prof = profile_index(profiles) if wanted else None
     out = np.full(logged.valid.shape, np.nan)
     cells = len(r_idx)
     with tqdm(total=cells, desc=desc, unit="row", file=sys.stderr, disable=None if progress else True) as bar:
         for s in range(0, cells, _CHUNK_CELLS):
             e = min(cells, s + _CHUNK_CELLS)
-            X = featurizer.matrix_batch(
-                product_id=product.iloc[s:e],
-                user_locale=locale.iloc[s:e],
-                environment=env.iloc[s:e],
-                signed_date_ms=signed[s:e],
-                message_id=mids.iloc[s:e],
-                profile=None if prof_cols is None else {k: v.iloc[s:e] for k, v in prof_cols.items()},
-                has_profile=None if has_profile is None else has_profile[s:e],
-            )
+            rows = src.iloc[r_idx[s:e]].reset_index(drop=True)
+            rows["message_id"] = pd.Series(logged.candidate_ids[r_idx[s:e], c_idx[s:e]], dtype=object)
+            X = featurize(featurizer, rows, prof)
             out[r_idx[s:e], c_idx[s:e]] = scorer.p_stay(X)
             bar.update(e - s)
     return out

@@ -95,6 +95,31 @@ def test_target_policy_is_servings_exact_math(lab: Lab, epsilon: float, holdout:
         assert tp.greedy[i] == int(np.argmax(values))
 
 
+def test_the_target_policy_is_scored_with_the_profile_values_serving_logged(lab: Lab) -> None:
+    """A decision that logged the profile values serving used is scored with those, with or without a profiles
+    file (as training featurizes it): evaluating the server's own export needs no --profiles."""
+    from models.scoring import Scorer
+    from training.target_policy import score_candidates
+
+    catalog = lab.world.catalog
+    plain = lab.world.decisions.iloc[:300].reset_index(drop=True)
+    prof = lab.world.profiles.set_index("original_transaction_id")
+    logged_values = [json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in prof.loc[o].items()})
+                     for o in plain["original_transaction_id"]]
+    scorer = Scorer(Registry(lab.registry).load(lab.strong))
+    assert scorer.model.schema.profile_numeric  # the strong model reads profiles
+
+    def p_stay(decisions: pd.DataFrame, profiles: pd.DataFrame | None) -> np.ndarray:
+        return score_candidates(scorer, prepare_logged(decisions, catalog)[0], catalog, profiles)
+
+    with_file = p_stay(plain, lab.world.profiles)
+    without = p_stay(plain, None)
+    assert not np.allclose(with_file, without, equal_nan=True)  # the profiles matter to this model
+    assert np.allclose(p_stay(plain.assign(profile=logged_values), None), with_file, equal_nan=True)
+    # the logged values win over the file's: "null" (asked, no profile) scores as no profile at all
+    assert np.allclose(p_stay(plain.assign(profile="null"), lab.world.profiles), without, equal_nan=True)
+
+
 def test_evaluation_explores_as_the_server_started_with_the_same_variables() -> None:
     from serving.settings import Settings
 
@@ -351,6 +376,11 @@ def test_cli_prints_the_table_and_writes_json_and_html(lab: Lab, tmp_path: Path,
         (lambda a: a.__setitem__(a.index("--versions") + 1, "nope"), 1, "not in registry"),
         (lambda a: a.extend(["--level", "1.5"]), 2, "--level"),
         (lambda a: a.__setitem__(a.index("--registry") + 1, "/nonexistent/reg"), 1, "/nonexistent/reg does not exist"),
+        (lambda a: a.__setitem__(a.index("--resamples") + 1, "5"), 2, "must be 0 (no intervals) or 100 or more"),
+        (lambda a: a.extend(["--reward-model", "nope"]), 1, "--reward-model 'nope' is neither 'own' nor a version"),
+        # the strong version reads profile columns: without the file (and none logged) it would be scored blind
+        (lambda a: a.__delitem__(slice(a.index("--profiles"), a.index("--profiles") + 2)), 2,
+         "was trained with profile columns (tenure_days, "),
     ],
 )
 def test_cli_bad_input_is_one_line(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str], change, code, needle) -> None:  # type: ignore[no-untyped-def]
@@ -358,9 +388,27 @@ def test_cli_bad_input_is_one_line(lab: Lab, tmp_path: Path, capsys: pytest.Capt
 
     args = _cli_args(lab, tmp_path / "out")
     change(args)
-    assert retention.main(args) == code
+    try:
+        status = retention.main(args)
+    except SystemExit as exit_:  # a usage error: argparse's exit
+        status = exit_.code
+    assert status == code
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reward_model_takes_the_version_aliases(lab: Lab, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import retention
+
+    args = _cli_args(lab, tmp_path / "out")
+    i = args.index("--profiles")
+    del args[i:i + 2]
+    args += ["--reward-model", "current", "--allow-missing-profiles"]  # scored blind, as asked
+    assert retention.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["settings"]["reward_model"] == lab.weak  # the current version, by its id
 
 
 # ---- the promotion gate --------------------------------------------------------------------------
@@ -429,6 +477,17 @@ def test_models_promote_if_better_cli_promotes_a_winner_and_refuses_a_loser(
     data = ["--decisions", str(f["decisions"]), "--outcomes", str(f["outcomes"]), "--profiles", str(f["profiles"]),
             "--catalog", str(f["catalog"]), "--registry", str(root)]
     Registry(root).promote(lab.weak)
+    # the gate's data without --if-better is a forgotten flag, not a plain promotion
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(["models", "promote", lab.strong, *data])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--decisions, --outcomes, --catalog, --profiles only go with --if-better" in err
+    # the strong version reads profile columns: judged without them, it would be judged on other choices
+    no_profiles = [a for i, a in enumerate(data) if "--profiles" not in data[max(i - 1, 0):i + 1]]
+    assert retention.main(["models", "promote", lab.strong, "--if-better", *no_profiles]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retention models promote: error: model ") and "give --profiles, or" in err
+    assert Registry(root).current() == lab.weak
     assert retention.main(["models", "promote", lab.strong, "--if-better", *data]) == 0
     assert Registry(root).current() == lab.strong
     assert retention.main(["models", "promote", lab.weak, "--if-better", *data]) != 0

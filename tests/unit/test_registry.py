@@ -179,8 +179,11 @@ def test_models_cli(tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, ca
     assert retention.main(["models", "promote", "nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such version" in err[0]
-    assert retention.main(["models", "promote", a, "--if-better"]) == 2
-    assert "--if-better needs --decisions" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(["models", "promote", a, "--if-better"])
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        "retention models promote: error: --if-better needs --decisions, --outcomes, --catalog "
+        "(see retention models promote --help)\n")
 
 
 def test_models_show_prints_the_card_first_and_json_only_when_asked(

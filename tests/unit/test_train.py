@@ -407,6 +407,7 @@ def test_train_score_and_evaluate_read_the_registry_from_retention_model(
     assert f"with model {version}" in capsys.readouterr().out and out.is_file()
     assert retention.main(["evaluate", "--decisions", str(small_files["decisions"]), "--outcomes",
                            str(small_files["outcomes"]), "--catalog", str(small_files["catalog"]),
+                           "--profiles", str(small_files["profiles"]),
                            "--out", str(tmp_path / "ev"), "--versions", "latest"]) == 0
     assert version in capsys.readouterr().out
 
