@@ -41,7 +41,7 @@ from training.target_policy import (
     require_profiles,
     score_candidates,
 )
-from training.verdict import judge
+from training.verdict import differ_clause, judge
 
 LOGGING = "logging"
 DAY_MS = 86_400_000
@@ -473,10 +473,12 @@ def evaluate(
             row["vs_logging"] = {name: boot.difference(f"{v}/{name}", f"{LOGGING}/observed", cfg.level,
                                                        cfg.interval).to_dict() for name in res}
             row["vs_logging"]["dr"] |= _power(boot, f"{v}/dr", f"{LOGGING}/observed", cfg, n_clusters)
+            row["vs_logging"]["dr"]["choices_differ"] = choices_differ(tp.greedy, logged.actions)
             if current is not None and current in versions and v != current:
                 row["vs_current"] = {name: boot.difference(f"{v}/{name}", f"{current}/{name}", cfg.level,
                                                            cfg.interval).to_dict() for name in res}
                 row["vs_current"]["dr"] |= _power(boot, f"{v}/dr", f"{current}/dr", cfg, n_clusters)
+                row["vs_current"]["dr"]["choices_differ"] = choices_differ(tp.greedy, policies[current].greedy)
         p_shown = tp.p_stay[rows, logged.actions]
         row["predictive"] = predictive_metrics(y[holdout], p_shown[holdout], cfg.calibration_bins)
         lo, hi = _training_window(manifests.get(v, {}))
@@ -589,6 +591,16 @@ def evaluate(
     return Evaluated(_clean(summary), logged, rewards, policies, results, boot)
 
 
+def choices_differ(a: np.ndarray, b: np.ndarray) -> float:
+    """Return the share of requests on which two policies' choices (column indices, shape (n,)) differ.
+
+    The MDD and the decisions a difference needs hold for a candidate that departs from its reference
+    as much as this one: one that changes nearly nothing has a paired standard error near zero.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    return float((a != b).mean()) if a.size else float("nan")
+
+
 def _power(boot: ope.Bootstrap, candidate: str, reference: str, cfg: EvaluationConfig, clusters: int) -> dict[str, Any]:
     """Return what the paired DR difference can detect: its MDD at 80% power and the decisions 1% of the reference needs."""
 
@@ -697,6 +709,8 @@ def format_table(summary: dict[str, Any]) -> str:
                     if d.get("decisions_for_one_percent") is not None:
                         line += (f"; an advantage of 1% ({_fmt(0.01 * d['reference_value'], 4)}) needs about "
                                  f"{d['decisions_for_one_percent']:,} decisions")
+                        if d.get("choices_differ") is not None:
+                            line += f" {differ_clause(d['choices_differ'])}"
                 diffs.append(line)
     if diffs:
         lines += ["", f"paired differences ({level:.0%} interval; MDD: the smallest true difference detected 80% of "

@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.exploration import Exploration
-from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate, training_overlap
+from training.evaluate import LOGGING, EvaluationConfig, Inputs, choices_differ, evaluate, training_overlap
 from training.verdict import decisions_for_ess, describe, judge
 
 MAX_UNSUPPORTED_MASS = 0.10
@@ -117,4 +117,6 @@ def promotion_gate(
         ref_key, against = f"{LOGGING}/observed", "the logging policy (no current version)"
     j = judge(boot, f"{candidate}/dr", ref_key, level=level,
               clusters=int(evaluated.summary["settings"]["bootstrap_clusters"]), method=config.interval)
-    return j.promote, describe(j, candidate, against, boot.results[ref_key].estimate) + note
+    reference = evaluated.policies[current].greedy if current is not None else evaluated.logged.actions
+    differ = choices_differ(evaluated.policies[candidate].greedy, reference)
+    return j.promote, describe(j, candidate, against, boot.results[ref_key].estimate, differ) + note

@@ -236,18 +236,18 @@ def require_profiles(schema: Any, version: str, decisions: pd.DataFrame, profile
     A model trained with profile columns (`schema`, a :class:`models.features.FeatureSchema`) scored with
     none treats every subscriber as one without a profile: its choices, and so any estimate of its
     value, change silently. The values come from `profiles` (a file, given) or from the decisions'
-    ``profile`` column (the values serving logged), which must then be present on every decision.
+    ``profile`` column: the server's own export always has it, holding the values each decision used
+    (none where the server had no profile store, which is then what serving did too). Decisions
+    without that column (a simulated world, files built by hand) need the file.
     `allow` (``--allow-missing-profiles``) scores such requests without one instead.
     """
     columns = list(schema.profile_numeric) + list(schema.profile_categorical)
-    if not columns or allow or profiles is not None:
-        return
-    if "profile" in decisions.columns and bool(decisions["profile"].notna().all()):
+    if not columns or allow or profiles is not None or "profile" in decisions.columns:
         return
     raise MissingProfilesError(
         f"model {version} was trained with profile columns ({', '.join(columns[:5])}"
-        f"{', ...' if len(columns) > 5 else ''}) and the decisions log no profile values: give --profiles, or "
-        "--allow-missing-profiles to score every request without one"
+        f"{', ...' if len(columns) > 5 else ''}) and the decisions carry no profile values (no profile column, as "
+        "the server's export has): give --profiles, or --allow-missing-profiles to score every request without one"
     )
 
 

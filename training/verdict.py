@@ -93,20 +93,39 @@ def judge(
     )
 
 
-def describe(j: Judgement, candidate: str, against: str, reference_value: float | None = None) -> str:
-    """Return the gate's report: the verdict, its interval, the MDD and the decisions a difference needs."""
+def differ_clause(share: float) -> str:
+    """Return the qualifier of a "decisions needed" figure: how far the candidate departs from its reference.
+
+    The paired standard error, and with it the MDD, shrinks with the share of requests whose choice
+    differs: a candidate that changes 0.5% of the choices needs few decisions to show what little it
+    changes, one that changes half of them many more.
+    """
+    if not np.isfinite(share):
+        return ""
+    return f"(this holds for a candidate whose choices differ on {share:.1%} of the requests, as this one's do)"
+
+
+def describe(j: Judgement, candidate: str, against: str, reference_value: float | None = None,
+             choices_differ: float | None = None) -> str:
+    """Return the gate's report: the verdict, its interval, the MDD and the decisions a difference needs.
+
+    `choices_differ`: the share of requests where the candidate's choice differs from `against`'s
+    (:func:`training.evaluate.choices_differ`); the figures hold for a candidate that departs as much.
+    """
     text = (
         f"DR estimate of {candidate} minus {against}: {j.estimate:+.4f} per request, {j.level:.0%} paired interval "
         f"[{j.ci_low:.4f}, {j.ci_high:.4f}] on {j.n:,} decisions of {j.clusters:,} subscribers"
     )
     mdd = (
-        f"with these decisions (effective sample size {j.ess:.0f} of the candidate's weights) the smallest true "
+        f"with these decisions (effective sample size {j.ess:,.0f} of the candidate's weights) the smallest true "
         f"advantage detected {j.power:.0%} of the time is {j.mdd:.4f} per request"
     )
     if reference_value is not None and reference_value > 0:
         mdd += f" ({j.mdd / reference_value:.1%} of {against}'s value)"
         one_pct = 0.01 * reference_value
         mdd += f"; an advantage of 1% ({one_pct:.4f}) needs about {j.decisions_needed(one_pct):,} decisions"
+        if choices_differ is not None:
+            mdd += f" {differ_clause(choices_differ)}".rstrip()
     if j.promote:
         return f"promoted: {text}; the lower bound is above zero; {mdd}"
     return f"not promoted: {text}; the lower bound is not above zero, so it is not shown to be better; {mdd}"

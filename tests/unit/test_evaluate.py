@@ -362,6 +362,7 @@ def test_cli_prints_the_table_and_writes_json_and_html(lab: Lab, tmp_path: Path,
     assert retention.main(_cli_args(lab, tmp_path / "out")) == 0
     out = capsys.readouterr().out
     assert "estimator" in out and lab.strong in out and "true" in out
+    assert "(this holds for a candidate whose choices differ on " in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [p["name"] for p in summary["policies"]] == ["logging", lab.weak, lab.strong]
     page = (tmp_path / "out" / "report.html").read_text()
@@ -422,6 +423,11 @@ def test_gate_promotes_only_a_proven_winner(lab: Lab, tmp_path: Path) -> None:
     ok, why = promotion_gate(root, lab.strong, *args, n_resamples=300)
     assert ok, why
     assert "lower bound is above zero" in why and lab.weak in why
+    # the decisions a 1% advantage needs hold for a candidate that departs from the current one as this one does
+    ev = evaluate(_inputs(lab.world), Registry(root), [lab.strong, lab.weak], FAST)
+    differ = float((ev.policies[lab.strong].greedy != ev.policies[lab.weak].greedy).mean())
+    assert 0.05 < differ < 1
+    assert "needs about" in why and f"whose choices differ on {differ:.1%} of the requests, as this one's do" in why
     Registry(root).promote(lab.strong)
     ok, why = promotion_gate(root, lab.weak, *args, n_resamples=300)
     assert not ok
