@@ -667,8 +667,15 @@ def _truth(
     """Return the simulator's true values on the evaluated requests: every policy, the oracle, the best static message."""
     from training.simulate import best_static_value, logging_value, oracle_value, policy_value
 
+    missing = [c for c in ("request_id", "message_id", "p_stay", "value_after") if c not in ground_truth.columns]
+    if missing:
+        raise ValueError(f"the ground truth lacks column(s) {', '.join(missing)}")
     ids = set(logged.frame["request_id"].astype(str))
     gt = ground_truth[ground_truth["request_id"].astype(str).isin(ids)]
+    uncovered = len(ids - set(gt["request_id"].astype(str)))
+    if uncovered:
+        raise ValueError(f"the ground truth has no row for {uncovered:,} of the {len(ids):,} evaluated requests: it is "
+                         "not the ground truth of these decisions (simulate writes one per world)")
     dec = decisions[decisions["request_id"].astype(str).isin(ids)]
     values = {name: policy_value(gt, tp.long_table(logged)) for name, tp in policies.items()}
     values[LOGGING] = logging_value(gt, dec)

@@ -381,12 +381,12 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("demo", "the project's teaching world: logit effects of 0.3 to 4.5, a best static message about "
                "20% below the oracle (see the module docstring)", cancel_intent=True),
-        Preset("apple-segments", "cancel intent, base save rate about 2%; each message lifts everyone by about "
+        Preset("apple-segments", "cancel intent, base save rate about 1.8%; each message lifts everyone by about "
                "+1 point and its own segment (about one subscriber in ten) by +6 (sharp steps); offers +6 points "
                "for subscribers under 90 days, +1 after 180", cancel_intent=True),
-        Preset("apple-smooth", "cancel intent, base about 2%; effects vary smoothly between +1 and +6 points with "
+        Preset("apple-smooth", "cancel intent, base about 1.8%; effects vary smoothly between +1 and +6 points with "
                "engagement, tenure and past offers (no step anywhere)", cancel_intent=True),
-        Preset("apple-interactions", "cancel intent, base about 2%; a message reaches +6 points only where two "
+        Preset("apple-interactions", "cancel intent, base about 1.8%; a message reaches +6 points only where two "
                "traits meet (an offer for new AND promo-acquired subscribers, the loyalty message for long-tenure "
                "AND engaged ones), +1 elsewhere", cancel_intent=True),
         Preset("apple-browse", "page views that are not cancel intents: about 97% keep the subscription anyway; "

@@ -378,6 +378,8 @@ def test_cli_prints_the_table_and_writes_json_and_html(lab: Lab, tmp_path: Path,
         (lambda a: a.extend(["--level", "1.5"]), 2, "--level"),
         (lambda a: a.__setitem__(a.index("--registry") + 1, "/nonexistent/reg"), 1, "/nonexistent/reg does not exist"),
         (lambda a: a.__setitem__(a.index("--resamples") + 1, "5"), 2, "must be 0 (no intervals) or 100 or more"),
+        (lambda a: a.__setitem__(a.index("--ground-truth") + 1, a[a.index("--decisions") + 1]), 1,
+         "the ground truth lacks column(s) p_stay, value_after"),
         (lambda a: a.extend(["--reward-model", "nope"]), 1, "--reward-model 'nope' is neither 'own' nor a version"),
         # the strong version reads profile columns: without the file (and none logged) it would be scored blind
         (lambda a: a.__delitem__(slice(a.index("--profiles"), a.index("--profiles") + 2)), 2,
@@ -397,6 +399,13 @@ def test_cli_bad_input_is_one_line(lab: Lab, tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ground_truth_of_another_world_is_refused(lab: Lab) -> None:
+    other = simulate(300, seed=7)
+    config = dataclasses.replace(FAST, n_resamples=0, segments=False)
+    with pytest.raises(ValueError, match=r"the ground truth has no row for [\d,]+ of the [\d,]+ evaluated requests"):
+        evaluate(_inputs(lab.world), Registry(lab.registry), [lab.weak], config, ground_truth=other.ground_truth)
 
 
 def test_cli_reward_model_takes_the_version_aliases(lab: Lab, tmp_path: Path,
