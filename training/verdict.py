@@ -102,7 +102,10 @@ def differ_clause(share: float) -> str:
     """
     if not np.isfinite(share):
         return ""
-    return f"(this holds for a candidate whose choices differ on {share:.1%} of the requests, as this one's do)"
+    if share == 0:
+        return "(this holds for a candidate that makes the same choices on every request, as this one does)"
+    pct = f"{share:.1%}" if share >= 0.01 else f"{share:.2%}" if share >= 0.0001 else "under 0.01%"
+    return f"(this holds for a candidate whose choices differ on {pct} of the requests, as this one's do)"
 
 
 def describe(j: Judgement, candidate: str, against: str, reference_value: float | None = None,
