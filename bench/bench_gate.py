@@ -348,8 +348,10 @@ def main() -> int:
     ap.add_argument("--replicates", type=int, default=100, help="replicates per preset (default 100)")
     ap.add_argument("--first-seed", type=int, default=1, help="seed of the first replicate world (default 1)")
     ap.add_argument("--grid", default="0.4,0.5,0.6,0.7,0.8,0.9,1.0",
-                    help="shares of requests on which the power candidates show the oracle's message")
-    ap.add_argument("--train-n", type=int, default=50_000, help="decisions of the reward model's training world")
+                    help="shares of requests on which the power candidates show the oracle's message "
+                         "(default 0.4,0.5,...,1.0)")
+    ap.add_argument("--train-n", type=int, default=50_000,
+                    help="decisions of the reward model's training world (default 50000)")
     ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000, the gate's)")
     ap.add_argument("--json", type=Path, help="write every replicate's results here")
     ap.add_argument("--merge", type=Path, nargs="+", help="summarize these --json files (or .partial.json) instead of running")

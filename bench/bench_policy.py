@@ -223,10 +223,13 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--sizes", default="20000,50000,200000")
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--first-seed", type=int, default=1)
+    ap.add_argument("--presets", default=",".join(PRESETS),
+                    help=f"comma-separated simulator presets (default {','.join(PRESETS)})")
+    ap.add_argument("--sizes", default="20000,50000,200000",
+                    help="comma-separated numbers of logged decisions per world (default 20000,50000,200000)")
+    ap.add_argument("--seeds", type=int, default=10, help="worlds per preset and size (default 10)")
+    ap.add_argument("--first-seed", type=int, default=1,
+                    help="seed of the first world, also the learned model's training seed (default 1)")
     ap.add_argument("--no-vw", action="store_true", help="leave Vowpal Wabbit out")
     ap.add_argument("--s-refits", type=int, default=3,
                     help="fits of the S-learner per seed, random_state seed + 100·k (default 3): the first is the "
