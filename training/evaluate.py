@@ -357,19 +357,19 @@ def evaluate(
     steps.update()
     if apple_arm["decisions"]:
         warnings.append(
-            f"{apple_arm['decisions']} decision(s) are Apple's choice (a 404, an answer later than Apple waits, or an "
+            f"{apple_arm['decisions']:,} decision(s) are Apple's choice (a 404, an answer later than Apple waits, or an "
             "Apple retention offer redeemed) and left out of every estimate; they are reported as their own arm"
         )
     if dropped["candidate not in catalog"]:
         warnings.append(
-            f"{dropped['candidate not in catalog']} decision(s) left out: a candidate is no longer in the catalog, "
+            f"{dropped['candidate not in catalog']:,} decision(s) left out: a candidate is no longer in the catalog, "
             "so its value cannot be computed"
         )
     if cfg.mature_only and n_recent:
         young = int((t_dec + cfg.horizon_ms > as_of).sum())
         warnings.append(
             f"{young:,} of {stats.total:,} decisions are newer than {_iso(as_of - cfg.horizon_ms)} and left out: their "
-            f"label window has not passed ({young - n_recent} censored, {n_recent} labelled early only because the "
+            f"label window has not passed ({young - n_recent:,} censored, {n_recent:,} labelled early only because the "
             "subscriber churned or renewed, an outcome-dependent sample)"
         )
     elif stats.censored:
@@ -379,7 +379,7 @@ def evaluate(
         )
     if not cfg.mature_only and recent.any():
         warnings.append(
-            f"{int(recent.sum())} decisions are labelled before their window passed (churns and early renewals only): "
+            f"{int(recent.sum()):,} decisions are labelled before their window passed (churns and early renewals only): "
             "the estimates lean toward churn"
         )
     inferred = int((logged.logging_source == "inferred").sum())

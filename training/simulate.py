@@ -980,16 +980,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``retention simulate``: write the world's files and print a summary; return the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.n < 1:
-        print("retention simulate: error: --n must be at least 1", file=sys.stderr)
-        return 2
+        parser.error("--n must be at least 1")
     if not 0.0 <= args.epsilon <= 1.0:
-        print("retention simulate: error: --epsilon must be in [0, 1]", file=sys.stderr)
-        return 2
+        parser.error("--epsilon must be in [0, 1]")
     if args.preset not in PRESETS:
-        print(f"retention simulate: error: unknown preset {args.preset!r}; one of {', '.join(PRESETS)}", file=sys.stderr)
-        return 2
+        parser.error(f"unknown preset {args.preset!r}; one of {', '.join(PRESETS)}")
     catalog = Catalog.load(args.catalog) if args.catalog is not None else None
     horizon_ms = int(args.horizon_days * DAY_MS)
     started = time.perf_counter()

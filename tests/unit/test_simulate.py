@@ -203,8 +203,11 @@ def test_cli_writes_files_and_prints_a_summary(tmp_path: Path, capsys: pytest.Ca
     text = capsys.readouterr().out
     assert "oracle value" in text and "best static" in text and "gap captured" in text
     assert (out / "decisions.csv").exists() and (out / "catalog.json").exists()
-    assert main(["--n", "0", "--out", str(out)]) == 2
-    assert "--n must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--n", "0", "--out", str(out)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("retention simulate: error: --n must be at least 1 "
+                                       "(see retention simulate --help)\n")
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
@@ -277,8 +280,9 @@ def test_unknown_preset_and_logging_rule_are_refused(capsys: pytest.CaptureFixtu
     with pytest.raises(ValueError, match="unknown logging rule"):
         simulate(100, logging_rule="oracle")
     assert main(["--n", "200", "--out", str(tmp_path / "w"), "--preset", "apple-browse"]) == 0
-    assert main(["--n", "200", "--out", str(tmp_path / "w"), "--preset", "nope"]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--n", "200", "--out", str(tmp_path / "w"), "--preset", "nope"])
+    assert exc.value.code == 2 and "unknown preset 'nope'; one of demo, apple-segments" in capsys.readouterr().err
 
 
 def test_default_logging_rule_explores_around_the_default_message() -> None:
