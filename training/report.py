@@ -272,16 +272,25 @@ def _differences_table(summary: dict[str, Any]) -> str:
                     verdict = '<span class="bad">worse</span>'
                 elif lo is not None:
                     verdict = "not distinguishable"
+                need = d.get("decisions_for_one_percent")
+                differ = d.get("choices_differ")
                 rows.append(
                     f'<tr><td class="l">{_e(p["name"])}</td><td class="l">{_e(against)}</td><td class="l">{_e(est)}</td>'
-                    f"<td>{_num(d.get('estimate'))}</td><td>{_ci(lo, hi)}</td><td class=\"l\">{verdict}</td></tr>"
+                    f"<td>{_num(d.get('estimate'))}</td><td>{_ci(lo, hi)}</td><td class=\"l\">{verdict}</td>"
+                    f"<td>{_num(d.get('mdd')) if d.get('mdd') is not None else ''}</td>"
+                    f"<td>{f'{need:,}' if need is not None else ''}</td>"
+                    f"<td>{f'{differ:.1%}' if differ is not None else ''}</td></tr>"
                 )
     if not rows:
         return '<p class="muted">No paired differences (no bootstrap resamples, or a single policy).</p>'
     return (
         '<table id="differences"><thead><tr><th class="l">policy</th><th class="l">minus</th><th class="l">estimator</th>'
-        f"<th>difference</th><th>{level:.0%} paired interval</th><th class=\"l\">verdict</th></tr></thead><tbody>"
+        f"<th>difference</th><th>{level:.0%} paired interval</th><th class=\"l\">verdict</th>"
+        "<th>MDD (80% power)</th><th>decisions a 1% advantage needs</th><th>choices that differ</th></tr></thead><tbody>"
         + "".join(rows) + "</tbody></table>"
+        + '<p class="muted">MDD: the smallest true difference these decisions detect 80% of the time (DR rows). The '
+        "decisions a 1% advantage needs hold for a candidate whose choices differ from the other policy's on as many "
+        "requests as this one's do.</p>"
     )
 
 

@@ -367,6 +367,9 @@ def test_cli_prints_the_table_and_writes_json_and_html(lab: Lab, tmp_path: Path,
     assert [p["name"] for p in summary["policies"]] == ["logging", lab.weak, lab.strong]
     page = (tmp_path / "out" / "report.html").read_text()
     assert 'id="estimates"' in page and page.count("data:image/png;base64,") >= 4
+    strong_dr = next(p for p in summary["policies"] if p["name"] == lab.strong)["vs_current"]["dr"]
+    assert "decisions a 1% advantage needs" in page and f"<td>{strong_dr['decisions_for_one_percent']:,}</td>" in page
+    assert f"<td>{strong_dr['choices_differ']:.1%}</td>" in page
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
