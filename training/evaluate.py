@@ -702,7 +702,7 @@ def format_table(summary: dict[str, Any]) -> str:
             line = (f"{name if first else '':<{w}} {est:<10} {_fmt(e.get('estimate')):>10} {ci:>22} "
                     f"{_fmt(e.get('ess'), 0):>9} {_fmt_pct(e.get('unsupported_mass')):>11}")
             if has_truth:
-                line += f" {_fmt(p.get('true_value')) if first else '':>9}"
+                line += f" {_fmt(p.get('true_value')):>9}"  # on every estimator's row: each is compared with it
             lines.append(line)
             first = False
     diffs = []
