@@ -70,6 +70,9 @@ def main(argv: Sequence[str]) -> int:
     strict = getattr(args, "strict", False)
     url = getattr(args, "database_url", None) or (None if args.data_dir else os.environ.get("RETENTION_DATABASE_URL"))
     if args.command == "export":
+        if args.outcomes_out and Path(args.outcomes_out).resolve() == Path(args.out).resolve():
+            parser._commands.choices["export"].error(f"--out and --outcomes-out name the same file ({args.out}): the outcomes would replace the "
+                         "decisions")
         for out in (args.out, args.outcomes_out):  # both places checked before either file is written
             if out:
                 prepare_output(Path(out))

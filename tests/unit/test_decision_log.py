@@ -346,6 +346,12 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         err = capsys.readouterr().err
         assert err.startswith("retention decisions: error: cannot write") and said in err and err.count("\n") == 1, err
     assert not (tmp_path / "new.csv").exists()
+    # one file named twice (however spelled) would end up holding the outcomes alone
+    with pytest.raises(SystemExit) as exit_:
+        retention.main(["decisions", "export", "--data-dir", str(data), "--out", str(tmp_path / "same.parquet"),
+                        "--outcomes-out", str(tmp_path / "x" / ".." / "same.parquet")])
+    assert exit_.value.code == 2 and "name the same file" in capsys.readouterr().err
+    assert not (tmp_path / "same.parquet").exists()
 
 
 def test_cli_export_keeps_404s_as_apple_s_arm_readable_by_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
