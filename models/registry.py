@@ -22,6 +22,7 @@ This module imports nothing heavier than numpy (through models.features): servin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +88,30 @@ def new_version_id(now: float | None = None) -> str:
     """Return a fresh, sortable version id such as ``20261128T211500Z-a1b2c3``."""
     t = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
     return f"{t.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+LOCK_FILE = ".lock"
+_UNCHECKED = object()  # promote's expect_current when no check is asked for
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold the registry's lock (an exclusive ``flock`` on ``REGISTRY/.lock``) for a read-modify-write.
+
+    Promote, rollback, prune and writing a version take it, so two commands never interleave their
+    reads of ``current`` and ``history.json`` with each other's writes (a prune deleting the version
+    a promote just made current, a promotion lost from the history). Readers (serving, ``load``)
+    do not need it: every file is replaced atomically.
+    """
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -175,6 +201,10 @@ class Registry:
             text = (self.root / CURRENT_FILE).read_text().strip()
         except FileNotFoundError:
             return None
+        except (UnicodeDecodeError, OSError) as exc:
+            why = "not text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc)).lower()
+            raise RegistryError(f"registry pointer {self.root / CURRENT_FILE} is unreadable ({why}); "
+                                "retention models promote VERSION rewrites it") from None
         return text or None
 
     def history(self) -> list[dict[str, Any]]:
@@ -261,6 +291,12 @@ class Registry:
             if not name or "/" in name or name.startswith(".") or name in (MODEL_FILE, MANIFEST_FILE, CARD_FILE):
                 raise RegistryError(f"{name!r} is not an allowed extra file name")
         self.root.mkdir(parents=True, exist_ok=True)
+        with _locked(self.root):
+            return self._write_version_locked(onnx_bytes, manifest, card_md, extra)
+
+    def _write_version_locked(
+        self, onnx_bytes: bytes, manifest: dict[str, Any], card_md: str, extra: dict[str, bytes]
+    ) -> str:
         # ids must sort by creation: within one second, draw again until this one sorts after the newest
         newest = max(self.versions() + [p.name[5:] for p in self.root.glob(".tmp-*")], default="")
         version = new_version_id()
@@ -290,8 +326,23 @@ class Registry:
             raise
         return version
 
-    def promote(self, version: str) -> None:
-        """Make `version` (an id or alias) current after verifying it loads, and record it in the history."""
+    def promote(self, version: str, *, expect_current: object = _UNCHECKED) -> None:
+        """Make `version` (an id or alias) current after verifying it loads, and record it in the history.
+
+        With `expect_current` (a version id, or None for "no current version"), refuse with
+        RegistryError when the current version is another one by then: a promotion judged against one
+        version (``promote --if-better``) must not replace a version that was promoted meanwhile.
+        """
+        with _locked(self.root):
+            cur = self.current()
+            if expect_current is not _UNCHECKED and cur != expect_current:
+                raise RegistryError(
+                    f"the current version changed from {expect_current or 'none'} to {cur or 'none'} while "
+                    f"{version} was judged against it; nothing promoted (judge it again against {cur or 'none'})"
+                )
+            self._promote_locked(version)
+
+    def _promote_locked(self, version: str) -> None:
         version = self.load(version).version
         hist = self.history()
         if not hist or hist[-1].get("version") != version:
@@ -301,6 +352,10 @@ class Registry:
 
     def rollback(self) -> str:
         """Return the version made current again: the one promoted before the current one."""
+        with _locked(self.root):
+            return self._rollback_locked()
+
+    def _rollback_locked(self) -> str:
         hist = self.history()
         cur = self.current()
         # drop entries at the end that are the current version, then the previous one is the target
@@ -330,13 +385,14 @@ class Registry:
         """
         if keep < 1:
             raise RegistryError(f"--keep must be 1 or more (the newest version is always kept), not {keep}")
-        kept = {v for v in (self.current(), *protect) if v}
-        candidates = [v for v in self.versions() if v not in kept]
-        doomed = candidates[: max(0, len(candidates) - keep)]
-        for version in doomed:
-            tmp = self.root / f".del-{version}"
-            os.rename(self.root / version, tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _locked(self.root):  # `current` cannot move to a version while it is being deleted
+            kept = {v for v in (self.current(), *protect) if v}
+            candidates = [v for v in self.versions() if v not in kept]
+            doomed = candidates[: max(0, len(candidates) - keep)]
+            for version in doomed:
+                tmp = self.root / f".del-{version}"
+                os.rename(self.root / version, tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
         return doomed
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from models.registry import ModelLoadError, Registry, registry_spec
+from models.registry import ModelLoadError, Registry, RegistryError, registry_spec
 from retention import VerbParser
 
 
@@ -92,6 +92,9 @@ def _list(registry: Registry) -> int:
             _fmt_metric(m, "holdout_auc"),
             _fmt_metric(m, "gap_captured"),
         ))
+    if cur is not None and cur not in versions:
+        print(f"retention models: warning: current names {cur}, which is not in {registry.root} (deleted?); a server "
+              "keeps the model it loaded, a new one cannot start: promote a version", file=sys.stderr)
     gap_known = any(r[-1] not in ("-", "") for r in rows[1:])
     if not gap_known:  # the gap needs a simulated world's ground truth: leave out a column of dashes
         rows = [r[:-1] for r in rows]
@@ -164,6 +167,7 @@ def main(argv: list[str]) -> int:
                 promote.error(f"--if-better needs {', '.join(need)}")
             args.version = registry.resolve(args.version)
             registry.load(args.version)  # refuse an unloadable candidate before any evaluation
+            judged_against = registry.current()  # the gate judges against this one: only it may be replaced
             from training.gate import promotion_gate  # written by the evaluation side; imported only here
             from training.target_policy import MissingProfilesError
 
@@ -184,7 +188,14 @@ def main(argv: list[str]) -> int:
                 return 1
         before = registry.current()
         version = registry.resolve(args.version)
-        registry.promote(version)
+        if args.if_better:
+            try:
+                registry.promote(version, expect_current=judged_against)
+            except RegistryError as exc:
+                print(f"retention models promote: error: {exc}", file=sys.stderr)
+                return 1
+        else:
+            registry.promote(version)
         print(f"{version} is already current" if version == before else f"promoted {version} (was {before or 'none'})")
         _end_experiment_of(registry, version)
         return 0

@@ -54,7 +54,7 @@ def test_write_and_load_a_version(tmp_path: Path, onnx_bytes: bytes, schema: Fea
     assert is_version_id(v) and reg.versions() == [v]
     assert sorted(p.name for p in (tmp_path / "reg" / v).iterdir()) == ["manifest.json", "model.onnx", "model_card.md"]
     assert (tmp_path / "reg" / v / "model_card.md").read_text() == f"# Model {v}\n"
-    assert not [p for p in (tmp_path / "reg").iterdir() if p.name.startswith(".")]  # no temp folder left
+    assert [p.name for p in (tmp_path / "reg").iterdir() if p.name.startswith(".")] == [".lock"]  # no temp folder left
     m = reg.manifest(v)
     assert m["version"] == v and m["created"].endswith("Z") and len(m["onnx_sha256"]) == 64
     loaded = reg.load(v)
@@ -249,3 +249,63 @@ def test_models_list_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0] and str(missing) in err[0] and captured.out == ""
+
+
+def test_a_promotion_judged_against_one_version_never_replaces_another(
+    tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema
+) -> None:
+    """`promote --if-better` judged the candidate against the version current when it began: if another
+    was promoted meanwhile, the candidate is refused and the other stays current."""
+    reg = Registry(tmp_path)
+    a, b, c = (write(reg, onnx_bytes, schema) for _ in range(3))
+    reg.promote(a)
+    reg.promote(b)  # promoted while c was being judged against a
+    with pytest.raises(RegistryError, match=f"changed from {a} to {b} while {c} was judged against it"):
+        reg.promote(c, expect_current=a)
+    assert reg.current() == b and [h["version"] for h in reg.history()] == [a, b]
+    reg.promote(c, expect_current=b)
+    assert reg.current() == c
+
+
+def test_concurrent_promotions_and_prunes_keep_the_registry_whole(
+    tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema
+) -> None:
+    """Promote, rollback and prune hold the registry's lock: run together from many threads, no promotion
+    is lost from the history and `current` never names a deleted version."""
+    import threading
+
+    reg = Registry(tmp_path)
+    versions = [write(reg, onnx_bytes, schema) for _ in range(24)]
+    reg.promote(versions[0])
+    promoted: list[str] = []
+    errors: list[BaseException] = []
+
+    def promote_some(mine: list[str]) -> None:
+        try:
+            for v in mine:
+                Registry(tmp_path).promote(v)
+                promoted.append(v)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def prune_some() -> None:
+        try:
+            for _ in range(12):
+                Registry(tmp_path).prune(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    # promote only versions a prune cannot take yet (each thread's own, promoted newest first is not needed:
+    # a version promoted is current, and a prune under the lock never deletes the current one)
+    threads = [threading.Thread(target=promote_some, args=(versions[1 + i::3],)) for i in range(3)]
+    threads.append(threading.Thread(target=prune_some))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deleted = [e for e in errors if isinstance(e, ModelLoadError)]  # promoting a version a prune took first
+    assert len(deleted) == len(errors), errors
+    assert reg.current() in reg.versions()
+    history = [h["version"] for h in reg.history()]
+    assert history[0] == versions[0] and len(history) == 1 + len(promoted)  # every promotion recorded once
+    assert history[-1] == reg.current()
