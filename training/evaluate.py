@@ -479,6 +479,13 @@ def evaluate(
                                                            cfg.interval).to_dict() for name in res}
                 row["vs_current"]["dr"] |= _power(boot, f"{v}/dr", f"{current}/dr", cfg, n_clusters)
                 row["vs_current"]["dr"]["choices_differ"] = choices_differ(tp.greedy, policies[current].greedy)
+            # too few effective samples on either side: the bootstrap's verdict and the MDD mean nothing
+            for key, ess in (("vs_logging", res["ips"].ess),
+                             ("vs_current", min(res["ips"].ess, results[current]["ips"].ess) if current in results
+                              else res["ips"].ess)):
+                if ess < ess_floor:
+                    for d in (row.get(key) or {}).values():
+                        d["too_few"] = {"ess": float(ess), "floor": float(ess_floor)}
         p_shown = tp.p_stay[rows, logged.actions]
         row["predictive"] = predictive_metrics(y[holdout], p_shown[holdout], cfg.calibration_bins)
         lo, hi = _training_window(manifests.get(v, {}))
@@ -711,7 +718,10 @@ def format_table(summary: dict[str, Any]) -> str:
             d = (p.get(key) or {}).get("dr")
             if d:
                 line = f"  {p['name']} {label}: DR {_fmt(d['estimate'])} {_fmt_ci(d['ci_low'], d['ci_high'])}"
-                if d.get("mdd") is not None:
+                if d.get("too_few"):
+                    line += (f"; no verdict and no MDD: the effective sample size {d['too_few']['ess']:,.0f} is below "
+                             f"{d['too_few']['floor']:,.0f}, too few for the interval to mean anything")
+                elif d.get("mdd") is not None:
                     line += f"; MDD {_fmt(d['mdd'])}"
                     if d.get("decisions_for_one_percent") is not None:
                         line += (f"; an advantage of 1% ({_fmt(0.01 * d['reference_value'], 4)}) needs about "

@@ -404,6 +404,23 @@ def test_cli_bad_input_is_one_line(lab: Lab, tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "out").exists()
 
 
+def test_below_the_ess_floor_a_difference_has_no_verdict_and_no_mdd(lab: Lab) -> None:
+    """With too few effective samples the bootstrap interval of a difference can exclude the truth with
+    confidence: the table, the JSON and the report then give no verdict and no MDD, only the estimate."""
+    from training.report import render
+
+    reg = Registry(lab.registry)
+    config = dataclasses.replace(FAST, min_ess=1e9, segments=False)  # every version below the floor
+    ev = evaluate(_inputs(lab.world), reg, [lab.weak, lab.strong], config)
+    strong = next(p for p in ev.summary["policies"] if p["name"] == lab.strong)
+    d = strong["vs_logging"]["dr"]
+    assert d["too_few"]["floor"] == 1e9 and d["too_few"]["ess"] == pytest.approx(ev.results[lab.strong]["ips"].ess)
+    table = format_table(ev.summary)
+    assert "no verdict and no MDD: the effective sample size" in table and "needs about" not in table
+    page = render(ev.summary)
+    assert "too few effective samples" in page and ">better<" not in page and ">worse<" not in page
+
+
 def test_a_ground_truth_of_another_world_is_refused(lab: Lab) -> None:
     other = simulate(300, seed=7)
     config = dataclasses.replace(FAST, n_resamples=0, segments=False)
