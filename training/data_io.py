@@ -182,12 +182,21 @@ def _require_ms(df: pd.DataFrame, column: str, path: Path, key: str) -> None:
 
 
 def read_decisions(path: str | Path) -> pd.DataFrame:
-    """Return a validated decisions table (extra columns are kept), or raise DataError naming the first bad row."""
+    """Return a validated decisions table (extra columns are kept), or raise DataError naming the first bad row.
+
+    Each ``request_id`` must appear once: a file holding an export twice would weigh its decisions twice.
+    """
     p = Path(path)
     df = read_table(p)
     _require_columns(df, DECISION_COLUMNS, p, "decisions")
     df = df.reset_index(drop=True)
     _require_strings(df, ("request_id", "original_transaction_id", "product_id", "user_locale"), p, "request_id")
+    dup = _first_bad(df["request_id"].duplicated().to_numpy())
+    if dup is not None:  # counted twice, it would weigh twice in training and every estimate
+        raise DataError(
+            f"{p}: {_row_name(df, dup, 'request_id')}: request_id appears more than once (a decision is logged once; "
+            "was an export appended twice?)"
+        )
     # a request answered with no message (404) is Apple's choice: logged with policy apple_fallback, it
     # has no shown message and may have no candidate; every other row must name the message it showed
     unanswered = (df["message_id"].isna() & (df["policy"].astype("str") == APPLE_FALLBACK_POLICY)).to_numpy()

@@ -99,6 +99,15 @@ def test_message_not_in_candidates(tmp_path: Path, fmt: str) -> None:
         read_decisions(path)
 
 
+def test_a_request_id_twice_is_refused(tmp_path: Path, fmt: str) -> None:
+    """An export appended twice would weigh every decision twice in training and in every estimate."""
+    df = _decisions()
+    path = tmp_path / f"decisions.{fmt}"
+    write_table(pd.concat([df, df.iloc[[1]]], ignore_index=True), path)
+    with pytest.raises(DataError, match=r"row 4 \(request_id 'req-1'\): request_id appears more than once"):
+        read_decisions(path)
+
+
 def test_empty_candidates(tmp_path: Path, fmt: str) -> None:
     df = _decisions()
     df.at[0, "candidates"] = []
