@@ -50,6 +50,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_args import int_in, json_out, preset_list, read_runs, share_list
+
 from models.exploration import Exploration
 from training import ope
 from training.evaluate import EvaluationConfig, Inputs, evaluate
@@ -296,7 +298,7 @@ def run_preset(preset: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     t0 = time.perf_counter()
     registry = tmp / preset
     scorer, version = _train_reward_model(preset, args.train_n, registry, seed=10_000)
-    grid = [float(x) for x in args.grid.split(",")]
+    grid = list(args.grid)
     reps = []
     for s in range(args.replicates):
         reps.append(replicate(preset, args.n, args.first_seed + s, scorer, version, registry, grid, args.resamples))
@@ -343,38 +345,49 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default=",".join(APPLE), help=f"comma-separated presets (default {','.join(APPLE)})")
-    ap.add_argument("--n", type=int, default=50_000, help="logged decisions per replicate (default 50000)")
-    ap.add_argument("--replicates", type=int, default=100, help="replicates per preset (default 100)")
-    ap.add_argument("--first-seed", type=int, default=1, help="seed of the first replicate world (default 1)")
-    ap.add_argument("--grid", default="0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+    ap.add_argument("--presets", type=preset_list, default=list(APPLE),
+                    help=f"comma-separated presets (default {','.join(APPLE)})")
+    ap.add_argument("--n", type=int_in(1000), default=50_000, help="logged decisions per replicate, 1,000 or more "
+                    "(default 50000)")
+    ap.add_argument("--replicates", type=int_in(1), default=100, help="replicates per preset (default 100)")
+    ap.add_argument("--first-seed", type=int_in(0), default=1, help="seed of the first replicate world (default 1)")
+    ap.add_argument("--grid", type=share_list, default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                     help="shares of requests on which the power candidates show the oracle's message "
                          "(default 0.4,0.5,...,1.0)")
-    ap.add_argument("--train-n", type=int, default=50_000,
+    ap.add_argument("--train-n", type=int_in(1000), default=50_000,
                     help="decisions of the reward model's training world (default 50000)")
-    ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000, the gate's)")
-    ap.add_argument("--json", type=Path, help="write every replicate's results here")
+    ap.add_argument("--resamples", type=int_in(100), default=1000,
+                    help="bootstrap resamples, 100 or more (default 1000, the gate's)")
+    ap.add_argument("--json", type=json_out, help="write every replicate's results here (checked before running)")
     ap.add_argument("--merge", type=Path, nargs="+", help="summarize these --json files (or .partial.json) instead of running")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     if args.merge:
         out = []
-        for path in args.merge:
-            data = json.loads(path.read_text())
-            for d in data if isinstance(data, list) else [data]:
-                reps = d.get("per_replicate", d.get("replicates"))
-                grid = d.get("grid") or [float(k.split("_")[1]) for k in reps[0] if k.startswith("oracle_")]
-                s = summarize(d["preset"], d["n"], reps, grid)
-                print_summary(s)
-                out.append(s)
+        try:
+            for path in args.merge:
+                data = read_runs(path)
+                for d in data if isinstance(data, list) else [data]:
+                    reps = d.get("per_replicate", d.get("replicates"))
+                    grid = d.get("grid") or [float(k.split("_")[1]) for k in reps[0] if k.startswith("oracle_")]
+                    s = summarize(d["preset"], d["n"], reps, grid)
+                    print_summary(s)
+                    out.append(s)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            print(f"bench_gate: error: {exc if isinstance(exc, ValueError) else f'{path} is not a bench_gate result'}",
+                  file=sys.stderr)
+            return 1
+        if not out:
+            print("bench_gate: error: the files hold no preset's results", file=sys.stderr)
+            return 1
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
         return 0
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+        for preset in args.presets:
             s = run_preset(preset, args, Path(tmp))
-            s["grid"] = [float(x) for x in args.grid.split(",")]
+            s["grid"] = list(args.grid)
             out.append(s)
             print_summary(s)
             if args.json:

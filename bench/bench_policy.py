@@ -51,6 +51,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_args import int_in, json_out, preset_list, read_runs, size_list
+
 from training.labels import label_decisions
 from training.simulate import best_static_value, gap_captured, oracle_value, policy_value, simulate
 
@@ -223,31 +225,43 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", default=",".join(PRESETS),
+    ap.add_argument("--presets", type=preset_list, default=list(PRESETS),
                     help=f"comma-separated simulator presets (default {','.join(PRESETS)})")
-    ap.add_argument("--sizes", default="20000,50000,200000",
-                    help="comma-separated numbers of logged decisions per world (default 20000,50000,200000)")
-    ap.add_argument("--seeds", type=int, default=10, help="worlds per preset and size (default 10)")
-    ap.add_argument("--first-seed", type=int, default=1,
+    ap.add_argument("--sizes", type=size_list(2000), default=[20_000, 50_000, 200_000],
+                    help="comma-separated numbers of logged decisions per world, each 2,000 or more "
+                         "(default 20000,50000,200000)")
+    ap.add_argument("--seeds", type=int_in(1), default=10, help="worlds per preset and size (default 10)")
+    ap.add_argument("--first-seed", type=int_in(0), default=1,
                     help="seed of the first world, also the learned model's training seed (default 1)")
     ap.add_argument("--no-vw", action="store_true", help="leave Vowpal Wabbit out")
-    ap.add_argument("--s-refits", type=int, default=3,
+    ap.add_argument("--s-refits", type=int_in(1), default=3,
                     help="fits of the S-learner per seed, random_state seed + 100·k (default 3): the first is the "
                          "reference, the others measure its own fitting noise")
-    ap.add_argument("--json", type=Path, help="write every run's results here (rewritten after each run)")
+    ap.add_argument("--json", type=json_out, help="write every run's results here (rewritten after each run)")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="run nothing: print the summary of the runs in these --json files (one per piece of a grid)")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
     if args.merge:
-        for path in args.merge:
-            rows.extend(json.loads(path.read_text()))
+        try:
+            for path in args.merge:
+                runs = read_runs(path)
+                if not isinstance(runs, list) or not all(isinstance(r, dict) and {"preset", "n", "seed", "learned"} <= r.keys()
+                                                         for r in runs):
+                    raise ValueError(f"{path} is not a bench_policy result (a list of runs)")
+                rows.extend(runs)
+        except ValueError as exc:
+            print(f"bench_policy: error: {exc}", file=sys.stderr)
+            return 1
         seen = {(r["preset"], r["n"], r["seed"]) for r in rows}
         if len(seen) != len(rows):
             print("bench_policy: error: the files repeat a (preset, size, seed) run", file=sys.stderr)
             return 2
-    for preset in [p for p in args.presets.split(",") if p] if not args.merge else []:
-        for n in [int(s) for s in args.sizes.split(",") if s]:
+        if not rows:
+            print("bench_policy: error: the files hold no run", file=sys.stderr)
+            return 1
+    for preset in args.presets if not args.merge else []:
+        for n in args.sizes:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 r = one(preset, n, seed, not args.no_vw, args.s_refits)
                 rows.append(r)

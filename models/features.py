@@ -220,15 +220,18 @@ def build_schema(
     )
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # features are float32: a larger value would become infinite
+
+
 def _to_float(v: object) -> float:
-    """Return v as a finite float, or 0.0 when it is missing, non-finite or not a number."""
+    """Return v as a finite float, or 0.0 when it is missing, non-finite, beyond float32's range or not a number."""
     if v is None:
         return 0.0
     try:
         f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0
-    return f if math.isfinite(f) else 0.0
+    return f if math.isfinite(f) and abs(f) <= _FLOAT32_MAX else 0.0
 
 
 def _is_missing(v: object) -> bool:
@@ -533,9 +536,10 @@ def _factorize(values: Sequence[Any], na_as: str | None = None) -> tuple[np.ndar
 
 
 def _numeric_column(values: Sequence[object]) -> np.ndarray:
-    """Return a float64 column with missing, non-finite and unparsable values as 0."""
+    """Return a float64 column with missing, non-finite, unparsable and beyond-float32 values as 0 (as _to_float)."""
     try:
         arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         arr = np.array([_to_float(v) for v in values], dtype=np.float64)
-    return np.where(np.isfinite(arr), arr, 0.0)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(arr) & (np.abs(arr) <= _FLOAT32_MAX), arr, 0.0)

@@ -173,6 +173,8 @@ def test_batch_rows_equal_request_rows(fz: Featurizer, catalog: Catalog) -> None
         (ANNUAL, "fr-CA", "Sandbox", SAT_2115_MS + 7 * 3_600_000, None),
         (MONTHLY, "de-AT", "Xcode", 1_767_225_600_123, {"tenure_days": None, "engagement": 0.5, "country": "BR"}),
         ("com.example.unknown", "xx", "Production", 5, {"tenure_days": 3.0, "engagement": float("nan"), "country": None}),
+        # beyond float32's range: read as 0 (missing), never as an infinite feature
+        (MONTHLY, "en-US", "Production", 6, {"tenure_days": 1e308, "engagement": -1e39, "country": "US"}),
     ]
     singles, rows = [], []
     for i, (pid, loc, env, ms, prof) in enumerate(requests):
@@ -193,7 +195,7 @@ def test_batch_rows_equal_request_rows(fz: Featurizer, catalog: Catalog) -> None
             profile={k: columns[k] for k in ("tenure_days", "engagement", "country")},
             has_profile=columns["has"],
         )
-        assert Xb.dtype == np.float32
+        assert Xb.dtype == np.float32 and np.isfinite(Xb).all()
         np.testing.assert_array_equal(Xb, np.concatenate(singles))
 
 
