@@ -639,7 +639,9 @@ def training_overlap(registry: Any, version: str, decisions: Any) -> tuple[int, 
         return None
     t = pd.to_numeric(decisions["signed_date"], errors="coerce").to_numpy(dtype=np.float64)
     inside = (t >= (lo if lo is not None else -np.inf)) & (t <= (hi if hi is not None else np.inf))
-    return int(inside.sum()), "by date range (this version predates request-id records)"
+    why = (f"its record of training request ids, {TRAINING_REQUESTS_FILE}, is missing from the version's folder"
+           if manifest.get("training_requests") else "this version predates request-id records")
+    return int(inside.sum()), f"by date range ({why})"
 
 
 def _iso(ms: int) -> str:

@@ -835,7 +835,10 @@ def simulate(
 
 
 def write_world(world: World, out_dir: Path, fmt: str = "parquet", *, progress: bool = False) -> dict[str, Path]:
-    """Write the world's files into `out_dir` and return their paths by table name."""
+    """Write the world's files into `out_dir` and return their paths by table name.
+
+    A world already there is replaced: its files in the other format are removed too.
+    """
     from tqdm import tqdm
 
     from training.data_io import write_table
@@ -850,6 +853,8 @@ def write_world(world: World, out_dir: Path, fmt: str = "parquet", *, progress: 
         p = out / f"{name}.{fmt}"
         write_table(getattr(world, name), p)
         paths[name] = p
+        other = out / f"{name}.{'csv' if fmt == 'parquet' else 'parquet'}"
+        other.unlink(missing_ok=True)  # a world replaced in the other format: no file of the old one stays
     cat = out / "catalog.json"
     cat.write_bytes(world.catalog.to_json())
     paths["catalog"] = cat

@@ -153,6 +153,23 @@ def test_promote_refuses_evaluation_on_the_candidates_training_data(
     assert "training data" not in out.out and "DR estimate" in out.out
 
 
+def test_a_missing_record_of_training_requests_falls_back_to_dates_and_says_why(
+    overlap_lab: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from training.train import TRAINING_REQUESTS_FILE
+
+    root = tmp_path / "registry"
+    shutil.copytree(overlap_lab["registry"], root)  # type: ignore[arg-type]
+    (root / str(overlap_lab["strong"]) / TRAINING_REQUESTS_FILE).unlink()
+    Registry(root).promote(str(overlap_lab["weak"]))
+    lab = dict(overlap_lab, registry=root)
+    assert retention.main(_promote_args(lab, overlap_lab["train"])) == 1  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert f"matched by date range (its record of training request ids, {TRAINING_REQUESTS_FILE}, is missing" in out
+
+
 def test_a_few_training_decisions_among_fresh_ones_are_found_by_request_id(
     overlap_lab: dict[str, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

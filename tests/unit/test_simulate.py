@@ -203,6 +203,10 @@ def test_cli_writes_files_and_prints_a_summary(tmp_path: Path, capsys: pytest.Ca
     text = capsys.readouterr().out
     assert "oracle value" in text and "best static" in text and "gap captured" in text
     assert (out / "decisions.csv").exists() and (out / "catalog.json").exists()
+    assert main(["--n", "300", "--seed", "6", "--out", str(out)]) == 0  # replaced in Parquet: no CSV file stays
+    assert sorted(p.name for p in out.iterdir()) == ["catalog.json", "decisions.parquet", "ground_truth.parquet",
+                                                     "outcomes.parquet", "profiles.parquet"]
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(["--n", "0", "--out", str(out)])
     assert exc.value.code == 2
