@@ -64,7 +64,8 @@ def main(argv: Sequence[str]) -> int:
     show.add_argument("--data-dir", action="append", help=data_help)
     show.add_argument("--database-url", default=None,
                       help="read the fleet's PostgreSQL database instead of a data folder [env RETENTION_DATABASE_URL]")
-    show.add_argument("--last", type=int_in(1), default=10, help="how many decisions, 1 or more (default 10)")
+    show.add_argument("--last", type=int_in(1, 1_000_000), default=10,
+                      help="how many decisions, 1 to 1,000,000 (default 10)")
     args = parser.parse_args(list(argv))
     bad: dict[Path, list[str]] = {}
     strict = getattr(args, "strict", False)

@@ -171,13 +171,17 @@ def _require_strings(df: pd.DataFrame, columns: tuple[str, ...], path: Path, key
             raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} is missing")
 
 
+_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: a later "time" is an error in the file, not a date
+
+
 def _require_ms(df: pd.DataFrame, column: str, path: Path, key: str) -> None:
     """Convert a millisecond timestamp column to int64 in place, or raise naming the first bad row."""
     values = pd.to_numeric(df[column], errors="coerce")
     arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = _first_bad(~np.isfinite(arr) | (arr != np.round(arr)))
+    bad = _first_bad(~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr > _MAX_MS))
     if bad is not None:
-        raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} {_shown(df[column].iloc[bad])} is not a time in ms")
+        raise DataError(f"{path}: {_row_name(df, bad, key)}: {column} {_shown(df[column].iloc[bad])} is not a time in ms "
+                        "(ms since 1970, up to the year 9999)")
     df[column] = values.astype(np.int64)
 
 

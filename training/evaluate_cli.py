@@ -89,8 +89,10 @@ def main(argv: list[str]) -> int:
         parser.error("--horizon-days must be positive")
     if not args.offer_window_days > 0:
         parser.error("--offer-window-days must be positive")
-    if not 0 < args.level < 1:
-        parser.error("--level must be within (0, 1), e.g. 0.9")
+    if not 0.5 <= args.level <= 0.999:
+        parser.error("--level must be from 0.5 to 0.999, e.g. 0.9")
+    if not 0 <= args.min_ess < float("inf"):
+        parser.error("--min-ess must be a number, 0 or more")
     if args.epsilon is not None and not 0 <= args.epsilon <= 1:
         parser.error("--epsilon must be within [0, 1]")
     if args.holdout is not None and not 0 <= args.holdout <= 1:

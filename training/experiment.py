@@ -425,8 +425,9 @@ def plan_experiment(
     if not (0.0 < baseline_rate < 1.0):
         raise ValueError(f"--baseline-rate {baseline_rate!r}: a save rate strictly between 0 and 1 (e.g. 0.017)")
     p1 = baseline_rate + lift
-    if lift == 0 or not (0.0 < p1 < 1.0):
-        raise ValueError(f"--lift {lift!r}: a non-zero change of the save rate that keeps it in (0, 1) (e.g. 0.014)")
+    if not abs(lift) >= 1e-5 or not (0.0 < p1 < 1.0):
+        raise ValueError(f"--lift {lift!r}: a change of the save rate of at least 0.00001 (0.001 points) that keeps "
+                         "it in (0, 1) (e.g. 0.014)")
     if traffic_per_day <= 0:
         raise ValueError(f"--traffic {traffic_per_day!r}: decisions per day must be positive")
     if not (0.0 < share < 1.0):
@@ -546,6 +547,15 @@ def _fraction(name: str, value: float) -> None:
         raise UsageError(f"{name} {value!r}: a fraction strictly between 0 and 1 (e.g. 0.95)")
 
 
+MIN_SHARE = 0.001  # a challenger share below 0.1% would take years to say anything; above 99.9%, the same for the current
+
+
+def _share(name: str, value: float) -> None:
+    """Refuse a challenger share outside [0.001, 0.999] (UsageError, one line)."""
+    if not (MIN_SHARE <= value <= 1 - MIN_SHARE):
+        raise UsageError(f"{name} {value!r}: a share from {MIN_SHARE:g} to {1 - MIN_SHARE:g} (e.g. 0.5)")
+
+
 def _traffic(text: str) -> float:
     raw = str(text).strip()
     number = raw.removesuffix("/day").strip()
@@ -553,8 +563,8 @@ def _traffic(text: str) -> float:
         value = float(number)
     except ValueError:
         raise UsageError(f"--traffic {raw!r}: decisions per day, as N or N/day (e.g. 1000/day)") from None
-    if not value > 0 or not math.isfinite(value):
-        raise UsageError(f"--traffic {raw!r}: decisions per day must be a positive number")
+    if not 1 <= value <= 1e9:
+        raise UsageError(f"--traffic {raw!r}: decisions per day, from 1 to 1,000,000,000")
     return value
 
 
@@ -594,6 +604,7 @@ def main(argv: list[str]) -> int:
         if args.cmd == "plan":
             _fraction("--level", args.level)
             _fraction("--power", args.power)
+            _share("--share", args.share)
             if not args.horizon_days > 0:
                 raise UsageError(f"--horizon-days {args.horizon_days!r}: must be positive")
             traffic = _traffic(args.traffic)
@@ -630,7 +641,7 @@ def main(argv: list[str]) -> int:
         if args.cmd == "start":
             if exp is not None and exp.active:
                 raise ValueError(f"experiment {exp.experiment_id} is running; stop it first (retention experiment stop)")
-            _fraction("--share", args.share)
+            _share("--share", args.share)
             current = registry.current()
             if current is None:
                 raise ValueError(f"model registry {registry.root} has no current version: promote one first "
@@ -656,10 +667,10 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"model registry {registry.root} has no experiment (retention experiment start)")
             if not exp.active:
                 raise ValueError(f"experiment {exp.experiment_id} is stopped")
-            _fraction("share", args.share)
+            _share("share", args.share)
             write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, args.share, True,
                                                        exp.started_at_ms))
-            print(f"experiment {exp.experiment_id}: challenger share now {args.share:.0%}")
+            print(f"experiment {exp.experiment_id}: challenger share now {args.share:.1%}")
             return 0
         # status and promote
         _fraction("--level", args.level)

@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
             return 0
         card = registry.root / version / "model_card.md"
         if card.is_file():
-            print(card.read_text().rstrip())
+            print(card.read_text(encoding="utf-8", errors="replace").rstrip())  # a damaged card still shows
         else:
             print(f"model {version}: no model card; the manifest is `retention models show {version} --json`")
         return 0

@@ -76,7 +76,7 @@ import pyarrow as pa
 from models.catalog import DEMO_CATALOG, Catalog, CatalogMessage, language
 from models.data_files import EVENTS
 from models.exploration import action_probabilities
-from retention import VerbParser, int_in
+from retention import VerbParser, int_in, time_ms
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -966,14 +966,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a synthetic world's decisions, outcomes and profiles (the data files of docs/data-formats.md), "
         "its ground truth and the catalog used, deterministic by seed.",
     )
-    p.add_argument("--n", type=int, default=100_000, help="number of logged decisions (default 100000)")
+    p.add_argument("--n", type=int_in(1, 100_000_000), default=100_000,
+                   help="number of logged decisions, 1 to 100,000,000 (default 100000)")
     p.add_argument("--seed", type=int_in(0), default=0, help="random seed, 0 or more (default 0)")
     p.add_argument("--epsilon", type=float, default=0.1, help="exploration of the logging policy (default 0.1)")
     p.add_argument("--out", required=True, type=Path, help="output folder (a world already there is replaced)")
     p.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="file format (default parquet)")
     p.add_argument("--catalog", type=Path, default=None, help="catalog JSON (default: the demo catalog)")
-    p.add_argument("--start-ms", type=int, default=DEFAULT_START_MS,
-                   help=f"time of the first possible decision, ms since the epoch (default {DEFAULT_START_MS})")
+    p.add_argument("--start-ms", type=time_ms, default=DEFAULT_START_MS,
+                   help=f"time of the first possible decision, ms since the epoch or ISO 8601 (default {DEFAULT_START_MS})")
     p.add_argument("--horizon-days", type=float, default=30.0, help="label horizon the outcomes follow (default 30)")
     p.add_argument("--preset", default="demo", help="effect structure: " + "; ".join(
         f"{name}: {pr.summary}" for name, pr in PRESETS.items()).replace("%", "%%") + " (default demo)")
@@ -987,8 +988,8 @@ def main(argv: list[str]) -> int:
     """Run ``retention simulate``: write the world's files and print a summary; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
+    if not 0 < args.horizon_days <= 3650:
+        parser.error("--horizon-days must be above 0 and at most 3650")
     if not 0.0 <= args.epsilon <= 1.0:
         parser.error("--epsilon must be in [0, 1]")
     if args.preset not in PRESETS:

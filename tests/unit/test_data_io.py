@@ -148,6 +148,11 @@ def test_bad_signed_date(tmp_path: Path) -> None:
     write_table(df, path)
     with pytest.raises(DataError, match=r"row 2 .*signed_date 'yesterday' is not a time in ms"):
         read_decisions(path)
+    for far in (2**62, -5):  # a number, but no time: said with its row, not as a failed date conversion later
+        df.at[1, "signed_date"] = far
+        write_table(df, path)
+        with pytest.raises(DataError, match=rf"row 2 .*signed_date {far} is not a time in ms \(ms since 1970"):
+            read_decisions(path)
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

@@ -142,6 +142,13 @@ def test_plan_cli_shows_the_arithmetic(capsys: pytest.CaptureFixture[str]) -> No
     assert retention.main(["experiment", "plan", "--baseline-rate", "0", "--lift", "0.01", "--traffic", "9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "baseline-rate" in err and err.startswith("retention experiment plan: error: ")
+    # values no plan can mean: a usage error, not a 300-digit count or a division by zero
+    for flag, value, said in (("--lift", "1e-300", "at least 0.00001"), ("--traffic", "1e300", "from 1 to"),
+                              ("--traffic", "0.0001", "from 1 to"), ("--share", "1e-300", "from 0.001 to 0.999")):
+        args = {"--baseline-rate": "0.017", "--lift": "0.014", "--traffic": "1000", flag: value}
+        assert retention.main(["experiment", "plan", *[x for kv in args.items() for x in kv]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
 
 
 def test_experiment_file_is_validated(tmp_path: Path) -> None:

@@ -210,8 +210,15 @@ def test_cli_writes_files_and_prints_a_summary(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit) as exc:
         main(["--n", "0", "--out", str(out)])
     assert exc.value.code == 2
-    assert capsys.readouterr().err == ("retention simulate: error: --n must be at least 1 "
-                                       "(see retention simulate --help)\n")
+    assert capsys.readouterr().err == ("retention simulate: error: argument --n: must be from 1 to 100,000,000, "
+                                       "not 0 (see retention simulate --help)\n")
+    for flags, said in ((["--n", "99999999999999999999"], "argument --n: must be from 1 to 100,000,000"),
+                        (["--start-ms", "99999999999999999999"], "argument --start-ms:"),
+                        (["--horizon-days", "0"], "--horizon-days must be above 0")):
+        with pytest.raises(SystemExit) as exc:
+            main([*flags, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
