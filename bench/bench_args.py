@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retention import int_in
+from retention import VerbParser, int_in
 from training.simulate import PRESETS
 
-__all__ = ["int_in", "json_out", "preset_list", "read_runs", "share_list", "size_list"]
+__all__ = ["VerbParser", "int_in", "json_out", "preset_list", "read_runs", "share_list", "size_list"]
 
 
 def preset_list(text: str) -> list[str]:
@@ -53,15 +53,20 @@ def share_list(text: str) -> list[float]:
 
 
 def json_out(text: str) -> Path:
-    """A results file that can be written, checked before the bench runs (not after an hour of it)."""
+    """A results file that can be written, checked before the bench runs (not after an hour of it); nothing is created.
+
+    A plain file (new or to replace) in a folder this process may write; its partial results go beside it.
+    """
+    import os
+
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot write {text}: {(exc.strerror or str(exc)).lower()}") from None
+    if path.exists() and not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a plain file (a folder, a device); give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
     return path
 
 

@@ -50,7 +50,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_args import int_in, json_out, preset_list, read_runs, share_list
+from bench_args import VerbParser, int_in, json_out, preset_list, read_runs, share_list
 
 from models.exploration import Exploration
 from training import ope
@@ -344,7 +344,7 @@ def print_summary(s: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = VerbParser(prog="bench/bench_gate.py", description=__doc__.split("\n\n")[0])  # a bad value: one line, exit 2
     ap.add_argument("--presets", type=preset_list, default=list(APPLE),
                     help=f"comma-separated presets (default {','.join(APPLE)})")
     ap.add_argument("--n", type=int_in(1000), default=50_000, help="logged decisions per replicate, 1,000 or more "

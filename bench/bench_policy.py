@@ -36,7 +36,6 @@ each with its own --json, then be summarized together:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_args import int_in, json_out, preset_list, read_runs, size_list
+from bench_args import VerbParser, int_in, json_out, preset_list, read_runs, size_list
 
 from training.labels import label_decisions
 from training.simulate import best_static_value, gap_captured, oracle_value, policy_value, simulate
@@ -224,7 +223,7 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = VerbParser(prog="bench/bench_policy.py", description=__doc__.split("\n\n")[0])  # a bad value: one line, exit 2
     ap.add_argument("--presets", type=preset_list, default=list(PRESETS),
                     help=f"comma-separated simulator presets (default {','.join(PRESETS)})")
     ap.add_argument("--sizes", type=size_list(2000), default=[20_000, 50_000, 200_000],

@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,7 +108,12 @@ def _locked(root: Path) -> Iterator[None]:
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_FILE, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another command holds it: say what we wait for, then wait
+            print(f"waiting for {root / LOCK_FILE}: another retention command is changing this registry",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -125,6 +131,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 class Registry:
     """A folder of model versions with a `current` pointer (see the module docstring)."""
+
+    rolled_back_from: str | None = None  # the version the last rollback() replaced
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -326,8 +334,9 @@ class Registry:
             raise
         return version
 
-    def promote(self, version: str, *, expect_current: object = _UNCHECKED) -> None:
-        """Make `version` (an id or alias) current after verifying it loads, and record it in the history.
+    def promote(self, version: str, *, expect_current: object = _UNCHECKED) -> str | None:
+        """Make `version` (an id or alias) current after verifying it loads, record it in the history, and
+        return the version that was current before (read under the lock: right even among concurrent promotions).
 
         With `expect_current` (a version id, or None for "no current version"), refuse with
         RegistryError when the current version is another one by then: a promotion judged against one
@@ -341,6 +350,7 @@ class Registry:
                     f"{version} was judged against it; nothing promoted (judge it again against {cur or 'none'})"
                 )
             self._promote_locked(version)
+            return cur
 
     def _promote_locked(self, version: str) -> None:
         version = self.load(version).version
@@ -351,8 +361,12 @@ class Registry:
         _write_atomic(self.root / CURRENT_FILE, (version + "\n").encode())
 
     def rollback(self) -> str:
-        """Return the version made current again: the one promoted before the current one."""
+        """Return the version made current again: the one promoted before the current one.
+
+        The version it replaced, read under the lock, is left in :attr:`rolled_back_from`.
+        """
         with _locked(self.root):
+            self.rolled_back_from = self.current()
             return self._rollback_locked()
 
     def _rollback_locked(self) -> str:

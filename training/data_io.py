@@ -185,6 +185,23 @@ def _require_ms(df: pd.DataFrame, column: str, path: Path, key: str) -> None:
     df[column] = values.astype(np.int64)
 
 
+def check_requests(df: pd.DataFrame, path: Path) -> None:
+    """Check the request columns every reader of logged requests needs (in place: signed_date becomes int64).
+
+    Raises DataError naming the first bad row: ids that are not text, a ``request_id`` given twice (an
+    export appended twice would weigh its decisions twice, or score one of two requests only), a
+    ``signed_date`` that is not a time in ms from 1970 to the year 9999. `df` has a fresh RangeIndex.
+    """
+    _require_strings(df, ("request_id", "original_transaction_id", "product_id", "user_locale"), path, "request_id")
+    dup = _first_bad(df["request_id"].duplicated().to_numpy())
+    if dup is not None:
+        raise DataError(
+            f"{path}: {_row_name(df, dup, 'request_id')}: request_id appears more than once (a decision is logged "
+            "once; was an export appended twice?)"
+        )
+    _require_ms(df, "signed_date", path, "request_id")
+
+
 def read_decisions(path: str | Path) -> pd.DataFrame:
     """Return a validated decisions table (extra columns are kept), or raise DataError naming the first bad row.
 
@@ -194,13 +211,7 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
     df = read_table(p)
     _require_columns(df, DECISION_COLUMNS, p, "decisions")
     df = df.reset_index(drop=True)
-    _require_strings(df, ("request_id", "original_transaction_id", "product_id", "user_locale"), p, "request_id")
-    dup = _first_bad(df["request_id"].duplicated().to_numpy())
-    if dup is not None:  # counted twice, it would weigh twice in training and every estimate
-        raise DataError(
-            f"{p}: {_row_name(df, dup, 'request_id')}: request_id appears more than once (a decision is logged once; "
-            "was an export appended twice?)"
-        )
+    check_requests(df, p)
     # a request answered with no message (404) is Apple's choice: logged with policy apple_fallback, it
     # has no shown message and may have no candidate; every other row must name the message it showed
     unanswered = (df["message_id"].isna() & (df["policy"].astype("str") == APPLE_FALLBACK_POLICY)).to_numpy()
@@ -210,7 +221,6 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
             f"{p}: {_row_name(df, bad, 'request_id')}: message_id is missing (only a request answered with no "
             f"message, policy {APPLE_FALLBACK_POLICY}, may have none)"
         )
-    _require_ms(df, "signed_date", p, "request_id")
     prop = pd.to_numeric(df["propensity"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = _first_bad(~((prop > 0.0) & (prop <= 1.0)))
     if bad is not None:

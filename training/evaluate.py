@@ -479,13 +479,18 @@ def evaluate(
                                                            cfg.interval).to_dict() for name in res}
                 row["vs_current"]["dr"] |= _power(boot, f"{v}/dr", f"{current}/dr", cfg, n_clusters)
                 row["vs_current"]["dr"]["choices_differ"] = choices_differ(tp.greedy, policies[current].greedy)
-            # too few effective samples on either side: the bootstrap's verdict and the MDD mean nothing
-            for key, ess in (("vs_logging", res["ips"].ess),
-                             ("vs_current", min(res["ips"].ess, results[current]["ips"].ess) if current in results
-                              else res["ips"].ess)):
-                if ess < ess_floor:
+            # too few effective samples on either side: the bootstrap's verdict and the MDD mean nothing (the
+            # gate's floor, cfg.min_ess: below it the gate refuses too; the 1%-of-requests level only warns)
+            sides = {"vs_logging": [(v, res["ips"].ess)],
+                     "vs_current": [(v, res["ips"].ess)] + ([(current, results[current]["ips"].ess)]
+                                                            if current in results else [])}
+            for key, side in sides.items():
+                who, ess = min(side, key=lambda t: t[1])
+                if ess < cfg.min_ess:
                     for d in (row.get(key) or {}).values():
-                        d["too_few"] = {"ess": float(ess), "floor": float(ess_floor)}
+                        d["too_few"] = {"version": who, "ess": float(ess), "floor": float(cfg.min_ess)}
+                        for hidden in ("mdd", "se", "power", "decisions_for_one_percent"):  # no figure to misread
+                            d.pop(hidden, None)
         p_shown = tp.p_stay[rows, logged.actions]
         row["predictive"] = predictive_metrics(y[holdout], p_shown[holdout], cfg.calibration_bins)
         lo, hi = _training_window(manifests.get(v, {}))
@@ -721,8 +726,9 @@ def format_table(summary: dict[str, Any]) -> str:
             if d:
                 line = f"  {p['name']} {label}: DR {_fmt(d['estimate'])} {_fmt_ci(d['ci_low'], d['ci_high'])}"
                 if d.get("too_few"):
-                    line += (f"; no verdict and no MDD: the effective sample size {d['too_few']['ess']:,.0f} is below "
-                             f"{d['too_few']['floor']:,.0f}, too few for the interval to mean anything")
+                    line += (f"; no verdict and no MDD: {d['too_few']['version']}'s effective sample size "
+                             f"{d['too_few']['ess']:,.0f} is below {d['too_few']['floor']:,.0f}, too few for the "
+                             "interval to mean anything")
                 elif d.get("mdd") is not None:
                     line += f"; MDD {_fmt(d['mdd'])}"
                     if d.get("decisions_for_one_percent") is not None:

@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("estimation")
     e.add_argument("--level", type=float, default=0.9, help="confidence level of the intervals (default 0.9)")
     e.add_argument("--resamples", type=_resamples, default=1000,
-                   help="bootstrap resamples: 0 (no intervals) or 100 or more (default 1000)")
-    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+                   help="bootstrap resamples: 0 (no intervals) or 100 to 100,000 (default 1000)")
+    e.add_argument("--seed", type=int_in(0), default=0, help="bootstrap seed, 0 or more (default 0)")
     e.add_argument("--horizon-days", type=float, default=30.0, help="label horizon in days (default 30)")
     e.add_argument("--as-of", type=time_ms, dest="as_of",
                    help="treat the data as seen at this time (ms since 1970 or ISO 8601, e.g. 2026-02-01); "
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _resamples(text: str) -> int:
     """argparse type of ``--resamples``: 0, or 100 or more (an interval from a few resamples is noise)."""
-    n = int_in(0)(text)
+    n = int_in(0, 100_000)(text)
     if 0 < n < 100:
         raise argparse.ArgumentTypeError(f"must be 0 (no intervals) or 100 or more, not {n}: an interval from "
                                          f"{n} resample{'s' if n > 1 else ''} is noise")

@@ -605,8 +605,8 @@ def main(argv: list[str]) -> int:
             _fraction("--level", args.level)
             _fraction("--power", args.power)
             _share("--share", args.share)
-            if not args.horizon_days > 0:
-                raise UsageError(f"--horizon-days {args.horizon_days!r}: must be positive")
+            if not 0 < args.horizon_days <= 3650:
+                raise UsageError(f"--horizon-days {args.horizon_days!r}: must be above 0 and at most 3650")
             traffic = _traffic(args.traffic)
             try:
                 plan = plan_experiment(args.baseline_rate, args.lift, traffic, share=args.share, level=args.level,
@@ -637,11 +637,12 @@ def main(argv: list[str]) -> int:
             _stop(registry, exp)
             print(f"stopped experiment {exp.experiment_id}: every subscriber gets the current model")
             return 0
+        if args.cmd in ("start", "share"):  # a bad value is said first, whatever the registry holds
+            _share("--share" if args.cmd == "start" else "share", args.share)
         exp = read_experiment(registry.root)
         if args.cmd == "start":
             if exp is not None and exp.active:
                 raise ValueError(f"experiment {exp.experiment_id} is running; stop it first (retention experiment stop)")
-            _share("--share", args.share)
             current = registry.current()
             if current is None:
                 raise ValueError(f"model registry {registry.root} has no current version: promote one first "
@@ -667,7 +668,6 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"model registry {registry.root} has no experiment (retention experiment start)")
             if not exp.active:
                 raise ValueError(f"experiment {exp.experiment_id} is stopped")
-            _share("share", args.share)
             write_experiment(registry.root, Experiment(exp.experiment_id, exp.challenger, args.share, True,
                                                        exp.started_at_ms))
             print(f"experiment {exp.experiment_id}: challenger share now {args.share:.1%}")

@@ -99,11 +99,15 @@ def promotion_gate(
     # ε = 0.05 a candidate that departs from the current policy has an ESS of 1-2% of the decisions, and
     # the subscriber bootstrap still covers the truth there (bench/bench_gate.py, BENCHMARKS.md)
     floor = config.min_ess
-    if dr.ess < floor:
+    # the paired difference weighs both versions' choices: either side with too few effective samples is too few
+    thin = min([(candidate, dr.ess)] + ([(current, evaluated.results[current]["dr"].ess)] if current else []),
+               key=lambda t: t[1])
+    if thin[1] < floor:
+        who, ess = thin
         return False, (
-            f"not promoted: the effective sample size of {candidate}'s importance weights is {dr.ess:.0f} of {n:,} "
+            f"not promoted: the effective sample size of {who}'s importance weights is {ess:.0f} of {n:,} "
             f"decisions (below {floor:.0f}), too few to trust any interval; log more decisions with exploration "
-            f"(the effective sample size grows with the decisions: about {decisions_for_ess(n, dr.ess, floor):,} "
+            f"(the effective sample size grows with the decisions: about {decisions_for_ess(n, ess, floor):,} "
             "decisions like these reach it)"
         ) + note
     if dr.unsupported_mass > MAX_UNSUPPORTED_MASS:

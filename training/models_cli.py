@@ -159,8 +159,8 @@ def main(argv: list[str]) -> int:
                      if getattr(args, n) is not None]
         gate_only += [f"--{n.replace('_', '-')}" for n in ("allow_overlap", "allow_missing_profiles") if getattr(args, n)]
         if gate_only and not args.if_better:  # a forgotten --if-better must not promote without the gate
-            promote.error(f"{', '.join(gate_only)} only go with --if-better (without it the version is promoted "
-                          "unchecked)")
+            promote.error(f"{', '.join(gate_only)} {'go' if len(gate_only) > 1 else 'goes'} only with --if-better "
+                          "(without it the version is promoted unchecked)")
         if args.if_better:
             need = [f"--{n}" for n in ("decisions", "outcomes", "catalog") if getattr(args, n) is None]
             if need:
@@ -179,30 +179,30 @@ def main(argv: list[str]) -> int:
             except MissingProfilesError as exc:
                 print(f"retention models promote: error: {exc}", file=sys.stderr)
                 return 2
-            print(reason)
             if not ok:
+                print(reason)
                 cur = registry.current()
                 print(f"retention models: {args.version} left unpromoted; "
                       + (f"current stays {cur}" if cur else "the registry still has no current version"),
                       file=sys.stderr)
                 return 1
-        before = registry.current()
         version = registry.resolve(args.version)
         if args.if_better:
             try:
-                registry.promote(version, expect_current=judged_against)
-            except RegistryError as exc:
+                before = registry.promote(version, expect_current=judged_against)
+            except (RegistryError, ModelLoadError) as exc:  # current moved, or the candidate was pruned, meanwhile
+                print(reason.replace("promoted: ", "shown better, but not promoted: ", 1))
                 print(f"retention models promote: error: {exc}", file=sys.stderr)
                 return 1
+            print(reason)  # the verdict only once the promotion is done
         else:
-            registry.promote(version)
+            before = registry.promote(version)
         print(f"{version} is already current" if version == before else f"promoted {version} (was {before or 'none'})")
         _end_experiment_of(registry, version)
         return 0
     if args.action == "rollback":
-        before = registry.current()
         now = registry.rollback()
-        print(f"rolled back to {now} (was {before or 'none'})")
+        print(f"rolled back to {now} (was {registry.rolled_back_from or 'none'})")
         return 0
     return 2
 

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
 
     from models.catalog import Catalog
     from models.registry import Registry, registry_spec
-    from training.data_io import read_profiles, read_table, write_table
+    from training.data_io import check_requests, read_profiles, read_table, write_table
     from training.target_policy import MissingProfilesError, require_profiles
 
     registry, pinned = Registry.parse(registry_spec(args.registry))
@@ -88,6 +88,8 @@ def main(argv: list[str]) -> int:
     missing = [c for c in SCORE_COLUMNS if c not in decisions.columns]
     if missing:
         raise ValueError(f"{args.input}: the input lacks column(s) {', '.join(missing)}")
+    decisions = decisions.reset_index(drop=True)
+    check_requests(decisions, Path(args.input))  # a request given twice would be scored once, silently
     bad = [i for i, c in enumerate(decisions["candidates"].tolist()) if not isinstance(c, list)]
     if bad:
         raise ValueError(f"{args.input}: row {bad[0] + 1}: candidates must be a list of message ids")

@@ -988,8 +988,10 @@ def main(argv: list[str]) -> int:
     """Run ``retention simulate``: write the world's files and print a summary; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if not 0 < args.horizon_days <= 3650:
-        parser.error("--horizon-days must be above 0 and at most 3650")
+    if not 0.001 <= args.horizon_days <= 3650:
+        parser.error("--horizon-days must be from 0.001 to 3650")
+    if args.start_ms > 253_402_300_799_999 - 400 * 86_400_000:  # the world's decisions and outcomes follow it
+        parser.error("--start-ms must leave the world (its decisions and their outcomes) before the year 9999 ends")
     if not 0.0 <= args.epsilon <= 1.0:
         parser.error("--epsilon must be in [0, 1]")
     if args.preset not in PRESETS:

@@ -236,18 +236,25 @@ def require_profiles(schema: Any, version: str, decisions: pd.DataFrame, profile
     A model trained with profile columns (`schema`, a :class:`models.features.FeatureSchema`) scored with
     none treats every subscriber as one without a profile: its choices, and so any estimate of its
     value, change silently. The values come from `profiles` (a file, given) or from the decisions'
-    ``profile`` column: the server's own export always has it, holding the values each decision used
-    (none where the server had no profile store, which is then what serving did too). Decisions
-    without that column (a simulated world, files built by hand) need the file.
+    ``profile`` column: the server logs, for every decision that showed a message, the values it used
+    (JSON ``null`` where the subscriber had none or no profile store was configured: what serving did).
+    A decision that showed a message and logged nothing there (no such column: a simulated world or
+    files built by hand; an empty cell: logged before the column existed) needs the file.
     `allow` (``--allow-missing-profiles``) scores such requests without one instead.
     """
     columns = list(schema.profile_numeric) + list(schema.profile_categorical)
-    if not columns or allow or profiles is not None or "profile" in decisions.columns:
+    if not columns or allow or profiles is not None:
+        return
+    shown = (decisions["message_id"].notna().to_numpy() if "message_id" in decisions.columns
+             else np.ones(len(decisions), dtype=bool))  # a request answered with no message is never scored
+    logged = decisions["profile"].notna().to_numpy() if "profile" in decisions.columns else np.zeros(len(decisions), bool)
+    unlogged = int((shown & ~logged).sum())
+    if unlogged == 0:
         return
     raise MissingProfilesError(
         f"model {version} was trained with profile columns ({', '.join(columns[:5])}"
-        f"{', ...' if len(columns) > 5 else ''}) and the decisions carry no profile values (no profile column, as "
-        "the server's export has): give --profiles, or --allow-missing-profiles to score every request without one"
+        f"{', ...' if len(columns) > 5 else ''}) and {unlogged:,} of the {int(shown.sum()):,} decisions carry no "
+        "profile values (no logged profile): give --profiles, or --allow-missing-profiles to score them without one"
     )
 
 

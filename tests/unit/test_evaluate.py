@@ -118,6 +118,16 @@ def test_the_target_policy_is_scored_with_the_profile_values_serving_logged(lab:
     assert np.allclose(p_stay(plain.assign(profile=logged_values), None), with_file, equal_nan=True)
     # the logged values win over the file's: "null" (asked, no profile) scores as no profile at all
     assert np.allclose(p_stay(plain.assign(profile="null"), lab.world.profiles), without, equal_nan=True)
+    # with no file, logged "null" is what serving did; an empty cell (logged before the column existed) is not
+    from training.target_policy import MissingProfilesError, require_profiles
+
+    schema = scorer.model.schema
+    require_profiles(schema, lab.strong, plain.assign(profile="null"), None)
+    half = plain.assign(profile=["null" if i % 2 else None for i in range(len(plain))])
+    with pytest.raises(MissingProfilesError, match="150 of the 300 decisions carry no profile values"):
+        require_profiles(schema, lab.strong, half, None)
+    require_profiles(schema, lab.strong, half, lab.world.profiles)  # the file gives them
+    require_profiles(schema, lab.strong, half, None, allow=True)
 
 
 def test_evaluation_explores_as_the_server_started_with_the_same_variables() -> None:
@@ -417,8 +427,13 @@ def test_below_the_ess_floor_a_difference_has_no_verdict_and_no_mdd(lab: Lab) ->
     strong = next(p for p in ev.summary["policies"] if p["name"] == lab.strong)
     d = strong["vs_logging"]["dr"]
     assert d["too_few"]["floor"] == 1e9 and d["too_few"]["ess"] == pytest.approx(ev.results[lab.strong]["ips"].ess)
+    assert "mdd" not in d and "decisions_for_one_percent" not in d  # no figure a script could misread
+    # against the current version, the thinner of the two sides is named
+    vc = strong["vs_current"]["dr"]["too_few"]
+    thinner = min((lab.strong, lab.weak), key=lambda v: ev.results[v]["ips"].ess)
+    assert vc["version"] == thinner and vc["ess"] == pytest.approx(ev.results[thinner]["ips"].ess)
     table = format_table(ev.summary)
-    assert "no verdict and no MDD: the effective sample size" in table and "needs about" not in table
+    assert f"no verdict and no MDD: {lab.strong}'s effective sample size" in table and "needs about" not in table
     page = render(ev.summary)
     assert "too few effective samples" in page and ">better<" not in page and ">worse<" not in page
 
@@ -518,7 +533,7 @@ def test_models_promote_if_better_cli_promotes_a_winner_and_refuses_a_loser(
     with pytest.raises(SystemExit) as exit_:
         retention.main(["models", "promote", lab.strong, *data])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "--decisions, --outcomes, --catalog, --profiles only go with --if-better" in err
+    assert exit_.value.code == 2 and "--decisions, --outcomes, --catalog, --profiles go only with --if-better" in err
     # the strong version reads profile columns: judged without them, it would be judged on other choices
     no_profiles = [a for i, a in enumerate(data) if "--profiles" not in data[max(i - 1, 0):i + 1]]
     assert retention.main(["models", "promote", lab.strong, "--if-better", *no_profiles]) == 2

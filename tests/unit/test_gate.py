@@ -103,8 +103,9 @@ def overlap_lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
     root = tmp_path_factory.mktemp("gate")
     registry = Registry(root / "registry")
-    train = simulate(6000, seed=5)
-    fresh = simulate(6000, seed=6)
+    # 8,000: the current (message-only) version's importance weights need an effective sample size of 100 too
+    train = simulate(8000, seed=5)
+    fresh = simulate(8000, seed=6)
     with threadpool_limits(1):
         weak = train_frames(train.decisions, train.outcomes, train.profiles, train.catalog, model="logreg",
                             context=False)

@@ -309,3 +309,28 @@ def test_concurrent_promotions_and_prunes_keep_the_registry_whole(
     history = [h["version"] for h in reg.history()]
     assert history[0] == versions[0] and len(history) == 1 + len(promoted)  # every promotion recorded once
     assert history[-1] == reg.current()
+
+
+def test_if_better_says_not_promoted_when_current_moved_while_it_judged(
+    tmp_path: Path, onnx_bytes: bytes, schema: FeatureSchema, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import training.gate
+
+    reg = Registry(tmp_path)
+    a, b, c = (write(reg, onnx_bytes, schema) for _ in range(3))
+    reg.promote(a)
+
+    def judged_while_b_lands(root: Path, version: str, *args: object, **kwargs: object) -> tuple[bool, str]:
+        assert Registry(root).promote(b) == a  # another promotion lands while the gate judges; it returns the one before
+        return True, f"promoted: DR estimate of {version} minus current version {a}: +1.0"
+
+    monkeypatch.setattr(training.gate, "promotion_gate", judged_while_b_lands)
+    gate = ["--decisions", "d.parquet", "--outcomes", "o.parquet", "--catalog", "c.json"]
+    assert retention.main(["models", "promote", c, "--if-better", "--registry", str(tmp_path), *gate]) == 1
+    said = capsys.readouterr()
+    assert said.out.startswith(f"shown better, but not promoted: DR estimate of {c}") and "promoted:" not in said.out[:6]
+    assert f"the current version changed from {a} to {b}" in said.err
+    assert reg.current() == b
+    assert retention.main(["models", "rollback", "--registry", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"rolled back to {a} (was {b})"

@@ -390,6 +390,18 @@ def test_score_refuses_a_profile_model_without_profiles_unless_allowed(
     assert not (tmp_path / "o.csv").exists()
     assert retention.main([*base, "--allow-missing-profiles"]) == 0
     assert (tmp_path / "o.csv").exists()
+    # a request given twice (or a time that is none) is refused with its row, not scored once in silence
+    import pandas as pd
+
+    d = pd.read_parquet(small_files["decisions"])
+    for bad, said in ((pd.concat([d, d.iloc[[3]]], ignore_index=True), "request_id appears more than once"),
+                      (d.assign(signed_date=d["signed_date"].where(d.index != 2, 2**62)), "is not a time in ms")):
+        bad.to_parquet(tmp_path / "bad.parquet")
+        args = [*base, "--allow-missing-profiles"]
+        args[args.index("--input") + 1] = str(tmp_path / "bad.parquet")
+        assert retention.main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and "bad.parquet: row " in err[0], err
 
 
 def test_train_score_and_evaluate_read_the_registry_from_retention_model(
