@@ -214,7 +214,7 @@ def test_cli_writes_files_and_prints_a_summary(tmp_path: Path, capsys: pytest.Ca
                                        "not 0 (see retention simulate --help)\n")
     for flags, said in ((["--n", "99999999999999999999"], "argument --n: must be from 1 to 100,000,000"),
                         (["--start-ms", "99999999999999999999"], "argument --start-ms:"),
-                        (["--horizon-days", "0"], "--horizon-days must be above 0")):
+                        (["--horizon-days", "0"], "--horizon-days must be from 0.001 to 3650")):
         with pytest.raises(SystemExit) as exc:
             main([*flags, "--out", str(out)])
         err = capsys.readouterr().err
