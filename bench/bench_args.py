@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retention import VerbParser, int_in
+from retention import int_in
 from training.simulate import PRESETS
 
-__all__ = ["VerbParser", "int_in", "json_out", "preset_list", "read_runs", "share_list", "size_list"]
+__all__ = ["json_out", "preset_list", "read_runs", "share_list", "size_list"]
 
 
 def preset_list(text: str) -> list[str]:

@@ -50,9 +50,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_args import VerbParser, int_in, json_out, preset_list, read_runs, share_list
+from bench_args import json_out, preset_list, read_runs, share_list
 
 from models.exploration import Exploration
+from retention import VerbParser, int_in
 from training import ope
 from training.evaluate import EvaluationConfig, Inputs, evaluate
 from training.simulate import simulate

@@ -50,8 +50,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_args import VerbParser, int_in, json_out, preset_list, read_runs, size_list
+from bench_args import json_out, preset_list, read_runs, size_list
 
+from retention import VerbParser, int_in
 from training.labels import label_decisions
 from training.simulate import best_static_value, gap_captured, oracle_value, policy_value, simulate
 

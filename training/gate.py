@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.exploration import Exploration
-from training.evaluate import LOGGING, EvaluationConfig, Inputs, choices_differ, evaluate, training_overlap
+from training.evaluate import LOGGING, EvaluationConfig, Inputs, evaluate, training_overlap
 from training.verdict import decisions_for_ess, describe, judge
 
 MAX_UNSUPPORTED_MASS = 0.10
@@ -99,11 +99,12 @@ def promotion_gate(
     # ε = 0.05 a candidate that departs from the current policy has an ESS of 1-2% of the decisions, and
     # the subscriber bootstrap still covers the truth there (bench/bench_gate.py, BENCHMARKS.md)
     floor = config.min_ess
-    # the paired difference weighs both versions' choices: either side with too few effective samples is too few
-    thin = min([(candidate, dr.ess)] + ([(current, evaluated.results[current]["dr"].ess)] if current else []),
-               key=lambda t: t[1])
-    if thin[1] < floor:
-        who, ess = thin
+    # the difference the gate judges, as evaluate reported it: evaluate's rule marks it too_few when either
+    # side's weights (the paired difference weighs both) have an effective sample size below config.min_ess
+    row = next(p for p in evaluated.summary["policies"] if p["name"] == candidate)
+    difference = row["vs_current" if current is not None else "vs_logging"]["dr"]
+    if difference.get("too_few"):
+        who, ess = difference["too_few"]["version"], difference["too_few"]["ess"]
         return False, (
             f"not promoted: the effective sample size of {who}'s importance weights is {ess:.0f} of {n:,} "
             f"decisions (below {floor:.0f}), too few to trust any interval; log more decisions with exploration "
@@ -121,6 +122,5 @@ def promotion_gate(
         ref_key, against = f"{LOGGING}/observed", "the logging policy (no current version)"
     j = judge(boot, f"{candidate}/dr", ref_key, level=level,
               clusters=int(evaluated.summary["settings"]["bootstrap_clusters"]), method=config.interval)
-    reference = evaluated.policies[current].greedy if current is not None else evaluated.logged.actions
-    differ = choices_differ(evaluated.policies[candidate].greedy, reference)
+    differ = difference["choices_differ"]
     return j.promote, describe(j, candidate, against, boot.results[ref_key].estimate, differ) + note

@@ -274,12 +274,12 @@ def _differences_table(summary: dict[str, Any]) -> str:
                     verdict = '<span class="bad">worse</span>'
                 elif lo is not None:
                     verdict = "not distinguishable"
-                need = None if d.get("too_few") else d.get("decisions_for_one_percent")
+                need = d.get("decisions_for_one_percent")  # evaluate leaves it (and the MDD) out when too_few
                 differ = d.get("choices_differ")
                 rows.append(
                     f'<tr><td class="l">{_e(p["name"])}</td><td class="l">{_e(against)}</td><td class="l">{_e(est)}</td>'
                     f"<td>{_num(d.get('estimate'))}</td><td>{_ci(lo, hi)}</td><td class=\"l\">{verdict}</td>"
-                    f"<td>{_num(d.get('mdd')) if d.get('mdd') is not None and not d.get('too_few') else ''}</td>"
+                    f"<td>{_num(d.get('mdd')) if d.get('mdd') is not None else ''}</td>"
                     f"<td>{f'{need:,}' if need is not None else ''}</td>"
                     f"<td>{f'{differ:.1%}' if differ is not None else ''}</td></tr>"
                 )
